@@ -1,0 +1,151 @@
+"""The config schema: one dataclass per section, validated in ``__post_init__``.
+
+conf/*.yaml is what users read and edit; these dataclasses are its schema (Hydra's
+``base_*`` pattern), so a typo or a bad value fails before anything is loaded.
+Strategy configs live beside their implementations in strategies/<family>/.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+from strategies.cache.base import CacheConfig
+from strategies.compression.base import CompressionConfig
+from strategies.kv_cache.base import KVCacheConfig
+from strategies.prefetch.base import PrefetchConfig
+
+MODEL_SOURCES = ("generated", "local")
+DTYPES = ("bfloat16", "float16", "float32")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def check_choice(field_name: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ValueError(f"{field_name}={value!r} is not valid: choose one of {', '.join(map(str, allowed))}")
+
+
+def check_positive(field_name: str, value: float, *, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ValueError(f"{field_name}={value!r} is not valid: it must be {bound}")
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING
+    # generated: built here from `geometry` with seeded random weights, no network;
+    # local: a Llama-family Hugging Face checkpoint directory at `path`.
+    source: str = "generated"
+    geometry: str | None = None  # a file in harness/geometries/, without .json
+    path: str | None = None
+    # dtype of generated weights; a local checkpoint keeps the dtype it was saved in.
+    dtype: str = "bfloat16"
+    seed: int = 0
+    # Generated checkpoints are sharded so that the sharded-index path is always exercised.
+    shards: int = 2
+    # LlamaConfig fields applied on top of the geometry (e.g. num_hidden_layers: 4 for a quick run).
+    config_overrides: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        check_choice("model.source", self.source, MODEL_SOURCES)
+        check_choice("model.dtype", self.dtype, DTYPES)
+        check_positive("model.shards", self.shards)
+        if self.source == "generated" and not self.geometry:
+            raise ValueError(f"model.geometry must be set for the generated model {self.name!r}")
+        if self.source == "local" and not self.path:
+            raise ValueError(
+                "model.path is required for model=local: pass the checkpoint directory, "
+                "e.g. `python -m harness model=local model.path=/models/Meta-Llama-3-8B-Instruct`"
+            )
+
+
+@dataclass
+class WorkloadConfig:
+    prompt: str = "The history of computing began with"
+    # Apply the tokenizer's chat template (instruct checkpoints expect it).
+    chat: bool = False
+    max_new_tokens: int = 20
+    # Greedy by default: deterministic output is what lets us compare against transformers.
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int = 0
+    # Benchmarks that need a fixed token count turn this off so EOS cannot cut a run short.
+    stop_at_eos: bool = True
+
+    def __post_init__(self) -> None:
+        check_positive("workload.max_new_tokens", self.max_new_tokens)
+        check_positive("workload.temperature", self.temperature)
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"workload.top_p={self.top_p!r} is not valid: it must be in (0, 1]")
+        if not self.prompt:
+            raise ValueError("workload.prompt is empty: give the text to generate from")
+
+
+@dataclass
+class SplitConfig:
+    # Re-hash every layer file when reusing a split (catches corruption; costs one read of the split).
+    verify: bool = True
+    # Where splits live; default: <paths.outputs>/splits.
+    dir: str | None = None
+
+
+@dataclass
+class VramConfig:
+    # The story's GPU: 4 GiB. Applies on CUDA only.
+    cap_gib: float = 4.0
+
+    def __post_init__(self) -> None:
+        check_positive("vram.cap_gib", self.cap_gib)
+
+
+@dataclass
+class TrackingConfig:
+    enabled: bool = True
+    # Default: sqlite:///<abs paths.outputs>/mlflow.db, so `mlflow ui --backend-store-uri` shows every run.
+    uri: str | None = None
+    experiment: str = "layerbench"
+
+
+@dataclass
+class PathsConfig:
+    # Relative paths resolve against the directory the command was started from.
+    outputs: str = "outputs"
+
+
+@dataclass
+class Config:
+    model: ModelConfig = MISSING
+    cache: CacheConfig = MISSING
+    compression: CompressionConfig = MISSING
+    prefetch: PrefetchConfig = MISSING
+    kv_cache: KVCacheConfig = MISSING
+    workload: WorkloadConfig = field(default_factory=WorkloadConfig)
+    split: SplitConfig = field(default_factory=SplitConfig)
+    vram: VramConfig = field(default_factory=VramConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    # auto: cuda when torch sees a GPU, else cpu.
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        check_choice("device", self.device, DEVICES)
+
+
+STRATEGY_FAMILIES = ("cache", "compression", "prefetch", "kv_cache")
+
+
+def register_configs() -> None:
+    """Store the schema in Hydra's ConfigStore; conf/ yaml files extend these by name."""
+    from strategies import option_configs
+
+    cs = ConfigStore.instance()
+    cs.store(name="base_config", node=Config)
+    cs.store(group="model", name="base_model", node=ModelConfig)
+    for family, options in option_configs().items():
+        for option_name, node in options.items():
+            cs.store(group=family, name=f"base_{option_name}", node=node)
