@@ -1,0 +1,30 @@
+"""compression: how layer weights are encoded at split time and decoded on the device."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from omegaconf import MISSING
+
+
+@dataclass
+class CompressionConfig:
+    name: str = MISSING
+    _target_: str = MISSING
+
+
+class Codec(Protocol):
+    @property
+    def split_key(self) -> str:
+        """Names the split directory: two codecs with the same key write identical files."""
+        ...
+
+    def encode(self, layer: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Split time: a layer's checkpoint tensors -> the tensors stored in its file."""
+        ...
+
+    def decode(self, layer: str, stored: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+        """Load time: stored tensors (host) -> the layer's weights, ready on `device`."""
+        ...
