@@ -1,0 +1,150 @@
+"""The layer-streaming Llama-3 runner.
+
+The model is never resident: transformers' own modules (embedding, LlamaDecoderLayer,
+RMSNorm, lm_head) are built once as weightless skeletons on the meta device, and each
+pass runs them in order with weights that the strategy pipeline has just put on the
+device. `torch.func.functional_call` runs a skeleton with those weights without storing
+them in it, so a layer's weights are released as soon as the loop drops them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from itertools import islice
+
+import torch
+from accelerate import init_empty_weights
+from torch import nn
+from torch.func import functional_call
+from transformers import LlamaConfig
+from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
+from transformers.masking_utils import create_causal_mask
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRMSNorm, LlamaRotaryEmbedding
+
+from harness.metrics import Clock, LayerEvent, Timeline
+from harness.pipeline import DeviceLayer, LayerPipeline
+from strategies.kv_cache.base import KVCachePolicy
+
+
+@dataclass
+class Generation:
+    prompt_ids: list[int]
+    generated_ids: list[int] = field(default_factory=list)
+    start_s: float = 0.0
+    token_times_s: list[float] = field(default_factory=list)
+    # Per step: the last position's logits (float32, on the host); kept only when asked.
+    logits: list[torch.Tensor] = field(default_factory=list)
+
+
+class Sampler:
+    """Greedy argmax, or temperature / top-p sampling from a seeded generator."""
+
+    def __init__(self, do_sample: bool, temperature: float, top_p: float, seed: int, device: torch.device):
+        self.do_sample = do_sample
+        self.warpers = [TemperatureLogitsWarper(temperature), TopPLogitsWarper(top_p)] if do_sample else []
+        self.generator = torch.Generator(device=device).manual_seed(seed)
+
+    def __call__(self, ids: torch.Tensor, logits: torch.Tensor) -> int:
+        """ids: [1, seq]; logits: [1, vocab] float32 -> the next token id."""
+        if not self.do_sample:
+            return int(logits.argmax(dim=-1))
+        for warp in self.warpers:
+            logits = warp(ids, logits)
+        probs = torch.softmax(logits, dim=-1)
+        return int(torch.multinomial(probs, 1, generator=self.generator))
+
+
+class LayerStreamingRunner:
+    def __init__(
+        self,
+        config: LlamaConfig,
+        units: Sequence[str],
+        pipeline: LayerPipeline,
+        kv_policy: KVCachePolicy,
+        device: torch.device,
+        clock: Clock,
+        timeline: Timeline | None = None,
+    ) -> None:
+        if len(units) != config.num_hidden_layers + 3:
+            raise ValueError(f"expected embed, {config.num_hidden_layers} layers, norm, lm_head; got {units}")
+        self.config = config
+        self.units = list(units)
+        self.pipeline = pipeline
+        self.kv_policy = kv_policy
+        self.device = device
+        self.clock = clock
+        self.timeline = timeline if timeline is not None else Timeline()
+        self.passes = 0
+        with init_empty_weights():
+            self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
+            self.layers = [LlamaDecoderLayer(config, i) for i in range(config.num_hidden_layers)]
+            self.norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        # The rotary table is tiny and computed, not loaded: build it for real, on the device.
+        self.rotary = LlamaRotaryEmbedding(config).to(device)
+
+    def _run(self, module: nn.Module, layer: DeviceLayer, *args: object, **kwargs: object) -> torch.Tensor:
+        t0 = self.clock()
+        out = functional_call(module, layer.weights, args, kwargs, strict=True)
+        t1 = self.clock()
+        self.timeline.add(
+            LayerEvent(self.passes, layer.name, layer.read_s, layer.decode_s, t1 - t0, layer.read_bytes)
+        )
+        return out
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, cache: object | None) -> torch.Tensor:
+        """One pass over every unit. input_ids: [1, q] (the new tokens, or the whole
+        sequence without a KV cache) -> logits of the last position, [1, vocab]."""
+        past = cache.get_seq_length() if cache is not None else 0
+        position_ids = torch.arange(past, past + input_ids.shape[1], device=self.device).unsqueeze(0)
+        layers = self.pipeline.stream(self.units)
+
+        hidden = self._run(self.embed, next(layers), input_ids)  # [1, q, hidden]
+        position_embeddings = self.rotary(hidden, position_ids)  # (cos, sin): [1, q, head_dim] each
+        mask = create_causal_mask(
+            config=self.config, inputs_embeds=hidden, attention_mask=None, cache=cache, position_ids=position_ids
+        )
+        for decoder, layer in zip(self.layers, islice(layers, len(self.layers)), strict=True):
+            hidden = self._run(
+                decoder,
+                layer,
+                hidden,
+                attention_mask=mask,
+                position_ids=position_ids,
+                cache=cache,
+                use_cache=cache is not None,
+                position_embeddings=position_embeddings,
+            )
+        hidden = self._run(self.norm, next(layers), hidden[:, -1:, :])  # only the last position is decoded
+        logits = self._run(self.lm_head, next(layers), hidden)  # [1, 1, vocab]
+        self.passes += 1
+        return logits[:, -1, :].float()
+
+    def generate(
+        self,
+        prompt_ids: Sequence[int],
+        max_new_tokens: int,
+        sampler: Callable[[torch.Tensor, torch.Tensor], int],
+        eos_token_ids: Sequence[int] = (),
+        keep_logits: bool = False,
+    ) -> Generation:
+        """Prefill, then one pass per new token; stops at EOS or `max_new_tokens`."""
+        result = Generation(prompt_ids=list(prompt_ids), start_s=self.clock())
+        cache = self.kv_policy.new_cache(self.config, self.device)
+        ids = torch.tensor([result.prompt_ids], device=self.device)  # [1, seq]
+        step_input = ids
+        for _ in range(max_new_tokens):
+            logits = self.forward(step_input, cache)
+            token = sampler(ids, logits)
+            result.token_times_s.append(self.clock())
+            result.generated_ids.append(token)
+            if keep_logits:
+                result.logits.append(logits.cpu())
+            if token in eos_token_ids:
+                break
+            ids = torch.cat([ids, torch.tensor([[token]], device=self.device)], dim=1)
+            # With a KV cache only the new token goes through the layers; without one, all of them.
+            step_input = ids[:, -1:] if cache is not None else ids
+        return result
