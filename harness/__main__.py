@@ -1,0 +1,36 @@
+"""`python -m harness [overrides]`: one job, or a sweep with -m."""
+
+from __future__ import annotations
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import to_absolute_path
+from omegaconf import DictConfig, OmegaConf
+
+from harness.config import register_configs
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+def main(dcfg: DictConfig) -> None:
+    # Imported here so `--help` and config errors answer before torch and transformers load.
+    from harness.app import run_job
+    from harness.tracking import parent_run_id_for_job
+
+    # Relative paths are relative to where the command was started, whatever Hydra's run dir is.
+    dcfg.paths.outputs = to_absolute_path(dcfg.paths.outputs)
+    # to_object runs every __post_init__: bad values fail here, before anything is loaded.
+    cfg = OmegaConf.to_object(dcfg)
+    hydra_cfg = HydraConfig.get()
+    choices = {k: v for k, v in hydra_cfg.runtime.choices.items() if not k.startswith("hydra/") and v}
+    run_job(
+        cfg,
+        OmegaConf.to_container(dcfg, resolve=True),
+        choices=choices,
+        overrides=list(hydra_cfg.overrides.task),
+        parent_run_id=parent_run_id_for_job(),
+    )
+
+
+if __name__ == "__main__":
+    register_configs()
+    main()

@@ -1,0 +1,71 @@
+"""compression=4bit: bitsandbytes nf4 (default) or fp4, blockwise, optionally double-quantized scales."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import bitsandbytes.functional as bnbf
+import torch
+
+from harness.config import check_choice
+from strategies.compression.base import CompressionConfig
+from strategies.compression.blockwise import CODES, STATE, group_stored, should_compress
+
+BLOCKSIZES = (64, 128, 256, 512, 1024, 2048, 4096)
+QUANT_TYPES = ("nf4", "fp4")
+
+
+@dataclass
+class Blockwise4bitConfig(CompressionConfig):
+    name: str = "4bit"
+    _target_: str = "strategies.compression.blockwise_4bit.Blockwise4bit"
+    # nf4: levels at normal quantiles, the better fit for normally distributed weights (QLoRA).
+    quant_type: str = "nf4"
+    # 64 is bitsandbytes' default for 4-bit: an fp32 scale per 64 weights (+12.5% on the codes).
+    blocksize: int = 64
+    # Quantize the scales themselves to 8 bit (saves ~0.4 bit/weight at a small decode cost).
+    double_quant: bool = False
+    compress_embeddings: bool = False
+
+    def __post_init__(self) -> None:
+        check_choice("compression.quant_type", self.quant_type, QUANT_TYPES)
+        check_choice("compression.blocksize", self.blocksize, BLOCKSIZES)
+
+
+class Blockwise4bit:
+    def __init__(self, cfg: Blockwise4bitConfig) -> None:
+        self.cfg = cfg
+
+    @property
+    def split_key(self) -> str:
+        c = self.cfg
+        return f"4bit-{c.quant_type}-b{c.blocksize}" + ("-dq" if c.double_quant else "") + (
+            "-emb" if c.compress_embeddings else ""
+        )
+
+    def encode(self, layer: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        stored = {}
+        for name, t in tensors.items():
+            if not should_compress(layer, name, t, self.cfg.compress_embeddings):
+                stored[name] = t
+                continue
+            codes, state = bnbf.quantize_4bit(
+                t.contiguous(),
+                blocksize=self.cfg.blocksize,
+                compress_statistics=self.cfg.double_quant,
+                quant_type=self.cfg.quant_type,
+            )
+            stored[name + CODES] = codes
+            # packed=True puts dtype, shape, blocksize and quant type in a uint8 tensor: no pickle needed.
+            for field, value in state.as_dict(packed=True).items():
+                stored[name + STATE + field] = value
+        return stored
+
+    def decode(self, layer: str, stored: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+        plain, compressed = group_stored(stored)
+        weights = {key: t.to(device, non_blocking=True) for key, t in plain.items()}
+        for name, parts in compressed.items():
+            codes = parts.pop("q").to(device, non_blocking=True)
+            state = bnbf.QuantState.from_dict({k: v.to(device) for k, v in parts.items()}, device)
+            weights[name] = bnbf.dequantize_4bit(codes, state)
+        return weights

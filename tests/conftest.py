@@ -1,0 +1,43 @@
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from harness.config import Config, register_configs
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def outputs_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One outputs dir for the session, so generated checkpoints and splits are built once."""
+    return tmp_path_factory.mktemp("outputs")
+
+
+@pytest.fixture(scope="session")
+def make_cfg(outputs_dir: Path) -> Callable[..., Config]:
+    """Compose the real conf/ with overrides, as the CLI would, and validate it."""
+    register_configs()
+
+    def make(*overrides: str) -> Config:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            dcfg = compose(
+                "config", overrides=[f"paths.outputs={outputs_dir}", "tracking.enabled=false", *overrides]
+            )
+        return OmegaConf.to_object(dcfg)
+
+    return make

@@ -1,0 +1,101 @@
+"""`python -m harness` end to end in a subprocess, read back from MLflow."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def harness(tmp: Path, *args: str, multirun: bool = False) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    flags = ["-m"] if multirun else []
+    cmd = [sys.executable, "-m", "harness", *flags, f"paths.outputs={tmp}", "workload.max_new_tokens=4", *args]
+    return subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True, timeout=600)
+
+
+def client(tmp: Path) -> MlflowClient:
+    return MlflowClient(tracking_uri=f"sqlite:///{tmp}/mlflow.db")
+
+
+def runs(tmp: Path) -> list:
+    c = client(tmp)
+    exp = c.get_experiment_by_name("layerbench")
+    return c.search_runs([exp.experiment_id]) if exp else []
+
+
+@pytest.fixture(scope="module")
+def single_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess[str]]:
+    tmp = tmp_path_factory.mktemp("cli")
+    return tmp, harness(tmp, "cache=disk", "workload.stop_at_eos=false")
+
+
+def test_single_run_logs_params_metrics_and_artifacts(single_run) -> None:
+    tmp, proc = single_run
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "time to first token" in proc.stdout
+    (run,) = runs(tmp)
+    assert run.info.status == "FINISHED"
+    params = run.data.params
+    for group, choice in {"model": "tiny", "cache": "disk", "compression": "none", "prefetch": "off",
+                          "kv_cache": "device"}.items():
+        assert params[group] == choice
+    assert params["workload.max_new_tokens"] == "4" and params["cache.name"] == "disk"
+    metrics = run.data.metrics
+    for key in ("ttft_s", "tpot_s", "token_latency_p50_s", "token_latency_p90_s", "token_latency_p99_s",
+                "decode_tokens_per_s", "peak_rss_bytes", "read_bytes_per_pass", "split_s"):
+        assert key in metrics, key
+    assert not any(k.startswith("peak_vram") for k in metrics), "no VRAM on CPU: absent, never 0"
+    history = client(tmp).get_metric_history(run.info.run_id, "token_latency_s")
+    assert [m.step for m in history] == [0, 1, 2]
+    tags = run.data.tags
+    assert "cache=disk" in tags["hydra.overrides"] and tags["version.torch"]
+    arts = {a.path for a in client(tmp).list_artifacts(run.info.run_id)}
+    assert {"config.yaml", "generation.json", "timeline.csv"} <= arts
+    gen_path = client(tmp).download_artifacts(run.info.run_id, "generation.json", str(tmp / "dl"))
+    gen = json.loads(Path(gen_path).read_text())
+    assert len(gen["generated_ids"]) == 4 and gen["prompt_ids"] and isinstance(gen["text"], str)
+
+
+def test_bad_value_fails_before_loading(tmp_path: Path) -> None:
+    proc = harness(tmp_path, "workload.max_new_tokens=0")
+    assert proc.returncode != 0
+    assert "workload.max_new_tokens=0" in proc.stderr and "> 0" in proc.stderr
+    assert not (tmp_path / "models").exists(), "nothing is built for an invalid config"
+
+
+def test_local_model_without_path_is_refused(tmp_path: Path) -> None:
+    proc = harness(tmp_path, "model=local")
+    assert proc.returncode != 0 and "model.path is required" in proc.stderr
+
+
+def test_multirun_is_one_parent_with_a_child_per_job(tmp_path: Path) -> None:
+    proc = harness(tmp_path, "cache=disk,ram", multirun=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    all_runs = runs(tmp_path)
+    parents = [r for r in all_runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in all_runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(parents) == 1 and len(children) == 2
+    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parents[0].info.run_id}
+    assert {c.data.params["cache"] for c in children} == {"disk", "ram"}
+    assert parents[0].info.status == "FINISHED"
+
+
+def test_failed_job_in_multirun_closes_the_parent(tmp_path: Path) -> None:
+    # The second job points at a checkpoint that does not exist.
+    proc = harness(tmp_path, "model=tiny,local", f"model.path={tmp_path / 'no-such-checkpoint'}", multirun=True)
+    assert proc.returncode != 0
+    all_runs = runs(tmp_path)
+    parents = [r for r in all_runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in all_runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(parents) == 1 and parents[0].info.status == "FAILED"
+    assert sorted(c.info.status for c in children) == ["FAILED", "FINISHED"]
+    failed = next(c for c in children if c.info.status == "FAILED")
+    assert failed.data.tags["failure_reason"]

@@ -1,0 +1,121 @@
+"""The streaming runner against transformers' LlamaForCausalLM on the same checkpoint.
+
+Greedy token ids must be identical, and every step's last-position logits within
+tolerance. Tolerances: the runner calls the same transformers modules in the same
+order with the same dtypes, so the only expected difference is kernel-level rounding;
+we allow 1e-4 (fp32) and 2e-2 (bf16, about 2 ulp at |logit| ~ 4) absolute, relative
+to the largest logit magnitude.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import GenerationConfig, LlamaForCausalLM
+
+from harness.app import build_streamer, generate, resolve_device
+
+NEW_TOKENS = 32
+PROMPTS = [
+    "The history of computing began with",
+    "Once upon a time",
+    "1 2 3 4 5",
+]
+ROPE_LLAMA3 = (
+    "+model.config_overrides.rope_scaling={rope_type:llama3,factor:8.0,low_freq_factor:1.0,"
+    "high_freq_factor:4.0,original_max_position_embeddings:256}"
+)
+VARIANTS = {
+    "bf16": [],
+    "fp32": ["model.dtype=float32"],
+    "rope-llama3": [ROPE_LLAMA3],
+    "tied": ["+model.config_overrides.tie_word_embeddings=true"],
+}
+TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
+
+
+def reference_generate(ckpt: Path, prompt_ids: list[int], new_tokens: int) -> tuple[list[int], list[torch.Tensor]]:
+    model = LlamaForCausalLM.from_pretrained(ckpt, attn_implementation="sdpa").eval()
+    # No EOS: both sides must produce exactly `new_tokens` tokens.
+    gen_cfg = GenerationConfig(
+        max_new_tokens=new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0,
+    )
+    out = model.generate(
+        torch.tensor([prompt_ids]),
+        generation_config=gen_cfg,
+        output_logits=True,
+        return_dict_in_generate=True,
+    )
+    generated = out.sequences[0, len(prompt_ids) :].tolist()
+    return generated, [step.float() for step in out.logits]
+
+
+@pytest.mark.parametrize("cache", ["disk", "ram"])
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_runner_matches_transformers(make_cfg, variant: str, cache: str) -> None:
+    overrides = [f"cache={cache}", f"workload.max_new_tokens={NEW_TOKENS}", "workload.stop_at_eos=false"]
+    cfg = make_cfg(*VARIANTS[variant], *overrides)
+    device = resolve_device(cfg.device)
+    streamer = build_streamer(cfg, Path(cfg.paths.outputs), device)
+    dtype = streamer.runner.pipeline.cache.get("embed")["weight"].dtype
+    assert dtype == (torch.float32 if variant == "fp32" else torch.bfloat16)
+
+    for prompt in PROMPTS:
+        cfg.workload.prompt = prompt
+        gen = generate(streamer, cfg, keep_logits=True)
+        ref_ids, ref_logits = reference_generate(streamer.ckpt_dir, gen.prompt_ids, NEW_TOKENS)
+        assert gen.generated_ids == ref_ids, f"{variant}/{cache}: tokens differ for prompt {prompt!r}"
+        assert len(gen.logits) == len(ref_logits) == NEW_TOKENS
+        for step, (ours, ref) in enumerate(zip(gen.logits, ref_logits, strict=True)):
+            scale = ref.abs().max().item()
+            err = (ours - ref).abs().max().item()
+            assert err <= TOLERANCE[dtype] * max(scale, 1.0), f"{variant}/{cache} step {step}: max |diff| {err}"
+    assert len(set(gen.generated_ids)) > 1, "degenerate output would make the comparison meaningless"
+
+
+def test_single_file_local_checkpoint(make_cfg, tmp_path: Path) -> None:
+    """model=local on a single-file (unsharded) checkpoint saved by transformers itself."""
+    tiny = build_streamer(make_cfg(), Path(make_cfg().paths.outputs), torch.device("cpu")).ckpt_dir
+    local = tmp_path / "single"
+    LlamaForCausalLM.from_pretrained(tiny).save_pretrained(local, max_shard_size="10GB")
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        if (tiny / name).exists():
+            (local / name).write_bytes((tiny / name).read_bytes())
+    assert (local / "model.safetensors").exists() and not (local / "model.safetensors.index.json").exists()
+
+    cfg = make_cfg("model=local", f"model.path={local}", "workload.max_new_tokens=8", "workload.stop_at_eos=false")
+    streamer = build_streamer(cfg, Path(cfg.paths.outputs), torch.device("cpu"))
+    gen = generate(streamer, cfg)
+    ref_ids, _ = reference_generate(local, gen.prompt_ids, 8)
+    assert gen.generated_ids == ref_ids
+
+
+def test_chat_template_prompt(make_cfg) -> None:
+    cfg = make_cfg("workload.chat=true", "workload.max_new_tokens=4", "workload.stop_at_eos=false")
+    streamer = build_streamer(cfg, Path(cfg.paths.outputs), torch.device("cpu"))
+    gen = generate(streamer, cfg)
+    plain = streamer.tokenizer(cfg.workload.prompt)["input_ids"]
+    assert len(gen.prompt_ids) > len(plain)
+    assert "<|start_header_id|>" in streamer.tokenizer.decode(gen.prompt_ids)
+    ref_ids, _ = reference_generate(streamer.ckpt_dir, gen.prompt_ids, 4)
+    assert gen.generated_ids == ref_ids
+
+
+@pytest.mark.gpu
+def test_runner_matches_transformers_on_cuda(make_cfg) -> None:
+    cfg = make_cfg("device=cuda", f"workload.max_new_tokens={NEW_TOKENS}", "workload.stop_at_eos=false")
+    streamer = build_streamer(cfg, Path(cfg.paths.outputs), torch.device("cuda"))
+    gen = generate(streamer, cfg, keep_logits=True)
+    model = LlamaForCausalLM.from_pretrained(streamer.ckpt_dir, attn_implementation="sdpa").cuda().eval()
+    out = model.generate(
+        torch.tensor([gen.prompt_ids], device="cuda"),
+        generation_config=GenerationConfig(max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None),
+        output_logits=True,
+        return_dict_in_generate=True,
+    )
+    assert gen.generated_ids == out.sequences[0, len(gen.prompt_ids) :].tolist()
+    for ours, ref in zip(gen.logits, out.logits, strict=True):
+        ref = ref.float().cpu()
+        assert (ours - ref).abs().max().item() <= TOLERANCE[torch.bfloat16] * max(ref.abs().max().item(), 1.0)
