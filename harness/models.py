@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 # Bump whenever the same inputs would produce different checkpoint bytes (init scheme, layout, tokenizer).
-GENERATOR_VERSION = "1"
+GENERATOR_VERSION = "2"
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 GEOMETRY_DIR = PACKAGE_DIR / "geometries"
@@ -85,9 +85,7 @@ SHARD_BYTES = 1 << 30
 def load_geometry(name: str) -> dict:
     available = sorted(p.stem for p in GEOMETRY_DIR.glob("*.json"))
     if name not in available:
-        raise ValueError(
-            f"unknown geometry {name!r}: choose one of {', '.join(available)} (files in {GEOMETRY_DIR})"
-        )
+        raise ValueError(f"unknown geometry {name!r}: choose one of {', '.join(available)} (files in {GEOMETRY_DIR})")
     return json.loads((GEOMETRY_DIR / f"{name}.json").read_text())
 
 
@@ -154,9 +152,7 @@ def llama_config_for(model: ModelConfig, tokenizer_vocab_size: int) -> LlamaConf
     fields.update(_plain(model.config_overrides or {}))
     fields.setdefault("vocab_size", tokenizer_vocab_size)
     if fields["vocab_size"] < tokenizer_vocab_size:
-        raise ValueError(
-            f"vocab_size={fields['vocab_size']} is smaller than the tokenizer's {tokenizer_vocab_size}"
-        )
+        raise ValueError(f"vocab_size={fields['vocab_size']} is smaller than the tokenizer's {tokenizer_vocab_size}")
     fields["rope_parameters"] = _rope_parameters(fields)
     fields.setdefault("architectures", ["LlamaForCausalLM"])
     # Ids come from our tokenizer, not the geometry: the generated weights are only ever used with it.
@@ -196,7 +192,7 @@ def _tensor_specs(config: LlamaConfig) -> Iterator[tuple[str, tuple[int, ...], s
 
 
 def _generate_tensor(
-    seed: int, name: str, shape: tuple[int, ...], kind: str, dtype: torch.dtype
+    seed: int, name: str, shape: tuple[int, ...], kind: str, dtype: torch.dtype, live_rows: int
 ) -> torch.Tensor:
     # One generator per tensor, seeded by a stable hash of its name: values do not depend on write order,
     # sharding or PYTHONHASHSEED, and a tensor loaded into the wrong slot has visibly different values.
@@ -218,14 +214,19 @@ def _generate_tensor(
     fan_in = shape[-1]  # the hidden size, for embed/lm_head
     if kind == "linear":
         t *= fan_in**-0.5
-    elif kind == "unembed":
-        t *= fan_in**-0.5 * torch.exp(0.75 * torch.randn(shape[0], 1, generator=gen))
-    elif kind == "tied":
-        t *= 2 * fan_in**-0.5
     elif kind == "norm":
         t = t.mul_(0.05).add_(1.0)
     elif kind == "bias":
         t *= 0.02
+    elif kind == "unembed":
+        t *= fan_in**-0.5 * torch.exp(0.75 * torch.randn(shape[0], 1, generator=gen))
+    elif kind == "tied":
+        t *= 2 * fan_in**-0.5
+    if kind in ("unembed", "tied"):
+        # Real geometries have 128256 rows but our tokenizer only 1024 ids: equally large dead rows would win
+        # ~98% of argmaxes with undecodable ids. 2**-6 only shifts bf16 exponents, so the bytes stay as
+        # incompressible as trained weights' while greedy decoding stays inside the tokenizer's vocab.
+        t[live_rows:] *= 2**-6
     return t.to(dtype)
 
 
@@ -268,9 +269,7 @@ def build_generated_checkpoint(
     try:
         config.save_pretrained(tmp)
         stop_ids = [tokenizer.convert_tokens_to_ids(t) for t in STOP_TOKENS]
-        generation = GenerationConfig(
-            bos_token_id=tokenizer.bos_token_id, eos_token_id=stop_ids, do_sample=False
-        )
+        generation = GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=stop_ids, do_sample=False)
         generation.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         weight_map: dict[str, str] = {}
@@ -282,7 +281,7 @@ def build_generated_checkpoint(
                 shard = {}
                 for (name, shape, kind), size, s in zip(specs, sizes, shard_of, strict=True):
                     if s == k:
-                        shard[name] = _generate_tensor(seed, name, shape, kind, dtype)
+                        shard[name] = _generate_tensor(seed, name, shape, kind, dtype, len(tokenizer))
                         weight_map[name] = file_name
                         progress.advance(task, size)
                 save_file(shard, str(tmp / file_name), metadata={"format": "pt"})
@@ -348,8 +347,7 @@ def _validate_local(path: Path) -> Path:
     model_type = json.loads((path / "config.json").read_text()).get("model_type")
     if model_type != "llama":
         raise ValueError(
-            f"{path}/config.json has model_type={model_type!r}: only Llama-family ('llama') "
-            "checkpoints are supported"
+            f"{path}/config.json has model_type={model_type!r}: only Llama-family ('llama') checkpoints are supported"
         )
     index = path / "model.safetensors.index.json"
     if index.is_file():

@@ -265,9 +265,7 @@ def test_weights_do_not_depend_on_sharding(tiny_dir, tokenizer, tmp_path):
 def test_shard_count_follows_size_limit(tokenizer, tmp_path, monkeypatch):
     # the 1 GiB rule, scaled down: a ~2 MB model with 0.5 MB shards needs 5 of them, however few were asked
     monkeypatch.setattr(models, "SHARD_BYTES", 500_000)
-    build_generated_checkpoint(
-        tmp_path / "m", llama_config_for(TINY, len(tokenizer)), tokenizer, seed=0, shards=2
-    )
+    build_generated_checkpoint(tmp_path / "m", llama_config_for(TINY, len(tokenizer)), tokenizer, seed=0, shards=2)
     files = set(checkpoint_tensor_index(tmp_path / "m").values())
     assert len(files) == 5 and all((tmp_path / "m" / f).stat().st_size < 1_000_000 for f in files)
     assert models._assign_shards([10, 1000, 10, 10], 3) == [0, 1, 2, 2]
@@ -280,9 +278,7 @@ def test_interrupted_build_leaves_nothing(tokenizer, tmp_path, monkeypatch):
 
     monkeypatch.setattr(models, "save_file", fail)
     with pytest.raises(KeyboardInterrupt):
-        build_generated_checkpoint(
-            tmp_path / "m", llama_config_for(TINY, len(tokenizer)), tokenizer, seed=0, shards=2
-        )
+        build_generated_checkpoint(tmp_path / "m", llama_config_for(TINY, len(tokenizer)), tokenizer, seed=0, shards=2)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -339,6 +335,17 @@ def test_greedy_decoding_is_not_degenerate(tiny_dir, tiny_model, tokenizer):
         logits32 = fp32(ids).logits
     assert logits32.softmax(-1).amax(-1).median() > 0.2, "next-token distributions should not be flat"
     assert (logits16.argmax(-1) == logits32.argmax(-1)).float().mean() > 0.95
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_rows_beyond_the_tokenizer_never_win(tied, tokenizer, tmp_path):
+    # the real geometries' 128256-row vocab, scaled down: greedy decoding must stay decodable
+    overrides = {"vocab_size": 4096, "tie_word_embeddings": tied}
+    ckpt = ensure_checkpoint(ModelConfig(name="tiny", geometry="tiny", config_overrides=overrides), tmp_path)
+    model = LlamaForCausalLM.from_pretrained(ckpt).eval()
+    ids = torch.tensor([tokenizer(CORPUS_PATH.read_text()[:2000]).input_ids[:200]])
+    with torch.no_grad():
+        assert (model(ids).logits.argmax(-1) < len(tokenizer)).all()
 
 
 # --- local checkpoints -------------------------------------------------------------------------------
