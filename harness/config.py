@@ -13,6 +13,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
+from harness.checks import check_choice, check_positive
 from strategies.cache.base import CacheConfig
 from strategies.compression.base import CompressionConfig
 from strategies.kv_cache.base import KVCacheConfig
@@ -21,17 +22,6 @@ from strategies.prefetch.base import PrefetchConfig
 MODEL_SOURCES = ("generated", "local")
 DTYPES = ("bfloat16", "float16", "float32")
 DEVICES = ("auto", "cpu", "cuda")
-
-
-def check_choice(field_name: str, value: Any, allowed: tuple) -> None:
-    if value not in allowed:
-        raise ValueError(f"{field_name}={value!r} is not valid: choose one of {', '.join(map(str, allowed))}")
-
-
-def check_positive(field_name: str, value: float, *, allow_zero: bool = False) -> None:
-    if value < 0 or (value == 0 and not allow_zero):
-        bound = ">= 0" if allow_zero else "> 0"
-        raise ValueError(f"{field_name}={value!r} is not valid: it must be {bound}")
 
 
 @dataclass
@@ -104,6 +94,25 @@ class VramConfig:
 
 
 @dataclass
+class QualityConfig:
+    # Compressed runs only. Costs an uncompressed split and three uncompressed passes:
+    # cheap for small models, switch it off for large ones.
+    enabled: bool = True
+    # Tokens of harness/data/corpus.txt used for perplexity.
+    max_tokens: int = 256
+
+    def __post_init__(self) -> None:
+        check_positive("quality.max_tokens", self.max_tokens)
+
+
+@dataclass
+class ReferenceConfig:
+    # Also time transformers' in-memory generate on the same checkpoint, in the same job,
+    # for the streaming-vs-resident ratio. The whole model must fit on the device.
+    enabled: bool = False
+
+
+@dataclass
 class TrackingConfig:
     enabled: bool = True
     # Default: sqlite:///<abs paths.outputs>/mlflow.db, so `mlflow ui --backend-store-uri` shows every run.
@@ -127,6 +136,8 @@ class Config:
     workload: WorkloadConfig = field(default_factory=WorkloadConfig)
     split: SplitConfig = field(default_factory=SplitConfig)
     vram: VramConfig = field(default_factory=VramConfig)
+    quality: QualityConfig = field(default_factory=QualityConfig)
+    reference: ReferenceConfig = field(default_factory=ReferenceConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
     # auto: cuda when torch sees a GPU, else cpu.

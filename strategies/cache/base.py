@@ -2,17 +2,42 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 import torch
 from omegaconf import MISSING
+from safetensors.torch import load_file
+
+from harness.checks import check_choice
+
+PAGE_CACHE_STATES = ("warm", "cold")
 
 
 @dataclass
 class CacheConfig:
     name: str = MISSING
     _target_: str = MISSING
+    # cold: drop the file's pages from the OS page cache before each read, so "from disk"
+    # really is from disk (the seed's numbers were); warm: whatever the OS kept.
+    page_cache: str = "warm"
+
+    def __post_init__(self) -> None:
+        check_choice("cache.page_cache", self.page_cache, PAGE_CACHE_STATES)
+
+
+def read_layer_file(path: Path, page_cache: str) -> dict[str, torch.Tensor]:
+    """A layer file's tensors, read with the page-cache policy asked for."""
+    if page_cache == "cold":
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            # Clean pages only: split files are written once and fsynced, so all of them drop.
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+    return load_file(path)
 
 
 class LayerCache(Protocol):

@@ -5,10 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from safetensors.torch import load_file
 
 from harness.split import SplitLayout
-from strategies.cache.base import CacheConfig
+from strategies.cache.base import CacheConfig, read_layer_file
 
 
 @dataclass
@@ -25,7 +24,7 @@ class DiskCache:
 
     def get(self, name: str) -> dict[str, torch.Tensor]:
         self.bytes_read += self.layout.file_bytes(name)
-        return load_file(self.layout.file(name))
+        return read_layer_file(self.layout.file(name), self.cfg.page_cache)
 
     @property
     def bytes_held(self) -> int:

@@ -10,10 +10,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 from harness.split import SplitLayout
-from strategies.cache.base import CacheConfig
+from strategies.cache.base import CacheConfig, read_layer_file
 
 
 @dataclass
@@ -35,7 +34,7 @@ class RamCache:
         path = self.layout.file(name)
         tensors = self._held.get(path)
         if tensors is None:
-            tensors = load_file(path)
+            tensors = read_layer_file(path, self.cfg.page_cache)
             self.bytes_read += self.layout.file_bytes(name)
             if self.pin:
                 tensors = {key: t.pin_memory() for key, t in tensors.items()}

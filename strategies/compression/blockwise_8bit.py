@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import bitsandbytes.functional as bnbf
 import torch
 
-from harness.config import check_choice
+from harness.checks import check_choice
 from strategies.compression.base import CompressionConfig
 from strategies.compression.blockwise import CODES, STATE, group_stored, pack_json, should_compress, unpack_json
 

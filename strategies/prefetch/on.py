@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from harness.config import check_positive
+from harness.checks import check_positive
 from harness.pipeline import DeviceLayer
 from strategies.prefetch.base import PrefetchConfig
 
