@@ -7,7 +7,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import to_absolute_path
 from omegaconf import DictConfig, OmegaConf
 
-from harness.config import register_configs
+from harness.config import STRATEGY_FAMILIES, register_configs
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
@@ -21,7 +21,7 @@ def main(dcfg: DictConfig) -> None:
     # to_object runs every __post_init__: bad values fail here, before anything is loaded.
     cfg = OmegaConf.to_object(dcfg)
     hydra_cfg = HydraConfig.get()
-    choices = {k: v for k, v in hydra_cfg.runtime.choices.items() if not k.startswith("hydra/") and v}
+    choices = {group: hydra_cfg.runtime.choices[group] for group in ("model", *STRATEGY_FAMILIES)}
     run_job(
         cfg,
         OmegaConf.to_container(dcfg, resolve=True),

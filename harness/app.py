@@ -7,7 +7,7 @@ import io
 import json
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,10 +23,15 @@ from harness.memory import peak_rss_bytes
 from harness.metrics import Timeline, device_clock, inter_token_latencies, token_metrics
 from harness.models import ensure_checkpoint
 from harness.pipeline import LayerPipeline
+from harness.quality import corpus_ids, quality_metrics
+from harness.reference import time_transformers_generate
 from harness.runner import Generation, LayerStreamingRunner, Sampler
 from harness.split import SplitLayout, ensure_split
 from harness.tracking import RunTracker, default_tracking_uri, flatten
 from harness.vram import VramMonitor
+from strategies.cache.disk import DiskCacheConfig
+from strategies.compression.none import NoCompressionConfig
+from strategies.prefetch.off import PrefetchOffConfig
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +141,41 @@ def run_metrics(streamer: Streamer, gen: Generation) -> dict[str, float]:
     )
     for stage in ("read_s", "decode_s", "compute_s"):
         metrics[f"time_{stage}"] = sum(timeline.per_pass(stage))
+    metrics["split_layer_file_bytes"] = float(streamer.layout.file_bytes(streamer.layout.units[1]))
+    if gen.kv_cache_bytes is not None and gen.kv_cache_tokens:
+        metrics["kv_cache_bytes"] = float(gen.kv_cache_bytes)
+        metrics["kv_bytes_per_token"] = gen.kv_cache_bytes / gen.kv_cache_tokens
     return metrics
+
+
+def reference_metrics(streamer: Streamer, cfg: Config, gen: Generation, tpot_s: float | None) -> dict[str, float]:
+    """transformers' resident generate on the same checkpoint and prompt, timed the same way."""
+    stop = eos_ids(streamer.config, streamer.tokenizer, streamer.ckpt_dir) if cfg.workload.stop_at_eos else []
+    ref_ids, metrics = time_transformers_generate(
+        streamer.ckpt_dir, gen.prompt_ids, cfg.workload.max_new_tokens, stop, streamer.device, streamer.runner.clock
+    )
+    metrics["reference_tokens_match"] = float(ref_ids == gen.generated_ids)
+    if tpot_s is not None and metrics.get("reference_tpot_s"):
+        metrics["tpot_ratio_vs_reference"] = tpot_s / metrics["reference_tpot_s"]
+    return metrics
+
+
+def compression_quality(streamer: Streamer, cfg: Config, gen: Generation, outputs_dir: Path) -> dict[str, float]:
+    """The codec's cost in accuracy: the same runner over the uncompressed split of the same checkpoint."""
+    plain_cfg = replace(cfg, compression=NoCompressionConfig(), cache=DiskCacheConfig(), prefetch=PrefetchOffConfig())
+    plain = build_streamer(plain_cfg, outputs_dir, streamer.device)
+    return quality_metrics(
+        fresh_runner(streamer),
+        fresh_runner(plain),
+        gen.prompt_ids + gen.generated_ids,
+        corpus_ids(streamer.tokenizer, cfg.quality.max_tokens),
+    )
+
+
+def fresh_runner(streamer: Streamer) -> LayerStreamingRunner:
+    """A runner on the same pipeline with its own timeline, so extra passes do not count as the run's."""
+    r = streamer.runner
+    return LayerStreamingRunner(r.config, r.units, r.pipeline, r.kv_policy, r.device, r.clock)
 
 
 def timeline_csv(timeline: Timeline) -> str:
@@ -178,6 +217,10 @@ def run_job(
         vram.check()
         metrics = run_metrics(streamer, gen)
         metrics.update(vram.metrics())
+        if cfg.reference.enabled:
+            metrics.update(reference_metrics(streamer, cfg, gen, metrics.get("tpot_s")))
+        if cfg.quality.enabled and cfg.compression.name != "none":
+            metrics.update(compression_quality(streamer, cfg, gen, outputs_dir))
         text = streamer.tokenizer.decode(gen.generated_ids, skip_special_tokens=True)
         if tracker is not None:
             tracker.log_metrics(metrics)
@@ -220,11 +263,18 @@ def print_summary(console: Console, choices: Mapping[str, str], metrics: Mapping
         ("peak host RSS", "peak_rss_bytes", "{:,.0f} B"),
         ("peak VRAM (allocated)", "peak_vram_allocated_bytes", "{:,.0f} B"),
         ("peak VRAM (NVML)", "peak_vram_nvml_bytes", "{:,.0f} B"),
+        ("transformers generate, per token", "reference_tpot_s", "{:.4f} s"),
+        ("per-token time vs transformers", "tpot_ratio_vs_reference", "{:.1f}x"),
+        ("top-1 agreement vs uncompressed", "quality_top1_agreement", "{:.3f}"),
+        ("KL vs uncompressed (mean)", "quality_kl_mean", "{:.4f}"),
+        ("perplexity / uncompressed", None, None),
     ]
     for label, key, fmt in rows:
         if key is None:
-            if "token_latency_p50_s" in metrics:
+            if label.startswith("per-token") and "token_latency_p50_s" in metrics:
                 table.add_row(label, f"{metrics['token_latency_p50_s']:.3f} / {metrics['token_latency_p90_s']:.3f} s")
+            if label.startswith("perplexity") and "quality_ppl" in metrics:
+                table.add_row(label, f"{metrics['quality_ppl']:.2f} / {metrics['quality_ppl_reference']:.2f}")
         elif key in metrics:
             table.add_row(label, fmt.format(metrics[key]))
     console.print(table)

@@ -35,6 +35,9 @@ class Generation:
     token_times_s: list[float] = field(default_factory=list)
     # Per step: the last position's logits (float32, on the host); kept only when asked.
     logits: list[torch.Tensor] = field(default_factory=list)
+    # What the KV cache held at the end (None without a cache), and for how many positions.
+    kv_cache_bytes: int | None = None
+    kv_cache_tokens: int = 0
 
 
 class Sampler:
@@ -94,9 +97,10 @@ class LayerStreamingRunner:
         return out
 
     @torch.inference_mode()
-    def forward(self, input_ids: torch.Tensor, cache: object | None) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, cache: object | None, all_positions: bool = False) -> torch.Tensor:
         """One pass over every unit. input_ids: [1, q] (the new tokens, or the whole
-        sequence without a KV cache) -> logits of the last position, [1, vocab]."""
+        sequence without a KV cache) -> logits [1, vocab] of the last position, or
+        [1, q, vocab] of every position (teacher forcing)."""
         past = cache.get_seq_length() if cache is not None else 0
         position_ids = torch.arange(past, past + input_ids.shape[1], device=self.device).unsqueeze(0)
         layers = self.pipeline.stream(self.units)
@@ -117,10 +121,12 @@ class LayerStreamingRunner:
                 use_cache=cache is not None,
                 position_embeddings=position_embeddings,
             )
-        hidden = self._run(self.norm, next(layers), hidden[:, -1:, :])  # only the last position is decoded
-        logits = self._run(self.lm_head, next(layers), hidden)  # [1, 1, vocab]
+        if not all_positions:
+            hidden = hidden[:, -1:, :]  # generation decodes only the last position
+        hidden = self._run(self.norm, next(layers), hidden)
+        logits = self._run(self.lm_head, next(layers), hidden)  # [1, q or 1, vocab]
         self.passes += 1
-        return logits[:, -1, :].float()
+        return logits.float() if all_positions else logits[:, -1, :].float()
 
     def generate(
         self,
@@ -147,4 +153,9 @@ class LayerStreamingRunner:
             ids = torch.cat([ids, torch.tensor([[token]], device=self.device)], dim=1)
             # With a KV cache only the new token goes through the layers; without one, all of them.
             step_input = ids[:, -1:] if cache is not None else ids
+        if cache is not None:
+            result.kv_cache_tokens = cache.get_seq_length()
+            result.kv_cache_bytes = sum(
+                t.nbytes for layer in cache.layers for t in (layer.keys, layer.values) if t is not None
+            )
         return result
