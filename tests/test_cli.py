@@ -34,7 +34,7 @@ def runs(tmp: Path) -> list:
 @pytest.fixture(scope="module")
 def single_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess[str]]:
     tmp = tmp_path_factory.mktemp("cli")
-    return tmp, harness(tmp, "cache=disk", "workload.stop_at_eos=false")
+    return tmp, harness(tmp, "cache=disk", "workload.stop_at_eos=false", "reference.enabled=true")
 
 
 def test_single_run_logs_params_metrics_and_artifacts(single_run) -> None:
@@ -53,6 +53,11 @@ def test_single_run_logs_params_metrics_and_artifacts(single_run) -> None:
                 "decode_tokens_per_s", "peak_rss_bytes", "read_bytes_per_pass", "split_s"):
         assert key in metrics, key
     assert not any(k.startswith("peak_vram") for k in metrics), "no VRAM on CPU: absent, never 0"
+    # The same job ran transformers' resident generate: same tokens, and the streaming cost as a ratio.
+    assert metrics["reference_tokens_match"] == 1.0
+    assert metrics["tpot_ratio_vs_reference"] == pytest.approx(metrics["tpot_s"] / metrics["reference_tpot_s"])
+    assert metrics["kv_bytes_per_token"] > 0 and metrics["split_layer_file_bytes"] > 0
+    assert not any(k.startswith("quality_") for k in metrics), "quality runs for compressed models only"
     history = client(tmp).get_metric_history(run.info.run_id, "token_latency_s")
     assert [m.step for m in history] == [0, 1, 2]
     tags = run.data.tags
@@ -62,6 +67,16 @@ def test_single_run_logs_params_metrics_and_artifacts(single_run) -> None:
     gen_path = client(tmp).download_artifacts(run.info.run_id, "generation.json", str(tmp / "dl"))
     gen = json.loads(Path(gen_path).read_text())
     assert len(gen["generated_ids"]) == 4 and gen["prompt_ids"] and isinstance(gen["text"], str)
+
+
+def test_compressed_run_logs_quality(tmp_path: Path) -> None:
+    proc = harness(tmp_path, "compression=4bit", "cache=ram", "quality.max_tokens=64")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run,) = runs(tmp_path)
+    m = run.data.metrics
+    assert 0 <= m["quality_top1_agreement"] <= 1 and m["quality_kl_mean"] >= 0
+    assert m["quality_ppl"] > 1 and m["quality_ppl_reference"] > 1 and m["quality_text_tokens"] == 64
+    assert run.data.params["compression"] == "4bit" and run.data.params["compression.quant_type"] == "nf4"
 
 
 def test_bad_value_fails_before_loading(tmp_path: Path) -> None:

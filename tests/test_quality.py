@@ -1,0 +1,56 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from harness.app import build_streamer, fresh_runner, generate
+from harness.quality import corpus_ids, quality_metrics
+from strategies.cache.base import read_layer_file
+
+
+def test_quality_of_a_model_against_itself_is_perfect(make_cfg) -> None:
+    cfg = make_cfg("workload.max_new_tokens=6")
+    streamer = build_streamer(cfg, Path(cfg.paths.outputs), torch.device("cpu"))
+    gen = generate(streamer, cfg)
+    ids = gen.prompt_ids + gen.generated_ids
+    m = quality_metrics(fresh_runner(streamer), fresh_runner(streamer), ids, corpus_ids(streamer.tokenizer, 48))
+    assert m["quality_top1_agreement"] == 1.0
+    assert m["quality_kl_mean"] == pytest.approx(0.0, abs=1e-6)
+    assert m["quality_ppl"] == m["quality_ppl_reference"]
+
+
+@pytest.mark.parametrize(("compression", "min_agreement"), [("8bit", 0.9), ("4bit", 0.5)])
+def test_compression_costs_show(make_cfg, compression: str, min_agreement: float) -> None:
+    plain_cfg = make_cfg("workload.max_new_tokens=16", "workload.stop_at_eos=false")
+    plain = build_streamer(plain_cfg, Path(plain_cfg.paths.outputs), torch.device("cpu"))
+    cfg = make_cfg(f"compression={compression}")
+    lossy = build_streamer(cfg, Path(cfg.paths.outputs), torch.device("cpu"))
+    gen = generate(plain, plain_cfg)
+    ids = gen.prompt_ids + gen.generated_ids
+    m = quality_metrics(fresh_runner(lossy), fresh_runner(plain), ids, corpus_ids(plain.tokenizer, 64))
+    assert min_agreement <= m["quality_top1_agreement"] <= 1.0
+    assert m["quality_kl_mean"] > 0, "a lossy codec cannot be free"
+    assert m["quality_ppl"] != m["quality_ppl_reference"]
+
+
+def test_cold_page_cache_drops_the_file_before_reading(make_cfg, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = make_cfg()
+    layout = build_streamer(cfg, Path(cfg.paths.outputs), torch.device("cpu")).layout
+    advised = []
+    real = os.posix_fadvise
+
+    def recording_fadvise(fd: int, offset: int, length: int, advice: int) -> None:
+        advised.append(advice)
+        real(fd, offset, length, advice)
+
+    monkeypatch.setattr(os, "posix_fadvise", recording_fadvise)
+    warm = read_layer_file(layout.file("layers.00"), "warm")
+    assert advised == []
+    cold = read_layer_file(layout.file("layers.00"), "cold")
+    assert advised == [os.POSIX_FADV_DONTNEED]
+    assert warm.keys() == cold.keys() and all(torch.equal(warm[k], cold[k]) for k in warm)
+    with pytest.raises(ValueError, match="cache.page_cache='tepid'"):
+        make_cfg("cache.page_cache=tepid")

@@ -1,0 +1,148 @@
+"""Every cache x compression x prefetch x kv_cache combination against a transformers reference.
+
+compression=none is compared with LlamaForCausalLM on the checkpoint; 8bit/4bit with
+LlamaForCausalLM whose Linear weights were replaced by the same codec's dequantized
+weights, so the only difference under test is where and how the codec runs.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from functools import cache
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import GenerationConfig, LlamaForCausalLM
+
+import strategies
+from harness.app import build_streamer, generate
+from harness.split import unit_of
+from strategies.compression.blockwise_4bit import Blockwise4bitConfig
+from strategies.compression.blockwise_8bit import Blockwise8bitConfig
+from strategies.prefetch.on import PrefetchOn, PrefetchOnConfig
+
+NEW_TOKENS = 12
+PROMPT = "The history of computing began with"
+MATRIX = list(
+    itertools.product(["disk", "ram"], ["none", "8bit", "4bit"], ["off", "on"], ["none", "device", "offload"])
+)
+# Same weights and same modules: bf16 rounding differences only (see test_runner_reference).
+LOGIT_TOLERANCE = 2e-2
+
+
+def reference_model(ckpt: Path, compression: str) -> LlamaForCausalLM:
+    model = LlamaForCausalLM.from_pretrained(ckpt, attn_implementation="sdpa").eval()
+    if compression == "none":
+        return model
+    cfg = {"8bit": Blockwise8bitConfig(), "4bit": Blockwise4bitConfig()}[compression]
+    codec = strategies.build(cfg)
+    n = model.config.num_hidden_layers
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            unit, inner = unit_of(name, n)
+            decoded = codec.decode(unit, codec.encode(unit, {inner: param.data.clone()}), torch.device("cpu"))
+            param.data.copy_(decoded[inner])
+    return model
+
+
+@cache
+def reference(ckpt: Path, compression: str, prompt_ids: tuple[int, ...]) -> tuple[list[int], list[torch.Tensor]]:
+    model = reference_model(ckpt, compression)
+    out = model.generate(
+        torch.tensor([prompt_ids]),
+        generation_config=GenerationConfig(max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None),
+        output_logits=True,
+        return_dict_in_generate=True,
+    )
+    return out.sequences[0, len(prompt_ids) :].tolist(), [x.float() for x in out.logits]
+
+
+@pytest.mark.parametrize(("cache_", "compression", "prefetch", "kv_cache"), MATRIX, ids="-".join)
+def test_combination_matches_reference(make_cfg, cache_: str, compression: str, prefetch: str, kv_cache: str) -> None:
+    cfg = make_cfg(
+        f"cache={cache_}", f"compression={compression}", f"prefetch={prefetch}", f"kv_cache={kv_cache}",
+        f"workload.max_new_tokens={NEW_TOKENS}", "workload.stop_at_eos=false", f"workload.prompt={PROMPT}",
+    )
+    streamer = build_streamer(cfg, Path(cfg.paths.outputs), torch.device("cpu"))
+    gen = generate(streamer, cfg, keep_logits=True)
+    ref_ids, ref_logits = reference(streamer.ckpt_dir, compression, tuple(gen.prompt_ids))
+    assert gen.generated_ids == ref_ids
+    for ours, ref in zip(gen.logits, ref_logits, strict=True):
+        assert (ours - ref).abs().max().item() <= LOGIT_TOLERANCE * max(ref.abs().max().item(), 1.0)
+
+
+@pytest.mark.parametrize("compression", ["8bit", "4bit"])
+def test_split_file_decodes_like_in_memory_quantization(make_cfg, compression: str) -> None:
+    cfg = make_cfg(f"compression={compression}")
+    streamer = build_streamer(cfg, Path(cfg.paths.outputs), torch.device("cpu"))
+    codec = streamer.runner.pipeline.codec
+    source = LlamaForCausalLM.from_pretrained(streamer.ckpt_dir).state_dict()
+    for unit in ("layers.00", "layers.01"):
+        index = int(unit.split(".")[1])
+        prefix = f"model.layers.{index}."
+        originals = {k.removeprefix(prefix): v for k, v in source.items() if k.startswith(prefix)}
+        from_file = codec.decode(unit, load_file(streamer.layout.file(unit)), torch.device("cpu"))
+        in_memory = codec.decode(unit, codec.encode(unit, originals), torch.device("cpu"))
+        assert from_file.keys() == in_memory.keys() == originals.keys()
+        for key in originals:
+            assert torch.equal(from_file[key], in_memory[key]), f"{unit}.{key}"
+            assert from_file[key].dtype == originals[key].dtype and from_file[key].shape == originals[key].shape
+        # Norms are stored as they are; Linear weights are really compressed (and lossy).
+        assert torch.equal(from_file["input_layernorm.weight"], originals["input_layernorm.weight"])
+        assert not torch.equal(from_file["mlp.up_proj.weight"], originals["mlp.up_proj.weight"])
+
+
+def test_compressed_layer_files_shrink(make_cfg) -> None:
+    sizes = {}
+    for compression in ("none", "8bit", "4bit"):
+        cfg = make_cfg(f"compression={compression}")
+        layout = build_streamer(cfg, Path(cfg.paths.outputs), torch.device("cpu")).layout
+        sizes[compression] = layout.file_bytes("layers.00")
+    # bf16 -> int8 + a fp32 scale per 256 -> 4 bit + a fp32 scale per 64 (plus per-tensor state records).
+    assert sizes["none"] > sizes["8bit"] > sizes["4bit"]
+    assert sizes["8bit"] < 0.6 * sizes["none"] and sizes["4bit"] < 0.4 * sizes["none"]
+
+
+def test_kv_cache_options_give_identical_tokens(make_cfg) -> None:
+    tokens = {}
+    for kv in ("none", "device", "offload"):
+        cfg = make_cfg(f"kv_cache={kv}", "workload.max_new_tokens=24", "workload.stop_at_eos=false")
+        tokens[kv] = generate(build_streamer(cfg, Path(cfg.paths.outputs), torch.device("cpu")), cfg).generated_ids
+    assert tokens["none"] == tokens["device"] == tokens["offload"]
+
+
+def test_prefetch_loads_ahead_while_the_consumer_computes() -> None:
+    """With depth d, layer i+d is being loaded before the consumer is done with layer i."""
+    names = [f"l{i}" for i in range(6)]
+    started = {name: threading.Event() for name in names}
+    order: list[str] = []
+
+    def load(name: str) -> str:
+        started[name].set()
+        order.append(f"load {name}")
+        return name
+
+    for depth in (1, 2):
+        order.clear()
+        for event in started.values():
+            event.clear()
+        prefetcher = PrefetchOn(PrefetchOnConfig(depth=depth), torch.device("cpu"))
+        for i, name in enumerate(prefetcher.stream(names, load)):
+            ahead = names[min(i + depth, len(names) - 1)]
+            # Not a timing bound: the worker needs no signal from us to start the next load.
+            assert started[ahead].wait(timeout=30), f"depth {depth}: {ahead} not loading while {name} computes"
+            order.append(f"use {name}")
+        assert [o for o in order if o.startswith("use")] == [f"use {n}" for n in names]
+
+
+def test_bad_strategy_values_are_refused(make_cfg) -> None:
+    with pytest.raises(ValueError, match="compression.quant_type='nf3'.*nf4, fp4"):
+        make_cfg("compression=4bit", "compression.quant_type=nf3")
+    with pytest.raises(ValueError, match="compression.blocksize=100"):
+        make_cfg("compression=8bit", "compression.blocksize=100")
+    with pytest.raises(ValueError, match="prefetch.depth=0"):
+        make_cfg("prefetch=on", "prefetch.depth=0")
+
