@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
 
 import torch
 
@@ -25,36 +24,6 @@ def device_clock(device: torch.device) -> Clock:
 
         return clock
     return time.perf_counter
-
-
-@dataclass
-class LayerEvent:
-    """One unit in one pass: where its time went and what it moved."""
-
-    pass_index: int
-    unit: str
-    read_s: float
-    decode_s: float
-    compute_s: float
-    read_bytes: int
-
-
-@dataclass
-class Timeline:
-    events: list[LayerEvent] = field(default_factory=list)
-
-    def add(self, event: LayerEvent) -> None:
-        self.events.append(event)
-
-    def rows(self) -> list[dict[str, float | int | str]]:
-        return [asdict(e) for e in self.events]
-
-    def per_pass(self, attr: str) -> list[float]:
-        """Sum of one LayerEvent field per pass, in pass order."""
-        totals: dict[int, float] = {}
-        for e in self.events:
-            totals[e.pass_index] = totals.get(e.pass_index, 0) + getattr(e, attr)
-        return [totals[k] for k in sorted(totals)]
 
 
 def percentile(values: Sequence[float], q: float) -> float:

@@ -1,4 +1,4 @@
-"""The strategy pipeline: cache -> compression decode -> prefetch, yielding device-ready layers.
+"""The strategy pipeline: cache -> host-to-device copy -> compression decode -> prefetch.
 
 This is the only place the strategy families meet; each knows nothing of the others,
 and the runner knows nothing of any of them.
@@ -7,11 +7,11 @@ and the runner knows nothing of any of them.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
-from harness.metrics import Clock
+from harness.timeline import StageClock, Stamp
 from strategies.cache.base import LayerCache
 from strategies.compression.base import Codec
 from strategies.prefetch.base import Prefetcher
@@ -19,13 +19,12 @@ from strategies.prefetch.base import Prefetcher
 
 @dataclass
 class DeviceLayer:
-    """One unit's weights on the compute device, with what it cost to get them there."""
+    """One unit's weights on the compute device, with the stamps and bytes of getting them there."""
 
     name: str
     weights: dict[str, torch.Tensor]
-    read_s: float
-    decode_s: float
-    read_bytes: int
+    stamps: dict[str, tuple[Stamp, Stamp]] = field(default_factory=dict)
+    bytes: dict[str, int] = field(default_factory=dict)
 
 
 class LayerPipeline:
@@ -35,7 +34,7 @@ class LayerPipeline:
         codec: Codec,
         prefetcher: Prefetcher,
         device: torch.device,
-        clock: Clock,
+        clock: StageClock,
     ) -> None:
         self.cache = cache
         self.codec = codec
@@ -48,10 +47,25 @@ class LayerPipeline:
         return self.prefetcher.stream(names, self._load)
 
     def _load(self, name: str) -> DeviceLayer:
-        t0 = self.clock()
+        clock = self.clock
         read_before = self.cache.bytes_read
+        r0 = clock.host()
         stored = self.cache.get(name)
-        t1 = self.clock()
-        weights = self.codec.decode(name, stored, self.device)
-        t2 = self.clock()
-        return DeviceLayer(name, weights, t1 - t0, t2 - t1, self.cache.bytes_read - read_before)
+        r1 = clock.host()
+        # The copy is ours, not the codec's, so that transfer and decode are timed apart.
+        h0 = clock.device()
+        on_device = {key: t.to(self.device, non_blocking=True) for key, t in stored.items()}
+        h1 = clock.device()
+        weights = self.codec.decode(name, on_device, self.device)
+        d1 = clock.device()
+        moved = sum(t.nbytes for t in stored.values() if t.device != self.device)
+        return DeviceLayer(
+            name,
+            weights,
+            stamps={"read": (r0, r1), "h2d": (h0, h1), "decode": (h1, d1)},
+            bytes={
+                "read": self.cache.bytes_read - read_before,
+                "h2d": moved,
+                "decode": sum(t.nbytes for t in weights.values()),
+            },
+        )

@@ -22,8 +22,9 @@ from transformers.generation.logits_process import TemperatureLogitsWarper, TopP
 from transformers.masking_utils import create_causal_mask
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRMSNorm, LlamaRotaryEmbedding
 
-from harness.metrics import Clock, LayerEvent, Timeline
+from harness.metrics import Clock
 from harness.pipeline import DeviceLayer, LayerPipeline
+from harness.timeline import LayerEvent, StageClock, Timeline
 from strategies.kv_cache.base import KVCachePolicy
 
 
@@ -38,6 +39,7 @@ class Generation:
     # What the KV cache held at the end (None without a cache), and for how many positions.
     kv_cache_bytes: int | None = None
     kv_cache_tokens: int = 0
+    timeline: Timeline = field(default_factory=Timeline)
 
 
 class Sampler:
@@ -67,7 +69,7 @@ class LayerStreamingRunner:
         kv_policy: KVCachePolicy,
         device: torch.device,
         clock: Clock,
-        timeline: Timeline | None = None,
+        stages: StageClock,
     ) -> None:
         if len(units) != config.num_hidden_layers + 3:
             raise ValueError(f"expected embed, {config.num_hidden_layers} layers, norm, lm_head; got {units}")
@@ -76,8 +78,9 @@ class LayerStreamingRunner:
         self.pipeline = pipeline
         self.kv_policy = kv_policy
         self.device = device
-        self.clock = clock
-        self.timeline = timeline if timeline is not None else Timeline()
+        self.clock = clock  # token times: syncs the device, so a reading means the token exists
+        self.stages = stages
+        self.timeline = Timeline()
         self.passes = 0
         with init_empty_weights():
             self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
@@ -88,12 +91,13 @@ class LayerStreamingRunner:
         self.rotary = LlamaRotaryEmbedding(config).to(device)
 
     def _run(self, module: nn.Module, layer: DeviceLayer, *args: object, **kwargs: object) -> torch.Tensor:
-        t0 = self.clock()
+        c0 = self.stages.device()
         out = functional_call(module, layer.weights, args, kwargs, strict=True)
-        t1 = self.clock()
-        self.timeline.add(
-            LayerEvent(self.passes, layer.name, layer.read_s, layer.decode_s, t1 - t0, layer.read_bytes)
-        )
+        c1 = self.stages.device()
+        layer.weights.clear()  # the last reference to this layer's device weights
+        r1 = self.stages.device()
+        stamps = {**layer.stamps, "compute": (c0, c1), "release": (c1, r1)}
+        self.timeline.events.append(LayerEvent(self.passes, layer.name, stamps, layer.bytes))
         return out
 
     @torch.inference_mode()
@@ -101,6 +105,7 @@ class LayerStreamingRunner:
         """One pass over every unit. input_ids: [1, q] (the new tokens, or the whole
         sequence without a KV cache) -> logits [1, vocab] of the last position, or
         [1, q, vocab] of every position (teacher forcing)."""
+        pass_start = self.stages.device()
         past = cache.get_seq_length() if cache is not None else 0
         position_ids = torch.arange(past, past + input_ids.shape[1], device=self.device).unsqueeze(0)
         layers = self.pipeline.stream(self.units)
@@ -125,6 +130,7 @@ class LayerStreamingRunner:
             hidden = hidden[:, -1:, :]  # generation decodes only the last position
         hidden = self._run(self.norm, next(layers), hidden)
         logits = self._run(self.lm_head, next(layers), hidden)  # [1, q or 1, vocab]
+        self.timeline.passes.append((pass_start, self.stages.device()))
         self.passes += 1
         return logits.float() if all_positions else logits[:, -1, :].float()
 
@@ -137,7 +143,8 @@ class LayerStreamingRunner:
         keep_logits: bool = False,
     ) -> Generation:
         """Prefill, then one pass per new token; stops at EOS or `max_new_tokens`."""
-        result = Generation(prompt_ids=list(prompt_ids), start_s=self.clock())
+        self.timeline, self.passes = Timeline(), 0
+        result = Generation(prompt_ids=list(prompt_ids), start_s=self.clock(), timeline=self.timeline)
         cache = self.kv_policy.new_cache(self.config, self.device)
         ids = torch.tensor([result.prompt_ids], device=self.device)  # [1, seq]
         step_input = ids

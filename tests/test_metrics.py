@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
-from harness.metrics import LayerEvent, Timeline, inter_token_latencies, percentile, token_metrics
+from harness.app import aggregate
+from harness.metrics import inter_token_latencies, percentile, token_metrics
+from harness.timeline import LOAD_STAGES, STAGES, StageClock, per_pass, stage_metrics
 
 
 def test_token_metrics_on_known_times() -> None:
@@ -38,11 +41,50 @@ def test_percentile_matches_numpy_linear() -> None:
         percentile([], 50)
 
 
-def test_timeline_sums_per_pass() -> None:
-    t = Timeline()
-    t.add(LayerEvent(0, "embed", 0.1, 0.0, 0.2, 100))
-    t.add(LayerEvent(0, "layers.00", 0.3, 0.1, 0.5, 300))
-    t.add(LayerEvent(1, "embed", 0.0, 0.0, 0.2, 0))
-    assert t.per_pass("read_bytes") == [400, 0]
-    assert t.per_pass("compute_s") == pytest.approx([0.7, 0.2])
-    assert list(t.rows()[0]) == ["pass_index", "unit", "read_s", "decode_s", "compute_s", "read_bytes"]
+def rows_of(passes: list[list[dict[str, float]]]) -> list[dict]:
+    """Timeline rows from per-unit stage durations laid end to end (no overlap)."""
+    rows, t = [], 0.0
+    for index, units in enumerate(passes):
+        for unit, stages in enumerate(units):
+            row: dict = {"pass_index": index, "unit": f"u{unit}"}
+            for stage in STAGES:
+                row[f"{stage}_start_s"], row[f"{stage}_s"] = t, stages.get(stage, 0.0)
+                t += stages.get(stage, 0.0)
+            for stage in LOAD_STAGES:
+                row[f"{stage}_bytes"] = int(stages.get(f"{stage}_bytes", 0))
+            rows.append(row)
+    return rows
+
+
+def test_stage_shares_bandwidth_and_crosscheck() -> None:
+    unit = {"read": 0.2, "h2d": 0.1, "decode": 0.1, "compute": 0.5, "release": 0.1, "read_bytes": 100, "h2d_bytes": 50}
+    rows = rows_of([[unit, unit]] * 3)  # prefill + 2 decode passes, 1.0 s per unit
+    assert per_pass(rows, "read_bytes") == [200, 200, 200]
+    m = stage_metrics(rows, walls=[2.0, 2.0, 2.2], overlapped=False)
+    assert m["stage_compute_share"] == pytest.approx(0.5) and m["stage_read_share"] == pytest.approx(0.2)
+    assert m["stage_compute_s"] == pytest.approx(1.0)  # per decode pass
+    assert m["read_bandwidth_bytes_per_s"] == pytest.approx(100 / 0.2)
+    assert m["crosscheck_residual"] == pytest.approx(0.2 / 2.2)  # the worst pass: 10% of its time untimed
+    assert "overlap_efficiency" not in m
+
+
+def test_overlap_efficiency() -> None:
+    unit = {"read": 0.3, "compute": 0.5}
+    rows = rows_of([[unit, unit]] * 2)  # load 0.6 s and compute 1.0 s per pass: 0.6 s could be hidden
+    m = stage_metrics(rows, walls=[1.3, 1.0], overlapped=True)
+    assert m["overlap_efficiency"] == pytest.approx((0.3 / 0.6 + 0.6 / 0.6) / 2)
+    assert "crosscheck_residual" not in m
+
+
+def test_stage_clock_on_cpu_is_one_axis() -> None:
+    clock = StageClock(torch.device("cpu"))
+    a, b = clock.host(), clock.device()
+    assert 0 <= clock.seconds(a) <= clock.seconds(b)
+
+
+def test_aggregate_mean_std_cv() -> None:
+    out = aggregate([{"tpot_s": 1.0, "x": 0.0}, {"tpot_s": 3.0, "x": 0.0}])
+    assert out["tpot_s"] == 2.0 and out["tpot_s_std"] == pytest.approx(2**0.5)
+    assert out["tpot_s_cv"] == pytest.approx(2**0.5 / 2)
+    assert "x_cv" not in out  # a zero mean has no coefficient of variation
+    assert aggregate([{"tpot_s": 1.0}]) == {"tpot_s": 1.0}

@@ -16,6 +16,9 @@ class CompressionConfig:
 
 
 class Codec(Protocol):
+    # Device bytes of a layer's stored form per byte of its decoded weights (0 when they are the same tensors).
+    stored_fraction: float
+
     @property
     def split_key(self) -> str:
         """Names the split directory: two codecs with the same key write identical files."""
@@ -26,5 +29,5 @@ class Codec(Protocol):
         ...
 
     def decode(self, layer: str, stored: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-        """Load time: stored tensors (host) -> the layer's weights, ready on `device`."""
+        """Load time: stored tensors, already copied to `device` -> the layer's weights there."""
         ...
