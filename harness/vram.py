@@ -9,8 +9,10 @@ import logging
 import os
 import threading
 from types import TracebackType
+from typing import Protocol
 
 import torch
+from transformers import LlamaConfig
 
 log = logging.getLogger(__name__)
 
@@ -21,14 +23,39 @@ class VramCapExceeded(RuntimeError):
     pass
 
 
-def _nvml_process_bytes(handle: object) -> int | None:
-    import pynvml
+class MemoryProbe(Protocol):
+    def process_bytes(self) -> int | None:
+        """Device memory this process holds as the driver sees it (context included), or None."""
+        ...
 
-    pid = os.getpid()
-    for proc in pynvml.nvmlDeviceGetComputeRunningProcesses(handle):
-        if proc.pid == pid:
-            return int(proc.usedGpuMemory or 0)
-    return None
+
+class NvmlProbe:
+    def __init__(self, device: torch.device) -> None:
+        import pynvml
+
+        pynvml.nvmlInit()
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        self._handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+
+    def process_bytes(self) -> int | None:
+        import pynvml
+
+        pid = os.getpid()
+        for proc in pynvml.nvmlDeviceGetComputeRunningProcesses(self._handle):
+            if proc.pid == pid:
+                return int(proc.usedGpuMemory or 0)
+        return None
+
+
+def default_probe(device: torch.device) -> MemoryProbe | None:
+    """NVML on CUDA; nothing elsewhere (there is no VRAM to watch). Tests inject a fake here."""
+    if device.type != "cuda":
+        return None
+    try:
+        return NvmlProbe(device)
+    except Exception as exc:  # NVML missing or unsupported: the allocator cap still applies
+        log.warning("NVML unavailable (%s): VRAM peak is the allocator's only; context not measured", exc)
+        return None
 
 
 class VramMonitor:
@@ -45,7 +72,7 @@ class VramMonitor:
         self.interval_s = interval_s
         self.nvml_peak_bytes: int | None = None
         self.context_bytes: int | None = None
-        self._handle: object | None = None
+        self.probe: MemoryProbe | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -53,36 +80,35 @@ class VramMonitor:
     def active(self) -> bool:
         return self.device.type == "cuda"
 
-    def __enter__(self) -> VramMonitor:
-        if not self.active:
-            return self
-        torch.cuda.init()
-        torch.cuda.reset_peak_memory_stats(self.device)
-        total = torch.cuda.get_device_properties(self.device).total_memory
-        try:
-            import pynvml
+    @property
+    def enforced(self) -> bool:
+        """The cap applies: on CUDA, or wherever a memory probe watches (tests inject one on CPU)."""
+        return self.active or self.probe is not None
 
-            pynvml.nvmlInit()
-            index = self.device.index if self.device.index is not None else torch.cuda.current_device()
-            self._handle = pynvml.nvmlDeviceGetHandleByIndex(index)
-            self.context_bytes = _nvml_process_bytes(self._handle)
-        except Exception as exc:  # NVML missing or unsupported: the allocator cap still applies
-            log.warning("NVML unavailable (%s): VRAM peak is the allocator's only; context not measured", exc)
-        allocator_bytes = self.cap_bytes - (self.context_bytes or 0)
-        if allocator_bytes <= 0:
-            raise VramCapExceeded(
-                f"the CUDA context alone uses {self.context_bytes} bytes, over vram.cap_gib={self.cap_bytes / GIB}"
-            )
-        torch.cuda.set_per_process_memory_fraction(min(1.0, allocator_bytes / total), self.device)
-        if self._handle is not None:
+    def __enter__(self) -> VramMonitor:
+        if self.active:
+            torch.cuda.init()  # the context exists before we measure it
+            torch.cuda.reset_peak_memory_stats(self.device)
+        self.probe = default_probe(self.device)
+        if self.probe is not None:
+            self.context_bytes = self.probe.process_bytes()
+        if self.active:
+            allocator_bytes = self.cap_bytes - (self.context_bytes or 0)
+            if allocator_bytes <= 0:
+                raise VramCapExceeded(
+                    f"the CUDA context alone uses {self.context_bytes} bytes, over vram.cap_gib={self.cap_bytes / GIB}"
+                )
+            total = torch.cuda.get_device_properties(self.device).total_memory
+            torch.cuda.set_per_process_memory_fraction(min(1.0, allocator_bytes / total), self.device)
+        if self.probe is not None:
             self.nvml_peak_bytes = self.context_bytes
-            self._thread = threading.Thread(target=self._sample, name="nvml-sampler", daemon=True)
+            self._thread = threading.Thread(target=self._sample, name="vram-sampler", daemon=True)
             self._thread.start()
         return self
 
     def _sample(self) -> None:
         while not self._stop.wait(self.interval_s):
-            used = _nvml_process_bytes(self._handle)
+            used = self.probe.process_bytes()
             if used is not None:
                 self.nvml_peak_bytes = max(self.nvml_peak_bytes or 0, used)
 
@@ -94,12 +120,10 @@ class VramMonitor:
             self._thread.join()
 
     def metrics(self) -> dict[str, float]:
-        if not self.active:
-            return {}
-        out = {
-            "peak_vram_allocated_bytes": float(torch.cuda.max_memory_allocated(self.device)),
-            "peak_vram_reserved_bytes": float(torch.cuda.max_memory_reserved(self.device)),
-        }
+        out = {}
+        if self.active:
+            out["peak_vram_allocated_bytes"] = float(torch.cuda.max_memory_allocated(self.device))
+            out["peak_vram_reserved_bytes"] = float(torch.cuda.max_memory_reserved(self.device))
         if self.nvml_peak_bytes is not None:
             out["peak_vram_nvml_bytes"] = float(self.nvml_peak_bytes)
         if self.context_bytes is not None:
@@ -109,5 +133,44 @@ class VramMonitor:
     def check(self) -> None:
         """Raise if the run went over the cap (the allocator limit cannot see the context)."""
         peak = self.nvml_peak_bytes
-        if self.active and peak is not None and peak > self.cap_bytes:
+        if peak is not None and peak > self.cap_bytes:
             raise VramCapExceeded(f"peak VRAM {peak / GIB:.2f} GiB (NVML) exceeded the cap {self.cap_bytes / GIB} GiB")
+
+
+def estimate_need_bytes(
+    config: LlamaConfig, *, stored_fraction: float, prefetch_depth: int, kv_on_device: bool, max_seq: int
+) -> dict[str, int]:
+    """What a run must hold on the device at once, from the geometry alone (before anything is loaded).
+
+    Weights: the largest unit decoded, once for the layer computing and once per prefetched layer,
+    plus its stored (encoded) form while it decodes. KV: every layer's keys and values at the
+    longest sequence when kept on the device, one layer's when offloaded. Activations: a few
+    hidden-state copies and the MLP's intermediate over the sequence, plus fp32 logits.
+    """
+    dtype_bytes = 4 if str(config.dtype).endswith("float32") else 2
+    hidden, vocab = config.hidden_size, config.vocab_size
+    head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
+    kv_width = config.num_key_value_heads * head_dim
+    layer_params = (
+        hidden * (config.num_attention_heads * head_dim) * 2  # q, o
+        + hidden * kv_width * 2  # k, v
+        + hidden * config.intermediate_size * 3  # gate, up, down
+        + hidden * 2  # norms
+    )
+    largest = max(layer_params, vocab * hidden) * dtype_bytes
+    weights = int(largest * (1 + prefetch_depth) + largest * stored_fraction)
+    kv_layers = config.num_hidden_layers if kv_on_device else 1
+    kv = 2 * kv_layers * kv_width * max_seq * dtype_bytes
+    activations = (6 * hidden + 2 * config.intermediate_size) * max_seq * dtype_bytes + vocab * 4
+    return {"weights": weights, "kv": kv, "activations": activations, "total": weights + kv + activations}
+
+
+def check_fits(need: dict[str, int], cap_gib: float, context_bytes: int) -> None:
+    cap = int(cap_gib * GIB)
+    if need["total"] + context_bytes > cap:
+        parts = ", ".join(f"{k} {v / GIB:.2f} GiB" for k, v in need.items() if k != "total")
+        raise VramCapExceeded(
+            f"this configuration needs about {(need['total'] + context_bytes) / GIB:.2f} GiB of device memory "
+            f"({parts}, CUDA context {context_bytes / GIB:.2f} GiB), over vram.cap_gib={cap_gib}: "
+            "use compression=8bit/4bit, a smaller prefetch.depth, kv_cache=offload, or a larger cap"
+        )
