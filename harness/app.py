@@ -6,29 +6,33 @@ import csv
 import io
 import json
 import logging
-from collections.abc import Mapping
+import statistics
+import tempfile
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from rich.console import Console
-from rich.table import Table
 from transformers import AutoTokenizer, LlamaConfig, PreTrainedTokenizerBase
 
 import strategies
-from harness.config import STRATEGY_FAMILIES, Config
+from harness.config import STRATEGY_FAMILIES, Config, WorkloadConfig
 from harness.environment import environment_tags
 from harness.memory import peak_rss_bytes
-from harness.metrics import Timeline, device_clock, inter_token_latencies, token_metrics
+from harness.metrics import device_clock, inter_token_latencies, token_metrics
 from harness.models import ensure_checkpoint
 from harness.pipeline import LayerPipeline
+from harness.plots import plot_pass, plot_token_latency
 from harness.quality import corpus_ids, quality_metrics
 from harness.reference import time_transformers_generate
 from harness.runner import Generation, LayerStreamingRunner, Sampler
 from harness.split import SplitLayout, ensure_split
+from harness.summary import print_summary
+from harness.timeline import CROSSCHECK_TOLERANCE, StageClock, per_pass, stage_metrics
 from harness.tracking import RunTracker, default_tracking_uri, flatten
-from harness.vram import VramMonitor
+from harness.vram import VramMonitor, check_fits, estimate_need_bytes
 from strategies.cache.disk import DiskCacheConfig
 from strategies.compression.none import NoCompressionConfig
 from strategies.prefetch.off import PrefetchOffConfig
@@ -52,16 +56,25 @@ def load_model_config(ckpt_dir: Path) -> LlamaConfig:
     return config
 
 
-def prompt_ids(tokenizer: PreTrainedTokenizerBase, prompt: str, chat: bool) -> list[int]:
-    if chat:
+def prompt_ids(tokenizer: PreTrainedTokenizerBase, workload: WorkloadConfig) -> list[int]:
+    prompt = workload.prompt
+    if workload.chat:
         if not tokenizer.chat_template:
             raise ValueError("workload.chat=true but the checkpoint's tokenizer has no chat template")
-        return list(
+        ids = list(
             tokenizer.apply_chat_template(
                 [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True, return_dict=False
             )
         )
-    return list(tokenizer(prompt)["input_ids"])
+    else:
+        ids = list(tokenizer(prompt)["input_ids"])
+    if workload.prompt_tokens is not None:
+        # A fixed prompt length (the write-up's "8 prompt tokens") whatever the tokenizer: repeat, then cut.
+        more = list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+        while len(ids) < workload.prompt_tokens:
+            ids += more
+        ids = ids[: workload.prompt_tokens]
+    return ids
 
 
 def eos_ids(config: LlamaConfig, tokenizer: PreTrainedTokenizerBase, ckpt_dir: Path) -> list[int]:
@@ -88,23 +101,35 @@ class Streamer:
     split_metrics: dict[str, float]
 
 
-def build_streamer(cfg: Config, outputs_dir: Path, device: torch.device) -> Streamer:
+def build_streamer(
+    cfg: Config, outputs_dir: Path, device: torch.device, vram: VramMonitor | None = None
+) -> Streamer:
     ckpt_dir = ensure_checkpoint(cfg.model, outputs_dir)
     config = load_model_config(ckpt_dir)
     tokenizer = AutoTokenizer.from_pretrained(ckpt_dir)
     codec = strategies.build(cfg.compression)
+    if vram is not None and vram.enforced:
+        # From the geometry alone: refuse before the split or any weight is read.
+        need = estimate_need_bytes(
+            config,
+            stored_fraction=codec.stored_fraction,
+            prefetch_depth=getattr(cfg.prefetch, "depth", 0),
+            kv_on_device=cfg.kv_cache.name == "device",
+            max_seq=len(prompt_ids(tokenizer, cfg.workload)) + cfg.workload.max_new_tokens,
+        )
+        check_fits(need, cfg.vram.cap_gib, vram.context_bytes or 0)
     splits_root = Path(cfg.split.dir) if cfg.split.dir else outputs_dir / "splits"
     layout, stats = ensure_split(ckpt_dir, config, codec, splits_root, verify=cfg.split.verify)
-    clock = device_clock(device)
+    stages = StageClock(device)
     pipeline = LayerPipeline(
         cache=strategies.build(cfg.cache, layout=layout, device=device),
         codec=codec,
         prefetcher=strategies.build(cfg.prefetch, device=device),
         device=device,
-        clock=clock,
+        clock=stages,
     )
     runner = LayerStreamingRunner(
-        config, layout.units, pipeline, strategies.build(cfg.kv_cache), device, clock
+        config, layout.units, pipeline, strategies.build(cfg.kv_cache), device, device_clock(device), stages
     )
     split_metrics = {
         "split_s": stats.split_s,
@@ -119,33 +144,44 @@ def build_streamer(cfg: Config, outputs_dir: Path, device: torch.device) -> Stre
 
 
 def generate(streamer: Streamer, cfg: Config, keep_logits: bool = False) -> Generation:
-    ids = prompt_ids(streamer.tokenizer, cfg.workload.prompt, cfg.workload.chat)
+    ids = prompt_ids(streamer.tokenizer, cfg.workload)
     w = cfg.workload
     sampler = Sampler(w.do_sample, w.temperature, w.top_p, w.seed, streamer.device)
     stop = eos_ids(streamer.config, streamer.tokenizer, streamer.ckpt_dir) if w.stop_at_eos else []
     return streamer.runner.generate(ids, w.max_new_tokens, sampler, stop, keep_logits=keep_logits)
 
 
-def run_metrics(streamer: Streamer, gen: Generation) -> dict[str, float]:
-    timeline = streamer.runner.timeline
-    read_per_pass = timeline.per_pass("read_bytes")
+def generation_metrics(streamer: Streamer, gen: Generation) -> dict[str, float]:
+    """Everything one generation measured: token timing, bytes per pass, stage shares and the cross-check."""
+    rows = gen.timeline.rows(streamer.runner.stages)
+    read_per_pass = per_pass(rows, "read_bytes")
     metrics = token_metrics(gen.start_s, gen.token_times_s)
-    metrics.update(streamer.split_metrics)
     metrics.update(
         prompt_tokens=float(len(gen.prompt_ids)),
         passes=float(len(read_per_pass)),
         read_bytes_per_pass=sum(read_per_pass) / len(read_per_pass),
         read_bytes_first_pass=read_per_pass[0],
-        cache_bytes_held=float(streamer.runner.pipeline.cache.bytes_held),
-        peak_rss_bytes=float(peak_rss_bytes()),
+        h2d_bytes_per_pass=sum(per_pass(rows, "h2d_bytes")) / len(read_per_pass),
     )
-    for stage in ("read_s", "decode_s", "compute_s"):
-        metrics[f"time_{stage}"] = sum(timeline.per_pass(stage))
-    metrics["split_layer_file_bytes"] = float(streamer.layout.file_bytes(streamer.layout.units[1]))
+    overlapped = streamer.runner.pipeline.prefetcher.cfg.name != "off"
+    metrics.update(stage_metrics(rows, gen.timeline.pass_walls(streamer.runner.stages), overlapped))
     if gen.kv_cache_bytes is not None and gen.kv_cache_tokens:
         metrics["kv_cache_bytes"] = float(gen.kv_cache_bytes)
         metrics["kv_bytes_per_token"] = gen.kv_cache_bytes / gen.kv_cache_tokens
     return metrics
+
+
+def aggregate(repeats: Sequence[dict[str, float]]) -> dict[str, float]:
+    """Mean of each metric over repeats; with several, also its std and coefficient of variation."""
+    out: dict[str, float] = {}
+    for key in repeats[0]:
+        values = [r[key] for r in repeats if key in r]
+        out[key] = statistics.fmean(values)
+        if len(values) > 1:
+            out[f"{key}_std"] = statistics.stdev(values)
+            if out[key]:
+                out[f"{key}_cv"] = out[f"{key}_std"] / abs(out[key])
+    return out
 
 
 def reference_metrics(streamer: Streamer, cfg: Config, gen: Generation, tpot_s: float | None) -> dict[str, float]:
@@ -175,11 +211,10 @@ def compression_quality(streamer: Streamer, cfg: Config, gen: Generation, output
 def fresh_runner(streamer: Streamer) -> LayerStreamingRunner:
     """A runner on the same pipeline with its own timeline, so extra passes do not count as the run's."""
     r = streamer.runner
-    return LayerStreamingRunner(r.config, r.units, r.pipeline, r.kv_policy, r.device, r.clock)
+    return LayerStreamingRunner(r.config, r.units, r.pipeline, r.kv_policy, r.device, r.clock, r.stages)
 
 
-def timeline_csv(timeline: Timeline) -> str:
-    rows = timeline.rows()
+def rows_csv(rows: Sequence[dict]) -> str:
     out = io.StringIO()
     writer = csv.DictWriter(out, fieldnames=list(rows[0]) if rows else ["pass_index"])
     writer.writeheader()
@@ -212,33 +247,27 @@ def run_job(
     try:
         device = resolve_device(cfg.device)
         with VramMonitor(device, cfg.vram.cap_gib) as vram:
-            streamer = build_streamer(cfg, outputs_dir, device)
-            gen = generate(streamer, cfg)
+            streamer = build_streamer(cfg, outputs_dir, device, vram)
+            for _ in range(cfg.bench.warmup):
+                generate(streamer, cfg)
+            gens = [generate(streamer, cfg) for _ in range(cfg.bench.repeats)]
         vram.check()
-        metrics = run_metrics(streamer, gen)
+        gen = gens[-1]
+        metrics = aggregate([generation_metrics(streamer, g) for g in gens])
+        metrics.update(streamer.split_metrics)
         metrics.update(vram.metrics())
+        metrics.update(
+            peak_rss_bytes=float(peak_rss_bytes()),
+            cache_bytes_held=float(streamer.runner.pipeline.cache.bytes_held),
+            split_layer_file_bytes=float(streamer.layout.file_bytes(streamer.layout.units[1])),
+        )
         if cfg.reference.enabled:
             metrics.update(reference_metrics(streamer, cfg, gen, metrics.get("tpot_s")))
         if cfg.quality.enabled and cfg.compression.name != "none":
             metrics.update(compression_quality(streamer, cfg, gen, outputs_dir))
         text = streamer.tokenizer.decode(gen.generated_ids, skip_special_tokens=True)
         if tracker is not None:
-            tracker.log_metrics(metrics)
-            tracker.log_series("token_latency_s", inter_token_latencies(gen.token_times_s))
-            tracker.log_series("read_bytes", streamer.runner.timeline.per_pass("read_bytes"))
-            tracker.log_dict(dict(resolved), "config.yaml")
-            tracker.log_dict(
-                {"prompt_ids": gen.prompt_ids, "generated_ids": gen.generated_ids, "text": text},
-                "generation.json",
-            )
-            tracker.log_text(timeline_csv(streamer.runner.timeline), "timeline.csv")
-            tracker.set_tags(
-                {
-                    "device": str(device),
-                    "split.dir": str(streamer.layout.dir),
-                    "split.fresh": str(metrics["split_files_written"] > 0).lower(),
-                }
-            )
+            log_run(tracker, cfg, resolved, streamer, gen, metrics, text)
             tracker.end("FINISHED")
     except BaseException as exc:
         if tracker is not None:
@@ -248,34 +277,43 @@ def run_job(
     return metrics
 
 
-def print_summary(console: Console, choices: Mapping[str, str], metrics: Mapping[str, float], text: str) -> None:
-    table = Table(title="layerbench: " + " ".join(f"{k}={v}" for k, v in choices.items()))
-    table.add_column("metric")
-    table.add_column("value", justify="right")
-    rows = [
-        ("time to first token", "ttft_s", "{:.3f} s"),
-        ("per-token latency (mean)", "tpot_s", "{:.3f} s"),
-        ("per-token latency p50 / p90", None, None),
-        ("decode throughput", "decode_tokens_per_s", "{:.2f} tok/s"),
-        ("new tokens", "new_tokens", "{:.0f}"),
-        ("bytes read per pass", "read_bytes_per_pass", "{:,.0f}"),
-        ("split", "split_s", "{:.2f} s"),
-        ("peak host RSS", "peak_rss_bytes", "{:,.0f} B"),
-        ("peak VRAM (allocated)", "peak_vram_allocated_bytes", "{:,.0f} B"),
-        ("peak VRAM (NVML)", "peak_vram_nvml_bytes", "{:,.0f} B"),
-        ("transformers generate, per token", "reference_tpot_s", "{:.4f} s"),
-        ("per-token time vs transformers", "tpot_ratio_vs_reference", "{:.1f}x"),
-        ("top-1 agreement vs uncompressed", "quality_top1_agreement", "{:.3f}"),
-        ("KL vs uncompressed (mean)", "quality_kl_mean", "{:.4f}"),
-        ("perplexity / uncompressed", None, None),
-    ]
-    for label, key, fmt in rows:
-        if key is None:
-            if label.startswith("per-token") and "token_latency_p50_s" in metrics:
-                table.add_row(label, f"{metrics['token_latency_p50_s']:.3f} / {metrics['token_latency_p90_s']:.3f} s")
-            if label.startswith("perplexity") and "quality_ppl" in metrics:
-                table.add_row(label, f"{metrics['quality_ppl']:.2f} / {metrics['quality_ppl_reference']:.2f}")
-        elif key in metrics:
-            table.add_row(label, fmt.format(metrics[key]))
-    console.print(table)
-    console.print(f"[bold]generated:[/bold] {text!r}")
+def log_run(
+    tracker: RunTracker,
+    cfg: Config,
+    resolved: Mapping[str, Any],
+    streamer: Streamer,
+    gen: Generation,
+    metrics: dict[str, float],
+    text: str,
+) -> None:
+    """Metrics, step series, tags and artifacts of a finished job (timeline and plots: its last repeat)."""
+    rows = gen.timeline.rows(streamer.runner.stages)
+    latencies = inter_token_latencies(gen.token_times_s)
+    tracker.log_metrics(metrics)
+    tracker.log_series("token_latency_s", latencies)
+    tracker.log_series("read_bytes", per_pass(rows, "read_bytes"))
+    tracker.log_dict(dict(resolved), "config.yaml")
+    generation = {"prompt_ids": gen.prompt_ids, "generated_ids": gen.generated_ids, "text": text}
+    tracker.log_dict(generation, "generation.json")
+    tracker.log_text(rows_csv(rows), "timeline.csv")
+    tags = {
+        "device": str(streamer.device),
+        "split.dir": str(streamer.layout.dir),
+        "split.fresh": str(metrics["split_files_written"] > 0).lower(),
+        "cache.page_cache": cfg.cache.page_cache,
+    }
+    residual = metrics.get("crosscheck_residual")
+    if residual is not None and residual > CROSSCHECK_TOLERANCE:
+        tags["warning.crosscheck"] = (
+            f"stage times of a pass differ from its wall time by {residual:.1%} (> {CROSSCHECK_TOLERANCE:.0%})"
+        )
+        log.warning(tags["warning.crosscheck"])
+    tracker.set_tags(tags)
+    with tempfile.TemporaryDirectory() as tmp:
+        title = streamer.ckpt_dir.name
+        decode_pass = len(gen.token_times_s) // 2  # a decode pass from the middle: no prefill, no warm-up edge
+        plot_pass(rows, decode_pass, Path(tmp) / "timeline_pass.png", f"{title}: pass {decode_pass}")
+        tracker.log_artifact(Path(tmp) / "timeline_pass.png")
+        if latencies:
+            plot_token_latency(latencies, Path(tmp) / "token_latency.png", f"{title}: per-token latency")
+            tracker.log_artifact(Path(tmp) / "token_latency.png")

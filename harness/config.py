@@ -66,6 +66,8 @@ class WorkloadConfig:
     seed: int = 0
     # Benchmarks that need a fixed token count turn this off so EOS cannot cut a run short.
     stop_at_eos: bool = True
+    # Exactly this many prompt tokens (the prompt repeated, then cut), whatever the tokenizer.
+    prompt_tokens: int | None = None
 
     def __post_init__(self) -> None:
         check_positive("workload.max_new_tokens", self.max_new_tokens)
@@ -74,6 +76,20 @@ class WorkloadConfig:
             raise ValueError(f"workload.top_p={self.top_p!r} is not valid: it must be in (0, 1]")
         if not self.prompt:
             raise ValueError("workload.prompt is empty: give the text to generate from")
+        if self.prompt_tokens is not None:
+            check_positive("workload.prompt_tokens", self.prompt_tokens)
+
+
+@dataclass
+class BenchConfig:
+    # Generations run and thrown away first: kernel selection, allocator growth, a warm RAM cache.
+    warmup: int = 0
+    # Measured generations; with more than one, every metric also gets _std and _cv.
+    repeats: int = 1
+
+    def __post_init__(self) -> None:
+        check_positive("bench.warmup", self.warmup, allow_zero=True)
+        check_positive("bench.repeats", self.repeats)
 
 
 @dataclass
@@ -134,6 +150,7 @@ class Config:
     prefetch: PrefetchConfig = MISSING
     kv_cache: KVCacheConfig = MISSING
     workload: WorkloadConfig = field(default_factory=WorkloadConfig)
+    bench: BenchConfig = field(default_factory=BenchConfig)
     split: SplitConfig = field(default_factory=SplitConfig)
     vram: VramConfig = field(default_factory=VramConfig)
     quality: QualityConfig = field(default_factory=QualityConfig)
