@@ -25,6 +25,7 @@ from harness.metrics import device_clock, inter_token_latencies, token_metrics
 from harness.models import ensure_checkpoint
 from harness.pipeline import LayerPipeline
 from harness.plots import plot_pass, plot_token_latency
+from harness.probe import LINKS, load_or_measure, measure_layer_compute_s, token_floor
 from harness.quality import corpus_ids, quality_metrics
 from harness.reference import time_transformers_generate
 from harness.runner import Generation, LayerStreamingRunner, Sampler
@@ -162,6 +163,7 @@ def generation_metrics(streamer: Streamer, gen: Generation) -> dict[str, float]:
         read_bytes_per_pass=sum(read_per_pass) / len(read_per_pass),
         read_bytes_first_pass=read_per_pass[0],
         h2d_bytes_per_pass=sum(per_pass(rows, "h2d_bytes")) / len(read_per_pass),
+        decode_bytes_per_pass=sum(per_pass(rows, "decode_bytes")) / len(read_per_pass),
     )
     overlapped = streamer.runner.pipeline.prefetcher.cfg.name != "off"
     metrics.update(stage_metrics(rows, gen.timeline.pass_walls(streamer.runner.stages), overlapped))
@@ -206,6 +208,32 @@ def compression_quality(streamer: Streamer, cfg: Config, gen: Generation, output
         gen.prompt_ids + gen.generated_ids,
         corpus_ids(streamer.tokenizer, cfg.quality.max_tokens),
     )
+
+
+def floor_metrics(streamer: Streamer, cfg: Config, metrics: Mapping[str, float], outputs_dir: Path) -> dict[str, float]:
+    """The per-token floor from the measured links and one layer's compute, and how far the run is from it."""
+    rates = load_or_measure(
+        streamer.device, outputs_dir / "probe", outputs_dir / "probe", refresh=cfg.probe.refresh,
+        size_bytes=cfg.probe.size_mib << 20,
+    )
+    layer_s = measure_layer_compute_s(streamer.config, streamer.device, streamer.config.dtype)
+    compressed = cfg.compression.name != "none"
+    floor = token_floor(
+        disk_bytes=metrics["read_bytes_per_pass"],
+        host_bytes=0.0,  # cached host copies are read in place; their cost shows as H2D or compute
+        h2d_bytes=metrics["h2d_bytes_per_pass"],
+        dequant_bytes=metrics["decode_bytes_per_pass"] if compressed else 0.0,
+        dequant_codec=cfg.compression.name if compressed else None,
+        compute_s=layer_s * streamer.config.num_hidden_layers,
+        rates=rates,
+        page_cache=cfg.cache.page_cache,
+    )
+    out = {"floor_s": floor.floor_s, "layer_compute_s": layer_s}
+    out.update({f"floor_{link}_s": seconds for link, seconds in floor.per_link_s.items()})
+    if "tpot_s" in metrics and floor.floor_s > 0:
+        out["floor_ratio"] = metrics["tpot_s"] / floor.floor_s
+    out.update({f"link_{k}": float(v) for k, v in vars(rates).items() if isinstance(v, float)})
+    return out
 
 
 def fresh_runner(streamer: Streamer) -> LayerStreamingRunner:
@@ -261,6 +289,8 @@ def run_job(
             cache_bytes_held=float(streamer.runner.pipeline.cache.bytes_held),
             split_layer_file_bytes=float(streamer.layout.file_bytes(streamer.layout.units[1])),
         )
+        if cfg.probe.enabled:
+            metrics.update(floor_metrics(streamer, cfg, metrics, outputs_dir))
         if cfg.reference.enabled:
             metrics.update(reference_metrics(streamer, cfg, gen, metrics.get("tpot_s")))
         if cfg.quality.enabled and cfg.compression.name != "none":
@@ -302,6 +332,8 @@ def log_run(
         "split.fresh": str(metrics["split_files_written"] > 0).lower(),
         "cache.page_cache": cfg.cache.page_cache,
     }
+    if "floor_s" in metrics:
+        tags["floor.limiting"] = max(LINKS, key=lambda link: metrics[f"floor_{link}_s"])
     residual = metrics.get("crosscheck_residual")
     if residual is not None and residual > CROSSCHECK_TOLERANCE:
         tags["warning.crosscheck"] = (

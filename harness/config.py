@@ -93,6 +93,19 @@ class BenchConfig:
 
 
 @dataclass
+class ProbeConfig:
+    # Measure the links (disk, host copy, H2D, dequant) once per machine and device, then reuse;
+    # with the per-layer compute time they give `floor_s`, the physical limit per token.
+    enabled: bool = True
+    refresh: bool = False
+    # Bytes moved per link measurement: large enough to leave the caches behind.
+    size_mib: int = 256
+
+    def __post_init__(self) -> None:
+        check_positive("probe.size_mib", self.size_mib)
+
+
+@dataclass
 class SplitConfig:
     # Re-hash every layer file when reusing a split (catches corruption; costs one read of the split).
     verify: bool = True
@@ -151,6 +164,7 @@ class Config:
     kv_cache: KVCacheConfig = MISSING
     workload: WorkloadConfig = field(default_factory=WorkloadConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
     split: SplitConfig = field(default_factory=SplitConfig)
     vram: VramConfig = field(default_factory=VramConfig)
     quality: QualityConfig = field(default_factory=QualityConfig)

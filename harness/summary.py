@@ -23,6 +23,8 @@ def print_summary(console: Console, choices: Mapping[str, str], metrics: Mapping
         ("peak host RSS", "peak_rss_bytes", "{:,.0f} B"),
         ("peak VRAM (allocated)", "peak_vram_allocated_bytes", "{:,.0f} B"),
         ("peak VRAM (NVML)", "peak_vram_nvml_bytes", "{:,.0f} B"),
+        ("floor per token (slowest link)", "floor_s", "{:.4f} s"),
+        ("per-token time / floor", "floor_ratio", "{:.1f}x"),
         ("transformers generate, per token", "reference_tpot_s", "{:.4f} s"),
         ("per-token time vs transformers", "tpot_ratio_vs_reference", "{:.1f}x"),
         ("top-1 agreement vs uncompressed", "quality_top1_agreement", "{:.3f}"),

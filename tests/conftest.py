@@ -36,7 +36,8 @@ def make_cfg(outputs_dir: Path) -> Callable[..., Config]:
     def make(*overrides: str) -> Config:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
             dcfg = compose(
-                "config", overrides=[f"paths.outputs={outputs_dir}", "tracking.enabled=false", *overrides]
+                "config",
+                overrides=[f"paths.outputs={outputs_dir}", "tracking.enabled=false", "probe.size_mib=16", *overrides],
             )
         return OmegaConf.to_object(dcfg)
 

@@ -17,7 +17,9 @@ ROOT = Path(__file__).resolve().parents[1]
 def harness(tmp: Path, *args: str, multirun: bool = False) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     flags = ["-m"] if multirun else []
-    cmd = [sys.executable, "-m", "harness", *flags, f"paths.outputs={tmp}", "workload.max_new_tokens=4", *args]
+    # A small link probe: its size only sets how long the measurement takes.
+    common = [f"paths.outputs={tmp}", "workload.max_new_tokens=4", "probe.size_mib=16"]
+    cmd = [sys.executable, "-m", "harness", *flags, *common, *args]
     return subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True, timeout=600)
 
 
@@ -58,6 +60,11 @@ def test_single_run_logs_params_metrics_and_artifacts(single_run) -> None:
     assert metrics["tpot_ratio_vs_reference"] == pytest.approx(metrics["tpot_s"] / metrics["reference_tpot_s"])
     assert metrics["kv_bytes_per_token"] > 0 and metrics["split_layer_file_bytes"] > 0
     assert not any(k.startswith("quality_") for k in metrics), "quality runs for compressed models only"
+    # The floor: every link's time per token, the slowest named in a tag, and the run's distance from it.
+    assert metrics["floor_ratio"] == pytest.approx(metrics["tpot_s"] / metrics["floor_s"])
+    links = ("disk", "host_copy", "h2d", "dequant", "compute")
+    assert metrics["floor_s"] == max(metrics[f"floor_{link}_s"] for link in links)
+    assert run.data.tags["floor.limiting"] in links and "crosscheck_residual" in metrics
     history = client(tmp).get_metric_history(run.info.run_id, "token_latency_s")
     assert [m.step for m in history] == [0, 1, 2]
     tags = run.data.tags
@@ -77,6 +84,29 @@ def test_compressed_run_logs_quality(tmp_path: Path) -> None:
     assert 0 <= m["quality_top1_agreement"] <= 1 and m["quality_kl_mean"] >= 0
     assert m["quality_ppl"] > 1 and m["quality_ppl_reference"] > 1 and m["quality_text_tokens"] == 64
     assert run.data.params["compression"] == "4bit" and run.data.params["compression.quant_type"] == "nf4"
+
+
+def test_writeup_experiment_is_one_sweep_of_the_write_ups_rows(tmp_path: Path) -> None:
+    proc = harness(tmp_path, "+experiment=airllm_writeup", "workload.max_new_tokens=3")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    c = client(tmp_path)
+    exp = c.get_experiment_by_name("airllm_writeup")
+    all_runs = c.search_runs([exp.experiment_id])
+    children = [r for r in all_runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(all_runs) == 5 and len(children) == 4
+    assert {(r.data.params["compression"], r.data.params["cache"]) for r in children} == {
+        ("none", "disk"), ("4bit", "disk"), ("4bit", "ram"), ("none", "ram")
+    }
+    for r in children:
+        assert r.data.params["kv_cache"] == "none" and r.data.params["cache.page_cache"] == "cold"
+        assert r.data.metrics["prompt_tokens"] == 8 and r.data.metrics["new_tokens"] == 3
+    report = subprocess.run(
+        [sys.executable, "-m", "harness.report", "--uri", f"sqlite:///{tmp_path}/mlflow.db", "--experiment",
+         "airllm_writeup", "--last-sweep", "--writeup", "--width", "200"],
+        cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=300,
+    )
+    assert report.returncode == 0, report.stderr
+    assert "1 min 59 s" in report.stdout or "119" in report.stdout
 
 
 def test_bad_value_fails_before_loading(tmp_path: Path) -> None:
