@@ -118,6 +118,9 @@ class VramMonitor:
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
+        if self.active:
+            # The cap is the streaming run's; the resident reference and the probe that follow are not held to it.
+            torch.cuda.set_per_process_memory_fraction(1.0, self.device)
 
     def metrics(self) -> dict[str, float]:
         out = {}
