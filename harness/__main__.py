@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import to_absolute_path
@@ -9,8 +11,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from harness.config import STRATEGY_FAMILIES, register_configs
 
+# An absolute path: Hydra resolves a relative one against the calling module, which differs
+# between `python -m harness` and importing `main` from another script.
+CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def main(dcfg: DictConfig) -> None:
     # Imported here so `--help` and config errors answer before torch and transformers load.
     from harness.app import run_job

@@ -8,13 +8,14 @@ import json
 import logging
 import statistics
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from rich.console import Console
+from rich.progress import Progress
 from transformers import AutoTokenizer, LlamaConfig, PreTrainedTokenizerBase
 
 import strategies
@@ -144,12 +145,14 @@ def build_streamer(
     return Streamer(ckpt_dir, config, tokenizer, layout, runner, device, split_metrics)
 
 
-def generate(streamer: Streamer, cfg: Config, keep_logits: bool = False) -> Generation:
+def generate(
+    streamer: Streamer, cfg: Config, keep_logits: bool = False, on_token: Callable[[int], None] | None = None
+) -> Generation:
     ids = prompt_ids(streamer.tokenizer, cfg.workload)
     w = cfg.workload
     sampler = Sampler(w.do_sample, w.temperature, w.top_p, w.seed, streamer.device)
     stop = eos_ids(streamer.config, streamer.tokenizer, streamer.ckpt_dir) if w.stop_at_eos else []
-    return streamer.runner.generate(ids, w.max_new_tokens, sampler, stop, keep_logits=keep_logits)
+    return streamer.runner.generate(ids, w.max_new_tokens, sampler, stop, keep_logits=keep_logits, on_token=on_token)
 
 
 def generation_metrics(streamer: Streamer, gen: Generation) -> dict[str, float]:
@@ -276,9 +279,14 @@ def run_job(
         device = resolve_device(cfg.device)
         with VramMonitor(device, cfg.vram.cap_gib) as vram:
             streamer = build_streamer(cfg, outputs_dir, device, vram)
-            for _ in range(cfg.bench.warmup):
-                generate(streamer, cfg)
-            gens = [generate(streamer, cfg) for _ in range(cfg.bench.repeats)]
+            with Progress(console=console, transient=True) as progress:
+                task = progress.add_task("generate", total=cfg.workload.max_new_tokens * cfg.bench.warmup)
+                for _ in range(cfg.bench.warmup):
+                    generate(streamer, cfg, on_token=lambda _: progress.advance(task))
+                gens = []
+                for repeat in range(cfg.bench.repeats):
+                    progress.reset(task, total=cfg.workload.max_new_tokens, description=f"generate {repeat + 1}")
+                    gens.append(generate(streamer, cfg, on_token=lambda _: progress.advance(task)))
         vram.check()
         gen = gens[-1]
         metrics = aggregate([generation_metrics(streamer, g) for g in gens])

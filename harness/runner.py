@@ -141,6 +141,7 @@ class LayerStreamingRunner:
         sampler: Callable[[torch.Tensor, torch.Tensor], int],
         eos_token_ids: Sequence[int] = (),
         keep_logits: bool = False,
+        on_token: Callable[[int], None] | None = None,
     ) -> Generation:
         """Prefill, then one pass per new token; stops at EOS or `max_new_tokens`."""
         self.timeline, self.passes = Timeline(), 0
@@ -155,6 +156,8 @@ class LayerStreamingRunner:
             result.generated_ids.append(token)
             if keep_logits:
                 result.logits.append(logits.cpu())
+            if on_token is not None:  # after the clock reading: a progress bar is not generation time
+                on_token(token)
             if token in eos_token_ids:
                 break
             ids = torch.cat([ids, torch.tensor([[token]], device=self.device)], dim=1)

@@ -144,3 +144,28 @@ def test_failed_job_in_multirun_closes_the_parent(tmp_path: Path) -> None:
     assert sorted(c.info.status for c in children) == ["FAILED", "FINISHED"]
     failed = next(c for c in children if c.info.status == "FAILED")
     assert failed.data.tags["failure_reason"]
+
+
+def test_cap_failure_in_a_sweep_is_recorded_and_the_sweep_goes_on(tmp_path: Path) -> None:
+    """A fake memory probe (the process holds 1 GiB) replaces NVML; the 0.5 GiB job must fail, the other run."""
+    code = (
+        "import sys, harness.vram as v\n"
+        "class FakeProbe:\n"
+        "    def process_bytes(self): return 1 << 30\n"
+        "v.default_probe = lambda device: FakeProbe()\n"
+        "from harness.__main__ import main, register_configs\n"
+        "register_configs()\n"
+        "main()\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-c", code, "-m", f"paths.outputs={tmp_path}", "workload.max_new_tokens=3",
+           "probe.enabled=false", "vram.cap_gib=0.5,100"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0, "a failed job makes the sweep exit non-zero"
+    all_runs = runs(tmp_path)
+    (parent,) = [r for r in all_runs if "mlflow.parentRunId" not in r.data.tags]
+    children = {r.data.params["vram.cap_gib"]: r for r in all_runs if "mlflow.parentRunId" in r.data.tags}
+    assert parent.info.status == "FAILED"
+    assert children["0.5"].info.status == "FAILED" and "vram.cap_gib=0.5" in children["0.5"].data.tags["failure_reason"]
+    assert children["100.0"].info.status == "FINISHED", "the sweep went on after the failure"
+    assert children["100.0"].data.metrics["peak_vram_nvml_bytes"] == 1 << 30

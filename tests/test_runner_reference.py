@@ -119,3 +119,18 @@ def test_runner_matches_transformers_on_cuda(make_cfg) -> None:
     for ours, ref in zip(gen.logits, out.logits, strict=True):
         ref = ref.float().cpu()
         assert (ours - ref).abs().max().item() <= TOLERANCE[torch.bfloat16] * max(ref.abs().max().item(), 1.0)
+
+
+def test_sampling_is_seeded(make_cfg) -> None:
+    def tokens(*overrides: str) -> list[int]:
+        cfg = make_cfg("workload.do_sample=true", "workload.max_new_tokens=16", "workload.stop_at_eos=false",
+                       *overrides)
+        return generate(build_streamer(cfg, Path(cfg.paths.outputs), torch.device("cpu")), cfg).generated_ids
+
+    greedy = tokens("workload.do_sample=false")
+    hot = tokens("workload.temperature=3.0", "workload.seed=1")
+    assert hot == tokens("workload.temperature=3.0", "workload.seed=1"), "same seed, same tokens"
+    assert hot != tokens("workload.temperature=3.0", "workload.seed=2"), "another seed samples otherwise"
+    assert hot != greedy
+    # top_p so small that only the most likely token survives: sampling becomes greedy.
+    assert tokens("workload.top_p=0.0001", "workload.seed=3") == greedy

@@ -146,3 +146,29 @@ def test_bad_strategy_values_are_refused(make_cfg) -> None:
     with pytest.raises(ValueError, match="prefetch.depth=0"):
         make_cfg("prefetch=on", "prefetch.depth=0")
 
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("cache_", "compression", "prefetch", "kv_cache"), [
+    ("ram", "none", "on", "device"), ("disk", "4bit", "on", "offload"), ("ram", "8bit", "off", "none"),
+], ids="-".join)
+def test_combination_on_cuda(make_cfg, cache_: str, compression: str, prefetch: str, kv_cache: str) -> None:
+    """The CUDA paths: pinned RAM copies, the prefetch copy stream, bitsandbytes' CUDA kernels, K/V offload."""
+    cfg = make_cfg(
+        "device=cuda", f"cache={cache_}", f"compression={compression}", f"prefetch={prefetch}",
+        f"kv_cache={kv_cache}", f"workload.max_new_tokens={NEW_TOKENS}", "workload.stop_at_eos=false",
+        f"workload.prompt={PROMPT}",
+    )
+    streamer = build_streamer(cfg, Path(cfg.paths.outputs), torch.device("cuda"))
+    gen = generate(streamer, cfg, keep_logits=True)
+    model = reference_model(streamer.ckpt_dir, compression).cuda()
+    out = model.generate(
+        torch.tensor([gen.prompt_ids], device="cuda"),
+        generation_config=GenerationConfig(max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None),
+        output_logits=True,
+        return_dict_in_generate=True,
+    )
+    assert gen.generated_ids == out.sequences[0, len(gen.prompt_ids) :].tolist()
+    for ours, ref in zip(gen.logits, out.logits, strict=True):
+        ref = ref.float().cpu()
+        assert (ours - ref).abs().max().item() <= LOGIT_TOLERANCE * max(ref.abs().max().item(), 1.0)
