@@ -141,7 +141,7 @@ def build_streamer(
         "split_total_bytes": float(sum(r["bytes"] for r in layout.manifest["files"].values())),
     }
     if stats.fresh:
-        split_metrics["split_peak_rss_delta_bytes"] = float(stats.peak_rss_delta_bytes)
+        split_metrics["split_peak_anon_delta_bytes"] = float(stats.peak_anon_delta_bytes)
     return Streamer(ckpt_dir, config, tokenizer, layout, runner, device, split_metrics)
 
 

@@ -16,13 +16,26 @@ def rss_bytes() -> int:
         return int(f.read().split()[1]) * _PAGE_BYTES
 
 
+def anon_rss_bytes() -> int:
+    """Resident private (anonymous) memory: what the process itself allocated.
+
+    RSS also counts file pages mapped in, e.g. a safetensors file read through mmap; those
+    are page cache the kernel can drop, not memory a split or a run holds on to.
+    """
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+    return rss_bytes()  # kernels before 4.5 lack the split; RSS is the upper bound
+
+
 def peak_rss_bytes() -> int:
     """The process's high-water RSS since it started (Linux reports ru_maxrss in KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 class RssSampler:
-    """Peak RSS over a block, sampled in the background.
+    """Peak anonymous RSS over a block, sampled in the background.
 
     ru_maxrss is a process-lifetime high-water mark, so it cannot tell what one step
     (e.g. the split) cost once something earlier peaked higher; sampling can.
@@ -37,14 +50,14 @@ class RssSampler:
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
-            self.peak_bytes = max(self.peak_bytes, rss_bytes())
+            self.peak_bytes = max(self.peak_bytes, anon_rss_bytes())
 
     @property
     def peak_delta_bytes(self) -> int:
         return self.peak_bytes - self.start_bytes
 
     def __enter__(self) -> RssSampler:
-        self.start_bytes = self.peak_bytes = rss_bytes()
+        self.start_bytes = self.peak_bytes = anon_rss_bytes()
         self._thread.start()
         return self
 
@@ -53,4 +66,4 @@ class RssSampler:
     ) -> None:
         self._stop.set()
         self._thread.join()
-        self.peak_bytes = max(self.peak_bytes, rss_bytes())
+        self.peak_bytes = max(self.peak_bytes, anon_rss_bytes())

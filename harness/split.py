@@ -89,7 +89,7 @@ class SplitStats:
     fresh: bool  # some file was (re)written in this call
     files_written: int
     bytes_written: int
-    peak_rss_delta_bytes: int
+    peak_anon_delta_bytes: int
     largest_file_bytes: int
 
 
@@ -290,7 +290,7 @@ def ensure_split(
                 stats.bytes_written += rec["bytes"]
                 progress.advance(task)
             handles.clear()
-        stats.peak_rss_delta_bytes = rss.peak_delta_bytes
+        stats.peak_anon_delta_bytes = rss.peak_delta_bytes
 
     manifest = {
         **header,
