@@ -33,11 +33,13 @@ MATRIX = list(
 LOGIT_TOLERANCE = 2e-2
 
 
-def reference_model(ckpt: Path, compression: str) -> LlamaForCausalLM:
+def reference_model(ckpt: Path, compression: str, compress_embeddings: bool = False) -> LlamaForCausalLM:
     model = LlamaForCausalLM.from_pretrained(ckpt, attn_implementation="sdpa").eval()
     if compression == "none":
         return model
-    cfg = {"8bit": Blockwise8bitConfig(), "4bit": Blockwise4bitConfig()}[compression]
+    cfg = {"8bit": Blockwise8bitConfig, "4bit": Blockwise4bitConfig}[compression](
+        compress_embeddings=compress_embeddings
+    )
     codec = strategies.build(cfg)
     n = model.config.num_hidden_layers
     with torch.no_grad():
@@ -72,6 +74,23 @@ def test_combination_matches_reference(make_cfg, cache_: str, compression: str, 
     assert gen.generated_ids == ref_ids
     for ours, ref in zip(gen.logits, ref_logits, strict=True):
         assert (ours - ref).abs().max().item() <= LOGIT_TOLERANCE * max(ref.abs().max().item(), 1.0)
+
+
+@pytest.mark.parametrize("compression", ["8bit", "4bit"])
+def test_compressed_embeddings_match_their_reference(make_cfg, compression: str) -> None:
+    cfg = make_cfg(
+        f"compression={compression}", "compression.compress_embeddings=true", f"workload.max_new_tokens={NEW_TOKENS}",
+        "workload.stop_at_eos=false", f"workload.prompt={PROMPT}",
+    )
+    streamer = build_streamer(cfg, Path(cfg.paths.outputs), torch.device("cpu"))
+    assert any(k.endswith(".q") for k in load_file(streamer.layout.file("embed"))), "the embedding is compressed"
+    gen = generate(streamer, cfg)
+    model = reference_model(streamer.ckpt_dir, compression, compress_embeddings=True)
+    out = model.generate(
+        torch.tensor([gen.prompt_ids]),
+        generation_config=GenerationConfig(max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None),
+    )
+    assert gen.generated_ids == out[0, len(gen.prompt_ids) :].tolist()
 
 
 @pytest.mark.parametrize("compression", ["8bit", "4bit"])
