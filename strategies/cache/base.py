@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from omegaconf import MISSING
@@ -43,3 +44,19 @@ def read_layer_file(path: Path, page_cache: str) -> dict[str, torch.Tensor]:
         finally:
             os.close(fd)
     return {key: t.clone() for key, t in load_file(path).items()}
+
+
+class LayerCache(Protocol):
+    """Host tensors of one layer file, exactly as the split stored them (still encoded)."""
+
+    def get(self, name: str) -> dict[str, torch.Tensor]: ...
+
+    @property
+    def bytes_held(self) -> int:
+        """Host bytes this cache keeps alive between passes."""
+        ...
+
+    @property
+    def bytes_read(self) -> int:
+        """Bytes read from storage so far (a running total: the pipeline takes differences)."""
+        ...
