@@ -41,12 +41,11 @@ def reference_generate(ckpt: Path, prompt_ids: list[int], new_tokens: int) -> tu
     # No EOS: both sides must produce exactly `new_tokens` tokens.
     gen_cfg = GenerationConfig(
         max_new_tokens=new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0,
+        output_logits=True, return_dict_in_generate=True,
     )
     out = model.generate(
         torch.tensor([prompt_ids]),
         generation_config=gen_cfg,
-        output_logits=True,
-        return_dict_in_generate=True,
     )
     generated = out.sequences[0, len(prompt_ids) :].tolist()
     return generated, [step.float() for step in out.logits]
@@ -111,9 +110,10 @@ def test_runner_matches_transformers_on_cuda(make_cfg) -> None:
     model = LlamaForCausalLM.from_pretrained(streamer.ckpt_dir, attn_implementation="sdpa").cuda().eval()
     out = model.generate(
         torch.tensor([gen.prompt_ids], device="cuda"),
-        generation_config=GenerationConfig(max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None),
-        output_logits=True,
-        return_dict_in_generate=True,
+        generation_config=GenerationConfig(
+            max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None, output_logits=True,
+            return_dict_in_generate=True,
+        ),
     )
     assert gen.generated_ids == out.sequences[0, len(gen.prompt_ids) :].tolist()
     for ours, ref in zip(gen.logits, out.logits, strict=True):

@@ -55,9 +55,10 @@ def reference(ckpt: Path, compression: str, prompt_ids: tuple[int, ...]) -> tupl
     model = reference_model(ckpt, compression)
     out = model.generate(
         torch.tensor([prompt_ids]),
-        generation_config=GenerationConfig(max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None),
-        output_logits=True,
-        return_dict_in_generate=True,
+        generation_config=GenerationConfig(
+            max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None, output_logits=True,
+            return_dict_in_generate=True,
+        ),
     )
     return out.sequences[0, len(prompt_ids) :].tolist(), [x.float() for x in out.logits]
 
@@ -88,9 +89,12 @@ def test_compressed_embeddings_match_their_reference(make_cfg, compression: str)
     model = reference_model(streamer.ckpt_dir, compression, compress_embeddings=True)
     out = model.generate(
         torch.tensor([gen.prompt_ids]),
-        generation_config=GenerationConfig(max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None),
+        generation_config=GenerationConfig(
+            max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None, output_logits=True,
+            return_dict_in_generate=True,
+        ),
     )
-    assert gen.generated_ids == out[0, len(gen.prompt_ids) :].tolist()
+    assert gen.generated_ids == out.sequences[0, len(gen.prompt_ids) :].tolist()
 
 
 @pytest.mark.parametrize("compression", ["8bit", "4bit"])
@@ -183,9 +187,10 @@ def test_combination_on_cuda(make_cfg, cache_: str, compression: str, prefetch: 
     model = reference_model(streamer.ckpt_dir, compression).cuda()
     out = model.generate(
         torch.tensor([gen.prompt_ids], device="cuda"),
-        generation_config=GenerationConfig(max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None),
-        output_logits=True,
-        return_dict_in_generate=True,
+        generation_config=GenerationConfig(
+            max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None, output_logits=True,
+            return_dict_in_generate=True,
+        ),
     )
     assert gen.generated_ids == out.sequences[0, len(gen.prompt_ids) :].tolist()
     for ours, ref in zip(gen.logits, out.logits, strict=True):
