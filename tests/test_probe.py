@@ -82,14 +82,14 @@ def test_rates_survive_json_round_trip(cpu_rates: tuple[LinkRates, Path]) -> Non
 def test_layer_compute_time_is_positive() -> None:
     config = _tiny_config()
     config._attn_implementation = "eager"
-    seconds = measure_layer_compute_s(config, torch.device("cpu"), torch.float32, repeats=2)
-    assert math.isfinite(seconds) and seconds > 0
+    layer_s = measure_layer_compute_s(config, torch.device("cpu"), torch.float32, repeats=2)
+    assert math.isfinite(layer_s) and layer_s > 0
     assert config._attn_implementation == "eager"  # the probe sets sdpa on its own copy
 
 
 def test_layer_compute_handles_several_new_positions() -> None:
-    seconds = measure_layer_compute_s(_tiny_config(), torch.device("cpu"), torch.bfloat16, seq_len=4, repeats=1)
-    assert seconds > 0
+    layer_s = measure_layer_compute_s(_tiny_config(), torch.device("cpu"), torch.bfloat16, seq_len=4, repeats=1)
+    assert layer_s > 0
 
 
 # ---------------------------------------------------------------- caching
@@ -252,14 +252,14 @@ def test_cuda_rates_and_compute(tmp_path: Path) -> None:
     assert list((tmp_path / "scratch").iterdir()) == []
     assert "-cuda" in probe.cache_path(cuda, tmp_path / "cache").name
     assert probe.cache_path(cuda, tmp_path / "cache").is_file()
-    seconds = measure_layer_compute_s(_tiny_config(), cuda, torch.bfloat16, repeats=3)
-    assert math.isfinite(seconds) and seconds > 0
+    layer_s = measure_layer_compute_s(_tiny_config(), cuda, torch.bfloat16, repeats=3)
+    assert math.isfinite(layer_s) and layer_s > 0
     floor = token_floor(
         disk_bytes=0,
         host_bytes=0,
         h2d_bytes=64 << 20,
         dequant_bytes=0,
-        compute_s=seconds,
+        compute_s=layer_s,
         rates=rates,
         page_cache="warm",
     )

@@ -12,7 +12,6 @@ import pickle
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import mlflow
@@ -156,9 +155,7 @@ def test_parent_and_children(store: str) -> None:
 
 
 def test_environment_tags(tmp_path: Path) -> None:
-    start = time.perf_counter()
     tags = environment_tags(tmp_path)
-    elapsed = time.perf_counter() - start
     for key in ("version.python", "version.torch", "version.transformers", "version.mlflow", "version.hydra"):
         assert key in tags, key
     assert tags["version.mlflow"] == mlflow.__version__
@@ -170,7 +167,6 @@ def test_environment_tags(tmp_path: Path) -> None:
         assert value.lower() not in ("none", "null", "0"), key
     if "git.commit" in tags:
         assert tags["git.dirty"] in ("true", "false")
-    assert elapsed < 3, f"environment_tags took {elapsed:.2f} s"
 
 
 def test_parent_run_id_outside_hydra_is_none() -> None:
