@@ -219,7 +219,9 @@ def floor_metrics(streamer: Streamer, cfg: Config, metrics: Mapping[str, float],
         streamer.device, outputs_dir / "probe", outputs_dir / "probe", refresh=cfg.probe.refresh,
         size_bytes=cfg.probe.size_mib << 20,
     )
-    layer_s = measure_layer_compute_s(streamer.config, streamer.device, streamer.config.dtype)
+    # Without a KV cache every pass recomputes the whole sequence: time a layer at the mean pass length.
+    seq_len = 1 if cfg.kv_cache.name != "none" else int(metrics["prompt_tokens"] + metrics["new_tokens"] / 2)
+    layer_s = measure_layer_compute_s(streamer.config, streamer.device, streamer.config.dtype, seq_len=seq_len)
     compressed = cfg.compression.name != "none"
     floor = token_floor(
         disk_bytes=metrics["read_bytes_per_pass"],

@@ -24,7 +24,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from harness.tracking import FAILURE_REASON_TAG, PARENT_RUN_ID_TAG, ROLE_TAG, default_tracking_uri
+from harness.tracking import FAILURE_REASON_TAG, PARENT_RUN_ID_TAG, ROLE_TAG, default_tracking_uri, sqlite_db_path
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -59,21 +59,9 @@ class ReportError(Exception):
 # --- fetching --------------------------------------------------------------------------------
 
 
-def _sqlite_file(uri: str) -> Path | None:
-    """The database file of a ``sqlite:`` URI with a real file, else None."""
-    if not uri.startswith("sqlite:"):
-        return None
-    from sqlalchemy.engine import make_url
-
-    database = make_url(uri).database
-    if not database or database == ":memory:" or database.startswith("file:"):
-        return None
-    return Path(database).expanduser().resolve()
-
-
 def open_client(uri: str) -> MlflowClient:
     """A client on an existing store: opening a missing SQLite file would create an empty store."""
-    db_file = _sqlite_file(uri)
+    db_file = sqlite_db_path(uri)
     if db_file is not None and not db_file.is_file():
         raise ReportError(f"no MLflow store at {db_file} (--uri {uri})")
     import mlflow  # lazily: it takes seconds, and --help should not wait for it
@@ -511,6 +499,8 @@ def writeup_lines(rows: Sequence[Row], seed: Sequence[SeedRow] = AIRLLM_WRITEUP_
         for run in matched or [None]:
             for metric in WRITEUP_METRICS:
                 value = run.metrics.get(metric) if run is not None else None
+                if metric == "split_s" and run is not None and run.metrics.get("split_files_written") == 0:
+                    value = None  # the split was reused: split_s timed its checksum pass, not a split
                 lines.append(WriteupLine(seed_row, run, metric, seed_row.figures.get(metric), value))
     return lines
 

@@ -127,14 +127,15 @@ def _artifact_location(uri: str, experiment: str) -> str | None:
     Without it a SQLite store puts artifacts under ``./mlruns`` of whatever directory the
     command happened to run in, and ``mlflow ui`` started elsewhere cannot show them.
     """
-    db_path = _sqlite_path(uri)
+    db_path = sqlite_db_path(uri)
     if db_path is None:
         return None
     folder = re.sub(r"[^\w.-]", "_", experiment).strip(".") or "experiment"
     return (db_path.parent / "mlartifacts" / folder).as_uri()
 
 
-def _sqlite_path(uri: str) -> Path | None:
+def sqlite_db_path(uri: str) -> Path | None:
+    """The database file of a ``sqlite:`` URI that names a real file, else None."""
     if not uri.startswith("sqlite:"):
         return None
     from sqlalchemy.engine import make_url
@@ -156,7 +157,7 @@ class RunTracker:
         self.experiment = experiment
         self.run_id: str | None = None
         self._ended = False
-        db_path = _sqlite_path(uri)
+        db_path = sqlite_db_path(uri)
         if db_path is not None:
             # SQLite creates the file but not its directory.
             db_path.parent.mkdir(parents=True, exist_ok=True)

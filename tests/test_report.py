@@ -105,9 +105,12 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Store:
 
     # The write-up experiment: one run per row of the write-up.
     for cache, compression, metrics in (
-        ("disk", "none", {"split_s": 3.0, "tpot_s": 0.5, "ttft_s": 4.0, "split_layer_file_bytes": 236e6}),
+        ("disk", "none", {"split_s": 3.0, "tpot_s": 0.5, "ttft_s": 4.0, "split_layer_file_bytes": 236e6,
+                          "split_files_written": 7}),
         ("disk", "4bit", {"split_s": 2.0, "split_layer_file_bytes": 59e6, "ttft_s": 2.0, "tpot_s": 0.2}),
-        ("ram", "4bit", {"ttft_s": 1.19, "tpot_s": 0.07, "split_s": 0.01, "split_layer_file_bytes": 59e6}),
+        # Reused the 4-bit split: its split_s timed a checksum pass, which is no split time.
+        ("ram", "4bit", {"ttft_s": 1.19, "tpot_s": 0.07, "split_s": 0.01, "split_layer_file_bytes": 59e6,
+                         "split_files_written": 0}),
     ):
         _run(uri, "airllm_writeup", _params("llama3-8b-synthetic", cache, compression), metrics)
     return Store(uri, parent, ram, disk, disk_4bit, failed, standalone)
@@ -219,6 +222,8 @@ def test_writeup_compares_with_seed_figures(capsys: pytest.CaptureFixture[str], 
     assert ratio("4-bit, layers read from disk", "split_layer_file_bytes") == f"{118e6 / 59e6:.2f}x"  # 2.00x
     assert ratio("4-bit, layers kept in RAM", "ttft_s") == f"{119 / 1.19:.0f}x"  # 100x
     assert ratio("4-bit, layers kept in RAM", "tpot_s") == f"~{7 / 0.07:.0f}x"  # ~100x
+    (reused,) = [ln for ln in lines if "4-bit, layers kept in RAM" in ln and " split_s " in ln]
+    assert [cell.strip() for cell in reused.split("│") if cell.strip()][-2] == ABSENT, "a reused split has no time"
 
 
 def test_missing_experiment_store_or_baseline(capsys: pytest.CaptureFixture[str], store: Store, tmp_path: Path) -> None:

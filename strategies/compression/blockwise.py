@@ -8,6 +8,7 @@ JSON record of dtype, shape and block size), so a layer file decodes on its own.
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import torch
 
@@ -45,3 +46,40 @@ def group_stored(stored: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tenso
         else:
             plain[key] = t
     return plain, compressed
+
+
+class BlockwiseCodec:
+    """The encode/decode walk over a layer that both bitsandbytes codecs share.
+
+    Subclasses say how one weight is quantized (codes plus named state tensors) and dequantized.
+    """
+
+    cfg: Any  # a config with `compress_embeddings`
+
+    def __init__(self, cfg: Any) -> None:
+        self.cfg = cfg
+
+    def quantize(self, weight: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        raise NotImplementedError
+
+    def dequantize(self, codes: torch.Tensor, state: dict[str, torch.Tensor], device: torch.device) -> torch.Tensor:
+        raise NotImplementedError
+
+    def encode(self, layer: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        stored = {}
+        for name, t in tensors.items():
+            if should_compress(layer, name, t, self.cfg.compress_embeddings):
+                codes, state = self.quantize(t.contiguous())
+                stored[name + CODES] = codes
+                stored.update({name + STATE + field: value for field, value in state.items()})
+            else:
+                stored[name] = t
+        return stored
+
+    def decode(self, layer: str, stored: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+        plain, compressed = group_stored(stored)
+        weights = dict(plain)
+        for name, parts in compressed.items():
+            codes = parts.pop("q")
+            weights[name] = self.dequantize(codes, parts, device)
+        return weights

@@ -9,7 +9,7 @@ import torch
 
 from harness.checks import check_choice
 from strategies.compression.base import CompressionConfig
-from strategies.compression.blockwise import CODES, STATE, group_stored, should_compress
+from strategies.compression.blockwise import BlockwiseCodec
 
 BLOCKSIZES = (64, 128, 256, 512, 1024, 2048, 4096)
 QUANT_TYPES = ("nf4", "fp4")
@@ -32,13 +32,10 @@ class Blockwise4bitConfig(CompressionConfig):
         check_choice("compression.blocksize", self.blocksize, BLOCKSIZES)
 
 
-class Blockwise4bit:
+class Blockwise4bit(BlockwiseCodec):
     # Device bytes of the stored form per decoded byte, both alive while a layer decodes:
     # 4-bit codes are a quarter of bf16, plus a scale per block.
     stored_fraction = 0.29
-
-    def __init__(self, cfg: Blockwise4bitConfig) -> None:
-        self.cfg = cfg
 
     @property
     def split_key(self) -> str:
@@ -47,29 +44,15 @@ class Blockwise4bit:
             "-emb" if c.compress_embeddings else ""
         )
 
-    def encode(self, layer: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        stored = {}
-        for name, t in tensors.items():
-            if not should_compress(layer, name, t, self.cfg.compress_embeddings):
-                stored[name] = t
-                continue
-            codes, state = bnbf.quantize_4bit(
-                t.contiguous(),
-                blocksize=self.cfg.blocksize,
-                compress_statistics=self.cfg.double_quant,
-                quant_type=self.cfg.quant_type,
-            )
-            stored[name + CODES] = codes
-            # packed=True puts dtype, shape, blocksize and quant type in a uint8 tensor: no pickle needed.
-            for field, value in state.as_dict(packed=True).items():
-                stored[name + STATE + field] = value
-        return stored
+    def quantize(self, weight: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        codes, state = bnbf.quantize_4bit(
+            weight,
+            blocksize=self.cfg.blocksize,
+            compress_statistics=self.cfg.double_quant,
+            quant_type=self.cfg.quant_type,
+        )
+        # packed=True puts dtype, shape, blocksize and quant type in a uint8 tensor: no pickle needed.
+        return codes, state.as_dict(packed=True)
 
-    def decode(self, layer: str, stored: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-        plain, compressed = group_stored(stored)
-        weights = dict(plain)
-        for name, parts in compressed.items():
-            codes = parts.pop("q")
-            state = bnbf.QuantState.from_dict(parts, device)
-            weights[name] = bnbf.dequantize_4bit(codes, state)
-        return weights
+    def dequantize(self, codes: torch.Tensor, state: dict[str, torch.Tensor], device: torch.device) -> torch.Tensor:
+        return bnbf.dequantize_4bit(codes, bnbf.QuantState.from_dict(state, device))

@@ -9,7 +9,7 @@ import torch
 
 from harness.checks import check_choice
 from strategies.compression.base import CompressionConfig
-from strategies.compression.blockwise import CODES, STATE, group_stored, pack_json, should_compress, unpack_json
+from strategies.compression.blockwise import BlockwiseCodec, pack_json, unpack_json
 
 BLOCKSIZES = (64, 128, 256, 512, 1024, 2048, 4096)
 
@@ -27,43 +27,23 @@ class Blockwise8bitConfig(CompressionConfig):
         check_choice("compression.blocksize", self.blocksize, BLOCKSIZES)
 
 
-class Blockwise8bit:
+class Blockwise8bit(BlockwiseCodec):
     # Device bytes of the stored form per decoded byte, both alive while a layer decodes:
     # int8 codes are half of bf16, plus a scale per block.
     stored_fraction = 0.52
-
-    def __init__(self, cfg: Blockwise8bitConfig) -> None:
-        self.cfg = cfg
 
     @property
     def split_key(self) -> str:
         return f"8bit-b{self.cfg.blocksize}" + ("-emb" if self.cfg.compress_embeddings else "")
 
-    def encode(self, layer: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        stored = {}
-        for name, t in tensors.items():
-            if not should_compress(layer, name, t, self.cfg.compress_embeddings):
-                stored[name] = t
-                continue
-            codes, state = bnbf.quantize_blockwise(t.contiguous(), blocksize=self.cfg.blocksize)
-            stored[name + CODES] = codes
-            stored[name + STATE + "absmax"] = state.absmax
-            stored[name + STATE + "code"] = state.code
-            stored[name + STATE + "meta"] = pack_json(
-                {"dtype": str(t.dtype).removeprefix("torch."), "blocksize": self.cfg.blocksize}
-            )
-        return stored
+    def quantize(self, weight: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        codes, state = bnbf.quantize_blockwise(weight, blocksize=self.cfg.blocksize)
+        record = {"dtype": str(weight.dtype).removeprefix("torch."), "blocksize": self.cfg.blocksize}
+        return codes, {"absmax": state.absmax, "code": state.code, "meta": pack_json(record)}
 
-    def decode(self, layer: str, stored: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-        plain, compressed = group_stored(stored)
-        weights = dict(plain)
-        for name, parts in compressed.items():
-            meta = unpack_json(parts["meta"])
-            state = bnbf.QuantState(
-                absmax=parts["absmax"],
-                code=parts["code"],
-                blocksize=meta["blocksize"],
-                dtype=getattr(torch, meta["dtype"]),
-            )
-            weights[name] = bnbf.dequantize_blockwise(parts["q"], state)
-        return weights
+    def dequantize(self, codes: torch.Tensor, state: dict[str, torch.Tensor], device: torch.device) -> torch.Tensor:
+        meta = unpack_json(state["meta"])
+        quant_state = bnbf.QuantState(
+            absmax=state["absmax"], code=state["code"], blocksize=meta["blocksize"], dtype=getattr(torch, meta["dtype"])
+        )
+        return bnbf.dequantize_blockwise(codes, quant_state)
