@@ -111,10 +111,13 @@ class LayerStreamingRunner:
         layers = self.pipeline.stream(self.units)
 
         hidden = self._run(self.embed, next(layers), input_ids)  # [1, q, hidden]
+        p0 = self.stages.device()
         position_embeddings = self.rotary(hidden, position_ids)  # (cos, sin): [1, q, head_dim] each
         mask = create_causal_mask(
             config=self.config, inputs_embeds=hidden, attention_mask=None, cache=cache, position_ids=position_ids
         )
+        # Compute that belongs to no layer's weights; timed so a pass's stages still add up to its wall time.
+        self.timeline.events.append(LayerEvent(self.passes, "rope+mask", {"compute": (p0, self.stages.device())}))
         for decoder, layer in zip(self.layers, islice(layers, len(self.layers)), strict=True):
             hidden = self._run(
                 decoder,

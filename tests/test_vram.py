@@ -86,7 +86,7 @@ def test_under_the_cap_the_probe_peak_is_logged(make_cfg, tmp_path, monkeypatch)
     assert {"h2d_s", "decode_s", "compute_s", "release_s", "read_bytes", "h2d_bytes", "decode_bytes"} <= set(
         header.split(",")
     )
-    assert len(lines) == 3 * 7, "3 passes x (embed, 4 layers, norm, lm_head)"
+    assert len(lines) == 3 * 8, "3 passes x (embed, rope+mask, 4 layers, norm, lm_head)"
     png = client.download_artifacts(run.info.run_id, "timeline_pass.png", str(tmp_path / "dl"))
     assert Path(png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     generation = client.download_artifacts(run.info.run_id, "generation.json", str(tmp_path / "g"))
