@@ -26,7 +26,7 @@ from harness.metrics import device_clock, inter_token_latencies, token_metrics
 from harness.models import ensure_checkpoint
 from harness.pipeline import LayerPipeline
 from harness.plots import plot_pass, plot_token_latency
-from harness.probe import LINKS, load_or_measure, measure_layer_compute_s, token_floor
+from harness.probe import LINKS, load_or_measure, load_or_measure_layer_compute_s, token_floor
 from harness.quality import corpus_ids, quality_metrics
 from harness.reference import time_transformers_generate
 from harness.runner import Generation, LayerStreamingRunner, Sampler
@@ -221,7 +221,9 @@ def floor_metrics(streamer: Streamer, cfg: Config, metrics: Mapping[str, float],
     )
     # Without a KV cache every pass recomputes the whole sequence: time a layer at the mean pass length.
     seq_len = 1 if cfg.kv_cache.name != "none" else int(metrics["prompt_tokens"] + metrics["new_tokens"] / 2)
-    layer_s = measure_layer_compute_s(streamer.config, streamer.device, streamer.config.dtype, seq_len=seq_len)
+    layer_s = load_or_measure_layer_compute_s(
+        streamer.config, streamer.device, streamer.config.dtype, outputs_dir / "probe", seq_len, cfg.probe.refresh
+    )
     compressed = cfg.compression.name != "none"
     floor = token_floor(
         disk_bytes=metrics["read_bytes_per_pass"],

@@ -405,6 +405,35 @@ def measure_layer_compute_s(
         return _best_seconds(prepare, device, repeats)
 
 
+def load_or_measure_layer_compute_s(
+    config: LlamaConfig, device: torch.device, dtype: torch.dtype, cache_dir: Path, seq_len: int = 1,
+    refresh: bool = False,
+) -> float:
+    """`measure_layer_compute_s`, cached beside the link rates per host, device, geometry, dtype and seq_len.
+
+    Measured once, the floor stays put between runs; re-measured in every run, it moved by about 15%
+    on a shared CPU, and that noise went straight into every floor ratio.
+    """
+    geometry = {
+        key: getattr(config, key)
+        for key in ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim")
+    }
+    key = {**geometry, "dtype": str(dtype).removeprefix("torch."), "seq_len": seq_len}
+    tag = "-".join(str(v) for v in key.values())
+    path = Path(cache_dir) / f"{socket.gethostname()}-{_device_tag(device)}-layer-{tag}.json"
+    if not refresh and path.exists():
+        try:
+            cached = json.loads(path.read_text(encoding="utf-8"))
+            if cached.get("key") == key and cached.get("layer_compute_s", 0) > 0:
+                return float(cached["layer_compute_s"])
+        except (OSError, ValueError) as exc:
+            logger.warning("re-measuring: cached layer compute %s is unusable (%s)", path, exc)
+    seconds = measure_layer_compute_s(config, device, dtype, seq_len=seq_len)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _write_atomically(path, json.dumps({"key": key, "layer_compute_s": seconds}, indent=2) + "\n")
+    return seconds
+
+
 # ---------------------------------------------------------------- the floor
 
 

@@ -264,3 +264,20 @@ def test_cuda_rates_and_compute(tmp_path: Path) -> None:
         page_cache="warm",
     )
     assert floor.floor_s > 0 and floor.limiting in ("h2d", "compute")
+
+
+def test_layer_compute_is_cached_per_geometry(tmp_path, monkeypatch) -> None:
+    config = _tiny_config()
+    first = probe.load_or_measure_layer_compute_s(config, torch.device("cpu"), torch.bfloat16, tmp_path)
+    assert first > 0
+
+    def no_measuring(*args, **kwargs):
+        raise AssertionError("measured again although a cached value exists")
+
+    monkeypatch.setattr(probe, "measure_layer_compute_s", no_measuring)
+    assert probe.load_or_measure_layer_compute_s(config, torch.device("cpu"), torch.bfloat16, tmp_path) == first
+    # Another sequence length or dtype is another measurement.
+    with pytest.raises(AssertionError, match="measured again"):
+        probe.load_or_measure_layer_compute_s(config, torch.device("cpu"), torch.bfloat16, tmp_path, seq_len=4)
+    with pytest.raises(AssertionError, match="measured again"):
+        probe.load_or_measure_layer_compute_s(config, torch.device("cpu"), torch.bfloat16, tmp_path, refresh=True)
