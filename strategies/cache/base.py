@@ -28,13 +28,13 @@ class CacheConfig:
         check_choice("cache.page_cache", self.page_cache, PAGE_CACHE_STATES)
 
 
-def read_layer_file(path: Path, page_cache: str) -> dict[str, torch.Tensor]:
+def read_layer_file(path: Path, page_cache: str, pin: bool = False) -> dict[str, torch.Tensor]:
     """A layer file's tensors in host memory the process owns, read with the page-cache policy asked for.
 
     safetensors' load_file maps the file, so its disk reads would happen later, as page faults
     in whatever first touches the weights (the layer's compute, on CPU), and the read stage
-    would time nothing. The clone reads every byte here, in one copy (half the cost of
-    reading into bytes and deserializing them).
+    would time nothing. The copy reads every byte here, once (half the cost of reading into
+    bytes and deserializing them): into pinned memory when `pin`, so pinning costs no second copy.
     """
     if page_cache == "cold":
         fd = os.open(path, os.O_RDONLY)
@@ -43,7 +43,7 @@ def read_layer_file(path: Path, page_cache: str) -> dict[str, torch.Tensor]:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         finally:
             os.close(fd)
-    return {key: t.clone() for key, t in load_file(path).items()}
+    return {key: t.pin_memory() if pin else t.clone() for key, t in load_file(path).items()}
 
 
 class LayerCache(Protocol):

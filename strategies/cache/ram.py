@@ -34,10 +34,8 @@ class RamCache:
         path = self.layout.file(name)
         tensors = self._held.get(path)
         if tensors is None:
-            tensors = read_layer_file(path, self.cfg.page_cache)
+            tensors = read_layer_file(path, self.cfg.page_cache, pin=self.pin)
             self.bytes_read += self.layout.file_bytes(name)
-            if self.pin:
-                tensors = {key: t.pin_memory() for key, t in tensors.items()}
             self._held[path] = tensors
         return tensors
 
