@@ -115,11 +115,12 @@ def stage_metrics(rows: Sequence[dict], walls: Sequence[float], overlapped: bool
         spent = sum(r[f"{stage}_s"] for r in rows if r[f"{stage}_bytes"] > 0)
         if moved > 0 and spent > 0:
             metrics[f"{stage}_bandwidth_bytes_per_s"] = moved / spent
-    sums = [sum(per_pass(rows, f"{s}_s")[i] for s in STAGES) for i in range(len(walls))]
+    by_stage = {stage: per_pass(rows, f"{stage}_s") for stage in STAGES}  # stage -> [seconds per pass]
+    sums = [sum(pass_s) for pass_s in zip(*(by_stage[s] for s in STAGES), strict=True)]
     if not overlapped:
         metrics["crosscheck_residual"] = max(abs(w - s) / w for w, s in zip(walls, sums, strict=True) if w > 0)
     else:
-        loads = [sum(per_pass(rows, f"{s}_s")[i] for s in LOAD_STAGES) for i in range(len(walls))]
+        loads = [sum(pass_s) for pass_s in zip(*(by_stage[s] for s in LOAD_STAGES), strict=True)]
         ratios = []
         for wall, total, load in zip(walls, sums, loads, strict=True):
             hideable = min(load, total - load)
