@@ -6,7 +6,6 @@ import csv
 import io
 import json
 import logging
-import statistics
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -20,9 +19,10 @@ from transformers import AutoTokenizer, LlamaConfig, PreTrainedTokenizerBase
 
 import strategies
 from harness.config import STRATEGY_FAMILIES, Config, WorkloadConfig
+from harness.device import resolve_device
 from harness.environment import environment_tags
 from harness.memory import peak_rss_bytes
-from harness.metrics import device_clock, inter_token_latencies, token_metrics
+from harness.metrics import aggregate, device_clock, inter_token_latencies, token_metrics
 from harness.models import ensure_checkpoint
 from harness.pipeline import LayerPipeline
 from harness.plots import plot_pass, plot_token_latency
@@ -40,14 +40,6 @@ from strategies.compression.none import NoCompressionConfig
 from strategies.prefetch.off import PrefetchOffConfig
 
 log = logging.getLogger(__name__)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device=cuda but torch sees no CUDA device: use device=cpu or device=auto")
-    return torch.device(name)
 
 
 def load_model_config(ckpt_dir: Path) -> LlamaConfig:
@@ -174,19 +166,6 @@ def generation_metrics(streamer: Streamer, gen: Generation) -> dict[str, float]:
         metrics["kv_cache_bytes"] = float(gen.kv_cache_bytes)
         metrics["kv_bytes_per_token"] = gen.kv_cache_bytes / gen.kv_cache_tokens
     return metrics
-
-
-def aggregate(repeats: Sequence[dict[str, float]]) -> dict[str, float]:
-    """Mean of each metric over repeats; with several, also its std and coefficient of variation."""
-    out: dict[str, float] = {}
-    for key in repeats[0]:
-        values = [r[key] for r in repeats if key in r]
-        out[key] = statistics.fmean(values)
-        if len(values) > 1:
-            out[f"{key}_std"] = statistics.stdev(values)
-            if out[key]:
-                out[f"{key}_cv"] = out[f"{key}_std"] / abs(out[key])
-    return out
 
 
 def reference_metrics(streamer: Streamer, cfg: Config, gen: Generation, tpot_s: float | None) -> dict[str, float]:

@@ -33,6 +33,7 @@ import torch
 from transformers import LlamaConfig
 
 from harness.checks import check_choice, check_positive
+from harness.device import resolve_device
 from strategies.cache.base import PAGE_CACHE_STATES
 
 logger = logging.getLogger(__name__)
@@ -495,15 +496,6 @@ def token_floor(
 # ---------------------------------------------------------------- CLI
 
 
-def _resolve_device(name: str) -> torch.device:
-    # harness.app has the same rule, but importing it pulls in MLflow and Hydra: seconds for a three-liner.
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda, but torch sees no CUDA device: use --device cpu or auto")
-    return torch.device(name)
-
-
 def _rates_table(rates: LinkRates, title: str) -> object:
     from rich.table import Table
 
@@ -541,7 +533,10 @@ def main(argv: list[str] | None = None) -> None:
 
     from rich.console import Console
 
-    device = _resolve_device(args.device)
+    try:
+        device = resolve_device(args.device)
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from exc
     rates = load_or_measure(
         device, args.cache_dir, args.scratch_dir or args.cache_dir, refresh=args.refresh, size_bytes=args.size_mib << 20
     )
