@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import statistics
 import time
 from collections.abc import Callable, Sequence
 
@@ -63,3 +64,16 @@ def token_metrics(start_s: float, token_times_s: Sequence[float]) -> dict[str, f
 
 def inter_token_latencies(token_times_s: Sequence[float]) -> list[float]:
     return [b - a for a, b in zip(token_times_s, token_times_s[1:], strict=False)]
+
+
+def aggregate(repeats: Sequence[dict[str, float]]) -> dict[str, float]:
+    """Mean of each metric over repeats; with several, also its std and coefficient of variation."""
+    out: dict[str, float] = {}
+    for key in repeats[0]:
+        values = [r[key] for r in repeats if key in r]
+        out[key] = statistics.fmean(values)
+        if len(values) > 1:
+            out[f"{key}_std"] = statistics.stdev(values)
+            if out[key]:
+                out[f"{key}_cv"] = out[f"{key}_std"] / abs(out[key])
+    return out

@@ -5,8 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from harness.app import aggregate
-from harness.metrics import inter_token_latencies, percentile, token_metrics
+from harness.metrics import aggregate, inter_token_latencies, percentile, token_metrics
 from harness.timeline import LOAD_STAGES, STAGES, StageClock, per_pass, stage_metrics
 
 
