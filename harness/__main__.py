@@ -9,7 +9,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import to_absolute_path
 from omegaconf import DictConfig, OmegaConf
 
-from harness.config import STRATEGY_FAMILIES, register_configs
+import strategies
+from harness.config import register_configs
 
 # An absolute path: Hydra resolves a relative one against the calling module, which differs
 # between `python -m harness` and importing `main` from another script.
@@ -19,15 +20,15 @@ CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def main(dcfg: DictConfig) -> None:
     # Imported here so `--help` and config errors answer before torch and transformers load.
-    from harness.app import run_job
-    from harness.tracking import parent_run_id_for_job
+    from harness.job.run import run_job
+    from harness.tracking.tracking import parent_run_id_for_job
 
     # Relative paths are relative to where the command was started, whatever Hydra's run dir is.
     dcfg.paths.outputs = to_absolute_path(dcfg.paths.outputs)
     # to_object runs every __post_init__: bad values fail here, before anything is loaded.
     cfg = OmegaConf.to_object(dcfg)
     hydra_cfg = HydraConfig.get()
-    choices = {group: hydra_cfg.runtime.choices[group] for group in ("model", *STRATEGY_FAMILIES)}
+    choices = {group: hydra_cfg.runtime.choices[group] for group in ("model", *strategies.FAMILIES)}
     run_job(
         cfg,
         OmegaConf.to_container(dcfg, resolve=True),

@@ -2,22 +2,24 @@
 
 conf/*.yaml is what users read and edit; these dataclasses are its schema (Hydra's
 ``base_*`` pattern), so a typo or a bad value fails before anything is loaded.
-Strategy configs live beside their implementations in strategies/<family>/.
+Strategy configs live in strategies/<family>/configs.py. Nothing here imports torch: composing
+a config (``--help``, ``--cfg job``, a bad value) answers before any heavy library loads.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
-from harness.checks import check_choice, check_positive
-from strategies.cache.base import CacheConfig
-from strategies.compression.base import CompressionConfig
-from strategies.kv_cache.base import KVCacheConfig
-from strategies.prefetch.base import PrefetchConfig
+import strategies
+from strategies.cache.configs import CacheConfig, DiskCacheConfig
+from strategies.checks import check_choice, check_positive
+from strategies.compression.configs import CompressionConfig, NoCompressionConfig
+from strategies.kv_cache.configs import KVCacheConfig
+from strategies.prefetch.configs import PrefetchConfig, PrefetchOffConfig
 
 MODEL_SOURCES = ("generated", "local")
 DTYPES = ("bfloat16", "float16", "float32")
@@ -177,17 +179,17 @@ class Config:
     def __post_init__(self) -> None:
         check_choice("device", self.device, DEVICES)
 
-
-STRATEGY_FAMILIES = ("cache", "compression", "prefetch", "kv_cache")
+    def uncompressed(self) -> Config:
+        """The same model and workload with the weights as the checkpoint stores them, streamed the
+        plainest way (read at each pass, nothing held, nothing ahead): what a lossy codec is measured against."""
+        return replace(self, compression=NoCompressionConfig(), cache=DiskCacheConfig(), prefetch=PrefetchOffConfig())
 
 
 def register_configs() -> None:
     """Store the schema in Hydra's ConfigStore; conf/ yaml files extend these by name."""
-    from strategies import option_configs
-
     cs = ConfigStore.instance()
     cs.store(name="base_config", node=Config)
     cs.store(group="model", name="base_model", node=ModelConfig)
-    for family, options in option_configs().items():
+    for family, options in strategies.option_configs().items():
         for option_name, node in options.items():
             cs.store(group=family, name=f"base_{option_name}", node=node)

@@ -1,30 +1,26 @@
 """Strategy families: how a layer's weights reach the device, and how K/V are kept.
 
-Each family is a subpackage: ``base.py`` holds its protocol and base config, and one
-module per option holds that option's config dataclass and implementation. The config's
-``_target_`` names the implementation class; nothing else maps names to classes.
+Each family is a subpackage: ``base.py`` holds its protocol, ``configs.py`` every option's
+config dataclass (light: no torch), and one module per option its implementation. The
+config's ``_target_`` names the implementation class; nothing else maps names to classes.
+Nothing here imports from harness/: a split, for instance, reaches a cache only through
+the ``LayerFiles`` protocol it implements.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-import hydra.utils
+from strategies.cache.configs import DiskCacheConfig, RamCacheConfig
+from strategies.compression.configs import Blockwise4bitConfig, Blockwise8bitConfig, NoCompressionConfig
+from strategies.kv_cache.configs import DeviceKVCacheConfig, NoKVCacheConfig, OffloadKVCacheConfig
+from strategies.prefetch.configs import PrefetchOffConfig, PrefetchOnConfig
+
+FAMILIES = ("cache", "compression", "prefetch", "kv_cache")
 
 
 def option_configs() -> dict[str, dict[str, type]]:
     """Every option's config dataclass, by family and option name (for Hydra's ConfigStore)."""
-    from strategies.cache.disk import DiskCacheConfig
-    from strategies.cache.ram import RamCacheConfig
-    from strategies.compression.blockwise_4bit import Blockwise4bitConfig
-    from strategies.compression.blockwise_8bit import Blockwise8bitConfig
-    from strategies.compression.none import NoCompressionConfig
-    from strategies.kv_cache.device import DeviceKVCacheConfig
-    from strategies.kv_cache.none import NoKVCacheConfig
-    from strategies.kv_cache.offload import OffloadKVCacheConfig
-    from strategies.prefetch.off import PrefetchOffConfig
-    from strategies.prefetch.on import PrefetchOnConfig
-
     return {
         "cache": {"disk": DiskCacheConfig, "ram": RamCacheConfig},
         "compression": {"none": NoCompressionConfig, "8bit": Blockwise8bitConfig, "4bit": Blockwise4bitConfig},
@@ -35,4 +31,6 @@ def option_configs() -> dict[str, dict[str, type]]:
 
 def build(cfg: Any, **kwargs: Any) -> Any:
     """Build the implementation named by ``cfg._target_``, handing it its own config."""
+    import hydra.utils  # here, not at the top: hydra.utils is only needed once a job builds its strategies
+
     return hydra.utils.get_class(cfg._target_)(cfg, **kwargs)

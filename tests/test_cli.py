@@ -149,7 +149,7 @@ def test_failed_job_in_multirun_closes_the_parent(tmp_path: Path) -> None:
 def test_cap_failure_in_a_sweep_is_recorded_and_the_sweep_goes_on(tmp_path: Path) -> None:
     """A fake memory probe (the process holds 1 GiB) replaces NVML; the 0.5 GiB job must fail, the other run."""
     code = (
-        "import sys, harness.vram as v\n"
+        "import sys, harness.measurement.vram as v\n"
         "class FakeProbe:\n"
         "    def process_bytes(self): return 1 << 30\n"
         "v.default_probe = lambda device: FakeProbe()\n"

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from harness.metrics import aggregate, inter_token_latencies, percentile, token_metrics
-from harness.timeline import LOAD_STAGES, STAGES, StageClock, per_pass, stage_metrics
+from harness.measurement.metrics import aggregate, inter_token_latencies, percentile, token_metrics
+from harness.measurement.timeline import LOAD_STAGES, STAGES, StageClock, per_pass, stage_metrics
 
 
 def test_token_metrics_on_known_times() -> None:

@@ -1,4 +1,4 @@
-"""harness.models: the local tokenizer, generated checkpoints, and local-checkpoint validation (CPU, fast)."""
+"""harness.checkpoints: the local tokenizer, generated checkpoints, and local-checkpoint validation (CPU, fast)."""
 
 from __future__ import annotations
 
@@ -18,21 +18,11 @@ from safetensors import safe_open
 from tokenizers.pre_tokenizers import ByteLevel
 from transformers import AutoTokenizer, GenerationConfig, LlamaForCausalLM
 
-from harness import models
+from harness.checkpoints import generated as models
+from harness.checkpoints.generated import build_generated_checkpoint, ensure_checkpoint, llama_config_for, load_geometry
+from harness.checkpoints.local import checkpoint_tensor_index
+from harness.checkpoints.tokenizer import BOS, CORPUS_PATH, END_OF_TEXT, EOT, SPECIAL_TOKENS, build_tokenizer
 from harness.config import ModelConfig
-from harness.models import (
-    BOS,
-    CORPUS_PATH,
-    END_OF_TEXT,
-    EOT,
-    SPECIAL_TOKENS,
-    build_generated_checkpoint,
-    build_tokenizer,
-    checkpoint_tensor_index,
-    ensure_checkpoint,
-    llama_config_for,
-    load_geometry,
-)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TINY = ModelConfig(name="tiny", geometry="tiny")
@@ -82,7 +72,7 @@ def test_tokenizer_is_deterministic_across_builds_and_processes(tokenizer):
     assert again(text).input_ids == tokenizer(text).input_ids
     # The BPE trainer is Rust code with hash maps; a fresh process is what would expose any randomness.
     code = (
-        "import hashlib; from harness.models import build_tokenizer; "
+        "import hashlib; from harness.checkpoints.tokenizer import build_tokenizer; "
         "print(hashlib.sha256(build_tokenizer().backend_tokenizer.to_str().encode()).hexdigest())"
     )
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "PYTHONHASHSEED": "12345"}
@@ -223,7 +213,7 @@ def test_tiny_checkpoint_loads_in_transformers(tiny_dir, tiny_model, tokenizer):
 
 
 def test_checkpoint_is_reused_not_rebuilt(tmp_path, monkeypatch, caplog):
-    caplog.set_level(logging.INFO, logger="harness.models")
+    caplog.set_level(logging.INFO, logger="harness.checkpoints.generated")
     first = ensure_checkpoint(TINY, tmp_path)
     assert "building generated checkpoint" in caplog.text
     mtimes = {p.name: p.stat().st_mtime_ns for p in first.iterdir()}

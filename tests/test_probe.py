@@ -9,8 +9,15 @@ import pytest
 import torch
 from transformers import LlamaConfig
 
-from harness import probe
-from harness.probe import Floor, LinkRates, load_or_measure, measure_layer_compute_s, measure_link_rates, token_floor
+from harness.probe import probe
+from harness.probe.probe import (
+    Floor,
+    LinkRates,
+    load_or_measure,
+    measure_layer_compute_s,
+    measure_link_rates,
+    token_floor,
+)
 
 SMALL = 16 << 20  # 16 MiB: enough to time, small enough for a 2-core CI box
 

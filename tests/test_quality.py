@@ -6,9 +6,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from harness.app import build_streamer, fresh_runner, generate
-from harness.quality import corpus_ids, quality_metrics
-from strategies.cache.base import read_layer_file
+from harness.job.quality import corpus_ids, quality_metrics
+from harness.job.run import build_streamer, fresh_runner, generate
+from strategies.cache.files import read_layer_file
 
 
 def test_quality_of_a_model_against_itself_is_perfect(make_cfg) -> None:

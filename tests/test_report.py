@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.report import (
+from harness.report.report import (
     ABSENT,
     differing_params,
     format_metric,
@@ -15,7 +15,7 @@ from harness.report import (
     percent_diff,
     sig3,
 )
-from harness.tracking import ROLE_TAG, RunTracker, default_tracking_uri
+from harness.tracking.tracking import ROLE_TAG, RunTracker, default_tracking_uri
 
 WIDTH = "250"  # wide enough that rich neither wraps nor ellipsizes a cell
 

@@ -15,8 +15,8 @@ import pytest
 import torch
 from transformers import GenerationConfig, LlamaForCausalLM
 
-from harness.app import build_streamer, generate
 from harness.device import resolve_device
+from harness.job.run import build_streamer, generate
 
 NEW_TOKENS = 32
 PROMPTS = [

@@ -8,11 +8,13 @@ import pytest
 from safetensors.torch import load_file
 from transformers import LlamaConfig
 
-import harness.split as split_mod
+import harness.split.writer as split_mod
+from harness.checkpoints.generated import ensure_checkpoint
 from harness.config import ModelConfig
-from harness.models import ensure_checkpoint
-from harness.split import ensure_split, unit_names
-from strategies.compression.none import NoCompression, NoCompressionConfig
+from harness.split.layout import unit_names
+from harness.split.writer import ensure_split
+from strategies.compression.configs import NoCompressionConfig
+from strategies.compression.none import NoCompression
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +108,7 @@ def test_corrupted_file_is_named_and_rewritten(
     data[-10] ^= 0xFF  # one byte of weight data: same size, wrong checksum
     victim.write_bytes(bytes(data))
 
-    with caplog.at_level(logging.WARNING, logger="harness.split"):
+    with caplog.at_level(logging.WARNING, logger="harness.split.writer"):
         _, stats = ensure_split(ckpt, config, codec(), tmp_path)
     assert "layers.01.safetensors" in caplog.text and "checksum" in caplog.text
     assert stats.files_written == 1

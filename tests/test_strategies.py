@@ -18,11 +18,11 @@ from safetensors.torch import load_file
 from transformers import GenerationConfig, LlamaForCausalLM
 
 import strategies
-from harness.app import build_streamer, generate
-from harness.split import unit_of
-from strategies.compression.blockwise_4bit import Blockwise4bitConfig
-from strategies.compression.blockwise_8bit import Blockwise8bitConfig
-from strategies.prefetch.on import PrefetchOn, PrefetchOnConfig
+from harness.job.run import build_streamer, generate
+from harness.split.layout import unit_of
+from strategies.compression.configs import Blockwise4bitConfig, Blockwise8bitConfig
+from strategies.prefetch.configs import PrefetchOnConfig
+from strategies.prefetch.on import PrefetchOn
 
 NEW_TOKENS = 12
 PROMPT = "The history of computing began with"

@@ -20,8 +20,8 @@ import yaml
 from hydra.core.utils import JobReturn, JobStatus
 from omegaconf import OmegaConf
 
-from harness.environment import environment_tags
-from harness.tracking import (
+from harness.measurement.environment import environment_tags
+from harness.tracking.tracking import (
     MlflowSweepCallback,
     RunTracker,
     default_tracking_uri,
@@ -238,7 +238,7 @@ APP = textwrap.dedent(
     from hydra.utils import to_absolute_path
     from omegaconf import OmegaConf
 
-    from harness.tracking import RunTracker, default_tracking_uri, flatten, parent_run_id_for_job
+    from harness.tracking.tracking import RunTracker, default_tracking_uri, flatten, parent_run_id_for_job
 
     ConfigStore.instance().store(
         name="app",
@@ -247,7 +247,7 @@ APP = textwrap.dedent(
             "fail_on": -1,
             "tracking": {"enabled": True, "uri": None, "experiment": "sweep"},
             "paths": {"outputs": "outputs"},
-            "hydra": {"callbacks": {"mlflow_sweep": {"_target_": "harness.tracking.MlflowSweepCallback"}}},
+            "hydra": {"callbacks": {"mlflow_sweep": {"_target_": "harness.tracking.tracking.MlflowSweepCallback"}}},
         },
     )
 

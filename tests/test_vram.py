@@ -9,10 +9,10 @@ import pytest
 from mlflow import MlflowClient
 from transformers import LlamaConfig
 
-import harness.vram as vram_mod
-from harness.app import run_job
-from harness.models import load_geometry
-from harness.vram import GIB, VramCapExceeded, check_fits, estimate_need_bytes
+import harness.measurement.vram as vram_mod
+from harness.checkpoints.generated import load_geometry
+from harness.job.run import run_job
+from harness.measurement.vram import GIB, VramCapExceeded, check_fits, estimate_need_bytes
 
 
 class FakeProbe:

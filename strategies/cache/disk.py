@@ -2,29 +2,22 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-from harness.split import SplitLayout
-from strategies.cache.base import CacheConfig, read_layer_file
-
-
-@dataclass
-class DiskCacheConfig(CacheConfig):
-    name: str = "disk"
-    _target_: str = "strategies.cache.disk.DiskCache"
+from strategies.cache.base import LayerFiles
+from strategies.cache.configs import DiskCacheConfig
+from strategies.cache.files import read_layer_file
 
 
 class DiskCache:
-    def __init__(self, cfg: DiskCacheConfig, layout: SplitLayout, device: torch.device) -> None:
+    def __init__(self, cfg: DiskCacheConfig, files: LayerFiles, device: torch.device) -> None:
         self.cfg = cfg
-        self.layout = layout
+        self.files = files
         self.bytes_read = 0
 
     def get(self, name: str) -> dict[str, torch.Tensor]:
-        self.bytes_read += self.layout.file_bytes(name)
-        return read_layer_file(self.layout.file(name), self.cfg.page_cache)
+        self.bytes_read += self.files.file_bytes(name)
+        return read_layer_file(self.files.file(name), self.cfg.page_cache)
 
     @property
     def bytes_held(self) -> int:

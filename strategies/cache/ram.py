@@ -6,36 +6,30 @@ and asynchronously; elsewhere pinning means nothing and is skipped.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from harness.split import SplitLayout
-from strategies.cache.base import CacheConfig, read_layer_file
-
-
-@dataclass
-class RamCacheConfig(CacheConfig):
-    name: str = "ram"
-    _target_: str = "strategies.cache.ram.RamCache"
+from strategies.cache.base import LayerFiles
+from strategies.cache.configs import RamCacheConfig
+from strategies.cache.files import read_layer_file
 
 
 class RamCache:
-    def __init__(self, cfg: RamCacheConfig, layout: SplitLayout, device: torch.device) -> None:
+    def __init__(self, cfg: RamCacheConfig, files: LayerFiles, device: torch.device) -> None:
         self.cfg = cfg
-        self.layout = layout
+        self.files = files
         self.pin = device.type == "cuda"
         self.bytes_read = 0
         # Keyed by file, not unit: tied lm_head and embed share one file and one copy.
         self._held: dict[Path, dict[str, torch.Tensor]] = {}
 
     def get(self, name: str) -> dict[str, torch.Tensor]:
-        path = self.layout.file(name)
+        path = self.files.file(name)
         tensors = self._held.get(path)
         if tensors is None:
             tensors = read_layer_file(path, self.cfg.page_cache, pin=self.pin)
-            self.bytes_read += self.layout.file_bytes(name)
+            self.bytes_read += self.files.file_bytes(name)
             self._held[path] = tensors
         return tensors
 

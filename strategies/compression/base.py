@@ -2,22 +2,18 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Protocol
 
 import torch
-from omegaconf import MISSING
-
-
-@dataclass
-class CompressionConfig:
-    name: str = MISSING
-    _target_: str = MISSING
 
 
 class Codec(Protocol):
     # Device bytes of a layer's stored form per byte of its decoded weights (0 when they are the same tensors).
     stored_fraction: float
+    # Whether decoding gives back other weights than the checkpoint's: then the job measures what it costs.
+    lossy: bool
+    # The link probe's dequant rate this codec decodes at ("8bit", "4bit"); None when decoding is free.
+    dequant_link: str | None
 
     @property
     def split_key(self) -> str:

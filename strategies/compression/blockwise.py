@@ -55,6 +55,7 @@ class BlockwiseCodec:
     """
 
     cfg: Any  # a config with `compress_embeddings`
+    lossy = True
 
     def __init__(self, cfg: Any) -> None:
         self.cfg = cfg

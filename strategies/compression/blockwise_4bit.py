@@ -2,40 +2,19 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import bitsandbytes.functional as bnbf
 import torch
 
-from harness.checks import check_choice
-from strategies.compression.base import CompressionConfig
 from strategies.compression.blockwise import BlockwiseCodec
-
-BLOCKSIZES = (64, 128, 256, 512, 1024, 2048, 4096)
-QUANT_TYPES = ("nf4", "fp4")
-
-
-@dataclass
-class Blockwise4bitConfig(CompressionConfig):
-    name: str = "4bit"
-    _target_: str = "strategies.compression.blockwise_4bit.Blockwise4bit"
-    # nf4: levels at normal quantiles, the better fit for normally distributed weights (QLoRA).
-    quant_type: str = "nf4"
-    # 64 is bitsandbytes' default for 4-bit: an fp32 scale per 64 weights (+12.5% on the codes).
-    blocksize: int = 64
-    # Quantize the scales themselves to 8 bit (saves ~0.4 bit/weight at a small decode cost).
-    double_quant: bool = False
-    compress_embeddings: bool = False
-
-    def __post_init__(self) -> None:
-        check_choice("compression.quant_type", self.quant_type, QUANT_TYPES)
-        check_choice("compression.blocksize", self.blocksize, BLOCKSIZES)
+from strategies.compression.configs import Blockwise4bitConfig
 
 
 class Blockwise4bit(BlockwiseCodec):
+    cfg: Blockwise4bitConfig
     # Device bytes of the stored form per decoded byte, both alive while a layer decodes:
     # 4-bit codes are a quarter of bf16, plus a scale per block.
     stored_fraction = 0.29
+    dequant_link = "4bit"
 
     @property
     def split_key(self) -> str:

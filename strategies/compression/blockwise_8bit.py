@@ -2,35 +2,19 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import bitsandbytes.functional as bnbf
 import torch
 
-from harness.checks import check_choice
-from strategies.compression.base import CompressionConfig
 from strategies.compression.blockwise import BlockwiseCodec, pack_json, unpack_json
-
-BLOCKSIZES = (64, 128, 256, 512, 1024, 2048, 4096)
-
-
-@dataclass
-class Blockwise8bitConfig(CompressionConfig):
-    name: str = "8bit"
-    _target_: str = "strategies.compression.blockwise_8bit.Blockwise8bit"
-    # 256: one fp32 scale per 256 weights costs 1.6% on top of the int8 codes.
-    blocksize: int = 256
-    # Embedding and lm_head are gathers / the final projection; compressing them is a separate trade-off.
-    compress_embeddings: bool = False
-
-    def __post_init__(self) -> None:
-        check_choice("compression.blocksize", self.blocksize, BLOCKSIZES)
+from strategies.compression.configs import Blockwise8bitConfig
 
 
 class Blockwise8bit(BlockwiseCodec):
+    cfg: Blockwise8bitConfig
     # Device bytes of the stored form per decoded byte, both alive while a layer decodes:
     # int8 codes are half of bf16, plus a scale per block.
     stored_fraction = 0.52
+    dequant_link = "8bit"
 
     @property
     def split_key(self) -> str:

@@ -2,23 +2,17 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-from strategies.compression.base import CompressionConfig
-
-
-@dataclass
-class NoCompressionConfig(CompressionConfig):
-    name: str = "none"
-    _target_: str = "strategies.compression.none.NoCompression"
+from strategies.compression.configs import NoCompressionConfig
 
 
 class NoCompression:
     # Device bytes of the stored form per decoded byte, both alive while a layer decodes:
     # the stored tensors are the weights: nothing extra.
     stored_fraction = 0.0
+    lossy = False
+    dequant_link = None
 
     def __init__(self, cfg: NoCompressionConfig) -> None:
         self.cfg = cfg

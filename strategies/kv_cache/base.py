@@ -2,21 +2,20 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Protocol
 
 import torch
-from omegaconf import MISSING
 from transformers import Cache, PreTrainedConfig
 
 
-@dataclass
-class KVCacheConfig:
-    name: str = MISSING
-    _target_: str = MISSING
-
-
 class KVCachePolicy(Protocol):
+    # Every pass runs the whole sequence through every layer (no cache): a pass's compute grows with it.
+    recomputes_sequence: bool
+
+    def layers_on_device(self, num_layers: int) -> int:
+        """How many layers' keys and values are on the device at once, at the most."""
+        ...
+
     def new_cache(self, model_config: PreTrainedConfig, device: torch.device) -> Cache | None:
         """A fresh cache for one generation; None means every pass recomputes the whole sequence."""
         ...

@@ -2,23 +2,20 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from transformers import Cache, DynamicCache, PreTrainedConfig
 
-from strategies.kv_cache.base import KVCacheConfig
-
-
-@dataclass
-class DeviceKVCacheConfig(KVCacheConfig):
-    name: str = "device"
-    _target_: str = "strategies.kv_cache.device.DeviceKVCache"
+from strategies.kv_cache.configs import DeviceKVCacheConfig
 
 
 class DeviceKVCache:
+    recomputes_sequence = False
+
     def __init__(self, cfg: DeviceKVCacheConfig) -> None:
         self.cfg = cfg
+
+    def layers_on_device(self, num_layers: int) -> int:
+        return num_layers
 
     def new_cache(self, model_config: PreTrainedConfig, device: torch.device) -> Cache | None:
         return DynamicCache(config=model_config)

@@ -6,23 +6,20 @@ measure what a KV cache is worth when weights stream.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from transformers import Cache, PreTrainedConfig
 
-from strategies.kv_cache.base import KVCacheConfig
-
-
-@dataclass
-class NoKVCacheConfig(KVCacheConfig):
-    name: str = "none"
-    _target_: str = "strategies.kv_cache.none.NoKVCache"
+from strategies.kv_cache.configs import NoKVCacheConfig
 
 
 class NoKVCache:
+    recomputes_sequence = True
+
     def __init__(self, cfg: NoKVCacheConfig) -> None:
         self.cfg = cfg
+
+    def layers_on_device(self, num_layers: int) -> int:
+        return 1  # nothing is kept, but the layer computing holds its whole sequence's K/V while it attends
 
     def new_cache(self, model_config: PreTrainedConfig, device: torch.device) -> Cache | None:
         return None

@@ -8,19 +8,12 @@ back to the host once it has attended.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from transformers import Cache, DynamicCache, PreTrainedConfig
 
-from strategies.kv_cache.base import KVCacheConfig
-
-
-@dataclass
-class OffloadKVCacheConfig(KVCacheConfig):
-    name: str = "offload"
-    _target_: str = "strategies.kv_cache.offload.OffloadKVCache"
+from strategies.kv_cache.configs import OffloadKVCacheConfig
 
 
 class HostOffloadedCache(DynamicCache):
@@ -36,8 +29,13 @@ class HostOffloadedCache(DynamicCache):
 
 
 class OffloadKVCache:
+    recomputes_sequence = False
+
     def __init__(self, cfg: OffloadKVCacheConfig) -> None:
         self.cfg = cfg
+
+    def layers_on_device(self, num_layers: int) -> int:
+        return 1  # the layer attending; the others' K/V wait in host memory
 
     def new_cache(self, model_config: PreTrainedConfig, device: torch.device) -> Cache | None:
         return HostOffloadedCache(config=model_config)

@@ -3,21 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
-from typing import Protocol, TypeVar
+from typing import Protocol
 
-from omegaconf import MISSING
-
-Loaded = TypeVar("Loaded")
-
-
-@dataclass
-class PrefetchConfig:
-    name: str = MISSING
-    _target_: str = MISSING
+from strategies.layer import DeviceLayer
 
 
 class Prefetcher(Protocol):
-    def stream(self, names: Sequence[str], load: Callable[[str], Loaded]) -> Iterator[Loaded]:
+    # Layers loaded (and so alive on the device) ahead of the one computing: 0 means nothing overlaps.
+    layers_ahead: int
+
+    def stream(self, names: Sequence[str], load: Callable[[str], DeviceLayer]) -> Iterator[DeviceLayer]:
         """Yield ``load(name)`` for each name, in order; may run loads ahead of the consumer."""
         ...

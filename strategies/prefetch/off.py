@@ -3,23 +3,19 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 
 import torch
 
-from strategies.prefetch.base import Loaded, PrefetchConfig
-
-
-@dataclass
-class PrefetchOffConfig(PrefetchConfig):
-    name: str = "off"
-    _target_: str = "strategies.prefetch.off.PrefetchOff"
+from strategies.layer import DeviceLayer
+from strategies.prefetch.configs import PrefetchOffConfig
 
 
 class PrefetchOff:
+    layers_ahead = 0
+
     def __init__(self, cfg: PrefetchOffConfig, device: torch.device) -> None:
         self.cfg = cfg
 
-    def stream(self, names: Sequence[str], load: Callable[[str], Loaded]) -> Iterator[Loaded]:
+    def stream(self, names: Sequence[str], load: Callable[[str], DeviceLayer]) -> Iterator[DeviceLayer]:
         for name in names:
             yield load(name)

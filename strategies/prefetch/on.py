@@ -11,30 +11,18 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 
 import torch
 
-from harness.checks import check_positive
-from harness.pipeline import DeviceLayer
-from strategies.prefetch.base import PrefetchConfig
-
-
-@dataclass
-class PrefetchOnConfig(PrefetchConfig):
-    name: str = "on"
-    _target_: str = "strategies.prefetch.on.PrefetchOn"
-    # Layers loaded ahead of the one computing. Each costs one layer of device memory.
-    depth: int = 1
-
-    def __post_init__(self) -> None:
-        check_positive("prefetch.depth", self.depth)
+from strategies.layer import DeviceLayer
+from strategies.prefetch.configs import PrefetchOnConfig
 
 
 class PrefetchOn:
     def __init__(self, cfg: PrefetchOnConfig, device: torch.device) -> None:
         self.cfg = cfg
         self.device = device
+        self.layers_ahead = cfg.depth
         # Streams exist only on CUDA; elsewhere the worker thread alone gives the overlap.
         self.copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
 
@@ -65,7 +53,7 @@ class PrefetchOn:
 
             def fill() -> None:
                 nonlocal submitted
-                while submitted < len(names) and len(pending) < self.cfg.depth:
+                while submitted < len(names) and len(pending) < self.layers_ahead:
                     pending.append(pool.submit(self._load, load, names[submitted]))
                     submitted += 1
 

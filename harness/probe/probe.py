@@ -32,9 +32,9 @@ from time import perf_counter
 import torch
 from transformers import LlamaConfig
 
-from harness.checks import check_choice, check_positive
 from harness.device import resolve_device
-from strategies.cache.base import PAGE_CACHE_STATES
+from strategies.cache.configs import PAGE_CACHE_STATES
+from strategies.checks import check_choice, check_positive
 
 logger = logging.getLogger(__name__)
 

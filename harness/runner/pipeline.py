@@ -7,24 +7,14 @@ and the runner knows nothing of any of them.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
 
 import torch
 
-from harness.timeline import StageClock, Stamp
+from harness.measurement.timeline import StageClock
 from strategies.cache.base import LayerCache
 from strategies.compression.base import Codec
+from strategies.layer import DeviceLayer
 from strategies.prefetch.base import Prefetcher
-
-
-@dataclass
-class DeviceLayer:
-    """One unit's weights on the compute device, with the stamps and bytes of getting them there."""
-
-    name: str
-    weights: dict[str, torch.Tensor]
-    stamps: dict[str, tuple[Stamp, Stamp]] = field(default_factory=dict)
-    bytes: dict[str, int] = field(default_factory=dict)
 
 
 class LayerPipeline:

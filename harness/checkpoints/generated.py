@@ -1,9 +1,9 @@
-"""Model checkpoints for the harness: a generated Llama-3-shaped checkpoint, or a validated local one.
+"""Generated checkpoints: a Llama-3-shaped Hugging Face directory built here, no network.
 
-Nothing here touches the network. The tokenizer is a small byte-level BPE trained on harness/data/corpus.txt
-with Llama-3's pre-tokenizer, special tokens and chat template; generated checkpoints are real Hugging Face
-directories (sharded safetensors + index, config, generation config, tokenizer files) whose weights are a
-pure function of (seed, tensor name), so every consumer reads them exactly as it would read Meta's weights.
+Generated checkpoints are real Hugging Face directories (sharded safetensors + index, config,
+generation config, tokenizer files) whose weights are a pure function of (seed, tensor name),
+so every consumer reads them exactly as it would read Meta's weights. `ensure_checkpoint` is
+the one entry: it builds a generated model once, or validates a local directory.
 """
 
 from __future__ import annotations
@@ -21,10 +21,11 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
-from safetensors import safe_open
 from safetensors.torch import save_file
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import GenerationConfig, LlamaConfig, PreTrainedTokenizerFast
+
+from harness.checkpoints.local import validate_local
+from harness.checkpoints.tokenizer import BOS, CORPUS_PATH, EOT, SPECIAL_IDS, STOP_TOKENS, build_tokenizer
 
 if TYPE_CHECKING:
     from harness.config import ModelConfig
@@ -34,50 +35,7 @@ log = logging.getLogger(__name__)
 # Bump whenever the same inputs would produce different checkpoint bytes (init scheme, layout, tokenizer).
 GENERATOR_VERSION = "2"
 
-PACKAGE_DIR = Path(__file__).resolve().parent
-GEOMETRY_DIR = PACKAGE_DIR / "geometries"
-CORPUS_PATH = PACKAGE_DIR / "data" / "corpus.txt"
-
-# Llama-3's own pre-tokenizer split: it decides which byte sequences BPE may merge, so our tiny vocab
-# segments text the way the real 128k vocab does (digits in groups of 3, contractions, leading spaces).
-LLAMA3_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-BOS = "<|begin_of_text|>"
-END_OF_TEXT = "<|end_of_text|>"
-EOM = "<|eom_id|>"
-EOT = "<|eot_id|>"
-# Llama-3.1's first special tokens in their order, then a few reserved ones; like Llama-3 they sit after
-# the BPE vocab, so ids are BPE_VOCAB_SIZE + position.
-SPECIAL_TOKENS = [
-    BOS,
-    END_OF_TEXT,
-    "<|reserved_special_token_0|>",
-    "<|reserved_special_token_1|>",
-    "<|finetune_right_pad_id|>",
-    "<|reserved_special_token_2|>",
-    "<|start_header_id|>",
-    "<|end_header_id|>",
-    EOM,
-    EOT,
-    "<|python_tag|>",
-    *(f"<|reserved_special_token_{i}|>" for i in range(3, 8)),
-]
-BPE_VOCAB_SIZE = 1008  # 256 byte symbols + 752 merges; with the 16 specials the vocab is 1024
-VOCAB_SIZE = BPE_VOCAB_SIZE + len(SPECIAL_TOKENS)
-SPECIAL_IDS = {token: BPE_VOCAB_SIZE + i for i, token in enumerate(SPECIAL_TOKENS)}
-# generation stops on any of these, as in Llama-3.1-Instruct's generation_config.json
-STOP_TOKENS = [END_OF_TEXT, EOM, EOT]
-
-# Meta's Llama-3-Instruct template, verbatim.
-CHAT_TEMPLATE = (
-    "{% set loop_messages = messages %}{% for message in loop_messages %}"
-    "{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'"
-    "+ message['content'] | trim + '<|eot_id|>' %}"
-    "{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
-)
+GEOMETRY_DIR = Path(__file__).resolve().parents[1] / "geometries"
 
 SHARD_BYTES = 1 << 30
 
@@ -87,37 +45,6 @@ def load_geometry(name: str) -> dict:
     if name not in available:
         raise ValueError(f"unknown geometry {name!r}: choose one of {', '.join(available)} (files in {GEOMETRY_DIR})")
     return json.loads((GEOMETRY_DIR / f"{name}.json").read_text())
-
-
-def build_tokenizer() -> PreTrainedTokenizerFast:
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ]
-    )
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=BPE_VOCAB_SIZE, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
-    )
-    tok.train_from_iterator([CORPUS_PATH.read_text(encoding="utf-8")], trainer=trainer)
-    if tok.get_vocab_size() != BPE_VOCAB_SIZE:
-        raise RuntimeError(f"{CORPUS_PATH} is too small to learn {BPE_VOCAB_SIZE} BPE tokens")
-    tok.add_special_tokens(SPECIAL_TOKENS)
-    assert all(tok.token_to_id(t) == i for t, i in SPECIAL_IDS.items())
-    tok.post_processor = processors.TemplateProcessing(
-        single=f"{BOS} $A", pair=f"{BOS} $A {BOS}:1 $B:1", special_tokens=[(BOS, SPECIAL_IDS[BOS])]
-    )
-    # eos is <|eot_id|>, as in Llama-3-Instruct: it ends every assistant turn in the chat template, so chat
-    # generation stops where an instruct model would; generation_config also lists <|end_of_text|>.
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token=BOS,
-        eos_token=EOT,
-        chat_template=CHAT_TEMPLATE,
-        clean_up_tokenization_spaces=False,  # keeps decode(encode(text)) == text
-    )
 
 
 def _plain(value: Any) -> Any:
@@ -314,7 +241,7 @@ def _generated_key(model: ModelConfig) -> str:
 
 def ensure_checkpoint(model: ModelConfig, outputs_dir: Path) -> Path:
     if model.source == "local":
-        return _validate_local(Path(model.path).expanduser())
+        return validate_local(Path(model.path).expanduser())
     out_dir = Path(outputs_dir) / "models" / f"{model.name}-{_generated_key(model)}"
     # Builds are atomic (os.replace of a finished directory), so existing means complete.
     if (out_dir / "config.json").is_file():
@@ -335,53 +262,3 @@ def ensure_checkpoint(model: ModelConfig, outputs_dir: Path) -> Path:
         if not (out_dir / "config.json").is_file():
             raise
     return out_dir
-
-
-def _validate_local(path: Path) -> Path:
-    """Fail in milliseconds, with what to do, instead of deep inside from_pretrained."""
-    hint = "pass a Hugging Face Llama checkpoint directory (config.json, *.safetensors, tokenizer.json)"
-    if not path.is_dir():
-        raise ValueError(f"model.path={path} does not exist or is not a directory: {hint}")
-    if not (path / "config.json").is_file():
-        raise ValueError(f"{path} has no config.json, so it is not a Hugging Face checkpoint: {hint}")
-    model_type = json.loads((path / "config.json").read_text()).get("model_type")
-    if model_type != "llama":
-        raise ValueError(
-            f"{path}/config.json has model_type={model_type!r}: only Llama-family ('llama') checkpoints are supported"
-        )
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        shard_files = set(json.loads(index.read_text()).get("weight_map", {}).values())
-        missing = sorted(f for f in shard_files if not (path / f).is_file())
-        if missing:
-            raise ValueError(
-                f"{path} is missing safetensors shards listed in its index: {', '.join(missing)}; "
-                "re-download the checkpoint"
-            )
-    elif not (path / "model.safetensors").is_file():
-        bins = sorted(p.name for p in path.glob("*.bin"))
-        found = f" (found only {', '.join(bins)})" if bins else ""
-        raise ValueError(
-            f"{path} has no safetensors weights{found}: expected model.safetensors or "
-            "model.safetensors.index.json plus its shards. .bin checkpoints must be converted first, e.g. "
-            "LlamaForCausalLM.from_pretrained(path).save_pretrained(new_path) writes safetensors"
-        )
-    if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer.model")):
-        raise ValueError(
-            f"{path} has no tokenizer files (tokenizer.json or tokenizer.model): copy them from the "
-            "model's Hugging Face repository into the directory"
-        )
-    return path.resolve()
-
-
-def checkpoint_tensor_index(ckpt_dir: Path) -> dict[str, str]:
-    """Tensor name -> safetensors file name (relative to ckpt_dir)."""
-    ckpt_dir = Path(ckpt_dir)
-    index = ckpt_dir / "model.safetensors.index.json"
-    if index.is_file():
-        return dict(json.loads(index.read_text())["weight_map"])
-    single = ckpt_dir / "model.safetensors"
-    if single.is_file():
-        with safe_open(str(single), framework="pt") as f:
-            return dict.fromkeys(f.keys(), single.name)
-    raise FileNotFoundError(f"{ckpt_dir} has neither model.safetensors.index.json nor model.safetensors")

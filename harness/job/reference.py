@@ -12,7 +12,7 @@ import torch
 from transformers import GenerationConfig, LlamaForCausalLM
 from transformers.generation.streamers import BaseStreamer
 
-from harness.metrics import Clock, token_metrics
+from harness.measurement.metrics import Clock, token_metrics
 
 
 class _TokenTimes(BaseStreamer):

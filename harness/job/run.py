@@ -8,7 +8,7 @@ import json
 import logging
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,26 +18,24 @@ from rich.progress import Progress
 from transformers import AutoTokenizer, LlamaConfig, PreTrainedTokenizerBase
 
 import strategies
-from harness.config import STRATEGY_FAMILIES, Config, WorkloadConfig
+from harness.checkpoints.generated import ensure_checkpoint
+from harness.config import Config, WorkloadConfig
 from harness.device import resolve_device
-from harness.environment import environment_tags
-from harness.memory import peak_rss_bytes
-from harness.metrics import aggregate, device_clock, inter_token_latencies, token_metrics
-from harness.models import ensure_checkpoint
-from harness.pipeline import LayerPipeline
-from harness.plots import plot_pass, plot_token_latency
-from harness.probe import LINKS, load_or_measure, load_or_measure_layer_compute_s, token_floor
-from harness.quality import corpus_ids, quality_metrics
-from harness.reference import time_transformers_generate
-from harness.runner import Generation, LayerStreamingRunner, Sampler
-from harness.split import SplitLayout, ensure_split
-from harness.summary import print_summary
-from harness.timeline import CROSSCHECK_TOLERANCE, StageClock, per_pass, stage_metrics
-from harness.tracking import RunTracker, default_tracking_uri, flatten
-from harness.vram import VramMonitor, check_fits, estimate_need_bytes
-from strategies.cache.disk import DiskCacheConfig
-from strategies.compression.none import NoCompressionConfig
-from strategies.prefetch.off import PrefetchOffConfig
+from harness.job.quality import corpus_ids, quality_metrics
+from harness.job.reference import time_transformers_generate
+from harness.measurement.environment import environment_tags
+from harness.measurement.memory import peak_rss_bytes
+from harness.measurement.metrics import aggregate, device_clock, inter_token_latencies, token_metrics
+from harness.measurement.plots import plot_pass, plot_token_latency
+from harness.measurement.summary import print_summary
+from harness.measurement.timeline import CROSSCHECK_TOLERANCE, StageClock, per_pass, stage_metrics
+from harness.measurement.vram import VramMonitor, check_fits, estimate_need_bytes
+from harness.probe.probe import LINKS, load_or_measure, load_or_measure_layer_compute_s, token_floor
+from harness.runner.pipeline import LayerPipeline
+from harness.runner.streaming import Generation, LayerStreamingRunner, Sampler
+from harness.split.layout import SplitLayout
+from harness.split.writer import ensure_split
+from harness.tracking.tracking import RunTracker, default_tracking_uri, flatten
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +114,7 @@ def build_streamer(
     layout, stats = ensure_split(ckpt_dir, config, codec, splits_root, verify=cfg.split.verify)
     stages = StageClock(device)
     pipeline = LayerPipeline(
-        cache=strategies.build(cfg.cache, layout=layout, device=device),
+        cache=strategies.build(cfg.cache, files=layout, device=device),
         codec=codec,
         prefetcher=strategies.build(cfg.prefetch, device=device),
         device=device,
@@ -182,8 +180,7 @@ def reference_metrics(streamer: Streamer, cfg: Config, gen: Generation, tpot_s: 
 
 def compression_quality(streamer: Streamer, cfg: Config, gen: Generation, outputs_dir: Path) -> dict[str, float]:
     """The codec's cost in accuracy: the same runner over the uncompressed split of the same checkpoint."""
-    plain_cfg = replace(cfg, compression=NoCompressionConfig(), cache=DiskCacheConfig(), prefetch=PrefetchOffConfig())
-    plain = build_streamer(plain_cfg, outputs_dir, streamer.device)
+    plain = build_streamer(cfg.uncompressed(), outputs_dir, streamer.device)
     return quality_metrics(
         fresh_runner(streamer),
         fresh_runner(plain),
@@ -251,7 +248,7 @@ def run_job(
     tracker = None
     if cfg.tracking.enabled:
         tracker = RunTracker(cfg.tracking.uri or default_tracking_uri(outputs_dir), cfg.tracking.experiment)
-        run_name = " ".join(f"{f}={choices[f]}" for f in ("model", *STRATEGY_FAMILIES) if f in choices)
+        run_name = " ".join(f"{f}={choices[f]}" for f in ("model", *strategies.FAMILIES) if f in choices)
         tracker.start(
             run_name=run_name or None,
             params={**flatten(resolved), **choices},

@@ -10,7 +10,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only; no display on CI or a GPU box
 import matplotlib.pyplot as plt  # noqa: E402
 
-from harness.timeline import STAGES  # noqa: E402
+from harness.measurement.timeline import STAGES  # noqa: E402
 
 COLORS = {"read": "#4c72b0", "h2d": "#dd8452", "decode": "#55a868", "compute": "#c44e52", "release": "#8172b3"}
 

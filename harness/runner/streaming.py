@@ -22,10 +22,11 @@ from transformers.generation.logits_process import TemperatureLogitsWarper, TopP
 from transformers.masking_utils import create_causal_mask
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRMSNorm, LlamaRotaryEmbedding
 
-from harness.metrics import Clock
-from harness.pipeline import DeviceLayer, LayerPipeline
-from harness.timeline import LayerEvent, StageClock, Timeline
+from harness.measurement.metrics import Clock
+from harness.measurement.timeline import LayerEvent, StageClock, Timeline
+from harness.runner.pipeline import LayerPipeline
 from strategies.kv_cache.base import KVCachePolicy
+from strategies.layer import DeviceLayer
 
 
 @dataclass

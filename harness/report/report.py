@@ -24,7 +24,13 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from harness.tracking import FAILURE_REASON_TAG, PARENT_RUN_ID_TAG, ROLE_TAG, default_tracking_uri, sqlite_db_path
+from harness.tracking.tracking import (
+    FAILURE_REASON_TAG,
+    PARENT_RUN_ID_TAG,
+    ROLE_TAG,
+    default_tracking_uri,
+    sqlite_db_path,
+)
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -32,7 +38,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-# The chosen option of each config group, logged as plain params by harness.app.run_job.
+# The chosen option of each config group, logged as plain params by harness.job.run.run_job.
 CHOICE_KEYS = ("model", "cache", "compression", "prefetch", "kv_cache")
 DEFAULT_METRICS = (
     "ttft_s",

@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from harness.models import CORPUS_PATH
-from harness.runner import LayerStreamingRunner
+from harness.checkpoints.tokenizer import CORPUS_PATH
+from harness.runner.streaming import LayerStreamingRunner
 
 
 def teacher_forced_logits(runner: LayerStreamingRunner, ids: list[int]) -> torch.Tensor:

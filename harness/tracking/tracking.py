@@ -26,7 +26,7 @@ from hydra.types import RunMode
 from hydra.utils import to_absolute_path
 from omegaconf import DictConfig, OmegaConf
 
-from harness.environment import environment_tags
+from harness.measurement.environment import environment_tags
 
 logger = logging.getLogger(__name__)
 
