@@ -30,7 +30,7 @@ def llama3_8b() -> LlamaConfig:
 
 
 def test_estimate_for_the_8b_geometry() -> None:
-    need = estimate_need_bytes(llama3_8b(), stored_fraction=0.0, prefetch_depth=0, kv_on_device=True, max_seq=28)
+    need = estimate_need_bytes(llama3_8b(), stored_fraction=0.0, layers_ahead=0, kv_layers=32, max_seq=28)
     # The largest unit is the embedding / lm_head: 128256 x 4096 bf16 = 1.05 GB.
     assert need["weights"] == 128256 * 4096 * 2
     assert need["kv"] == 2 * 32 * 8 * 128 * 28 * 2
@@ -38,7 +38,7 @@ def test_estimate_for_the_8b_geometry() -> None:
 
 
 def test_a_configuration_that_cannot_fit_is_refused_with_what_to_do() -> None:
-    need = estimate_need_bytes(llama3_8b(), stored_fraction=0.29, prefetch_depth=3, kv_on_device=True, max_seq=28)
+    need = estimate_need_bytes(llama3_8b(), stored_fraction=0.29, layers_ahead=3, kv_layers=32, max_seq=28)
     with pytest.raises(VramCapExceeded, match=r"vram.cap_gib=4.*compression=8bit/4bit.*prefetch.depth"):
         check_fits(need, cap_gib=4, context_bytes=500 << 20)
 

@@ -12,7 +12,10 @@ from types import TracebackType
 from typing import Protocol
 
 import torch
+from accelerate import init_empty_weights
+from accelerate.utils import compute_module_sizes
 from transformers import LlamaConfig
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
 log = logging.getLogger(__name__)
 
@@ -141,30 +144,26 @@ class VramMonitor:
 
 
 def estimate_need_bytes(
-    config: LlamaConfig, *, stored_fraction: float, prefetch_depth: int, kv_on_device: bool, max_seq: int
+    config: LlamaConfig, *, stored_fraction: float, layers_ahead: int, kv_layers: int, max_seq: int
 ) -> dict[str, int]:
     """What a run must hold on the device at once, from the geometry alone (before anything is loaded).
 
-    Weights: the largest unit decoded, once for the layer computing and once per prefetched layer,
-    plus its stored (encoded) form while it decodes. KV: every layer's keys and values at the
-    longest sequence when kept on the device, one layer's when offloaded. Activations: a few
-    hidden-state copies and the MLP's intermediate over the sequence, plus fp32 logits.
+    Weights: the largest unit decoded, once for the layer computing and once per layer loaded ahead
+    (`layers_ahead`, the prefetcher's), plus its stored (encoded) form while it decodes
+    (`stored_fraction`, the codec's). KV: `kv_layers` layers' keys and values (the KV policy's) at
+    the longest sequence. Activations: a few hidden-state copies and the MLP's intermediate over the
+    sequence, plus fp32 logits.
     """
-    dtype_bytes = 4 if str(config.dtype).endswith("float32") else 2
-    hidden, vocab = config.hidden_size, config.vocab_size
-    head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
-    kv_width = config.num_key_value_heads * head_dim
-    layer_params = (
-        hidden * (config.num_attention_heads * head_dim) * 2  # q, o
-        + hidden * kv_width * 2  # k, v
-        + hidden * config.intermediate_size * 3  # gate, up, down
-        + hidden * 2  # norms
-    )
-    largest = max(layer_params, vocab * hidden) * dtype_bytes
-    weights = int(largest * (1 + prefetch_depth) + largest * stored_fraction)
-    kv_layers = config.num_hidden_layers if kv_on_device else 1
-    kv = 2 * kv_layers * kv_width * max_seq * dtype_bytes
-    activations = (6 * hidden + 2 * config.intermediate_size) * max_seq * dtype_bytes + vocab * 4
+    dtype = getattr(torch, config.dtype) if isinstance(config.dtype, str) else (config.dtype or torch.float32)
+    # The decoder layer's own parameters, counted on a weightless meta-device copy of transformers' module.
+    with init_empty_weights():
+        layer = LlamaDecoderLayer(config, 0)
+    layer_bytes = compute_module_sizes(layer, dtype=dtype)[""]
+    largest = max(layer_bytes, config.vocab_size * config.hidden_size * dtype.itemsize)
+    weights = int(largest * (1 + layers_ahead) + largest * stored_fraction)
+    kv = 2 * kv_layers * config.num_key_value_heads * config.head_dim * max_seq * dtype.itemsize
+    activations = (6 * config.hidden_size + 2 * config.intermediate_size) * max_seq * dtype.itemsize
+    activations += config.vocab_size * 4
     return {"weights": weights, "kv": kv, "activations": activations, "total": weights + kv + activations}
 
 

@@ -12,12 +12,13 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from itertools import islice
+from typing import Any
 
 import torch
 from accelerate import init_empty_weights
 from torch import nn
 from torch.func import functional_call
-from transformers import LlamaConfig
+from transformers import Cache, LlamaConfig
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
 from transformers.masking_utils import create_causal_mask
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRMSNorm, LlamaRotaryEmbedding
@@ -61,6 +62,37 @@ class Sampler:
         return int(torch.multinomial(probs, 1, generator=self.generator))
 
 
+def forward_unit(module: nn.Module, weights: dict[str, torch.Tensor], *args: object, **kwargs: object) -> torch.Tensor:
+    """Run a weightless module skeleton on `weights`, which it does not keep."""
+    return functional_call(module, weights, args, kwargs, strict=True)
+
+
+def forward_decoder(
+    decoder: LlamaDecoderLayer,
+    weights: dict[str, torch.Tensor],
+    hidden: torch.Tensor,
+    *,
+    mask: torch.Tensor | None,
+    position_ids: torch.Tensor,
+    cache: Cache | None,
+    position_embeddings: tuple[torch.Tensor, torch.Tensor],
+) -> torch.Tensor:
+    """One decoder layer's forward, exactly as every pass runs it (the link probe times this same call).
+
+    hidden: [1, q, hidden] -> [1, q, hidden]; transformers 5 names the KV cache `cache` here.
+    """
+    return forward_unit(
+        decoder,
+        weights,
+        hidden,
+        attention_mask=mask,
+        position_ids=position_ids,
+        cache=cache,
+        use_cache=cache is not None,
+        position_embeddings=position_embeddings,
+    )
+
+
 class LayerStreamingRunner:
     def __init__(
         self,
@@ -91,9 +123,12 @@ class LayerStreamingRunner:
         # The rotary table is tiny and computed, not loaded: build it for real, on the device.
         self.rotary = LlamaRotaryEmbedding(config).to(device)
 
-    def _run(self, module: nn.Module, layer: DeviceLayer, *args: object, **kwargs: object) -> torch.Tensor:
+    def _run(
+        self, layer: DeviceLayer, forward: Callable[..., torch.Tensor], module: nn.Module, *args: Any, **kwargs: Any
+    ) -> torch.Tensor:
+        """`forward(module, layer.weights, ...)`, timed as the layer's compute; then its weights are released."""
         c0 = self.stages.device()
-        out = functional_call(module, layer.weights, args, kwargs, strict=True)
+        out = forward(module, layer.weights, *args, **kwargs)
         c1 = self.stages.device()
         layer.weights.clear()  # the last reference to this layer's device weights
         r1 = self.stages.device()
@@ -111,7 +146,7 @@ class LayerStreamingRunner:
         position_ids = torch.arange(past, past + input_ids.shape[1], device=self.device).unsqueeze(0)
         layers = self.pipeline.stream(self.units)
 
-        hidden = self._run(self.embed, next(layers), input_ids)  # [1, q, hidden]
+        hidden = self._run(next(layers), forward_unit, self.embed, input_ids)  # [1, q, hidden]
         p0 = self.stages.device()
         position_embeddings = self.rotary(hidden, position_ids)  # (cos, sin): [1, q, head_dim] each
         mask = create_causal_mask(
@@ -121,19 +156,19 @@ class LayerStreamingRunner:
         self.timeline.events.append(LayerEvent(self.passes, "rope+mask", {"compute": (p0, self.stages.device())}))
         for decoder, layer in zip(self.layers, islice(layers, len(self.layers)), strict=True):
             hidden = self._run(
-                decoder,
                 layer,
+                forward_decoder,
+                decoder,
                 hidden,
-                attention_mask=mask,
+                mask=mask,
                 position_ids=position_ids,
                 cache=cache,
-                use_cache=cache is not None,
                 position_embeddings=position_embeddings,
             )
         if not all_positions:
             hidden = hidden[:, -1:, :]  # generation decodes only the last position
-        hidden = self._run(self.norm, next(layers), hidden)
-        logits = self._run(self.lm_head, next(layers), hidden)  # [1, q or 1, vocab]
+        hidden = self._run(next(layers), forward_unit, self.norm, hidden)
+        logits = self._run(next(layers), forward_unit, self.lm_head, hidden)  # [1, q or 1, vocab]
         self.timeline.passes.append((pass_start, self.stages.device()))
         self.passes += 1
         return logits.float() if all_positions else logits[:, -1, :].float()

@@ -27,6 +27,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from harness import __version__
 from harness.checkpoints.local import checkpoint_tensor_index
+from harness.files import write_atomic
 from harness.measurement.memory import RssSampler
 from harness.split.layout import MANIFEST, SplitLayout, unit_names, unit_of
 from strategies.compression.base import Codec
@@ -108,15 +109,6 @@ def check_checkpoint_tensors(ckpt_dir: Path, config: LlamaConfig) -> dict[str, s
                 f"but config.json implies {list(shape)}"
             )
     return {name: file for name, file in index.items() if name in expected}
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _tensor_records(tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
@@ -208,7 +200,7 @@ def ensure_split(
         # vouches for a file that is about to be replaced.
         kept = {u: records[u] for u in file_units if u in valid}
         journal_lines = [json.dumps(header)] + [json.dumps({"unit": u, "record": r}) for u, r in kept.items()]
-        _write_atomic(split_dir / JOURNAL, ("\n".join(journal_lines) + "\n").encode())
+        write_atomic(split_dir / JOURNAL, ("\n".join(journal_lines) + "\n").encode())
         records = dict(kept)
         log.info("splitting %s into %s: %d of %d files to write", ckpt_dir, split_dir, len(todo), len(file_units))
         with RssSampler() as rss, _progress() as progress, open(split_dir / JOURNAL, "a") as journal:
@@ -228,7 +220,7 @@ def ensure_split(
                 # avoids reading the file back.
                 data = save(stored, metadata={"format": "pt"})
                 file_name = f"{unit}.safetensors"
-                _write_atomic(split_dir / file_name, data)
+                write_atomic(split_dir / file_name, data)
                 rec = {
                     "file": file_name,
                     "bytes": len(data),
@@ -252,7 +244,7 @@ def ensure_split(
         "aliases": {"lm_head": "embed"} if config.tie_word_embeddings else {},
     }
     if todo or not manifest_path.exists():
-        _write_atomic(manifest_path, (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode())
+        write_atomic(manifest_path, (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode())
     (split_dir / JOURNAL).unlink(missing_ok=True)
     stats.largest_file_bytes = max(r["bytes"] for r in manifest["files"].values())
     stats.split_s = time.perf_counter() - started
