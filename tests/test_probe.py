@@ -9,15 +9,11 @@ import pytest
 import torch
 from transformers import LlamaConfig
 
-from harness.probe import probe
-from harness.probe.probe import (
-    Floor,
-    LinkRates,
-    load_or_measure,
-    measure_layer_compute_s,
-    measure_link_rates,
-    token_floor,
-)
+from harness.probe import cli, store
+from harness.probe.compute import measure_layer_compute_s
+from harness.probe.floor import Floor, token_floor
+from harness.probe.links import LinkRates, measure_link_rates
+from harness.probe.store import load_or_measure
 
 SMALL = 16 << 20  # 16 MiB: enough to time, small enough for a 2-core CI box
 
@@ -83,7 +79,7 @@ def test_scratch_file_is_removed(cpu_rates: tuple[LinkRates, Path]) -> None:
 
 def test_rates_survive_json_round_trip(cpu_rates: tuple[LinkRates, Path]) -> None:
     rates, _ = cpu_rates
-    assert probe._rates_from_json(json.loads(json.dumps(asdict(rates)))) == rates
+    assert store._rates_from_json(json.loads(json.dumps(asdict(rates)))) == rates
 
 
 def test_layer_compute_time_is_positive() -> None:
@@ -119,17 +115,17 @@ def _refuse(*args: object, **kwargs: object) -> LinkRates:
 def test_load_or_measure_caches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     cpu = torch.device("cpu")
     fake = _Counter(_rates(device="cpu", h2d_pinned_bytes_per_s=None, h2d_pageable_bytes_per_s=None))
-    monkeypatch.setattr(probe, "measure_link_rates", fake)
+    monkeypatch.setattr(store, "measure_link_rates", fake)
     first = load_or_measure(cpu, tmp_path / "cache", tmp_path / "scratch")
     assert fake.calls == 1
-    path = probe.cache_path(cpu, tmp_path / "cache")
+    path = store.cache_path(cpu, tmp_path / "cache")
     assert path.is_file() and path.name.endswith("-cpu.json")
     assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary file left behind
 
-    monkeypatch.setattr(probe, "measure_link_rates", _refuse)
+    monkeypatch.setattr(store, "measure_link_rates", _refuse)
     assert load_or_measure(cpu, tmp_path / "cache", tmp_path / "scratch") == first
 
-    monkeypatch.setattr(probe, "measure_link_rates", fake)
+    monkeypatch.setattr(store, "measure_link_rates", fake)
     refreshed = load_or_measure(cpu, tmp_path / "cache", tmp_path / "scratch", refresh=True)
     assert fake.calls == 2 and refreshed.measured_at == "call 2"
     assert json.loads(path.read_text())["measured_at"] == "call 2"
@@ -148,13 +144,13 @@ def test_load_or_measure_caches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
 )
 def test_unusable_cache_file_is_remeasured(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, content: str) -> None:
     cpu = torch.device("cpu")
-    path = probe.cache_path(cpu, tmp_path)
+    path = store.cache_path(cpu, tmp_path)
     path.write_text(content)
     fake = _Counter(_rates(device="cpu"))
-    monkeypatch.setattr(probe, "measure_link_rates", fake)
+    monkeypatch.setattr(store, "measure_link_rates", fake)
     rates = load_or_measure(cpu, tmp_path, tmp_path)
     assert fake.calls == 1 and rates.measured_at == "call 1"
-    assert probe._rates_from_json(json.loads(path.read_text())) == rates
+    assert store._rates_from_json(json.loads(path.read_text())) == rates
 
 
 # ---------------------------------------------------------------- the floor
@@ -228,12 +224,12 @@ def test_cli_prints_cached_rates(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
     cpu = torch.device("cpu")
-    path = probe.cache_path(cpu, tmp_path)
+    path = store.cache_path(cpu, tmp_path)
     path.write_text(
         json.dumps(asdict(_rates(device="cpu", h2d_pinned_bytes_per_s=None, h2d_pageable_bytes_per_s=None)))
     )
-    monkeypatch.setattr(probe, "measure_link_rates", _refuse)
-    probe.main(["--device", "cpu", "--cache-dir", str(tmp_path)])
+    monkeypatch.setattr(store, "measure_link_rates", _refuse)
+    cli.main(["--device", "cpu", "--cache-dir", str(tmp_path)])
     out = capsys.readouterr().out
     assert "disk read, cold" in out and "1.00" in out and "n/a" in out
 
@@ -257,8 +253,8 @@ def test_cuda_rates_and_compute(tmp_path: Path) -> None:
     ):
         assert value is not None and math.isfinite(value) and value > 0
     assert list((tmp_path / "scratch").iterdir()) == []
-    assert "-cuda" in probe.cache_path(cuda, tmp_path / "cache").name
-    assert probe.cache_path(cuda, tmp_path / "cache").is_file()
+    assert "-cuda" in store.cache_path(cuda, tmp_path / "cache").name
+    assert store.cache_path(cuda, tmp_path / "cache").is_file()
     layer_s = measure_layer_compute_s(_tiny_config(), cuda, torch.bfloat16, repeats=3)
     assert math.isfinite(layer_s) and layer_s > 0
     floor = token_floor(
@@ -275,16 +271,16 @@ def test_cuda_rates_and_compute(tmp_path: Path) -> None:
 
 def test_layer_compute_is_cached_per_geometry(tmp_path, monkeypatch) -> None:
     config = _tiny_config()
-    first = probe.load_or_measure_layer_compute_s(config, torch.device("cpu"), torch.bfloat16, tmp_path)
+    first = store.load_or_measure_layer_compute_s(config, torch.device("cpu"), torch.bfloat16, tmp_path)
     assert first > 0
 
     def no_measuring(*args, **kwargs):
         raise AssertionError("measured again although a cached value exists")
 
-    monkeypatch.setattr(probe, "measure_layer_compute_s", no_measuring)
-    assert probe.load_or_measure_layer_compute_s(config, torch.device("cpu"), torch.bfloat16, tmp_path) == first
+    monkeypatch.setattr(store, "measure_layer_compute_s", no_measuring)
+    assert store.load_or_measure_layer_compute_s(config, torch.device("cpu"), torch.bfloat16, tmp_path) == first
     # Another sequence length or dtype is another measurement.
     with pytest.raises(AssertionError, match="measured again"):
-        probe.load_or_measure_layer_compute_s(config, torch.device("cpu"), torch.bfloat16, tmp_path, seq_len=4)
+        store.load_or_measure_layer_compute_s(config, torch.device("cpu"), torch.bfloat16, tmp_path, seq_len=4)
     with pytest.raises(AssertionError, match="measured again"):
-        probe.load_or_measure_layer_compute_s(config, torch.device("cpu"), torch.bfloat16, tmp_path, refresh=True)
+        store.load_or_measure_layer_compute_s(config, torch.device("cpu"), torch.bfloat16, tmp_path, refresh=True)
