@@ -12,16 +12,28 @@ from omegaconf import DictConfig, OmegaConf
 import strategies
 from harness.config import register_configs
 
-# An absolute path: Hydra resolves a relative one against the calling module, which differs
-# between `python -m harness` and importing `main` from another script.
-CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+
+def conf_dir() -> str:
+    """conf/ as installed (a wheel ships it as harness/conf), else beside harness/ (a checkout, -e install).
+
+    Absolute: Hydra resolves a relative path against the calling module, which differs between
+    `python -m harness` and importing `main` from another script.
+    """
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "conf", here.parent / "conf"):
+        if (candidate / "config.yaml").is_file():
+            return str(candidate)
+    raise FileNotFoundError(f"layerbench's conf/ is neither in {here} nor beside it: reinstall the package")
+
+
+CONF_DIR = conf_dir()
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def main(dcfg: DictConfig) -> None:
     # Imported here so `--help` and config errors answer before torch and transformers load.
     from harness.job.run import run_job
-    from harness.tracking.tracking import parent_run_id_for_job
+    from harness.tracking.sweep import parent_run_id_for_job
 
     # Relative paths are relative to where the command was started, whatever Hydra's run dir is.
     dcfg.paths.outputs = to_absolute_path(dcfg.paths.outputs)

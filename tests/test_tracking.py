@@ -15,19 +15,15 @@ import textwrap
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import pytest
 import yaml
 from hydra.core.utils import JobReturn, JobStatus
 from omegaconf import OmegaConf
 
 from harness.measurement.environment import environment_tags
-from harness.tracking.tracking import (
-    MlflowSweepCallback,
-    RunTracker,
-    default_tracking_uri,
-    flatten,
-    parent_run_id_for_job,
-)
+from harness.tracking.client import RunTracker, default_tracking_uri, flatten
+from harness.tracking.sweep import MlflowSweepCallback, parent_run_id_for_job
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -91,7 +87,8 @@ def test_run_tracker_round_trip(store: str, tmp_path: Path, monkeypatch: pytest.
     tracker.log_metrics({f"m{i}": float(i) for i in range(1200)}, step=3)
     tracker.log_series("token_latency_s", [0.5, 0.25, 0.125])
     tracker.log_dict({"a": {"b": [1, 2]}, "where": Path("/x")}, "summary.json")
-    tracker.log_dict({"c": 1}, "config.yaml")
+    # numpy scalars (float64 subclasses float) must come out as plain YAML numbers, not Python-tagged objects.
+    tracker.log_dict({"c": 1, "n": np.int64(3), "f": np.float64(0.5)}, "config.yaml")
     tracker.log_text("hello\nworld\n", "notes/readme.txt")
     attached = tmp_path / "extra.txt"
     attached.write_text("attached")
@@ -112,6 +109,9 @@ def test_run_tracker_round_trip(store: str, tmp_path: Path, monkeypatch: pytest.
     assert run.data.tags["hw.cpu"] == "test cpu"
     assert run.data.tags["bad key_"] == "v"  # MLflow rejects "!" (and the whole batch with it)
     assert run.data.tags["late"] == "yes"
+    # MLflow's run context providers fill in what the fluent API would.
+    assert run.data.tags["mlflow.source.type"] == "LOCAL"
+    assert run.data.tags["mlflow.source.name"] and run.data.tags["mlflow.user"]
     reason = run.data.tags["failure_reason"]
     assert reason.startswith("boom boom") and len(reason) <= 2000
     assert run.data.metrics["tok_s"] == 12.5
@@ -129,7 +129,7 @@ def test_run_tracker_round_trip(store: str, tmp_path: Path, monkeypatch: pytest.
     summary = Path(client.download_artifacts(run_id, "summary.json", str(dst)))
     assert json.loads(summary.read_text()) == {"a": {"b": [1, 2]}, "where": "/x"}
     config = Path(client.download_artifacts(run_id, "config.yaml", str(dst)))
-    assert yaml.safe_load(config.read_text()) == {"c": 1}
+    assert yaml.safe_load(config.read_text()) == {"c": 1, "n": 3, "f": 0.5}
     notes = Path(client.download_artifacts(run_id, "notes/readme.txt", str(dst)))
     assert notes.read_text() == "hello\nworld\n"
     assert Path(client.download_artifacts(run_id, "files/extra.txt", str(dst))).read_text() == "attached"
@@ -238,7 +238,8 @@ APP = textwrap.dedent(
     from hydra.utils import to_absolute_path
     from omegaconf import OmegaConf
 
-    from harness.tracking.tracking import RunTracker, default_tracking_uri, flatten, parent_run_id_for_job
+    from harness.tracking.client import RunTracker, default_tracking_uri, flatten
+    from harness.tracking.sweep import parent_run_id_for_job
 
     ConfigStore.instance().store(
         name="app",
@@ -247,7 +248,7 @@ APP = textwrap.dedent(
             "fail_on": -1,
             "tracking": {"enabled": True, "uri": None, "experiment": "sweep"},
             "paths": {"outputs": "outputs"},
-            "hydra": {"callbacks": {"mlflow_sweep": {"_target_": "harness.tracking.tracking.MlflowSweepCallback"}}},
+            "hydra": {"callbacks": {"mlflow_sweep": {"_target_": "harness.tracking.sweep.MlflowSweepCallback"}}},
         },
     )
 

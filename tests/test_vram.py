@@ -1,18 +1,26 @@
-"""The VRAM cap, on CPU: an injected memory probe stands in for NVML."""
+"""The VRAM cap, on CPU: an injected memory probe stands in for NVML; fakes stand in for CUDA and NVML."""
 
 from __future__ import annotations
 
 import json
+import os
+import sys
+import threading
+import uuid
+from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+import torch
 from mlflow import MlflowClient
 from transformers import LlamaConfig
 
 import harness.measurement.vram as vram_mod
 from harness.checkpoints.generated import load_geometry
 from harness.job.run import run_job
-from harness.measurement.vram import GIB, VramCapExceeded, check_fits, estimate_need_bytes
+from harness.measurement.memory import PeakSampler, RssSampler
+from harness.measurement.vram import GIB, NvmlProbe, VramCapExceeded, VramMonitor, check_fits, estimate_need_bytes
 
 
 class FakeProbe:
@@ -71,7 +79,7 @@ def test_under_the_cap_the_probe_peak_is_logged(make_cfg, tmp_path, monkeypatch)
     monkeypatch.setattr(vram_mod, "default_probe", lambda device: FakeProbe(100 << 20, 300 << 20))
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     cfg = make_cfg("tracking.enabled=true", f"tracking.uri={uri}", "workload.max_new_tokens=3", "bench.repeats=2")
-    metrics = run_job(cfg, {}, choices={"model": "tiny"}, overrides=[])
+    metrics = run_job(cfg, {}, choices={"model": "tiny"}, overrides=[]).metrics()
     assert metrics["peak_vram_nvml_bytes"] == 300 << 20
     assert "peak_vram_allocated_bytes" not in metrics, "the allocator counters exist on CUDA only"
     # Repeats: every metric gets a spread.
@@ -91,3 +99,100 @@ def test_under_the_cap_the_probe_peak_is_logged(make_cfg, tmp_path, monkeypatch)
     assert Path(png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     generation = client.download_artifacts(run.info.run_id, "generation.json", str(tmp_path / "g"))
     assert len(json.loads(Path(generation).read_text())["generated_ids"]) == 3
+
+
+def counting_reads(readings: list[int | None], then: int) -> tuple[Callable[[], int | None], threading.Event]:
+    """A read function giving ``readings`` in turn, then ``then`` forever; the event is set once they are used up."""
+    left = list(readings)
+    used_up = threading.Event()
+
+    def read() -> int | None:
+        if left:
+            return left.pop(0)
+        used_up.set()
+        return then
+
+    return read, used_up
+
+
+def test_peak_sampler_keeps_the_highest_reading_and_skips_none() -> None:
+    read, used_up = counting_reads([10, None, 50, 30], then=20)
+    with PeakSampler(read, interval_s=0) as sampler:
+        assert used_up.wait(60), "the sampler thread never read"
+    assert (sampler.start_bytes, sampler.peak_bytes, sampler.peak_delta_bytes) == (10, 50, 40)
+
+
+def test_peak_sampler_reads_once_more_on_exit() -> None:
+    # An interval longer than the block: only the entry and exit readings are taken.
+    read, _ = counting_reads([10], then=70)
+    with PeakSampler(read, interval_s=3600) as sampler:
+        pass
+    assert (sampler.start_bytes, sampler.peak_bytes) == (10, 70)
+
+
+def test_peak_sampler_with_nothing_to_read_has_no_peak() -> None:
+    with PeakSampler(lambda: None, interval_s=3600) as sampler:
+        pass
+    assert sampler.peak_bytes is None and sampler.peak_delta_bytes is None
+
+
+def test_peak_sampler_raises_a_failed_read_on_exit() -> None:
+    calls = []
+    failed = threading.Event()
+
+    def read() -> int:
+        calls.append(1)
+        if len(calls) > 1:
+            failed.set()
+            raise OSError("reading went away")
+        return 1
+
+    with pytest.raises(OSError, match="reading went away"):
+        with PeakSampler(read, interval_s=0):
+            assert failed.wait(60)
+
+
+def test_rss_sampler_sees_an_allocation() -> None:
+    with RssSampler(interval_s=3600) as rss:
+        held = b"x" * (64 << 20)  # written, so resident; over glibc's mmap threshold, so new pages
+    assert len(held) and rss.peak_delta_bytes >= 32 << 20
+
+
+def test_vram_monitor_peak_counts_context_and_last_reading(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(vram_mod, "default_probe", lambda device: FakeProbe(100 << 20, 300 << 20))
+    with VramMonitor(torch.device("cpu"), cap_gib=4, interval_s=3600) as monitor:
+        pass
+    assert monitor.metrics() == {"peak_vram_nvml_bytes": float(300 << 20), "cuda_context_bytes": float(100 << 20)}
+    monitor.check()
+
+
+# NVML's numbering: four GPUs, and this process holds memory on NVML's index 2 only.
+NVML_UUIDS = [uuid.UUID(int=n) for n in (0xA0, 0xA1, 0xA2, 0xA3)]
+
+
+class FakeNvml:
+    """The few pynvml calls NvmlProbe makes; a handle is ("nvml", NVML index)."""
+
+    def nvmlInit(self) -> None:
+        pass
+
+    def nvmlDeviceGetHandleByIndex(self, index: int) -> tuple[str, int]:
+        return ("nvml", index)
+
+    def nvmlDeviceGetHandleByUUID(self, text: str) -> tuple[str, int]:
+        return ("nvml", [f"GPU-{u}" for u in NVML_UUIDS].index(text))
+
+    def nvmlDeviceGetComputeRunningProcesses(self, handle: tuple[str, int]) -> list[SimpleNamespace]:
+        held = {2: 123 << 20}
+        return [SimpleNamespace(pid=os.getpid(), usedGpuMemory=held[handle[1]])] if handle[1] in held else []
+
+
+def test_nvml_probe_maps_the_cuda_index_through_the_uuid(monkeypatch: pytest.MonkeyPatch) -> None:
+    # As with CUDA_VISIBLE_DEVICES=2,3: CUDA's device 0 is NVML's device 2, CUDA's 1 is NVML's 3.
+    visible = [NVML_UUIDS[2], NVML_UUIDS[3]]
+    monkeypatch.setitem(sys.modules, "pynvml", FakeNvml())
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: SimpleNamespace(uuid=visible[index]))
+    probe = NvmlProbe(torch.device("cuda", 0))
+    assert probe._handle == ("nvml", 2), "CUDA index 0 must not be taken for NVML index 0"
+    assert probe.process_bytes() == 123 << 20
+    assert NvmlProbe(torch.device("cuda", 1)).process_bytes() is None

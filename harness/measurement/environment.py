@@ -19,6 +19,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import psutil
+
 logger = logging.getLogger(__name__)
 
 _GIT_TIMEOUT_S = 0.5
@@ -61,6 +63,7 @@ def environment_tags(outputs_dir: Path | str | None = None) -> dict[str, str]:
 def _cpu_tags() -> dict[str, str]:
     tags: dict[str, str] = {}
     model = ""
+    # psutil has no CPU model name: /proc/cpuinfo is the only source on Linux.
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
             for line in f:
@@ -71,18 +74,19 @@ def _cpu_tags() -> dict[str, str]:
     except OSError:
         pass
     tags["hw.cpu"] = model or platform.processor() or platform.machine()
-    # The cores this process may use (cgroups/taskset), which is what the timings depend on.
-    count = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    # The cores this process may use (cgroups/taskset), which is what the timings depend on;
+    # psutil has no affinity on macOS, where the machine's logical cores are the best answer.
+    if hasattr(psutil.Process, "cpu_affinity"):
+        count = len(psutil.Process().cpu_affinity())
+    else:
+        count = psutil.cpu_count()
     if count:
         tags["hw.cpu_count"] = str(count)
     return tags
 
 
 def _ram_tags() -> dict[str, str]:
-    try:
-        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (AttributeError, ValueError, OSError):
-        return {}
+    total = psutil.virtual_memory().total
     return {"hw.ram_bytes": str(total)} if total > 0 else {}
 
 
@@ -102,11 +106,11 @@ def _gpu_tags() -> dict[str, str]:
         return {}
     try:
         import pynvml
-    except Exception:
+    except ImportError:
         return {}
     try:
         pynvml.nvmlInit()
-    except Exception:  # no driver / no GPU: a CPU machine, not an error
+    except pynvml.NVMLError:  # no driver / no GPU: a CPU machine, not an error
         return {}
     try:
         count = pynvml.nvmlDeviceGetCount()
@@ -129,10 +133,7 @@ def _gpu_tags() -> dict[str, str]:
             tags["hw.gpu_memory_bytes"] = str(total)
         return tags
     finally:
-        try:
-            pynvml.nvmlShutdown()
-        except Exception:
-            pass
+        pynvml.nvmlShutdown()
 
 
 def _text(value: str | bytes) -> str:
@@ -202,32 +203,14 @@ def _git_tags() -> dict[str, str]:
     return tags
 
 
-def _unescape_mount_field(field: str) -> str:
-    # /proc/mounts writes spaces, tabs, newlines and backslashes as octal escapes.
-    for escaped, plain in (("\\040", " "), ("\\011", "\t"), ("\\012", "\n"), ("\\134", "\\")):
-        field = field.replace(escaped, plain)
-    return field
-
-
 def _disk_tags(outputs_dir: Path) -> dict[str, str]:
     path = outputs_dir.resolve()
     # The outputs directory may not exist yet: its nearest existing ancestor is on the same mount.
     while not path.exists() and path != path.parent:
         path = path.parent
-    best: tuple[int, str, str] | None = None
-    try:
-        with open("/proc/self/mounts", encoding="utf-8", errors="replace") as f:
-            lines = f.readlines()
-    except OSError:
+    holding = [part for part in psutil.disk_partitions(all=True) if path.is_relative_to(part.mountpoint)]
+    if not holding:
         return {}
-    for line in lines:
-        fields = line.split()
-        if len(fields) < 3:
-            continue
-        device, mount_point, fstype = (_unescape_mount_field(x) for x in fields[:3])
-        mount = Path(mount_point)
-        if (path == mount or mount in path.parents) and (best is None or len(mount_point) >= best[0]):
-            best = (len(mount_point), device, fstype)
-    if best is None:
-        return {}
-    return {"hw.disk": f"{best[1]} ({best[2]})"}
+    # The longest mount point; of equal ones the last listed, which is mounted over the others.
+    best = max(reversed(holding), key=lambda part: len(part.mountpoint))
+    return {"hw.disk": f"{best.device} ({best.fstype})"}

@@ -7,15 +7,16 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 from types import TracebackType
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from accelerate import init_empty_weights
 from accelerate.utils import compute_module_sizes
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+from harness.measurement.memory import PeakSampler
 
 log = logging.getLogger(__name__)
 
@@ -32,13 +33,23 @@ class MemoryProbe(Protocol):
         ...
 
 
+def nvml_handle(pynvml: Any, cuda_index: int) -> Any:
+    """NVML's handle for CUDA device ``cuda_index``.
+
+    The indices differ: NVML numbers every GPU of the machine, CUDA only those CUDA_VISIBLE_DEVICES
+    lets it see, in its own order (CUDA_DEVICE_ORDER). The device's UUID is the same in both.
+    """
+    uuid = torch.cuda.get_device_properties(cuda_index).uuid
+    return pynvml.nvmlDeviceGetHandleByUUID(f"GPU-{uuid}")
+
+
 class NvmlProbe:
     def __init__(self, device: torch.device) -> None:
         import pynvml
 
         pynvml.nvmlInit()
         index = device.index if device.index is not None else torch.cuda.current_device()
-        self._handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+        self._handle = nvml_handle(pynvml, index)
 
     def process_bytes(self) -> int | None:
         import pynvml
@@ -73,11 +84,9 @@ class VramMonitor:
         self.device = device
         self.cap_bytes = int(cap_gib * GIB)
         self.interval_s = interval_s
-        self.nvml_peak_bytes: int | None = None
         self.context_bytes: int | None = None
         self.probe: MemoryProbe | None = None
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._sampler: PeakSampler | None = None
 
     @property
     def active(self) -> bool:
@@ -87,6 +96,12 @@ class VramMonitor:
     def enforced(self) -> bool:
         """The cap applies: on CUDA, or wherever a memory probe watches (tests inject one on CPU)."""
         return self.active or self.probe is not None
+
+    @property
+    def nvml_peak_bytes(self) -> int | None:
+        """The probe's highest reading, the context's at start included; None without a probe or a reading."""
+        readings = (self.context_bytes, self._sampler.peak_bytes if self._sampler is not None else None)
+        return max((b for b in readings if b is not None), default=None)
 
     def __enter__(self) -> VramMonitor:
         if self.active:
@@ -104,26 +119,19 @@ class VramMonitor:
             total = torch.cuda.get_device_properties(self.device).total_memory
             torch.cuda.set_per_process_memory_fraction(min(1.0, allocator_bytes / total), self.device)
         if self.probe is not None:
-            self.nvml_peak_bytes = self.context_bytes
-            self._thread = threading.Thread(target=self._sample, name="vram-sampler", daemon=True)
-            self._thread.start()
+            self._sampler = PeakSampler(self.probe.process_bytes, self.interval_s, name="vram-sampler").start()
         return self
-
-    def _sample(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            used = self.probe.process_bytes()
-            if used is not None:
-                self.nvml_peak_bytes = max(self.nvml_peak_bytes or 0, used)
 
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-        if self.active:
-            # The cap is the streaming run's; the resident reference and the probe that follow are not held to it.
-            torch.cuda.set_per_process_memory_fraction(1.0, self.device)
+        try:
+            if self._sampler is not None:
+                self._sampler.stop()
+        finally:
+            if self.active:
+                # The cap is the streaming run's; the resident reference and the probe that follow are not held to it.
+                torch.cuda.set_per_process_memory_fraction(1.0, self.device)
 
     def metrics(self) -> dict[str, float]:
         out = {}
