@@ -7,15 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from harness.report.report import (
-    ABSENT,
-    differing_params,
-    format_metric,
-    main,
-    percent_diff,
-    sig3,
-)
-from harness.tracking.tracking import ROLE_TAG, RunTracker, default_tracking_uri
+from harness.measurement.units import ABSENT, format_metric, sig3
+from harness.report.cli import main
+from harness.report.rows import differing_params
+from harness.report.table import percent_diff
+from harness.tracking.client import ROLE_TAG, RunTracker, default_tracking_uri
 
 WIDTH = "250"  # wide enough that rich neither wraps nor ellipsizes a cell
 
