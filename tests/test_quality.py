@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from harness.job.quality import corpus_ids, quality_metrics
-from harness.job.run import build_streamer, fresh_runner, generate
+from harness.job.streamer import build_streamer, fresh_runner, generate
 from strategies.cache.files import read_layer_file
 
 

@@ -16,7 +16,7 @@ import torch
 from transformers import GenerationConfig, LlamaForCausalLM
 
 from harness.device import resolve_device
-from harness.job.run import build_streamer, generate
+from harness.job.streamer import build_streamer, generate
 
 NEW_TOKENS = 32
 PROMPTS = [

@@ -7,6 +7,7 @@ weights, so the only difference under test is where and how the codec runs.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import threading
 from functools import cache
@@ -18,9 +19,10 @@ from safetensors.torch import load_file
 from transformers import GenerationConfig, LlamaForCausalLM
 
 import strategies
-from harness.job.run import build_streamer, generate
+from harness.job.run import run_job
+from harness.job.streamer import build_streamer, generate
 from harness.split.layout import unit_of
-from strategies.compression.configs import Blockwise4bitConfig, Blockwise8bitConfig
+from strategies.compression.configs import Blockwise4bitConfig, Blockwise8bitConfig, CompressionConfig
 from strategies.prefetch.configs import PrefetchOnConfig
 from strategies.prefetch.on import PrefetchOn
 
@@ -198,3 +200,52 @@ def test_combination_on_cuda(make_cfg, cache_: str, compression: str, prefetch: 
     for ours, ref in zip(gen.logits, out.logits, strict=True):
         ref = ref.float().cpu()
         assert (ours - ref).abs().max().item() <= LOGIT_TOLERANCE * max(ref.abs().max().item(), 1.0)
+
+
+# --- what the options state about themselves (the job asks; it never compares option names)
+
+
+def test_options_state_what_they_hold_and_cost() -> None:
+    cpu = torch.device("cpu")
+    assert strategies.build(PrefetchOnConfig(depth=3), device=cpu).layers_ahead == 3
+    assert strategies.build(strategies.option_configs()["prefetch"]["off"](), device=cpu).layers_ahead == 0
+    kv = {name: strategies.build(cfg()) for name, cfg in strategies.option_configs()["kv_cache"].items()}
+    assert {name: policy.layers_on_device(32) for name, policy in kv.items()} == {"none": 1, "device": 32, "offload": 1}
+    assert {name: policy.recomputes_sequence for name, policy in kv.items()} == {
+        "none": True, "device": False, "offload": False
+    }
+    codecs = {name: strategies.build(cfg()) for name, cfg in strategies.option_configs()["compression"].items()}
+    assert {name: (c.lossy, c.dequant_link) for name, c in codecs.items()} == {
+        "none": (False, None), "8bit": (True, "8bit"), "4bit": (True, "4bit")
+    }
+
+
+@dataclasses.dataclass
+class RoundedConfig(CompressionConfig):
+    name: str = "rounded"
+    _target_: str = f"{__name__}.RoundedCodec"
+
+
+class RoundedCodec:
+    """A lossy option the job has never heard of: weights rounded to multiples of 1/8 at split time."""
+
+    stored_fraction = 0.0
+    lossy = True
+    dequant_link = None
+    split_key = "test-rounded-8"
+
+    def __init__(self, cfg: RoundedConfig) -> None:
+        self.cfg = cfg
+
+    def encode(self, layer: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: (t.float() * 8).round().div(8).to(t.dtype) if t.dim() == 2 else t for k, t in tensors.items()}
+
+    def decode(self, layer: str, stored: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+        return stored
+
+
+def test_a_new_lossy_option_gets_its_quality_pass_without_a_job_edit(make_cfg) -> None:
+    cfg = dataclasses.replace(make_cfg("workload.max_new_tokens=3", "probe.enabled=false"), compression=RoundedConfig())
+    report = run_job(cfg, {}, choices={"model": "tiny", "compression": "rounded"}, overrides=[])
+    assert report.quality_kl_mean is not None and report.quality_kl_mean > 0
+    assert report.quality_ppl is not None and report.quality_ppl_reference is not None

@@ -39,7 +39,7 @@ def byte_scale(value: float) -> tuple[str, float]:
 
 def metric_kind(name: str) -> str:
     """How a metric is read, from its name: seconds, bytes, ratio, rate, or a plain number."""
-    if name.endswith("_bytes"):
+    if "_bytes" in name and not name.endswith("_per_s"):  # also read_bytes_per_pass, kv_bytes_per_token
         return "bytes"
     if "ratio" in name:
         return "ratio"
@@ -64,6 +64,9 @@ def format_metric(name: str, value: float | None) -> str:
     if kind == "ratio":
         return f"{sig3(value)}x"
     if kind == "rate":
+        if name.endswith("bytes_per_s"):
+            unit, size = byte_scale(value)
+            return f"{sig3(value / size)} {unit}/s"
         return f"{sig3(value)} {'tok/s' if name.endswith('tokens_per_s') else '/s'}"
     if value.is_integer() and abs(value) < 1e15:
         return f"{int(value):,}"  # counts (new_tokens, passes) read better without decimals

@@ -1,0 +1,55 @@
+"""`python -m harness [overrides]`: one job, or a sweep with -m."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import to_absolute_path
+from omegaconf import DictConfig, OmegaConf
+
+import strategies
+from harness.config import register_configs
+
+
+def conf_dir() -> str:
+    """conf/ as installed (a wheel ships it as harness/conf), else beside harness/ (a checkout, -e install).
+
+    Absolute: Hydra resolves a relative path against the calling module, which differs between
+    `python -m harness` and importing `main` from another script.
+    """
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "conf", here.parent / "conf"):
+        if (candidate / "config.yaml").is_file():
+            return str(candidate)
+    raise FileNotFoundError(f"layerbench's conf/ is neither in {here} nor beside it: reinstall the package")
+
+
+CONF_DIR = conf_dir()
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
+def main(dcfg: DictConfig) -> None:
+    # Imported here so `--help` and config errors answer before torch and transformers load.
+    from harness.job.run import run_job
+    from harness.tracking.sweep import parent_run_id_for_job
+
+    # Relative paths are relative to where the command was started, whatever Hydra's run dir is.
+    dcfg.paths.outputs = to_absolute_path(dcfg.paths.outputs)
+    # to_object runs every __post_init__: bad values fail here, before anything is loaded.
+    cfg = OmegaConf.to_object(dcfg)
+    hydra_cfg = HydraConfig.get()
+    choices = {group: hydra_cfg.runtime.choices[group] for group in ("model", *strategies.FAMILIES)}
+    run_job(
+        cfg,
+        OmegaConf.to_container(dcfg, resolve=True),
+        choices=choices,
+        overrides=list(hydra_cfg.overrides.task),
+        parent_run_id=parent_run_id_for_job(),
+    )
+
+
+if __name__ == "__main__":
+    register_configs()
+    main()

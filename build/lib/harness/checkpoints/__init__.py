@@ -1,0 +1,1 @@
+"""Checkpoints: the embedded generated models and validated local Hugging Face directories."""

@@ -1,0 +1,195 @@
+"""The config schema: one dataclass per section, validated in ``__post_init__``.
+
+conf/*.yaml is what users read and edit; these dataclasses are its schema (Hydra's
+``base_*`` pattern), so a typo or a bad value fails before anything is loaded.
+Strategy configs live in strategies/<family>/configs.py. Nothing here imports torch: composing
+a config (``--help``, ``--cfg job``, a bad value) answers before any heavy library loads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+import strategies
+from strategies.cache.configs import CacheConfig, DiskCacheConfig
+from strategies.checks import check_choice, check_positive
+from strategies.compression.configs import CompressionConfig, NoCompressionConfig
+from strategies.kv_cache.configs import KVCacheConfig
+from strategies.prefetch.configs import PrefetchConfig, PrefetchOffConfig
+
+MODEL_SOURCES = ("generated", "local")
+DTYPES = ("bfloat16", "float16", "float32")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING
+    # generated: built here from `geometry` with seeded random weights, no network;
+    # local: a Llama-family Hugging Face checkpoint directory at `path`.
+    source: str = "generated"
+    geometry: str | None = None  # a file in harness/geometries/, without .json
+    path: str | None = None
+    # dtype of generated weights; a local checkpoint keeps the dtype it was saved in.
+    dtype: str = "bfloat16"
+    seed: int = 0
+    # Generated checkpoints are sharded so that the sharded-index path is always exercised.
+    shards: int = 2
+    # LlamaConfig fields applied on top of the geometry (e.g. num_hidden_layers: 4 for a quick run).
+    config_overrides: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        check_choice("model.source", self.source, MODEL_SOURCES)
+        check_choice("model.dtype", self.dtype, DTYPES)
+        check_positive("model.shards", self.shards)
+        if self.source == "generated" and not self.geometry:
+            raise ValueError(f"model.geometry must be set for the generated model {self.name!r}")
+        if self.source == "local" and not self.path:
+            raise ValueError(
+                "model.path is required for model=local: pass the checkpoint directory, "
+                "e.g. `python -m harness model=local model.path=/models/Meta-Llama-3-8B-Instruct`"
+            )
+
+
+@dataclass
+class WorkloadConfig:
+    prompt: str = "The history of computing began with"
+    # Apply the tokenizer's chat template (instruct checkpoints expect it).
+    chat: bool = False
+    max_new_tokens: int = 20
+    # Greedy by default: deterministic output is what lets us compare against transformers.
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int = 0
+    # Benchmarks that need a fixed token count turn this off so EOS cannot cut a run short.
+    stop_at_eos: bool = True
+    # Exactly this many prompt tokens (the prompt repeated, then cut), whatever the tokenizer.
+    prompt_tokens: int | None = None
+
+    def __post_init__(self) -> None:
+        check_positive("workload.max_new_tokens", self.max_new_tokens)
+        check_positive("workload.temperature", self.temperature)
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"workload.top_p={self.top_p!r} is not valid: it must be in (0, 1]")
+        if not self.prompt:
+            raise ValueError("workload.prompt is empty: give the text to generate from")
+        if self.prompt_tokens is not None:
+            check_positive("workload.prompt_tokens", self.prompt_tokens)
+
+
+@dataclass
+class BenchConfig:
+    # Generations run and thrown away first: kernel selection, allocator growth, a warm RAM cache.
+    warmup: int = 0
+    # Measured generations; with more than one, every metric also gets _std and _cv.
+    repeats: int = 1
+
+    def __post_init__(self) -> None:
+        check_positive("bench.warmup", self.warmup, allow_zero=True)
+        check_positive("bench.repeats", self.repeats)
+
+
+@dataclass
+class ProbeConfig:
+    # Measure the links (disk, host copy, H2D, dequant) once per machine and device, then reuse;
+    # with the per-layer compute time they give `floor_s`, the physical limit per token.
+    enabled: bool = True
+    refresh: bool = False
+    # Bytes moved per link measurement: large enough to leave the caches behind.
+    size_mib: int = 256
+
+    def __post_init__(self) -> None:
+        check_positive("probe.size_mib", self.size_mib)
+
+
+@dataclass
+class SplitConfig:
+    # Re-hash every layer file when reusing a split (catches corruption; costs one read of the split).
+    verify: bool = True
+    # Where splits live; default: <paths.outputs>/splits.
+    dir: str | None = None
+
+
+@dataclass
+class VramConfig:
+    # The story's GPU: 4 GiB. Applies on CUDA only.
+    cap_gib: float = 4.0
+
+    def __post_init__(self) -> None:
+        check_positive("vram.cap_gib", self.cap_gib)
+
+
+@dataclass
+class QualityConfig:
+    # Compressed runs only. Costs an uncompressed split and three uncompressed passes:
+    # cheap for small models, switch it off for large ones.
+    enabled: bool = True
+    # Tokens of harness/data/corpus.txt used for perplexity.
+    max_tokens: int = 256
+
+    def __post_init__(self) -> None:
+        check_positive("quality.max_tokens", self.max_tokens)
+
+
+@dataclass
+class ReferenceConfig:
+    # Also time transformers' in-memory generate on the same checkpoint, in the same job,
+    # for the streaming-vs-resident ratio. The whole model must fit on the device.
+    enabled: bool = False
+
+
+@dataclass
+class TrackingConfig:
+    enabled: bool = True
+    # Default: sqlite:///<abs paths.outputs>/mlflow.db, so `mlflow ui --backend-store-uri` shows every run.
+    uri: str | None = None
+    experiment: str = "layerbench"
+
+
+@dataclass
+class PathsConfig:
+    # Relative paths resolve against the directory the command was started from.
+    outputs: str = "outputs"
+
+
+@dataclass
+class Config:
+    model: ModelConfig = MISSING
+    cache: CacheConfig = MISSING
+    compression: CompressionConfig = MISSING
+    prefetch: PrefetchConfig = MISSING
+    kv_cache: KVCacheConfig = MISSING
+    workload: WorkloadConfig = field(default_factory=WorkloadConfig)
+    bench: BenchConfig = field(default_factory=BenchConfig)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
+    split: SplitConfig = field(default_factory=SplitConfig)
+    vram: VramConfig = field(default_factory=VramConfig)
+    quality: QualityConfig = field(default_factory=QualityConfig)
+    reference: ReferenceConfig = field(default_factory=ReferenceConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    # auto: cuda when torch sees a GPU, else cpu.
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        check_choice("device", self.device, DEVICES)
+
+    def uncompressed(self) -> Config:
+        """The same model and workload with the weights as the checkpoint stores them, streamed the
+        plainest way (read at each pass, nothing held, nothing ahead): what a lossy codec is measured against."""
+        return replace(self, compression=NoCompressionConfig(), cache=DiskCacheConfig(), prefetch=PrefetchOffConfig())
+
+
+def register_configs() -> None:
+    """Store the schema in Hydra's ConfigStore; conf/ yaml files extend these by name."""
+    cs = ConfigStore.instance()
+    cs.store(name="base_config", node=Config)
+    cs.store(group="model", name="base_model", node=ModelConfig)
+    for family, options in strategies.option_configs().items():
+        for option_name, node in options.items():
+            cs.store(group=family, name=f"base_{option_name}", node=node)

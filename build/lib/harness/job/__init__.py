@@ -1,0 +1,1 @@
+"""One job: build the streamer, generate, measure, compare, log."""

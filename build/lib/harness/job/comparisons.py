@@ -1,0 +1,71 @@
+"""What a run is measured against: the physical floor, transformers' resident generate, the uncompressed model.
+
+Each asks the strategies what applies (`KVCachePolicy.recomputes_sequence`, `Codec.dequant_link`,
+`Codec.lossy`) instead of comparing option names, so a new option needs no edit here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from harness.config import Config
+from harness.job.quality import corpus_ids, quality_metrics
+from harness.job.reference import time_transformers_generate
+from harness.job.streamer import Streamer, build_streamer, eos_ids, fresh_runner
+from harness.measurement.run_report import RunReport
+from harness.probe.floor import token_floor
+from harness.probe.store import load_or_measure, load_or_measure_layer_compute_s
+from harness.runner.streaming import Generation
+
+
+def floor_metrics(streamer: Streamer, cfg: Config, report: RunReport, outputs_dir: Path) -> dict[str, float]:
+    """The per-token floor from the measured links and one layer's compute, and how far the run is from it."""
+    rates = load_or_measure(
+        streamer.device, outputs_dir / "probe", outputs_dir / "probe", refresh=cfg.probe.refresh,
+        size_bytes=cfg.probe.size_mib << 20,
+    )
+    kv_policy, codec = streamer.runner.kv_policy, streamer.pipeline.codec
+    # Without a KV cache every pass recomputes the whole sequence: time a layer at the mean pass length.
+    seq_len = int(report.prompt_tokens + report.new_tokens / 2) if kv_policy.recomputes_sequence else 1
+    layer_s = load_or_measure_layer_compute_s(
+        streamer.config, streamer.device, streamer.config.dtype, outputs_dir / "probe", seq_len, cfg.probe.refresh
+    )
+    floor = token_floor(
+        disk_bytes=report.read_bytes_per_pass,
+        host_bytes=0.0,  # cached host copies are read in place; their cost shows as H2D or compute
+        h2d_bytes=report.h2d_bytes_per_pass,
+        dequant_bytes=report.decode_bytes_per_pass if codec.dequant_link else 0.0,
+        dequant_codec=codec.dequant_link,
+        compute_s=layer_s * streamer.config.num_hidden_layers,
+        rates=rates,
+        page_cache=cfg.cache.page_cache,
+    )
+    out = {"floor_s": floor.floor_s, "layer_compute_s": layer_s}
+    out.update({f"floor_{link}_s": seconds for link, seconds in floor.per_link_s.items()})
+    if report.tpot_s is not None and floor.floor_s > 0:
+        out["floor_ratio"] = report.tpot_s / floor.floor_s
+    out.update({f"link_{k}": float(v) for k, v in vars(rates).items() if isinstance(v, float)})
+    return out
+
+
+def reference_metrics(streamer: Streamer, cfg: Config, gen: Generation, tpot_s: float | None) -> dict[str, float]:
+    """transformers' resident generate on the same checkpoint and prompt, timed the same way."""
+    stop = eos_ids(streamer.config, streamer.tokenizer, streamer.ckpt_dir) if cfg.workload.stop_at_eos else []
+    ref_ids, metrics = time_transformers_generate(
+        streamer.ckpt_dir, gen.prompt_ids, cfg.workload.max_new_tokens, stop, streamer.device, streamer.runner.clock
+    )
+    metrics["reference_tokens_match"] = float(ref_ids == gen.generated_ids)
+    if tpot_s is not None and metrics.get("reference_tpot_s"):
+        metrics["tpot_ratio_vs_reference"] = tpot_s / metrics["reference_tpot_s"]
+    return metrics
+
+
+def compression_quality(streamer: Streamer, cfg: Config, gen: Generation, outputs_dir: Path) -> dict[str, float]:
+    """The codec's cost in accuracy: the same runner over the uncompressed split of the same checkpoint."""
+    plain = build_streamer(cfg.uncompressed(), outputs_dir, streamer.device)
+    return quality_metrics(
+        fresh_runner(streamer),
+        fresh_runner(plain),
+        gen.prompt_ids + gen.generated_ids,
+        corpus_ids(streamer.tokenizer, cfg.quality.max_tokens),
+    )

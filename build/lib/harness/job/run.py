@@ -1,0 +1,166 @@
+"""One job: build or find the checkpoint, split it, stream it, measure it, log it."""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import Progress
+
+import strategies
+from harness.config import Config
+from harness.device import resolve_device
+from harness.job.comparisons import compression_quality, floor_metrics, reference_metrics
+from harness.job.streamer import Streamer, build_streamer, generate
+from harness.measurement.environment import environment_tags
+from harness.measurement.memory import peak_rss_bytes
+from harness.measurement.metrics import aggregate, inter_token_latencies, token_metrics
+from harness.measurement.plots import plot_pass, plot_token_latency
+from harness.measurement.run_report import RunReport
+from harness.measurement.summary import print_summary
+from harness.measurement.timeline import CROSSCHECK_TOLERANCE, per_pass, stage_metrics
+from harness.measurement.vram import VramMonitor
+from harness.probe.floor import LINKS
+from harness.runner.streaming import Generation
+from harness.tracking.client import RunTracker, default_tracking_uri, flatten
+
+log = logging.getLogger(__name__)
+
+
+def generation_metrics(streamer: Streamer, gen: Generation) -> dict[str, float]:
+    """Everything one generation measured: token timing, bytes per pass, stage shares and the cross-check."""
+    rows = gen.timeline.rows(streamer.runner.stages)
+    read_per_pass = per_pass(rows, "read_bytes")
+    metrics = token_metrics(gen.start_s, gen.token_times_s)
+    metrics.update(
+        prompt_tokens=float(len(gen.prompt_ids)),
+        passes=float(len(read_per_pass)),
+        read_bytes_per_pass=sum(read_per_pass) / len(read_per_pass),
+        read_bytes_first_pass=read_per_pass[0],
+        h2d_bytes_per_pass=sum(per_pass(rows, "h2d_bytes")) / len(read_per_pass),
+        decode_bytes_per_pass=sum(per_pass(rows, "decode_bytes")) / len(read_per_pass),
+    )
+    overlapped = streamer.pipeline.prefetcher.layers_ahead > 0
+    metrics.update(stage_metrics(rows, gen.timeline.pass_walls(streamer.runner.stages), overlapped))
+    if gen.kv_cache_bytes is not None and gen.kv_cache_tokens:
+        metrics["kv_cache_bytes"] = float(gen.kv_cache_bytes)
+        metrics["kv_bytes_per_token"] = gen.kv_cache_bytes / gen.kv_cache_tokens
+    return metrics
+
+
+def rows_csv(rows: Sequence[dict]) -> str:
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=list(rows[0]) if rows else ["pass_index"])
+    writer.writeheader()
+    writer.writerows(rows)
+    return out.getvalue()
+
+
+def run_job(
+    cfg: Config,
+    resolved: Mapping[str, Any],
+    *,
+    choices: Mapping[str, str],
+    overrides: list[str],
+    parent_run_id: str | None = None,
+    console: Console | None = None,
+) -> RunReport:
+    """Run one configuration end to end; the MLflow run ends FAILED with the reason if anything raises."""
+    console = console or Console()
+    outputs_dir = Path(cfg.paths.outputs).resolve()
+    tracker = None
+    if cfg.tracking.enabled:
+        tracker = RunTracker(cfg.tracking.uri or default_tracking_uri(outputs_dir), cfg.tracking.experiment)
+        run_name = " ".join(f"{f}={choices[f]}" for f in ("model", *strategies.FAMILIES) if f in choices)
+        tracker.start(
+            run_name=run_name or None,
+            params={**flatten(resolved), **choices},
+            # With the outputs folder: hw.disk names the disk the splits are read from.
+            tags={**environment_tags(outputs_dir), "hydra.overrides": " ".join(overrides)},
+            parent_run_id=parent_run_id,
+        )
+    try:
+        device = resolve_device(cfg.device)
+        with VramMonitor(device, cfg.vram.cap_gib) as vram:
+            streamer = build_streamer(cfg, outputs_dir, device, vram)
+            with Progress(console=console, transient=True) as progress:
+                task = progress.add_task("generate", total=cfg.workload.max_new_tokens * cfg.bench.warmup)
+                for _ in range(cfg.bench.warmup):
+                    generate(streamer, cfg, on_token=lambda _: progress.advance(task))
+                gens = []
+                for repeat in range(cfg.bench.repeats):
+                    progress.reset(task, total=cfg.workload.max_new_tokens, description=f"generate {repeat + 1}")
+                    gens.append(generate(streamer, cfg, on_token=lambda _: progress.advance(task)))
+        vram.check()
+        gen = gens[-1]
+        report = RunReport().add(aggregate([generation_metrics(streamer, g) for g in gens]))
+        report.add(streamer.split_metrics())
+        report.add(vram.metrics())
+        report.peak_rss_bytes = float(peak_rss_bytes())
+        report.cache_bytes_held = float(streamer.pipeline.cache.bytes_held)
+        if cfg.probe.enabled:
+            report.add(floor_metrics(streamer, cfg, report, outputs_dir))
+        if cfg.reference.enabled:
+            report.add(reference_metrics(streamer, cfg, gen, report.tpot_s))
+        if cfg.quality.enabled and streamer.pipeline.codec.lossy:
+            report.add(compression_quality(streamer, cfg, gen, outputs_dir))
+        text = streamer.tokenizer.decode(gen.generated_ids, skip_special_tokens=True)
+        if tracker is not None:
+            log_run(tracker, cfg, resolved, streamer, gen, report, text)
+            tracker.end("FINISHED")
+    except BaseException as exc:
+        if tracker is not None:
+            tracker.end("FAILED", reason=f"{type(exc).__name__}: {exc}")
+        raise
+    print_summary(console, choices, report, text)
+    return report
+
+
+def log_run(
+    tracker: RunTracker,
+    cfg: Config,
+    resolved: Mapping[str, Any],
+    streamer: Streamer,
+    gen: Generation,
+    report: RunReport,
+    text: str,
+) -> None:
+    """Metrics, step series, tags and artifacts of a finished job (timeline and plots: its last repeat)."""
+    rows = gen.timeline.rows(streamer.runner.stages)
+    latencies = inter_token_latencies(gen.token_times_s)
+    tracker.log_metrics(report.metrics())
+    tracker.log_series("token_latency_s", latencies)
+    tracker.log_series("read_bytes", per_pass(rows, "read_bytes"))
+    tracker.log_dict(dict(resolved), "config.yaml")
+    generation = {"prompt_ids": gen.prompt_ids, "generated_ids": gen.generated_ids, "text": text}
+    tracker.log_dict(generation, "generation.json")
+    tracker.log_text(rows_csv(rows), "timeline.csv")
+    tags = {
+        "device": str(streamer.device),
+        "split.dir": str(streamer.layout.dir),
+        "split.fresh": str(streamer.split_stats.fresh).lower(),
+        "cache.page_cache": cfg.cache.page_cache,
+    }
+    if report.floor_s is not None:
+        tags["floor.limiting"] = max(LINKS, key=lambda link: getattr(report, f"floor_{link}_s"))
+    residual = report.crosscheck_residual
+    if residual is not None and residual > CROSSCHECK_TOLERANCE:
+        tags["warning.crosscheck"] = (
+            f"stage times of a pass differ from its wall time by {residual:.1%} (> {CROSSCHECK_TOLERANCE:.0%})"
+        )
+        log.warning(tags["warning.crosscheck"])
+    tracker.set_tags(tags)
+    with tempfile.TemporaryDirectory() as tmp:
+        title = streamer.ckpt_dir.name
+        decode_pass = len(gen.token_times_s) // 2  # a decode pass from the middle: no prefill, no warm-up edge
+        plot_pass(rows, decode_pass, Path(tmp) / "timeline_pass.png", f"{title}: pass {decode_pass}")
+        tracker.log_artifact(Path(tmp) / "timeline_pass.png")
+        if latencies:
+            plot_token_latency(latencies, Path(tmp) / "token_latency.png", f"{title}: per-token latency")
+            tracker.log_artifact(Path(tmp) / "token_latency.png")

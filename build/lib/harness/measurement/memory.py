@@ -1,0 +1,107 @@
+"""Host memory readings, and the background sampler that finds a peak over a block (host or device)."""
+
+from __future__ import annotations
+
+import resource
+import threading
+from collections.abc import Callable
+from types import TracebackType
+
+import psutil
+
+
+def anon_rss_bytes() -> int:
+    """Resident private (anonymous) memory: what the process itself allocated.
+
+    RSS also counts file pages mapped in, e.g. a safetensors file read through mmap; those
+    are page cache the kernel can drop, not memory a split or a run holds on to.
+    """
+    # psutil has no RssAnon (its uss also counts private file-backed pages), so /proc it is.
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+    return psutil.Process().memory_info().rss  # kernels before 4.5 lack the split; RSS is the upper bound
+
+
+def peak_rss_bytes() -> int:
+    """The process's high-water RSS since it started (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+class PeakSampler:
+    """The highest reading of ``read`` over a block, sampled every ``interval_s`` by a background thread.
+
+    ``read`` returns bytes, or None when there is nothing to read yet (a reading left out). The first
+    reading (on entry) is ``start_bytes``, and a last one is taken on exit, so even a block shorter than
+    one interval has a peak. An exception from ``read`` in the thread stops sampling and is raised on exit.
+    """
+
+    def __init__(self, read: Callable[[], int | None], interval_s: float = 0.01, name: str = "peak-sampler") -> None:
+        self.read = read
+        self.interval_s = interval_s
+        self.name = name
+        self.start_bytes: int | None = None
+        self.peak_bytes: int | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._error: Exception | None = None
+
+    @property
+    def peak_delta_bytes(self) -> int | None:
+        """How far the peak rose above the first reading."""
+        if self.start_bytes is None or self.peak_bytes is None:
+            return None
+        return self.peak_bytes - self.start_bytes
+
+    def sample(self) -> None:
+        value = self.read()
+        if value is not None:
+            self.peak_bytes = value if self.peak_bytes is None else max(self.peak_bytes, value)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                self.sample()
+            except Exception as exc:  # handed to the caller by stop(): a thread's exception would only be printed
+                self._error = exc
+                return
+
+    def start(self) -> PeakSampler:
+        if self._thread is not None:
+            raise RuntimeError(f"{self.name} is already running")
+        self.start_bytes = self.peak_bytes = self.read()
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        if self._thread is None:
+            return
+        self._stop.set()
+        self._thread.join()
+        self._thread = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+        self.sample()
+
+    def __enter__(self) -> PeakSampler:
+        return self.start()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+
+class RssSampler(PeakSampler):
+    """Peak anonymous RSS over a block.
+
+    ru_maxrss is a process-lifetime high-water mark, so it cannot tell what one step
+    (e.g. the split) cost once something earlier peaked higher; sampling can.
+    """
+
+    def __init__(self, interval_s: float = 0.01) -> None:
+        super().__init__(anon_rss_bytes, interval_s, name="rss-sampler")

@@ -1,0 +1,48 @@
+"""PNG artifacts: one pass's timeline (stages per layer, overlap visible) and per-token latency."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; no display on CI or a GPU box
+import matplotlib.pyplot as plt  # noqa: E402
+
+from harness.measurement.timeline import STAGES  # noqa: E402
+
+COLORS = {"read": "#4c72b0", "h2d": "#dd8452", "decode": "#55a868", "compute": "#c44e52", "release": "#8172b3"}
+
+
+def plot_pass(rows: Sequence[dict], pass_index: int, path: Path, title: str) -> None:
+    """One horizontal lane per unit; each stage a bar from its start to its end."""
+    units = [r for r in rows if r["pass_index"] == pass_index]
+    origin = min(r[f"{s}_start_s"] for r in units for s in STAGES if r[f"{s}_s"] > 0)
+    fig, ax = plt.subplots(figsize=(10, max(3, 0.25 * len(units) + 1)))
+    for lane, row in enumerate(units):
+        for stage in STAGES:
+            if row[f"{stage}_s"] > 0:
+                start_ms = (row[f"{stage}_start_s"] - origin) * 1e3
+                ax.broken_barh([(start_ms, row[f"{stage}_s"] * 1e3)], (lane - 0.4, 0.8), color=COLORS[stage])
+    ax.set_yticks(range(len(units)), [r["unit"] for r in units], fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel("ms since the pass started")
+    ax.set_title(title)
+    handles = [plt.Rectangle((0, 0), 1, 1, color=COLORS[s]) for s in STAGES]
+    ax.legend(handles, list(STAGES), loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_token_latency(latencies_s: Sequence[float], path: Path, title: str) -> None:
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    ax.plot(range(2, len(latencies_s) + 2), list(latencies_s), marker="o", markersize=3)
+    ax.set_xlabel("new token")
+    ax.set_ylabel("latency since previous token (s)")
+    ax.set_ylim(bottom=0)
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,186 @@
+"""Device memory: the allocator's peaks, the driver's view of the process, and the cap.
+
+On CPU there is no VRAM: every figure here is absent, never 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from types import TracebackType
+from typing import Any, Protocol
+
+import torch
+from accelerate import init_empty_weights
+from accelerate.utils import compute_module_sizes
+from transformers import LlamaConfig
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+from harness.measurement.memory import PeakSampler
+
+log = logging.getLogger(__name__)
+
+GIB = 1 << 30
+
+
+class VramCapExceeded(RuntimeError):
+    pass
+
+
+class MemoryProbe(Protocol):
+    def process_bytes(self) -> int | None:
+        """Device memory this process holds as the driver sees it (context included), or None."""
+        ...
+
+
+def nvml_handle(pynvml: Any, cuda_index: int) -> Any:
+    """NVML's handle for CUDA device ``cuda_index``.
+
+    The indices differ: NVML numbers every GPU of the machine, CUDA only those CUDA_VISIBLE_DEVICES
+    lets it see, in its own order (CUDA_DEVICE_ORDER). The device's UUID is the same in both.
+    """
+    uuid = torch.cuda.get_device_properties(cuda_index).uuid
+    return pynvml.nvmlDeviceGetHandleByUUID(f"GPU-{uuid}")
+
+
+class NvmlProbe:
+    def __init__(self, device: torch.device) -> None:
+        import pynvml
+
+        pynvml.nvmlInit()
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        self._handle = nvml_handle(pynvml, index)
+
+    def process_bytes(self) -> int | None:
+        import pynvml
+
+        pid = os.getpid()
+        for proc in pynvml.nvmlDeviceGetComputeRunningProcesses(self._handle):
+            if proc.pid == pid:
+                return int(proc.usedGpuMemory or 0)
+        return None
+
+
+def default_probe(device: torch.device) -> MemoryProbe | None:
+    """NVML on CUDA; nothing elsewhere (there is no VRAM to watch). Tests inject a fake here."""
+    if device.type != "cuda":
+        return None
+    try:
+        return NvmlProbe(device)
+    except Exception as exc:  # NVML missing or unsupported: the allocator cap still applies
+        log.warning("NVML unavailable (%s): VRAM peak is the allocator's only; context not measured", exc)
+        return None
+
+
+class VramMonitor:
+    """Enforces `cap_gib` on a CUDA device and records the peaks.
+
+    The cap covers what the driver sees (CUDA context included), so the caching
+    allocator gets the cap minus the context, measured by NVML at start; a background
+    sampler catches the process's true peak, which the allocator's counters miss.
+    """
+
+    def __init__(self, device: torch.device, cap_gib: float, interval_s: float = 0.005) -> None:
+        self.device = device
+        self.cap_bytes = int(cap_gib * GIB)
+        self.interval_s = interval_s
+        self.context_bytes: int | None = None
+        self.probe: MemoryProbe | None = None
+        self._sampler: PeakSampler | None = None
+
+    @property
+    def active(self) -> bool:
+        return self.device.type == "cuda"
+
+    @property
+    def enforced(self) -> bool:
+        """The cap applies: on CUDA, or wherever a memory probe watches (tests inject one on CPU)."""
+        return self.active or self.probe is not None
+
+    @property
+    def nvml_peak_bytes(self) -> int | None:
+        """The probe's highest reading, the context's at start included; None without a probe or a reading."""
+        readings = (self.context_bytes, self._sampler.peak_bytes if self._sampler is not None else None)
+        return max((b for b in readings if b is not None), default=None)
+
+    def __enter__(self) -> VramMonitor:
+        if self.active:
+            torch.cuda.init()  # the context exists before we measure it
+            torch.cuda.reset_peak_memory_stats(self.device)
+        self.probe = default_probe(self.device)
+        if self.probe is not None:
+            self.context_bytes = self.probe.process_bytes()
+        if self.active:
+            allocator_bytes = self.cap_bytes - (self.context_bytes or 0)
+            if allocator_bytes <= 0:
+                raise VramCapExceeded(
+                    f"the CUDA context alone uses {self.context_bytes} bytes, over vram.cap_gib={self.cap_bytes / GIB}"
+                )
+            total = torch.cuda.get_device_properties(self.device).total_memory
+            torch.cuda.set_per_process_memory_fraction(min(1.0, allocator_bytes / total), self.device)
+        if self.probe is not None:
+            self._sampler = PeakSampler(self.probe.process_bytes, self.interval_s, name="vram-sampler").start()
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        try:
+            if self._sampler is not None:
+                self._sampler.stop()
+        finally:
+            if self.active:
+                # The cap is the streaming run's; the resident reference and the probe that follow are not held to it.
+                torch.cuda.set_per_process_memory_fraction(1.0, self.device)
+
+    def metrics(self) -> dict[str, float]:
+        out = {}
+        if self.active:
+            out["peak_vram_allocated_bytes"] = float(torch.cuda.max_memory_allocated(self.device))
+            out["peak_vram_reserved_bytes"] = float(torch.cuda.max_memory_reserved(self.device))
+        if self.nvml_peak_bytes is not None:
+            out["peak_vram_nvml_bytes"] = float(self.nvml_peak_bytes)
+        if self.context_bytes is not None:
+            out["cuda_context_bytes"] = float(self.context_bytes)
+        return out
+
+    def check(self) -> None:
+        """Raise if the run went over the cap (the allocator limit cannot see the context)."""
+        peak = self.nvml_peak_bytes
+        if peak is not None and peak > self.cap_bytes:
+            raise VramCapExceeded(f"peak VRAM {peak / GIB:.2f} GiB (NVML) exceeded the cap {self.cap_bytes / GIB} GiB")
+
+
+def estimate_need_bytes(
+    config: LlamaConfig, *, stored_fraction: float, layers_ahead: int, kv_layers: int, max_seq: int
+) -> dict[str, int]:
+    """What a run must hold on the device at once, from the geometry alone (before anything is loaded).
+
+    Weights: the largest unit decoded, once for the layer computing and once per layer loaded ahead
+    (`layers_ahead`, the prefetcher's), plus its stored (encoded) form while it decodes
+    (`stored_fraction`, the codec's). KV: `kv_layers` layers' keys and values (the KV policy's) at
+    the longest sequence. Activations: a few hidden-state copies and the MLP's intermediate over the
+    sequence, plus fp32 logits.
+    """
+    dtype = getattr(torch, config.dtype) if isinstance(config.dtype, str) else (config.dtype or torch.float32)
+    # The decoder layer's own parameters, counted on a weightless meta-device copy of transformers' module.
+    with init_empty_weights():
+        layer = LlamaDecoderLayer(config, 0)
+    layer_bytes = compute_module_sizes(layer, dtype=dtype)[""]
+    largest = max(layer_bytes, config.vocab_size * config.hidden_size * dtype.itemsize)
+    weights = int(largest * (1 + layers_ahead) + largest * stored_fraction)
+    kv = 2 * kv_layers * config.num_key_value_heads * config.head_dim * max_seq * dtype.itemsize
+    activations = (6 * config.hidden_size + 2 * config.intermediate_size) * max_seq * dtype.itemsize
+    activations += config.vocab_size * 4
+    return {"weights": weights, "kv": kv, "activations": activations, "total": weights + kv + activations}
+
+
+def check_fits(need: dict[str, int], cap_gib: float, context_bytes: int) -> None:
+    cap = int(cap_gib * GIB)
+    if need["total"] + context_bytes > cap:
+        parts = ", ".join(f"{k} {v / GIB:.2f} GiB" for k, v in need.items() if k != "total")
+        raise VramCapExceeded(
+            f"this configuration needs about {(need['total'] + context_bytes) / GIB:.2f} GiB of device memory "
+            f"({parts}, CUDA context {context_bytes / GIB:.2f} GiB), over vram.cap_gib={cap_gib}: "
+            "use compression=8bit/4bit, a smaller prefetch.depth, kv_cache=offload, or a larger cap"
+        )

@@ -1,0 +1,93 @@
+"""One decoder layer's compute time in a decode step, timed through the very call the runner makes."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import torch
+
+from harness.probe.links import best_seconds, indexed_device
+from strategies.checks import check_positive
+
+if TYPE_CHECKING:
+    from transformers import LlamaConfig
+
+# Decode step against this many cached positions, so attention reads a KV cache as it does in generation.
+_PREFILLED_POSITIONS = 8
+
+
+def _random_weights(
+    names_and_shapes: dict[str, torch.Size], config: LlamaConfig, dtype: torch.dtype, device: torch.device
+) -> dict[str, torch.Tensor]:
+    # Filled explicitly because uninitialized memory may hold NaNs or denormals, which can make CPU
+    # matmuls many times slower than real weights.
+    weights = {}
+    for name, shape in names_and_shapes.items():
+        tensor = torch.empty(shape, dtype=dtype, device=device)
+        if name.endswith("norm.weight"):
+            tensor.fill_(1.0)
+        else:
+            tensor.normal_(0.0, config.initializer_range)
+        weights[name] = tensor
+    return weights
+
+
+def measure_layer_compute_s(
+    config: LlamaConfig, device: torch.device, dtype: torch.dtype, seq_len: int = 1, repeats: int = 5
+) -> float:
+    """Seconds for ONE decoder layer's forward in a decode step (best of `repeats`, after a warm-up):
+    the runner's own `forward_decoder` on a transformers LlamaDecoderLayer skeleton with random weights,
+    `seq_len` new positions against a DynamicCache already holding a few. Multiply by the layer count
+    for a token's decoder compute (embedding, final norm and lm_head are not in it)."""
+    # Imported here: the runner and transformers' model code are only needed once a layer is timed,
+    # not by the link rates or the cache that sit beside this.
+    from accelerate import init_empty_weights
+    from transformers.cache_utils import DynamicCache
+    from transformers.masking_utils import create_causal_mask
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
+
+    from harness.runner.streaming import forward_decoder
+
+    check_positive("seq_len", seq_len)
+    device = indexed_device(device)
+    config = copy.deepcopy(config)  # the caller's config keeps its own attention implementation
+    config._attn_implementation = "sdpa"  # what the runner and the reference use
+
+    # A weightless skeleton and a separate weights dict, as the runner streams them: no fp32 host init
+    # of ~218M parameters for the 8B geometry, and the timed call is the runner's, weights handling included.
+    with init_empty_weights():
+        decoder = LlamaDecoderLayer(config, 0)
+    decoder.eval()
+    shapes = {name: tensor.shape for name, tensor in decoder.state_dict().items()}
+    weights = _random_weights(shapes, config, dtype, device)
+    rotary = LlamaRotaryEmbedding(config).to(device)
+
+    generator = torch.Generator(device=device).manual_seed(0)
+    hidden = torch.randn(1, seq_len, config.hidden_size, dtype=dtype, device=device, generator=generator)
+    past_kv_shape = (1, config.num_key_value_heads, _PREFILLED_POSITIONS, config.head_dim)
+    past_k = torch.randn(past_kv_shape, dtype=dtype, device=device, generator=generator)
+    past_v = torch.randn(past_kv_shape, dtype=dtype, device=device, generator=generator)
+    position_ids = torch.arange(_PREFILLED_POSITIONS, _PREFILLED_POSITIONS + seq_len, device=device).unsqueeze(0)
+    position_embeddings = rotary(hidden, position_ids)  # once per pass in the runner, not per layer: untimed
+
+    def prepare() -> Callable[[], object]:
+        # A fresh cache per run: each forward appends to it, and every run should see the same past length.
+        cache = DynamicCache()
+        cache.update(past_k, past_v, layer_idx=0)
+        mask = create_causal_mask(
+            config=config, inputs_embeds=hidden, attention_mask=None, cache=cache, position_ids=position_ids
+        )
+        return lambda: forward_decoder(
+            decoder,
+            weights,
+            hidden,
+            mask=mask,
+            position_ids=position_ids,
+            cache=cache,
+            position_embeddings=position_embeddings,
+        )
+
+    with torch.inference_mode():
+        return best_seconds(prepare, device, repeats)

@@ -1,0 +1,124 @@
+"""The probe's measurements, cached per machine and device.
+
+They take seconds to tens of seconds and do not change between runs, so each is measured once
+and kept as JSON beside the others; a file that cannot be read back is measured again.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import socket
+from dataclasses import asdict, fields
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from harness.files import write_atomic
+from harness.probe.compute import measure_layer_compute_s
+from harness.probe.links import LinkRates, describe_device, device_tag, measure_link_rates
+
+if TYPE_CHECKING:
+    from transformers import LlamaConfig
+
+logger = logging.getLogger(__name__)
+
+_OPTIONAL_RATES = {
+    "h2d_pinned_bytes_per_s",
+    "h2d_pageable_bytes_per_s",
+    "dequant_8bit_bytes_per_s",
+    "dequant_4bit_bytes_per_s",
+}
+
+
+def _rates_from_json(data: object) -> LinkRates:
+    """A LinkRates from its JSON form; ValueError on anything else, so a damaged file is re-measured."""
+    names = {f.name for f in fields(LinkRates)}
+    if not isinstance(data, dict) or set(data) != names:
+        raise ValueError(f"expected an object with exactly the keys {sorted(names)}")
+    for key, value in data.items():
+        if key in ("device", "measured_at"):
+            ok = isinstance(value, str)
+        elif value is None:
+            ok = key in _OPTIONAL_RATES
+        else:
+            ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+        if not ok:
+            raise ValueError(f"{key}={value!r} is not a valid value")
+    return LinkRates(**data)
+
+
+def _valid_layer_compute(data: object, key: dict[str, object]) -> bool:
+    # Any other JSON (a list, a string, a bool) is re-measured like a damaged file, not a crash.
+    if not isinstance(data, dict) or data.get("key") != key:
+        return False
+    seconds = data.get("layer_compute_s")
+    return isinstance(seconds, int | float) and not isinstance(seconds, bool) and math.isfinite(seconds) and seconds > 0
+
+
+def _write_json(path: Path, data: object) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Atomic: a crash mid-write must not leave a half file that a later run would have to reject.
+    write_atomic(path, (json.dumps(data, indent=2) + "\n").encode("utf-8"))
+
+
+def cache_path(device: torch.device, cache_dir: Path) -> Path:
+    """Where `load_or_measure` keeps the link rates of this host and `device`."""
+    return Path(cache_dir) / f"{socket.gethostname()}-{device_tag(device)}.json"
+
+
+def load_or_measure(
+    device: torch.device,
+    cache_dir: Path,
+    scratch_dir: Path,
+    refresh: bool = False,
+    *,
+    size_bytes: int = 256 << 20,
+    repeats: int = 3,
+) -> LinkRates:
+    """The cached rates for this host and device, measuring (and caching) them when there are none,
+    when the cached file cannot be read or is for another device, or when `refresh` is set."""
+    path = cache_path(device, cache_dir)
+    if not refresh and path.exists():
+        try:
+            rates = _rates_from_json(json.loads(path.read_text(encoding="utf-8")))
+            if rates.device != describe_device(device):
+                raise ValueError(f"measured on {rates.device}, not {describe_device(device)}")
+            logger.info("link rates from %s (measured %s)", path, rates.measured_at)
+            return rates
+        except (OSError, ValueError) as exc:  # JSONDecodeError is a ValueError
+            logger.warning("re-measuring: cached link rates %s are unusable (%s)", path, exc)
+    rates = measure_link_rates(device, scratch_dir, size_bytes=size_bytes, repeats=repeats)
+    _write_json(path, asdict(rates))
+    logger.info("link rates cached in %s", path)
+    return rates
+
+
+def load_or_measure_layer_compute_s(
+    config: LlamaConfig, device: torch.device, dtype: torch.dtype, cache_dir: Path, seq_len: int = 1,
+    refresh: bool = False,
+) -> float:
+    """`measure_layer_compute_s`, cached beside the link rates per host, device, geometry, dtype and seq_len.
+
+    Measured once, the floor stays put between runs; re-measured in every run, it moved by about 15%
+    on a shared CPU, and that noise went straight into every floor ratio.
+    """
+    geometry = {
+        key: getattr(config, key)
+        for key in ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim")
+    }
+    key = {**geometry, "dtype": str(dtype).removeprefix("torch."), "seq_len": seq_len}
+    tag = "-".join(str(v) for v in key.values())
+    path = Path(cache_dir) / f"{socket.gethostname()}-{device_tag(device)}-layer-{tag}.json"
+    if not refresh and path.exists():
+        try:
+            cached = json.loads(path.read_text(encoding="utf-8"))
+            if _valid_layer_compute(cached, key):
+                return float(cached["layer_compute_s"])
+        except (OSError, ValueError) as exc:
+            logger.warning("re-measuring: cached layer compute %s is unusable (%s)", path, exc)
+    seconds = measure_layer_compute_s(config, device, dtype, seq_len=seq_len)
+    _write_json(path, {"key": key, "layer_compute_s": seconds})
+    return seconds

@@ -1,0 +1,1 @@
+"""Compare layerbench runs logged to MLflow: `python -m harness.report` (see harness.report.cli)."""

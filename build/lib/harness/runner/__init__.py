@@ -1,0 +1,1 @@
+"""The layer-streaming runner and the strategy pipeline that feeds it."""

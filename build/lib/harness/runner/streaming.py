@@ -1,0 +1,210 @@
+"""The layer-streaming Llama-3 runner.
+
+The model is never resident: transformers' own modules (embedding, LlamaDecoderLayer,
+RMSNorm, lm_head) are built once as weightless skeletons on the meta device, and each
+pass runs them in order with weights that the strategy pipeline has just put on the
+device. `torch.func.functional_call` runs a skeleton with those weights without storing
+them in it, so a layer's weights are released as soon as the loop drops them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from itertools import islice
+from typing import Any
+
+import torch
+from accelerate import init_empty_weights
+from torch import nn
+from torch.func import functional_call
+from transformers import Cache, LlamaConfig
+from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
+from transformers.masking_utils import create_causal_mask
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRMSNorm, LlamaRotaryEmbedding
+
+from harness.measurement.metrics import Clock
+from harness.measurement.timeline import LayerEvent, StageClock, Timeline
+from harness.runner.pipeline import LayerPipeline
+from strategies.kv_cache.base import KVCachePolicy
+from strategies.layer import DeviceLayer
+
+
+@dataclass
+class Generation:
+    prompt_ids: list[int]
+    generated_ids: list[int] = field(default_factory=list)
+    start_s: float = 0.0
+    token_times_s: list[float] = field(default_factory=list)
+    # Per step: the last position's logits (float32, on the host); kept only when asked.
+    logits: list[torch.Tensor] = field(default_factory=list)
+    # What the KV cache held at the end (None without a cache), and for how many positions.
+    kv_cache_bytes: int | None = None
+    kv_cache_tokens: int = 0
+    timeline: Timeline = field(default_factory=Timeline)
+
+
+class Sampler:
+    """Greedy argmax, or temperature / top-p sampling from a seeded generator."""
+
+    def __init__(self, do_sample: bool, temperature: float, top_p: float, seed: int, device: torch.device):
+        self.do_sample = do_sample
+        self.warpers = [TemperatureLogitsWarper(temperature), TopPLogitsWarper(top_p)] if do_sample else []
+        self.generator = torch.Generator(device=device).manual_seed(seed)
+
+    def __call__(self, ids: torch.Tensor, logits: torch.Tensor) -> int:
+        """ids: [1, seq]; logits: [1, vocab] float32 -> the next token id."""
+        if not self.do_sample:
+            return int(logits.argmax(dim=-1))
+        for warp in self.warpers:
+            logits = warp(ids, logits)
+        probs = torch.softmax(logits, dim=-1)
+        return int(torch.multinomial(probs, 1, generator=self.generator))
+
+
+def forward_unit(module: nn.Module, weights: dict[str, torch.Tensor], *args: object, **kwargs: object) -> torch.Tensor:
+    """Run a weightless module skeleton on `weights`, which it does not keep."""
+    return functional_call(module, weights, args, kwargs, strict=True)
+
+
+def forward_decoder(
+    decoder: LlamaDecoderLayer,
+    weights: dict[str, torch.Tensor],
+    hidden: torch.Tensor,
+    *,
+    mask: torch.Tensor | None,
+    position_ids: torch.Tensor,
+    cache: Cache | None,
+    position_embeddings: tuple[torch.Tensor, torch.Tensor],
+) -> torch.Tensor:
+    """One decoder layer's forward, exactly as every pass runs it (the link probe times this same call).
+
+    hidden: [1, q, hidden] -> [1, q, hidden]; transformers 5 names the KV cache `cache` here.
+    """
+    return forward_unit(
+        decoder,
+        weights,
+        hidden,
+        attention_mask=mask,
+        position_ids=position_ids,
+        cache=cache,
+        use_cache=cache is not None,
+        position_embeddings=position_embeddings,
+    )
+
+
+class LayerStreamingRunner:
+    def __init__(
+        self,
+        config: LlamaConfig,
+        units: Sequence[str],
+        pipeline: LayerPipeline,
+        kv_policy: KVCachePolicy,
+        device: torch.device,
+        clock: Clock,
+        stages: StageClock,
+    ) -> None:
+        if len(units) != config.num_hidden_layers + 3:
+            raise ValueError(f"expected embed, {config.num_hidden_layers} layers, norm, lm_head; got {units}")
+        self.config = config
+        self.units = list(units)
+        self.pipeline = pipeline
+        self.kv_policy = kv_policy
+        self.device = device
+        self.clock = clock  # token times: syncs the device, so a reading means the token exists
+        self.stages = stages
+        self.timeline = Timeline()
+        self.passes = 0
+        with init_empty_weights():
+            self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
+            self.layers = [LlamaDecoderLayer(config, i) for i in range(config.num_hidden_layers)]
+            self.norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        # The rotary table is tiny and computed, not loaded: build it for real, on the device.
+        self.rotary = LlamaRotaryEmbedding(config).to(device)
+
+    def _run(
+        self, layer: DeviceLayer, forward: Callable[..., torch.Tensor], module: nn.Module, *args: Any, **kwargs: Any
+    ) -> torch.Tensor:
+        """`forward(module, layer.weights, ...)`, timed as the layer's compute; then its weights are released."""
+        c0 = self.stages.device()
+        out = forward(module, layer.weights, *args, **kwargs)
+        c1 = self.stages.device()
+        layer.weights.clear()  # the last reference to this layer's device weights
+        r1 = self.stages.device()
+        stamps = {**layer.stamps, "compute": (c0, c1), "release": (c1, r1)}
+        self.timeline.events.append(LayerEvent(self.passes, layer.name, stamps, layer.bytes))
+        return out
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, cache: object | None, all_positions: bool = False) -> torch.Tensor:
+        """One pass over every unit. input_ids: [1, q] (the new tokens, or the whole
+        sequence without a KV cache) -> logits [1, vocab] of the last position, or
+        [1, q, vocab] of every position (teacher forcing)."""
+        pass_start = self.stages.device()
+        past = cache.get_seq_length() if cache is not None else 0
+        position_ids = torch.arange(past, past + input_ids.shape[1], device=self.device).unsqueeze(0)
+        layers = self.pipeline.stream(self.units)
+
+        hidden = self._run(next(layers), forward_unit, self.embed, input_ids)  # [1, q, hidden]
+        p0 = self.stages.device()
+        position_embeddings = self.rotary(hidden, position_ids)  # (cos, sin): [1, q, head_dim] each
+        mask = create_causal_mask(
+            config=self.config, inputs_embeds=hidden, attention_mask=None, cache=cache, position_ids=position_ids
+        )
+        # Compute that belongs to no layer's weights; timed so a pass's stages still add up to its wall time.
+        self.timeline.events.append(LayerEvent(self.passes, "rope+mask", {"compute": (p0, self.stages.device())}))
+        for decoder, layer in zip(self.layers, islice(layers, len(self.layers)), strict=True):
+            hidden = self._run(
+                layer,
+                forward_decoder,
+                decoder,
+                hidden,
+                mask=mask,
+                position_ids=position_ids,
+                cache=cache,
+                position_embeddings=position_embeddings,
+            )
+        if not all_positions:
+            hidden = hidden[:, -1:, :]  # generation decodes only the last position
+        hidden = self._run(next(layers), forward_unit, self.norm, hidden)
+        logits = self._run(next(layers), forward_unit, self.lm_head, hidden)  # [1, q or 1, vocab]
+        self.timeline.passes.append((pass_start, self.stages.device()))
+        self.passes += 1
+        return logits.float() if all_positions else logits[:, -1, :].float()
+
+    def generate(
+        self,
+        prompt_ids: Sequence[int],
+        max_new_tokens: int,
+        sampler: Callable[[torch.Tensor, torch.Tensor], int],
+        eos_token_ids: Sequence[int] = (),
+        keep_logits: bool = False,
+        on_token: Callable[[int], None] | None = None,
+    ) -> Generation:
+        """Prefill, then one pass per new token; stops at EOS or `max_new_tokens`."""
+        self.timeline, self.passes = Timeline(), 0
+        result = Generation(prompt_ids=list(prompt_ids), start_s=self.clock(), timeline=self.timeline)
+        cache = self.kv_policy.new_cache(self.config, self.device)
+        ids = torch.tensor([result.prompt_ids], device=self.device)  # [1, seq]
+        step_input = ids
+        for _ in range(max_new_tokens):
+            logits = self.forward(step_input, cache)
+            token = sampler(ids, logits)
+            result.token_times_s.append(self.clock())
+            result.generated_ids.append(token)
+            if keep_logits:
+                result.logits.append(logits.cpu())
+            if on_token is not None:  # after the clock reading: a progress bar is not generation time
+                on_token(token)
+            if token in eos_token_ids:
+                break
+            ids = torch.cat([ids, torch.tensor([[token]], device=self.device)], dim=1)
+            # With a KV cache only the new token goes through the layers; without one, all of them.
+            step_input = ids[:, -1:] if cache is not None else ids
+        if cache is not None:
+            result.kv_cache_tokens = cache.get_seq_length()
+            result.kv_cache_bytes = sum(
+                t.nbytes for layer in cache.layers for t in (layer.keys, layer.values) if t is not None
+            )
+        return result

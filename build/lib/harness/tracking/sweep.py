@@ -1,0 +1,153 @@
+"""A Hydra multirun as one parent MLflow run, with each job's run as its child.
+
+Hydra instantiates the callback for every command, ``--help`` included: this module imports
+no mlflow (``RunTracker`` does, when a sweep actually starts).
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import threading
+from pathlib import Path
+from typing import Any
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.utils import JobReturn, JobStatus
+from hydra.experimental.callback import Callback
+from hydra.types import RunMode
+from hydra.utils import to_absolute_path
+from omegaconf import DictConfig, OmegaConf
+
+from harness.measurement.environment import environment_tags
+from harness.tracking.client import ROLE_TAG, RunTracker, default_tracking_uri
+
+logger = logging.getLogger(__name__)
+
+PARENT_RUN_ID_FILE = "mlflow_parent_run_id"
+
+
+def _resolve_uri(config: DictConfig) -> str:
+    uri = OmegaConf.select(config, "tracking.uri", default=None)
+    if uri:
+        return str(uri)
+    outputs = OmegaConf.select(config, "paths.outputs", default="outputs")
+    # Relative to where the command was started (hydra.runtime.cwd), not to a job's chdir.
+    return default_tracking_uri(Path(to_absolute_path(str(outputs))))
+
+
+def _sweep_dir(config: DictConfig) -> Path:
+    return Path(to_absolute_path(str(config.hydra.sweep.dir)))
+
+
+class MlflowSweepCallback(Callback):
+    """Makes a Hydra multirun one parent MLflow run, with each job's run as its child.
+
+    The parent run id reaches the jobs through a file in the sweep directory, which works for
+    any launcher that shares the filesystem. Hydra's BasicSweeper re-raises a failed job's
+    exception after its batch, so ``on_multirun_end`` never runs then: an atexit handler closes
+    the parent on that path.
+    """
+
+    def __init__(self) -> None:
+        self.tracker: RunTracker | None = None
+        self.jobs = 0
+        self.failed_jobs: list[str] = []
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Launchers that run jobs in other processes (joblib, submitit) pickle the callbacks; a lock
+        # cannot be pickled, and the parent run belongs to the process that started the sweep.
+        state = self.__dict__.copy()
+        state["_lock"] = None
+        state["tracker"] = None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = _sweep_dir(config)
+        id_file = sweep_dir / PARENT_RUN_ID_FILE
+        # A reused sweep dir must not hand this sweep's jobs an older sweep's parent.
+        id_file.unlink(missing_ok=True)
+        if not OmegaConf.select(config, "tracking.enabled", default=True):
+            return
+        uri = _resolve_uri(config)
+        experiment = str(OmegaConf.select(config, "tracking.experiment", default="layerbench"))
+        outputs = OmegaConf.select(config, "paths.outputs", default=None)
+        tags = environment_tags(Path(to_absolute_path(str(outputs))) if outputs else None)
+        overrides = OmegaConf.select(config, "hydra.overrides.task", default=None) or []
+        tags.update(
+            {"hydra.sweep_dir": str(sweep_dir), "hydra.overrides": " ".join(overrides), ROLE_TAG: "parent"}
+        )
+        tracker = RunTracker(uri, experiment)
+        tracker.start(run_name=f"sweep {sweep_dir.name}", params={}, tags=tags)
+        self.tracker = tracker
+        atexit.register(self._close_at_exit)
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        id_file.write_text(f"{tracker.run_id}\n", encoding="utf-8")
+
+    def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
+        if self.tracker is None:
+            return
+        with self._lock:
+            self.jobs += 1
+            if job_return.status == JobStatus.FAILED:
+                overrides = " ".join(job_return.overrides or []) or f"job {self.jobs - 1}"
+                try:
+                    _ = job_return.return_value  # re-raises the job's exception: the public way to get it
+                    error = "unknown error"
+                except Exception as e:
+                    error = f"{type(e).__name__}: {e}"
+                self.failed_jobs.append(f"{overrides}: {error}")
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        self._close(finished_sweep=True)
+        atexit.unregister(self._close_at_exit)
+
+    def _close_at_exit(self) -> None:
+        try:
+            self._close(finished_sweep=False)
+        except Exception:  # at exit there is nobody left to handle it; say so and move on
+            logger.exception("could not close the MLflow parent run of the sweep")
+
+    def _close(self, *, finished_sweep: bool) -> None:
+        with self._lock:
+            if self.tracker is None or self._closed:
+                return
+            self._closed = True
+            failed = len(self.failed_jobs)
+            if failed:
+                reason = f"{failed} of {self.jobs} jobs failed"
+            elif not finished_sweep:
+                # Interrupted, or the sweeper itself failed, before every job reported back.
+                reason = f"sweep stopped after {self.jobs} jobs"
+            else:
+                reason = None
+            summary = {"layerbench.jobs": str(self.jobs), "layerbench.jobs_failed": str(failed)}
+            if failed:
+                summary["layerbench.failed_jobs"] = "\n".join(self.failed_jobs)
+            self.tracker.set_tags(summary)
+            self.tracker.end("FAILED" if reason else "FINISHED", reason=reason)
+            logger.info("MLflow parent run %s closed: %s", self.tracker.run_id, reason or "FINISHED")
+
+
+def parent_run_id_for_job() -> str | None:
+    """Inside a multirun job, the sweep's parent run id; None in RUN mode or outside Hydra."""
+    if not HydraConfig.initialized():
+        return None
+    hydra_config = HydraConfig.get()
+    if hydra_config.mode != RunMode.MULTIRUN:
+        return None
+    id_file = Path(to_absolute_path(str(hydra_config.sweep.dir))) / PARENT_RUN_ID_FILE
+    try:
+        run_id = id_file.read_text(encoding="utf-8").strip()
+    except OSError:
+        return None
+    return run_id or None
+
+
+__all__ = ["MlflowSweepCallback", "parent_run_id_for_job"]

@@ -1,0 +1,32 @@
+"""cache: where a layer's stored tensors come from on each pass."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+
+class LayerFiles(Protocol):
+    """What a cache needs of a split: each unit's file and its size (a split's layout implements it)."""
+
+    def file(self, unit: str) -> Path: ...
+
+    def file_bytes(self, unit: str) -> int: ...
+
+
+class LayerCache(Protocol):
+    """Host tensors of one layer file, exactly as the split stored them (still encoded)."""
+
+    def get(self, name: str) -> dict[str, torch.Tensor]: ...
+
+    @property
+    def bytes_held(self) -> int:
+        """Host bytes this cache keeps alive between passes."""
+        ...
+
+    @property
+    def bytes_read(self) -> int:
+        """Bytes read from storage so far (a running total: the pipeline takes differences)."""
+        ...

@@ -1,0 +1,29 @@
+"""compression: how layer weights are encoded at split time and decoded on the device."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+
+class Codec(Protocol):
+    # Device bytes of a layer's stored form per byte of its decoded weights (0 when they are the same tensors).
+    stored_fraction: float
+    # Whether decoding gives back other weights than the checkpoint's: then the job measures what it costs.
+    lossy: bool
+    # The link probe's dequant rate this codec decodes at ("8bit", "4bit"); None when decoding is free.
+    dequant_link: str | None
+
+    @property
+    def split_key(self) -> str:
+        """Names the split directory: two codecs with the same key write identical files."""
+        ...
+
+    def encode(self, layer: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Split time: a layer's checkpoint tensors -> the tensors stored in its file."""
+        ...
+
+    def decode(self, layer: str, stored: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+        """Load time: stored tensors, already copied to `device` -> the layer's weights there."""
+        ...

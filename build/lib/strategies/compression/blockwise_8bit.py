@@ -1,0 +1,33 @@
+"""compression=8bit: bitsandbytes blockwise int8 (dynamic code book, one absmax per block)."""
+
+from __future__ import annotations
+
+import bitsandbytes.functional as bnbf
+import torch
+
+from strategies.compression.blockwise import BlockwiseCodec, pack_json, unpack_json
+from strategies.compression.configs import Blockwise8bitConfig
+
+
+class Blockwise8bit(BlockwiseCodec):
+    cfg: Blockwise8bitConfig
+    # Device bytes of the stored form per decoded byte, both alive while a layer decodes:
+    # int8 codes are half of bf16, plus a scale per block.
+    stored_fraction = 0.52
+    dequant_link = "8bit"
+
+    @property
+    def split_key(self) -> str:
+        return f"8bit-b{self.cfg.blocksize}" + ("-emb" if self.cfg.compress_embeddings else "")
+
+    def quantize(self, weight: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        codes, state = bnbf.quantize_blockwise(weight, blocksize=self.cfg.blocksize)
+        record = {"dtype": str(weight.dtype).removeprefix("torch."), "blocksize": self.cfg.blocksize}
+        return codes, {"absmax": state.absmax, "code": state.code, "meta": pack_json(record)}
+
+    def dequantize(self, codes: torch.Tensor, state: dict[str, torch.Tensor], device: torch.device) -> torch.Tensor:
+        meta = unpack_json(state["meta"])
+        quant_state = bnbf.QuantState(
+            absmax=state["absmax"], code=state["code"], blocksize=meta["blocksize"], dtype=getattr(torch, meta["dtype"])
+        )
+        return bnbf.dequantize_blockwise(codes, quant_state)

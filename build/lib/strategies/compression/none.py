@@ -1,0 +1,28 @@
+"""compression=none: weights stored as the checkpoint has them; decoding is the host-to-device copy."""
+
+from __future__ import annotations
+
+import torch
+
+from strategies.compression.configs import NoCompressionConfig
+
+
+class NoCompression:
+    # Device bytes of the stored form per decoded byte, both alive while a layer decodes:
+    # the stored tensors are the weights: nothing extra.
+    stored_fraction = 0.0
+    lossy = False
+    dequant_link = None
+
+    def __init__(self, cfg: NoCompressionConfig) -> None:
+        self.cfg = cfg
+
+    @property
+    def split_key(self) -> str:
+        return "none"
+
+    def encode(self, layer: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return tensors
+
+    def decode(self, layer: str, stored: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+        return stored

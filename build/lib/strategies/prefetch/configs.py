@@ -1,0 +1,32 @@
+"""prefetch options' configs: plain dataclasses, so composing a config imports no torch."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from omegaconf import MISSING
+
+from strategies.checks import check_positive
+
+
+@dataclass
+class PrefetchConfig:
+    name: str = MISSING
+    _target_: str = MISSING
+
+
+@dataclass
+class PrefetchOffConfig(PrefetchConfig):
+    name: str = "off"
+    _target_: str = "strategies.prefetch.off.PrefetchOff"
+
+
+@dataclass
+class PrefetchOnConfig(PrefetchConfig):
+    name: str = "on"
+    _target_: str = "strategies.prefetch.on.PrefetchOn"
+    # Layers loaded ahead of the one computing. Each costs one layer of device memory.
+    depth: int = 1
+
+    def __post_init__(self) -> None:
+        check_positive("prefetch.depth", self.depth)

@@ -1,0 +1,160 @@
+"""The run report: every figure one job measured, as typed fields whose names carry their units.
+
+One object flows from the job to the console summary, to MLflow (`metrics()`, the flat names
+MLflow stores) and back from MLflow (`from_metrics`, for `python -m harness.report`). Names end
+in their unit (`_s`, `_bytes`, `_per_s`, `_ratio`/`ratio_`, `_share`), which is how
+`harness.measurement.units` formats them. A figure that does not apply stays None: absent in the
+summary and in MLflow, never 0. The producers (token timing, the timeline, the VRAM monitor, the
+floor, the transformers reference, the quality pass) hand in flat dicts; `add` refuses a name
+that is no field here, so a typo cannot reach MLflow as a new metric.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+# Over repeats every figure is a mean; these suffixes carry its spread (bench.repeats > 1).
+SPREAD_SUFFIXES = ("_std", "_cv")
+
+
+def figure(label: str = "") -> Any:
+    """A measured figure; `label` names it in the console summary (unlabelled figures go to MLflow only)."""
+    return field(default=None, metadata={"label": label})
+
+
+@dataclass
+class RunReport:
+    # --- tokens (DESIGN.md's definitions; the mean over repeats)
+    ttft_s: float | None = figure("time to first token")
+    tpot_s: float | None = figure("per-token latency (mean)")
+    token_latency_p50_s: float | None = figure("per-token latency p50")
+    token_latency_p90_s: float | None = figure("per-token latency p90")
+    token_latency_p99_s: float | None = figure()
+    decode_tokens_per_s: float | None = figure("decode throughput")
+    new_tokens: float | None = figure("new tokens")
+    prompt_tokens: float | None = figure()
+    passes: float | None = figure()
+
+    # --- bytes moved per pass, by stage
+    read_bytes_per_pass: float | None = figure("bytes read per pass")
+    read_bytes_first_pass: float | None = figure()
+    h2d_bytes_per_pass: float | None = figure()
+    decode_bytes_per_pass: float | None = figure()
+    kv_cache_bytes: float | None = figure()
+    kv_bytes_per_token: float | None = figure()
+
+    # --- where a decode pass's time goes (timeline stages: read, h2d, decode, compute, release)
+    stage_read_s: float | None = figure()
+    stage_h2d_s: float | None = figure()
+    stage_decode_s: float | None = figure()
+    stage_compute_s: float | None = figure()
+    stage_release_s: float | None = figure()
+    stage_read_share: float | None = figure()
+    stage_h2d_share: float | None = figure()
+    stage_decode_share: float | None = figure()
+    stage_compute_share: float | None = figure()
+    stage_release_share: float | None = figure()
+    read_bandwidth_bytes_per_s: float | None = figure()
+    h2d_bandwidth_bytes_per_s: float | None = figure()
+    decode_bandwidth_bytes_per_s: float | None = figure()
+    # Prefetch off: the worst pass's |wall - sum of stages| / wall. Prefetch on: time hidden / hideable.
+    crosscheck_residual: float | None = figure()
+    overlap_efficiency: float | None = figure()
+
+    # --- the split
+    split_s: float | None = figure("split")
+    split_files_written: float | None = figure()
+    split_bytes_written: float | None = figure()
+    split_largest_file_bytes: float | None = figure()
+    split_total_bytes: float | None = figure()
+    split_layer_file_bytes: float | None = figure()
+    split_peak_anon_delta_bytes: float | None = figure()
+
+    # --- memory (VRAM figures only on CUDA)
+    peak_rss_bytes: float | None = figure("peak host RSS")
+    cache_bytes_held: float | None = figure()
+    peak_vram_allocated_bytes: float | None = figure("peak VRAM (allocated)")
+    peak_vram_reserved_bytes: float | None = figure()
+    peak_vram_nvml_bytes: float | None = figure("peak VRAM (NVML)")
+    cuda_context_bytes: float | None = figure()
+
+    # --- the physical floor: each link's time for a token's bytes, the slowest one, and how far the run is
+    floor_s: float | None = figure("floor per token (slowest link)")
+    floor_ratio: float | None = figure("per-token time / floor")
+    floor_disk_s: float | None = figure()
+    floor_host_copy_s: float | None = figure()
+    floor_h2d_s: float | None = figure()
+    floor_dequant_s: float | None = figure()
+    floor_compute_s: float | None = figure()
+    layer_compute_s: float | None = figure()
+    # the measured link rates behind the floor (harness.probe), per machine and device
+    link_disk_read_cold_bytes_per_s: float | None = figure()
+    link_disk_read_warm_bytes_per_s: float | None = figure()
+    link_host_copy_bytes_per_s: float | None = figure()
+    link_h2d_pinned_bytes_per_s: float | None = figure()
+    link_h2d_pageable_bytes_per_s: float | None = figure()
+    link_dequant_8bit_bytes_per_s: float | None = figure()
+    link_dequant_4bit_bytes_per_s: float | None = figure()
+
+    # --- transformers' resident generate on the same checkpoint and prompt (reference.enabled)
+    reference_ttft_s: float | None = figure()
+    reference_tpot_s: float | None = figure("transformers generate, per token")
+    reference_token_latency_p50_s: float | None = figure()
+    reference_token_latency_p90_s: float | None = figure()
+    reference_token_latency_p99_s: float | None = figure()
+    reference_decode_tokens_per_s: float | None = figure()
+    reference_new_tokens: float | None = figure()
+    reference_tokens_match: float | None = figure()
+    tpot_ratio_vs_reference: float | None = figure("per-token time vs transformers")
+
+    # --- what a lossy codec costs, against the uncompressed split (quality.enabled)
+    quality_top1_agreement: float | None = figure("top-1 agreement vs uncompressed")
+    quality_kl_mean: float | None = figure("KL vs uncompressed (mean)")
+    quality_ppl: float | None = figure("perplexity")
+    quality_ppl_reference: float | None = figure("perplexity, uncompressed")
+    quality_text_tokens: float | None = figure()
+
+    # Spread over repeats: "<figure>_std" / "<figure>_cv" -> value.
+    spread: dict[str, float] = field(default_factory=dict)
+
+    @classmethod
+    def figure_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(cls) if f.name != "spread")
+
+    @classmethod
+    def label(cls, name: str) -> str:
+        return next(f.metadata["label"] for f in fields(cls) if f.name == name)
+
+    def add(self, metrics: Mapping[str, float | None]) -> RunReport:
+        """Take figures by name (and their `_std`/`_cv` spread); an unknown name is an error, not a new metric."""
+        known = set(self.figure_names())
+        for name, value in metrics.items():
+            base = next((name.removesuffix(s) for s in SPREAD_SUFFIXES if name.endswith(s)), None)
+            if name in known:
+                setattr(self, name, None if value is None else float(value))
+            elif base in known:
+                if value is not None:
+                    self.spread[name] = float(value)
+            else:
+                raise KeyError(f"{name!r} is not a RunReport figure: declare it in {__name__} first")
+        return self
+
+    @classmethod
+    def from_metrics(cls, metrics: Mapping[str, float]) -> RunReport:
+        """A report from MLflow's flat metrics; names this version does not know (older runs) are left out."""
+        known = set(cls.figure_names())
+        spread = {n for n in metrics if any(n.endswith(s) and n.removesuffix(s) in known for s in SPREAD_SUFFIXES)}
+        return cls().add({n: v for n, v in metrics.items() if n in known or n in spread})
+
+    def items(self) -> Iterator[tuple[str, float]]:
+        """(name, value) of every figure that was measured, in declaration order."""
+        for name in self.figure_names():
+            value = getattr(self, name)
+            if value is not None:
+                yield name, value
+
+    def metrics(self) -> dict[str, float]:
+        """The flat name -> value map MLflow stores: measured figures and their spread, nothing absent."""
+        return {**dict(self.items()), **self.spread}
