@@ -70,3 +70,12 @@ def test_the_report_cli_names_only_figures_the_job_produces() -> None:
     from harness.report.writeup import WRITEUP_METRICS
 
     assert set(DEFAULT_METRICS) | set(WRITEUP_METRICS) <= set(RunReport.figure_names())
+
+
+def test_plot_axes_use_the_units_the_tables_use() -> None:
+    from harness.measurement.units import axis_scale
+
+    assert axis_scale("read_bandwidth_bytes_per_s", [2e9, 7.7e9]) == ("GB/s", 1e9)
+    assert axis_scale("peak_rss_bytes", [5e8, None]) == ("MB", 1e6)
+    assert axis_scale("decode_tokens_per_s", [3.0]) == ("tok/s", 1.0)
+    assert axis_scale("tpot_s", [0.1]) == ("s", 1.0)
