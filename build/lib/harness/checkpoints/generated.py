@@ -38,6 +38,7 @@ GENERATOR_VERSION = "2"
 GEOMETRY_DIR = Path(__file__).resolve().parents[1] / "geometries"
 
 SHARD_BYTES = 1 << 30
+CPU = torch.device("cpu")
 
 
 def load_geometry(name: str) -> dict:
@@ -119,13 +120,20 @@ def _tensor_specs(config: LlamaConfig) -> Iterator[tuple[str, tuple[int, ...], s
 
 
 def _generate_tensor(
-    seed: int, name: str, shape: tuple[int, ...], kind: str, dtype: torch.dtype, live_rows: int
+    seed: int,
+    name: str,
+    shape: tuple[int, ...],
+    kind: str,
+    dtype: torch.dtype,
+    live_rows: int,
+    device: torch.device = CPU,
 ) -> torch.Tensor:
     # One generator per tensor, seeded by a stable hash of its name: values do not depend on write order,
     # sharding or PYTHONHASHSEED, and a tensor loaded into the wrong slot has visibly different values.
+    # They do depend on the generator's device (CPU and CUDA draw different streams from one seed).
     digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
-    gen = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
-    t = torch.randn(shape, generator=gen, dtype=torch.float32)
+    gen = torch.Generator(device).manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+    t = torch.randn(shape, generator=gen, dtype=torch.float32, device=device)
     # Scales keep activations at RMS ~1 and make the next-token distribution peaked, like a trained model's:
     # - linear N(0, 1/sqrt(fan_in)), not HF's 0.02: variance-preserving, so q.k/sqrt(d) spreads ~1 (attention
     #   neither uniform nor one-hot) and every layer moves the residual stream (with 0.02 the layers add ~0).
@@ -146,7 +154,7 @@ def _generate_tensor(
     elif kind == "bias":
         t *= 0.02
     elif kind == "unembed":
-        t *= fan_in**-0.5 * torch.exp(0.75 * torch.randn(shape[0], 1, generator=gen))
+        t *= fan_in**-0.5 * torch.exp(0.75 * torch.randn(shape[0], 1, generator=gen, device=device))
     elif kind == "tied":
         t *= 2 * fan_in**-0.5
     if kind in ("unembed", "tied"):
@@ -154,7 +162,7 @@ def _generate_tensor(
         # ~98% of argmaxes with undecodable ids. 2**-6 only shifts bf16 exponents, so the bytes stay as
         # incompressible as trained weights' while greedy decoding stays inside the tokenizer's vocab.
         t[live_rows:] *= 2**-6
-    return t.to(dtype)
+    return t.to(dtype).cpu()
 
 
 def _assign_shards(sizes: list[int], n: int) -> list[int]:
@@ -170,7 +178,13 @@ def _assign_shards(sizes: list[int], n: int) -> list[int]:
 
 
 def build_generated_checkpoint(
-    out_dir: Path, config: LlamaConfig, tokenizer: PreTrainedTokenizerFast, *, seed: int, shards: int
+    out_dir: Path,
+    config: LlamaConfig,
+    tokenizer: PreTrainedTokenizerFast,
+    *,
+    seed: int,
+    shards: int,
+    device: torch.device = CPU,
 ) -> None:
     out_dir = Path(out_dir)
     if out_dir.exists():
@@ -208,7 +222,7 @@ def build_generated_checkpoint(
                 shard = {}
                 for (name, shape, kind), size, s in zip(specs, sizes, shard_of, strict=True):
                     if s == k:
-                        shard[name] = _generate_tensor(seed, name, shape, kind, dtype, len(tokenizer))
+                        shard[name] = _generate_tensor(seed, name, shape, kind, dtype, len(tokenizer), device)
                         weight_map[name] = file_name
                         progress.advance(task, size)
                 save_file(shard, str(tmp / file_name), metadata={"format": "pt"})
@@ -236,6 +250,8 @@ def _generated_key(model: ModelConfig) -> str:
         # the tokenizer (and so the tiny vocab size) is trained on the corpus: editing it changes the files
         "corpus": hashlib.sha256(CORPUS_PATH.read_bytes()).hexdigest(),
     }
+    if model.generator_device != "cpu":  # other values, so another checkpoint (CPU keys stay as they were)
+        recipe["generator_device"] = model.generator_device
     return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:10]
 
 
@@ -257,7 +273,8 @@ def ensure_checkpoint(model: ModelConfig, outputs_dir: Path) -> Path:
         model.seed,
     )
     try:
-        build_generated_checkpoint(out_dir, config, tokenizer, seed=model.seed, shards=model.shards)
+        device = torch.device(model.generator_device)
+        build_generated_checkpoint(out_dir, config, tokenizer, seed=model.seed, shards=model.shards, device=device)
     except FileExistsError:
         if not (out_dir / "config.json").is_file():
             raise

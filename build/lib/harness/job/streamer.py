@@ -118,7 +118,9 @@ def build_streamer(
         )
         check_fits(need, cfg.vram.cap_gib, vram.context_bytes or 0)
     splits_root = Path(cfg.split.dir) if cfg.split.dir else outputs_dir / "splits"
-    layout, stats = ensure_split(ckpt_dir, config, codec, splits_root, verify=cfg.split.verify)
+    layout, stats = ensure_split(
+        ckpt_dir, config, codec, splits_root, verify=cfg.split.verify, encode_device=device
+    )
     stages = StageClock(device)
     pipeline = LayerPipeline(
         cache=strategies.build(cfg.cache, files=layout, device=device),

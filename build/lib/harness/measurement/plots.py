@@ -1,25 +1,40 @@
-"""PNG artifacts: one pass's timeline (stages per layer, overlap visible) and per-token latency."""
+"""PNG artifacts: one pass's timeline (stages per layer, overlap visible) and per-token latency.
+
+matplotlib is imported when a plot is drawn, not with the job (about a second here), and drawn on
+an Agg canvas of its own: no pyplot global state, no display needed on CI or a GPU box.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import matplotlib
+from harness.measurement.timeline import STAGES
 
-matplotlib.use("Agg")  # files only; no display on CI or a GPU box
-import matplotlib.pyplot as plt  # noqa: E402
-
-from harness.measurement.timeline import STAGES  # noqa: E402
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 COLORS = {"read": "#4c72b0", "h2d": "#dd8452", "decode": "#55a868", "compute": "#c44e52", "release": "#8172b3"}
 
 
+def _figure(width_in: float, height_in: float) -> Figure:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width_in, height_in), layout="tight")
+    FigureCanvasAgg(fig)
+    return fig
+
+
 def plot_pass(rows: Sequence[dict], pass_index: int, path: Path, title: str) -> None:
     """One horizontal lane per unit; each stage a bar from its start to its end."""
+    from matplotlib.patches import Rectangle
+
     units = [r for r in rows if r["pass_index"] == pass_index]
     origin = min(r[f"{s}_start_s"] for r in units for s in STAGES if r[f"{s}_s"] > 0)
-    fig, ax = plt.subplots(figsize=(10, max(3, 0.25 * len(units) + 1)))
+    fig = _figure(10, max(3, 0.25 * len(units) + 1))
+    ax = fig.subplots()
     for lane, row in enumerate(units):
         for stage in STAGES:
             if row[f"{stage}_s"] > 0:
@@ -29,20 +44,17 @@ def plot_pass(rows: Sequence[dict], pass_index: int, path: Path, title: str) -> 
     ax.invert_yaxis()
     ax.set_xlabel("ms since the pass started")
     ax.set_title(title)
-    handles = [plt.Rectangle((0, 0), 1, 1, color=COLORS[s]) for s in STAGES]
+    handles = [Rectangle((0, 0), 1, 1, color=COLORS[s]) for s in STAGES]
     ax.legend(handles, list(STAGES), loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=7)
-    fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def plot_token_latency(latencies_s: Sequence[float], path: Path, title: str) -> None:
-    fig, ax = plt.subplots(figsize=(7, 3.5))
+    fig = _figure(7, 3.5)
+    ax = fig.subplots()
     ax.plot(range(2, len(latencies_s) + 2), list(latencies_s), marker="o", markersize=3)
     ax.set_xlabel("new token")
     ax.set_ylabel("latency since previous token (s)")
     ax.set_ylim(bottom=0)
     ax.set_title(title)
-    fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)

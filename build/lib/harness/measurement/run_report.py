@@ -123,10 +123,6 @@ class RunReport:
     def figure_names(cls) -> tuple[str, ...]:
         return tuple(f.name for f in fields(cls) if f.name != "spread")
 
-    @classmethod
-    def label(cls, name: str) -> str:
-        return next(f.metadata["label"] for f in fields(cls) if f.name == name)
-
     def add(self, metrics: Mapping[str, float | None]) -> RunReport:
         """Take figures by name (and their `_std`/`_cv` spread); an unknown name is an error, not a new metric."""
         known = set(self.figure_names())

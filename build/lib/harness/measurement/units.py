@@ -7,6 +7,7 @@ the naming rule every metric keeps, so a new metric is formatted right without b
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 # A metric a run did not log: never shown as 0, which would read as a measurement.
 ABSENT = "–"
@@ -71,3 +72,17 @@ def format_metric(name: str, value: float | None) -> str:
     if value.is_integer() and abs(value) < 1e15:
         return f"{int(value):,}"  # counts (new_tokens, passes) read better without decimals
     return sig3(value)
+
+
+def axis_scale(name: str, values: Sequence[float | None]) -> tuple[str, float]:
+    """A plot axis's unit and divisor for a metric, so its bars read as the tables do."""
+    kind = metric_kind(name)
+    present = [abs(v) for v in values if v is not None and math.isfinite(v)]
+    if kind == "bytes":
+        return byte_scale(max(present, default=0.0))
+    if kind == "rate" and name.endswith("bytes_per_s"):
+        unit, size = byte_scale(max(present, default=0.0))
+        return f"{unit}/s", size
+    if kind == "rate":
+        return ("tok/s" if name.endswith("tokens_per_s") else "/s"), 1.0
+    return {"seconds": ("s", 1.0), "ratio": ("x", 1.0)}.get(kind, ("", 1.0))

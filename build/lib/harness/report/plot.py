@@ -6,17 +6,8 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
-from harness.measurement.units import ABSENT, byte_scale, metric_kind
+from harness.measurement.units import ABSENT, axis_scale
 from harness.report.rows import Row
-
-
-def plot_scale(metric: str, values: Sequence[float | None]) -> tuple[str, float]:
-    """Axis unit and divisor for a metric's bars."""
-    kind = metric_kind(metric)
-    if kind == "bytes":
-        present = [abs(v) for v in values if v is not None and math.isfinite(v)]
-        return byte_scale(max(present, default=0.0))
-    return {"seconds": ("s", 1.0), "ratio": ("x", 1.0), "rate": ("/s", 1.0)}.get(kind, ("", 1.0))
 
 
 def plot_rows(rows: Sequence[Row], metrics: Sequence[str], path: Path, *, baseline: Row | None = None) -> Path:
@@ -35,7 +26,7 @@ def plot_rows(rows: Sequence[Row], metrics: Sequence[str], path: Path, *, baseli
     positions = list(range(len(rows)))
     for ax, metric in zip(axes.flat, metrics, strict=False):
         raw = [row.metrics.get(metric) for row in rows]
-        unit, size = plot_scale(metric, raw)
+        unit, size = axis_scale(metric, raw)
         values = [v / size if v is not None and math.isfinite(v) else 0.0 for v in raw]
         colors = [
             "tab:orange" if baseline is not None and row.run_id == baseline.run_id else "tab:blue" for row in rows

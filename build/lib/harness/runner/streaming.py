@@ -3,8 +3,8 @@
 The model is never resident: transformers' own modules (embedding, LlamaDecoderLayer,
 RMSNorm, lm_head) are built once as weightless skeletons on the meta device, and each
 pass runs them in order with weights that the strategy pipeline has just put on the
-device. `torch.func.functional_call` runs a skeleton with those weights without storing
-them in it, so a layer's weights are released as soon as the loop drops them.
+device. `run_with_weights` runs a skeleton with those weights without keeping them, so a
+layer's weights are released as soon as the loop drops them.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ from typing import Any
 import torch
 from accelerate import init_empty_weights
 from torch import nn
-from torch.func import functional_call
 from transformers import Cache, LlamaConfig
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
 from transformers.masking_utils import create_causal_mask
@@ -26,6 +25,7 @@ from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRMS
 from harness.measurement.metrics import Clock
 from harness.measurement.timeline import LayerEvent, StageClock, Timeline
 from harness.runner.pipeline import LayerPipeline
+from harness.runner.skeleton import run_with_weights
 from strategies.kv_cache.base import KVCachePolicy
 from strategies.layer import DeviceLayer
 
@@ -64,7 +64,7 @@ class Sampler:
 
 def forward_unit(module: nn.Module, weights: dict[str, torch.Tensor], *args: object, **kwargs: object) -> torch.Tensor:
     """Run a weightless module skeleton on `weights`, which it does not keep."""
-    return functional_call(module, weights, args, kwargs, strict=True)
+    return run_with_weights(module, weights, *args, **kwargs)
 
 
 def forward_decoder(

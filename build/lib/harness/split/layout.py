@@ -36,7 +36,7 @@ def unit_of(tensor_name: str, num_layers: int) -> tuple[str, str]:
 
 @dataclass
 class SplitLayout:
-    """A finished split: where each unit's file is, and what the manifest says of it."""
+    """A finished split: where each unit's file is, and what the manifest says of it (strategies' LayerFiles)."""
 
     dir: Path
     manifest: dict[str, Any]
@@ -54,3 +54,7 @@ class SplitLayout:
 
     def file_bytes(self, unit: str) -> int:
         return self.record(unit)["bytes"]
+
+    def readers(self, unit: str) -> int:
+        file = self.record(unit)["file"]
+        return sum(1 for u in self.units if self.record(u)["file"] == file)

@@ -35,6 +35,7 @@ from strategies.compression.base import Codec
 log = logging.getLogger(__name__)
 
 JOURNAL = "journal.jsonl"
+CPU = torch.device("cpu")
 FORMAT = "layerbench-split/1"
 
 
@@ -162,8 +163,14 @@ def ensure_split(
     splits_root: Path,
     *,
     verify: bool = True,
+    encode_device: torch.device = CPU,
 ) -> tuple[SplitLayout, SplitStats]:
-    """Return a valid split of `ckpt_dir` for `codec`, writing only what is missing or invalid."""
+    """Return a valid split of `ckpt_dir` for `codec`, writing only what is missing or invalid.
+
+    `encode_device`: where a lossy codec quantizes (a GPU does the 8B geometry's 4-bit split in
+    seconds, a CPU in minutes). Its codes may differ in the last bit from a CPU's, so such a split
+    says where it was encoded and is not mixed with one encoded elsewhere.
+    """
     started = time.perf_counter()
     fingerprint = source_fingerprint(ckpt_dir)
     split_dir = splits_root / f"{ckpt_dir.name}-{fingerprint[:12]}" / codec.split_key
@@ -176,6 +183,8 @@ def ensure_split(
         "num_hidden_layers": config.num_hidden_layers,
         "tie_word_embeddings": bool(config.tie_word_embeddings),
     }
+    if codec.lossy and encode_device.type != "cpu":
+        header["encoded_on"] = encode_device.type
     units = unit_names(config.num_hidden_layers)
     file_units = [u for u in units if not (u == "lm_head" and config.tie_word_embeddings)]
 
@@ -214,7 +223,11 @@ def ensure_split(
                     if file not in handles:
                         handles[file] = safe_open(ckpt_dir / file, framework="pt")
                     tensors[unit_of(name, config.num_hidden_layers)[1]] = handles[file].get_tensor(name)
-                stored = codec.encode(unit, tensors)
+                if codec.lossy and encode_device.type != "cpu":
+                    on_device = {k: t.to(encode_device) for k, t in tensors.items()}
+                    stored = {k: t.cpu() for k, t in codec.encode(unit, on_device).items()}
+                else:
+                    stored = codec.encode(unit, tensors)
                 # One metadata key only: safetensors writes metadata in hash-map order, so several keys
                 # would make identical splits differ byte for byte. Hashing the serialized bytes
                 # avoids reading the file back.

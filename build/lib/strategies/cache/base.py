@@ -15,6 +15,10 @@ class LayerFiles(Protocol):
 
     def file_bytes(self, unit: str) -> int: ...
 
+    def readers(self, unit: str) -> int:
+        """How many units of a pass read this unit's file (2 for tied embeddings: embed and lm_head)."""
+        ...
+
 
 class LayerCache(Protocol):
     """Host tensors of one layer file, exactly as the split stored them (still encoded)."""

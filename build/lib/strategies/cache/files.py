@@ -1,12 +1,32 @@
-"""Reading a layer file into host memory, with the page-cache policy asked for."""
+"""Reading a layer file into host memory, with the page-cache policy asked for.
+
+A layer file is mapped, not copied: safetensors' `load_file` returns tensors that are views of a
+private mapping of the file, so on the CPU the layer computes straight from the OS page cache.
+`make_resident` then brings every page in before the read stage ends, so the read is timed as
+read and not as page faults in whatever touches the weights first (the compute, on the CPU).
+"""
 
 from __future__ import annotations
 
+import ctypes
+import logging
+import mmap
 import os
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
+
+log = logging.getLogger(__name__)
+
+# Linux 5.14+: fault a mapping's pages in (reading them from storage where needed) without copying
+# them anywhere. Python 3.11's mmap module does not name it, and it can only apply to the mapping
+# safetensors made, which only its tensors' addresses reveal, hence libc.
+_MADV_POPULATE_READ = 22
+_libc = ctypes.CDLL(None, use_errno=True) if os.name == "posix" else None
+if _libc is not None:
+    _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+_populate_works = _libc is not None
 
 
 def drop_page_cache(path: Path) -> None:
@@ -23,14 +43,37 @@ def drop_page_cache(path: Path) -> None:
         os.close(fd)
 
 
-def read_layer_file(path: Path, page_cache: str, pin: bool = False) -> dict[str, torch.Tensor]:
-    """A layer file's tensors in host memory the process owns, read with the page-cache policy asked for.
+def make_resident(tensors: dict[str, torch.Tensor]) -> None:
+    """Fault in every page of mapped host tensors now: from the page cache, or from storage when cold."""
+    global _populate_works
+    if not tensors:
+        return
+    if _populate_works:
+        start = min(t.data_ptr() for t in tensors.values())
+        end = max(t.data_ptr() + t.nbytes for t in tensors.values())
+        start -= start % mmap.PAGESIZE
+        if _libc.madvise(start, end - start, _MADV_POPULATE_READ) == 0:
+            return
+        _populate_works = False  # an older kernel (EINVAL) or another libc: touch the pages instead
+        log.warning("madvise(MADV_POPULATE_READ) failed (%s): reading layer files by touching each page",
+                    os.strerror(ctypes.get_errno()))
+    for t in tensors.values():
+        if t.numel():
+            # One byte per page: the fault reads the page; the sum only keeps the read from being skipped.
+            t.reshape(-1).view(torch.uint8)[:: mmap.PAGESIZE].sum()
 
-    safetensors' load_file maps the file, so its disk reads would happen later, as page faults
-    in whatever first touches the weights (the layer's compute, on CPU), and the read stage
-    would time nothing. The copy reads every byte here, once (half the cost of reading into
-    bytes and deserializing them): into pinned memory when `pin`, so pinning costs no second copy.
+
+def read_layer_file(path: Path, page_cache: str, pin: bool = False) -> dict[str, torch.Tensor]:
+    """A layer file's tensors in host memory, read with the page-cache policy asked for.
+
+    Not pinned: views of the file's mapping, every page resident (no copy; on the CPU the layer
+    computes on them). Pinned (for CUDA's async copies): one copy straight from the mapping into
+    page-locked memory.
     """
     if page_cache == "cold":
         drop_page_cache(path)
-    return {key: t.pin_memory() if pin else t.clone() for key, t in load_file(path).items()}
+    tensors = load_file(path)
+    if pin:
+        return {key: t.pin_memory() for key, t in tensors.items()}
+    make_resident(tensors)
+    return tensors

@@ -1,0 +1,193 @@
+"""`python -m harness.gpucheck OUTDIR`: the project's GPU check in one command, for a bare, offline GPU machine.
+
+It runs from the source tree (no `pip install .`: the torch pin would fail there) and installs what the
+GPU image lacks from the wheels it is given (`--wheels`, default `wheels/`: bitsandbytes, hydra-core,
+omegaconf, antlr4-python3-runtime). MLflow may be absent: every run's report goes to
+OUTDIR/gpucheck.json and the table to OUTDIR/gpucheck.md. Steps: the gpu-marked tests, a probe
+refresh, the 8B-geometry synthetic model generated on the GPU, cache=ram with compression none, 8bit
+and 4bit under the 4 GiB cap, and 4bit cache=disk with a cold page cache, a few new tokens each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import logging
+import subprocess
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+# What the GPU image lacks, as (import name, distribution to install from the wheels).
+NEEDED = (("omegaconf", "omegaconf"), ("hydra", "hydra-core"), ("bitsandbytes", "bitsandbytes"))
+# (label, overrides): the write-up's question on a real GPU, within a few minutes of device time.
+RUNS = (
+    ("bf16, ram", ["cache=ram", "compression=none"]),
+    ("8bit, ram", ["cache=ram", "compression=8bit"]),
+    ("4bit, ram", ["cache=ram", "compression=4bit"]),
+    ("4bit, disk, cold", ["cache=disk", "compression=4bit", "cache.page_cache=cold"]),
+)
+COLUMNS = (
+    ("TTFT", "ttft_s"),
+    ("per token", "tpot_s"),
+    ("floor", "floor_s"),
+    ("floor ratio", "floor_ratio"),
+    ("peak VRAM (NVML)", "peak_vram_nvml_bytes"),
+    ("peak VRAM (allocated)", "peak_vram_allocated_bytes"),
+    ("read / h2d / decode / compute", None),
+)
+
+log = logging.getLogger("harness.gpucheck")
+
+
+def install_missing(wheels: Path) -> list[str]:
+    """pip-install, offline from `wheels`, what this environment lacks; returns what was installed."""
+    missing = [dist for module, dist in NEEDED if importlib.util.find_spec(module) is None]
+    if missing:
+        if not wheels.is_dir():
+            raise SystemExit(f"missing {', '.join(missing)} and no wheel folder {wheels}: bring their wheels")
+        cmd = [sys.executable, "-m", "pip", "install", "--no-index", "--find-links", str(wheels), *missing]
+        subprocess.run(cmd, check=True)
+    return missing
+
+
+def run_gpu_tests(timeout_s: int = 240) -> str:
+    """The gpu-marked tests; returns pytest's closing line."""
+    cmd = [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider",
+           "tests/test_probe.py", "tests/test_strategies.py"]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout_s)
+    lines = [line for line in done.stdout.splitlines() if line.strip()]
+    print(done.stdout[-4000:])
+    return lines[-1] if lines else f"pytest exited {done.returncode} with no output: {done.stderr[-500:]}"
+
+
+def run_one(overrides: list[str]) -> dict[str, Any]:
+    """One job through the real config and job code, tracking off; its report, or why it failed."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from harness.__main__ import CONF_DIR
+    from harness.config import register_configs
+    from harness.job.run import run_job
+
+    register_configs()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        dcfg = compose("config", overrides=overrides)
+    cfg = OmegaConf.to_object(dcfg)
+    groups = ("model", "cache", "compression")
+    choices = dict(o.split("=", 1) for o in overrides if o.split("=", 1)[0] in groups)
+    try:
+        report = run_job(cfg, OmegaConf.to_container(dcfg, resolve=True), choices=choices, overrides=overrides)
+    except Exception as exc:  # one configuration failing (the cap, say) is a finding, not the end of the check
+        log.exception("run %s failed", overrides)
+        return {"status": "FAILED", "reason": f"{type(exc).__name__}: {exc}"}
+    return {"status": "FINISHED", "metrics": report.metrics()}
+
+
+def table(results: dict[str, dict[str, Any]], header: str) -> str:
+    from harness.measurement.units import ABSENT, format_metric
+
+    lines = [header, "", "| run | " + " | ".join(c for c, _ in COLUMNS) + " | status |",
+             "|" + " --- |" * (len(COLUMNS) + 2)]
+    for label, result in results.items():
+        m = result.get("metrics", {})
+        cells = []
+        for _, name in COLUMNS:
+            if name is None:
+                shares = [m.get(f"stage_{s}_share") for s in ("read", "h2d", "decode", "compute")]
+                cells.append(" / ".join(ABSENT if v is None else f"{v:.0%}" for v in shares))
+            else:
+                cells.append(format_metric(name, m.get(name)))
+        status = result["status"] if result["status"] == "FINISHED" else f"{result['status']}: {result['reason']}"
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {status} |")
+    return "\n".join(lines) + "\n"
+
+
+def run_check(
+    outdir: Path,
+    *,
+    device: str,
+    model: str,
+    new_tokens: int,
+    outputs: Path,
+    tests: bool,
+    extra: list[str],
+    probe_mib: int = 256,
+) -> dict[str, Any]:
+    """Every step; writes gpucheck.json and gpucheck.md into `outdir` as it goes, so a timeout keeps what ran."""
+    import torch
+
+    from harness.probe.store import load_or_measure
+
+    outdir.mkdir(parents=True, exist_ok=True)
+    summary: dict[str, Any] = {"device": device, "model": model, "torch": torch.__version__, "steps_s": {}}
+    if device == "cuda":
+        summary["gpu"] = torch.cuda.get_device_name(0)
+
+    def save(results: dict[str, dict[str, Any]]) -> None:
+        (outdir / "gpucheck.json").write_text(json.dumps({**summary, "runs": results}, indent=1) + "\n")
+        header = f"layerbench GPU check: {summary.get('gpu', device)}, {model}, {new_tokens} new tokens"
+        (outdir / "gpucheck.md").write_text(table(results, header) + f"\n{json.dumps(summary)}\n")
+
+    started = time.perf_counter()
+    if tests:
+        summary["gpu_tests"] = run_gpu_tests()
+        summary["steps_s"]["tests"] = time.perf_counter() - started
+    t = time.perf_counter()
+    rates = load_or_measure(
+        torch.device(device), outputs / "probe", outputs / "probe", refresh=True, size_bytes=probe_mib << 20
+    )
+    summary["link_rates"] = asdict(rates)
+    summary["steps_s"]["probe"] = time.perf_counter() - t
+    common = [
+        f"model={model}", f"device={device}", f"paths.outputs={outputs}", f"workload.max_new_tokens={new_tokens}",
+        "workload.prompt_tokens=8", "workload.stop_at_eos=false", "tracking.enabled=false",
+        "quality.enabled=false", "reference.enabled=false", f"probe.size_mib={probe_mib}",
+    ]
+    if device == "cuda" and model != "tiny":
+        common.append("model.generator_device=cuda")
+    results: dict[str, dict[str, Any]] = {}
+    for label, overrides in RUNS:
+        t = time.perf_counter()
+        results[label] = run_one([*common, *overrides, *extra])
+        summary["steps_s"][label] = time.perf_counter() - t
+        save(results)
+    summary["total_s"] = time.perf_counter() - started
+    save(results)
+    return {**summary, "runs": results}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m harness.gpucheck", description=__doc__.split("\n\n")[0])
+    parser.add_argument("outdir", type=Path)
+    parser.add_argument("--wheels", type=Path, default=ROOT / "wheels", help="wheels to install offline")
+    parser.add_argument("--model", default="llama3-8b-synthetic")
+    parser.add_argument("--new-tokens", type=int, default=4)
+    parser.add_argument("--outputs", type=Path, default=ROOT / "outputs", help="checkpoints, splits, probe cache")
+    parser.add_argument("--skip-tests", action="store_true")
+    parser.add_argument("overrides", nargs="*", help="more Hydra overrides for every run")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    import torch
+
+    if not torch.cuda.is_available():
+        print("error: no CUDA device: the GPU check runs on a GPU machine (torch sees none here)", file=sys.stderr)
+        return 2
+    installed = install_missing(args.wheels)
+    if installed:
+        log.info("installed from %s: %s", args.wheels, ", ".join(installed))
+    summary = run_check(
+        args.outdir.resolve(), device="cuda", model=args.model, new_tokens=args.new_tokens,
+        outputs=args.outputs.resolve(), tests=not args.skip_tests, extra=args.overrides,
+    )
+    print((args.outdir / "gpucheck.md").read_text())
+    return 0 if all(r["status"] == "FINISHED" for r in summary["runs"].values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
