@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -22,9 +23,15 @@ def test_the_package_list_names_every_package_on_disk() -> None:
 
 
 def test_a_non_editable_install_finds_its_configs(tmp_path: Path) -> None:
+    # From a copy of the sources: setuptools builds in the source tree and would leave build/ in the checkout.
+    source = tmp_path / "src"
+    for name in ("conf", "harness", "strategies"):
+        shutil.copytree(ROOT / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(ROOT / name, source / name)
     target = tmp_path / "site"
-    pip = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation"]
-    subprocess.run([*pip, "--target", str(target), str(ROOT)], check=True, capture_output=True, text=True, timeout=300)
+    pip = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "--target"]
+    subprocess.run([*pip, str(target), str(source)], check=True, capture_output=True, text=True, timeout=300)
     assert (target / "harness" / "conf" / "config.yaml").is_file()
     assert (target / "harness" / "data" / "corpus.txt").is_file()
     # From elsewhere, with only the installed copy importable: conf/ must come from the install.

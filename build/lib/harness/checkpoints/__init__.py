@@ -1,1 +1,0 @@
-"""Checkpoints: the embedded generated models and validated local Hugging Face directories."""

@@ -1,1 +1,0 @@
-"""One job: build the streamer, generate, measure, compare, log."""

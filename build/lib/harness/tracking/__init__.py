@@ -1,1 +1,0 @@
-"""MLflow tracking: ``client`` (one run, the store's location) and ``sweep`` (a Hydra multirun as a parent run)."""
