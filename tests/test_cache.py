@@ -58,3 +58,15 @@ def test_tied_embeddings_are_read_once_per_pass(make_cfg, cache: str) -> None:
     # The tensors, without each file's header; the shared file once.
     held = cache_impl.bytes_held
     assert held == 0 if cache == "disk" else every_file_once - 1024 * len(layout.units) < held < every_file_once
+
+
+def test_a_cold_disk_run_is_held_against_a_plain_read_of_its_files(make_cfg) -> None:
+    from harness.job.run import run_job
+
+    cfg = make_cfg("cache=disk", "cache.page_cache=cold", "workload.max_new_tokens=3")
+    report = run_job(cfg, {}, choices={"cache": "disk"}, overrides=[])
+    assert report.plain_read_bytes_per_s > 0 and report.read_bandwidth_bytes_per_s > 0
+    assert report.read_efficiency == pytest.approx(report.read_bandwidth_bytes_per_s / report.plain_read_bytes_per_s)
+    warm_ram = make_cfg("cache=ram", "workload.max_new_tokens=3", "bench.warmup=1")
+    ram = run_job(warm_ram, {}, choices={"cache": "ram"}, overrides=[])
+    assert ram.read_efficiency is None, "after its warm-up cache=ram reads nothing: no figure, not 0"

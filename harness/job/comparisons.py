@@ -1,4 +1,4 @@
-"""What a run is measured against: the physical floor, transformers' resident generate, the uncompressed model.
+"""What a run is measured against: the floor, a plain read, transformers' resident generate, the uncompressed model.
 
 Each asks the strategies what applies (`KVCachePolicy.recomputes_sequence`, `Codec.dequant_link`,
 `Codec.lossy`) instead of comparing option names, so a new option needs no edit here.
@@ -14,6 +14,7 @@ from harness.job.reference import time_transformers_generate
 from harness.job.streamer import Streamer, build_streamer, eos_ids, fresh_runner
 from harness.measurement.run_report import RunReport
 from harness.probe.floor import token_floor
+from harness.probe.links import plain_read_rate
 from harness.probe.store import load_or_measure, load_or_measure_layer_compute_s
 from harness.runner.streaming import Generation
 
@@ -46,6 +47,16 @@ def floor_metrics(streamer: Streamer, cfg: Config, report: RunReport, outputs_di
         out["floor_ratio"] = report.tpot_s / floor.floor_s
     out.update({f"link_{k}": float(v) for k, v in vars(rates).items() if isinstance(v, float)})
     return out
+
+
+def read_metrics(streamer: Streamer, cfg: Config, report: RunReport) -> dict[str, float]:
+    """The read stage against a plain sequential read of the same files, in the same page-cache state."""
+    if report.read_bandwidth_bytes_per_s is None:
+        return {}  # nothing was read in the measured passes (cache=ram after its first pass)
+    layout = streamer.layout
+    paths = list(dict.fromkeys(layout.file(unit) for unit in layout.units))
+    plain = plain_read_rate(paths, cold=cfg.cache.page_cache == "cold")
+    return {"plain_read_bytes_per_s": plain, "read_efficiency": report.read_bandwidth_bytes_per_s / plain}
 
 
 def reference_metrics(streamer: Streamer, cfg: Config, gen: Generation, tpot_s: float | None) -> dict[str, float]:

@@ -16,7 +16,7 @@ from rich.progress import Progress
 import strategies
 from harness.config import Config
 from harness.device import resolve_device
-from harness.job.comparisons import compression_quality, floor_metrics, reference_metrics
+from harness.job.comparisons import compression_quality, floor_metrics, read_metrics, reference_metrics
 from harness.job.streamer import Streamer, build_streamer, generate
 from harness.measurement.environment import environment_tags
 from harness.measurement.memory import peak_rss_bytes
@@ -106,6 +106,7 @@ def run_job(
         report.cache_bytes_held = float(streamer.pipeline.cache.bytes_held)
         if cfg.probe.enabled:
             report.add(floor_metrics(streamer, cfg, report, outputs_dir))
+            report.add(read_metrics(streamer, cfg, report))
         if cfg.reference.enabled:
             report.add(reference_metrics(streamer, cfg, gen, report.tpot_s))
         if cfg.quality.enabled and streamer.pipeline.codec.lossy:

@@ -13,7 +13,7 @@ import math
 import os
 import re
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -141,6 +141,20 @@ def _read_all(path: Path, buffer: memoryview) -> int:
         while n := f.readinto(buffer):
             total += n
     return total
+
+
+def plain_read_rate(paths: Sequence[Path], cold: bool) -> float:
+    """Bytes per second of a plain sequential read of `paths`, each dropped from the page cache first
+    when `cold`: the yardstick for the read stage of a run over the same files."""
+    buffer = memoryview(bytearray(_READ_CHUNK_BYTES))
+    total, seconds = 0, 0.0
+    for path in paths:
+        if cold:
+            drop_page_cache(path)
+        start = perf_counter()
+        total += _read_all(path, buffer)
+        seconds += perf_counter() - start
+    return _rate(total, seconds)
 
 
 def _disk_rates(scratch_dir: Path, size_bytes: int, repeats: int) -> tuple[float, float]:
