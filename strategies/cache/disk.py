@@ -1,4 +1,9 @@
-"""cache=disk: read the layer file at every pass, keep nothing past the pass (AirLLM's default)."""
+"""cache=disk: read the layer file at every pass, keep no copy of it (AirLLM's default).
+
+With a warm page cache the OS page cache is the cache: each file stays mapped, and every pass
+faults in again whatever pages the OS evicted since the last one (that is the pass's read). With
+a cold page cache each pass maps the file afresh after dropping it, so the read comes from storage.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +13,7 @@ import torch
 
 from strategies.cache.base import LayerFiles
 from strategies.cache.configs import DiskCacheConfig
-from strategies.cache.files import read_layer_file
+from strategies.cache.files import make_resident, read_layer_file
 
 
 class DiskCache:
@@ -19,6 +24,7 @@ class DiskCache:
         # A file that several units of a pass read (tied embed and lm_head): held from its first reader
         # to its last, so a pass reads it once. Path -> (tensors, readers still to come).
         self._shared: dict[Path, tuple[dict[str, torch.Tensor], int]] = {}
+        self._mapped: dict[Path, dict[str, torch.Tensor]] = {}  # page_cache=warm: one mapping per file
 
     def get(self, name: str) -> dict[str, torch.Tensor]:
         path = self.files.file(name)
@@ -28,12 +34,23 @@ class DiskCache:
                 self._shared[path] = (tensors, left - 1)
             return tensors
         self.bytes_read += self.files.file_bytes(name)
-        tensors = read_layer_file(path, self.cfg.page_cache)
+        tensors = self._read(path)
         if (readers := self.files.readers(name)) > 1:
             self._shared[path] = (tensors, readers - 1)
         return tensors
 
+    def _read(self, path: Path) -> dict[str, torch.Tensor]:
+        if self.cfg.page_cache == "cold":
+            # Mapped afresh: a mapping kept from the last pass would keep its pages from being dropped.
+            return read_layer_file(path, "cold")
+        tensors = self._mapped.get(path)
+        if tensors is None:
+            tensors = self._mapped[path] = read_layer_file(path, "warm")
+        else:
+            make_resident(tensors)
+        return tensors
+
     @property
     def bytes_held(self) -> int:
-        """Host bytes kept between passes: none (a shared file is let go by its last reader in the pass)."""
+        """Host bytes kept between passes: none of the process's own (mapped file pages are the OS's to evict)."""
         return 0
