@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from harness.job.quality import corpus_ids, quality_metrics
+from harness.job.quality import quality_metrics, text_ids
 from harness.job.streamer import build_streamer, fresh_runner, generate
 from strategies.cache.files import read_layer_file
 
@@ -16,7 +16,7 @@ def test_quality_of_a_model_against_itself_is_perfect(make_cfg) -> None:
     streamer = build_streamer(cfg, Path(cfg.paths.outputs), torch.device("cpu"))
     gen = generate(streamer, cfg)
     ids = gen.prompt_ids + gen.generated_ids
-    m = quality_metrics(fresh_runner(streamer), fresh_runner(streamer), ids, corpus_ids(streamer.tokenizer, 48))
+    m = quality_metrics(fresh_runner(streamer), fresh_runner(streamer), ids, text_ids(streamer.tokenizer, 48))
     assert m["quality_top1_agreement"] == 1.0
     assert m["quality_kl_mean"] == pytest.approx(0.0, abs=1e-6)
     assert m["quality_ppl"] == m["quality_ppl_reference"]
@@ -30,7 +30,7 @@ def test_compression_costs_show(make_cfg, compression: str, min_agreement: float
     lossy = build_streamer(cfg, Path(cfg.paths.outputs), torch.device("cpu"))
     gen = generate(plain, plain_cfg)
     ids = gen.prompt_ids + gen.generated_ids
-    m = quality_metrics(fresh_runner(lossy), fresh_runner(plain), ids, corpus_ids(plain.tokenizer, 64))
+    m = quality_metrics(fresh_runner(lossy), fresh_runner(plain), ids, text_ids(plain.tokenizer, 64))
     assert min_agreement <= m["quality_top1_agreement"] <= 1.0
     assert m["quality_kl_mean"] > 0, "a lossy codec cannot be free"
     assert m["quality_ppl"] != m["quality_ppl_reference"]
@@ -54,3 +54,17 @@ def test_cold_page_cache_drops_the_file_before_reading(make_cfg, monkeypatch: py
     assert warm.keys() == cold.keys() and all(torch.equal(warm[k], cold[k]) for k in warm)
     with pytest.raises(ValueError, match="cache.page_cache='tepid'"):
         make_cfg("cache.page_cache=tepid")
+
+
+def test_quality_covers_both_texts_and_says_how_many_positions(make_cfg) -> None:
+    cfg = make_cfg("compression=4bit")
+    lossy = build_streamer(cfg, Path(cfg.paths.outputs), torch.device("cpu"))
+    plain = build_streamer(cfg.uncompressed(), Path(cfg.paths.outputs), torch.device("cpu"))
+    texts = text_ids(plain.tokenizer, 40)
+    assert list(texts) == ["corpus", "essay"] and all(len(ids) == 40 for ids in texts.values())
+    run_ids = texts["essay"][:7]
+    m = quality_metrics(fresh_runner(lossy), fresh_runner(plain), run_ids, texts)
+    assert m["quality_positions"] == 80 and m["quality_run_positions"] == 7
+    assert m["quality_text_tokens"] == m["quality_essay_tokens"] == 40
+    assert m["quality_ppl_essay"] != m["quality_ppl_essay_reference"]
+    assert 0 < m["quality_top1_agreement"] <= 1 and m["quality_kl_mean"] > 0

@@ -44,6 +44,7 @@ def reference_generate(ckpt: Path, prompt_ids: list[int], new_tokens: int) -> tu
         max_new_tokens=new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0,
         output_logits=True, return_dict_in_generate=True,
     )
+    model.generation_config = gen_cfg  # else generate() takes the EOS ids of generation_config.json
     out = model.generate(
         torch.tensor([prompt_ids]),
         generation_config=gen_cfg,

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from harness.config import Config
-from harness.job.quality import corpus_ids, quality_metrics
+from harness.job.quality import quality_metrics, text_ids
 from harness.job.reference import time_transformers_generate
 from harness.job.streamer import Streamer, build_streamer, eos_ids, fresh_runner
 from harness.measurement.run_report import RunReport
@@ -78,5 +78,5 @@ def compression_quality(streamer: Streamer, cfg: Config, gen: Generation, output
         fresh_runner(streamer),
         fresh_runner(plain),
         gen.prompt_ids + gen.generated_ids,
-        corpus_ids(streamer.tokenizer, cfg.quality.max_tokens),
+        text_ids(streamer.tokenizer, cfg.quality.max_tokens),
     )

@@ -1,17 +1,25 @@
 """What compression costs in accuracy, against the uncompressed model on the same checkpoint.
 
-Teacher-forced on the run's own tokens (prompt + generated): next-token top-1 agreement
-and mean KL(uncompressed || compressed); and perplexity of both on a text shipped with
-the package. Both models stream through the same runner, so the codec is the only difference.
+Teacher-forced, one pass per text, both models streamed through the same runner so the codec is
+the only difference. Over the shipped texts (hundreds of positions): next-token top-1 agreement,
+mean KL(uncompressed || compressed) and each text's perplexity under both. Over the run's own
+prompt and generated tokens (a few positions): agreement and KL again, named `quality_run_*`.
+Every figure says how many positions it covers.
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from harness.checkpoints.tokenizer import CORPUS_PATH
 from harness.runner.streaming import LayerStreamingRunner
+
+# name -> file: `corpus` trains the embedded tokenizer; `essay` is prose it never saw.
+TEXTS = {"corpus": CORPUS_PATH, "essay": Path(__file__).resolve().parents[1] / "data" / "essay.txt"}
 
 
 def teacher_forced_logits(runner: LayerStreamingRunner, ids: list[int]) -> torch.Tensor:
@@ -24,21 +32,44 @@ def perplexity(logits: torch.Tensor, ids: list[int]) -> float:
     return float(torch.exp(F.cross_entropy(logits[:-1], targets)))
 
 
-def quality_metrics(
-    runner: LayerStreamingRunner, reference: LayerStreamingRunner, run_ids: list[int], text_ids: list[int]
-) -> dict[str, float]:
-    ours, ref = teacher_forced_logits(runner, run_ids), teacher_forced_logits(reference, run_ids)
+def _agreement_and_kl(ours: torch.Tensor, ref: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per position: whether the top-1 tokens agree, and KL(ref || ours) in nats. ours, ref: [seq, vocab]."""
     log_p_ref, log_p_ours = F.log_softmax(ref, dim=-1), F.log_softmax(ours, dim=-1)
-    kl = (log_p_ref.exp() * (log_p_ref - log_p_ours)).sum(dim=-1)  # [seq]
-    text_ours, text_ref = teacher_forced_logits(runner, text_ids), teacher_forced_logits(reference, text_ids)
-    return {
-        "quality_top1_agreement": float((ours.argmax(-1) == ref.argmax(-1)).float().mean()),
-        "quality_kl_mean": float(kl.mean()),
-        "quality_ppl": perplexity(text_ours, text_ids),
-        "quality_ppl_reference": perplexity(text_ref, text_ids),
-        "quality_text_tokens": float(len(text_ids)),
+    kl = (log_p_ref.exp() * (log_p_ref - log_p_ours)).sum(dim=-1)
+    return (ours.argmax(-1) == ref.argmax(-1)).float(), kl
+
+
+def quality_metrics(
+    runner: LayerStreamingRunner,
+    reference: LayerStreamingRunner,
+    run_ids: list[int],
+    texts: Mapping[str, list[int]],
+) -> dict[str, float]:
+    """`texts`: name -> token ids; the first is the one `quality_ppl` names, the others `quality_ppl_<name>`."""
+    agree, kl = _agreement_and_kl(teacher_forced_logits(runner, run_ids), teacher_forced_logits(reference, run_ids))
+    metrics = {
+        "quality_run_top1_agreement": float(agree.mean()),
+        "quality_run_kl_mean": float(kl.mean()),
+        "quality_run_positions": float(len(run_ids)),
     }
+    agreements, kls = [], []
+    for index, (name, ids) in enumerate(texts.items()):
+        ours, ref = teacher_forced_logits(runner, ids), teacher_forced_logits(reference, ids)
+        text_agree, text_kl = _agreement_and_kl(ours, ref)
+        agreements.append(text_agree)
+        kls.append(text_kl)
+        suffix = "" if index == 0 else f"_{name}"
+        metrics[f"quality_ppl{suffix}"] = perplexity(ours, ids)
+        metrics[f"quality_ppl{suffix}_reference"] = perplexity(ref, ids)
+        metrics["quality_text_tokens" if index == 0 else f"quality_{name}_tokens"] = float(len(ids))
+    metrics.update(
+        quality_top1_agreement=float(torch.cat(agreements).mean()),
+        quality_kl_mean=float(torch.cat(kls).mean()),
+        quality_positions=float(sum(len(ids) for ids in texts.values())),
+    )
+    return metrics
 
 
-def corpus_ids(tokenizer: object, max_tokens: int) -> list[int]:
-    return list(tokenizer(CORPUS_PATH.read_text())["input_ids"][:max_tokens])
+def text_ids(tokenizer: object, max_tokens: int) -> dict[str, list[int]]:
+    """The shipped texts as token ids, each cut to `max_tokens`."""
+    return {name: list(tokenizer(path.read_text())["input_ids"][:max_tokens]) for name, path in TEXTS.items()}

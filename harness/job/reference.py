@@ -45,6 +45,9 @@ def time_transformers_generate(
     gen_cfg = GenerationConfig(
         max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos_token_ids or None, pad_token_id=0
     )
+    # generate() fills what a passed config leaves unset from the checkpoint's generation_config.json,
+    # its EOS ids included: replace that config too, so the reference stops exactly where the runner does.
+    model.generation_config = gen_cfg
     ids = torch.tensor([prompt_ids], device=device)
     # Warm-up, thrown away: first-call kernel selection and allocation are not generation speed.
     model.generate(ids, generation_config=GenerationConfig(max_new_tokens=2, do_sample=False, pad_token_id=0))

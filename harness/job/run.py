@@ -148,6 +148,8 @@ def log_run(
         "split.fresh": str(streamer.split_stats.fresh).lower(),
         "cache.page_cache": cfg.cache.page_cache,
     }
+    if cfg.model.weights_note:
+        tags["model.weights"] = cfg.model.weights_note
     if report.floor_s is not None:
         tags["floor.limiting"] = max(LINKS, key=lambda link: getattr(report, f"floor_{link}_s"))
     residual = report.crosscheck_residual

