@@ -33,20 +33,23 @@ CONF_DIR = conf_dir()
 def main(dcfg: DictConfig) -> None:
     # Imported here so `--help` and config errors answer before torch and transformers load.
     from harness.job.run import run_job
-    from harness.tracking.sweep import parent_run_id_for_job
+    from harness.tracking.sweep import job_run_name, parent_run_id_for_job, sweep_keys_for_job
 
     # Relative paths are relative to where the command was started, whatever Hydra's run dir is.
     dcfg.paths.outputs = to_absolute_path(dcfg.paths.outputs)
     # to_object runs every __post_init__: bad values fail here, before anything is loaded.
     cfg = OmegaConf.to_object(dcfg)
     hydra_cfg = HydraConfig.get()
-    choices = {group: hydra_cfg.runtime.choices[group] for group in ("model", *strategies.FAMILIES)}
+    groups = ("model", *strategies.FAMILIES)
+    choices = {group: hydra_cfg.runtime.choices[group] for group in groups}
+    overrides = list(hydra_cfg.overrides.task)
     run_job(
         cfg,
         OmegaConf.to_container(dcfg, resolve=True),
         choices=choices,
-        overrides=list(hydra_cfg.overrides.task),
+        overrides=overrides,
         parent_run_id=parent_run_id_for_job(),
+        run_name=job_run_name(overrides, groups, sweep_keys_for_job()),
     )
 
 

@@ -49,7 +49,9 @@ def test_single_run_logs_params_metrics_and_artifacts(single_run) -> None:
     for group, choice in {"model": "tiny", "cache": "disk", "compression": "none", "prefetch": "off",
                           "kv_cache": "device"}.items():
         assert params[group] == choice
-    assert params["workload.max_new_tokens"] == "4" and params["cache.name"] == "disk"
+    assert params["workload.max_new_tokens"] == "4" and params["cache.page_cache"] == "warm"
+    # Each choice once, under the group's name: no `cache.name` repeat, no implementation paths.
+    assert "cache.name" not in params and not any(k.endswith("_target_") for k in params)
     metrics = run.data.metrics
     for key in ("ttft_s", "tpot_s", "token_latency_p50_s", "token_latency_p90_s", "token_latency_p99_s",
                 "decode_tokens_per_s", "peak_rss_bytes", "read_bytes_per_pass", "split_s"):
@@ -65,8 +67,12 @@ def test_single_run_logs_params_metrics_and_artifacts(single_run) -> None:
     links = ("disk", "host_copy", "h2d", "dequant", "compute")
     assert metrics["floor_s"] == max(metrics[f"floor_{link}_s"] for link in links)
     assert run.data.tags["floor.limiting"] in links and "crosscheck_residual" in metrics
-    history = client(tmp).get_metric_history(run.info.run_id, "token_latency_s")
-    assert [m.step for m in history] == [0, 1, 2]
+    history = sorted(client(tmp).get_metric_history(run.info.run_id, "token_latency_s"), key=lambda m: m.step)
+    assert [m.step for m in history] == [2, 3, 4], "steps number the tokens, as token_latency.png does"
+    stamps = [m.timestamp for m in history]
+    assert stamps == sorted(stamps) and stamps[-1] > stamps[0], "each step at the time its token arrived"
+    experiment = client(tmp).get_experiment(run.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
     tags = run.data.tags
     assert "cache=disk" in tags["hydra.overrides"] and tags["version.torch"]
     arts = {a.path for a in client(tmp).list_artifacts(run.info.run_id)}
@@ -169,3 +175,6 @@ def test_cap_failure_in_a_sweep_is_recorded_and_the_sweep_goes_on(tmp_path: Path
     assert children["0.5"].info.status == "FAILED" and "vram.cap_gib=0.5" in children["0.5"].data.tags["failure_reason"]
     assert children["100.0"].info.status == "FINISHED", "the sweep went on after the failure"
     assert children["100.0"].data.metrics["peak_vram_nvml_bytes"] == 1 << 30
+    # Named by what the sweep varies: children by their value, the parent by the sweep's keys and size.
+    assert {c.info.run_name for c in children.values()} == {"0.5", "100"}
+    assert parent.info.run_name.startswith("sweep vram.cap_gib (2) ")

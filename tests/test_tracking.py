@@ -363,8 +363,50 @@ def test_sweep_all_succeed_closes_parent_finished(sweeps: dict[str, tuple[int, s
     parent = parents[0]
     assert parent.info.status == "FINISHED", output
     assert "failure_reason" not in parent.data.tags
-    assert parent.info.run_name == "sweep s"
+    assert parent.info.run_name == "sweep x (2) s", "named by what it varies, how many jobs, and its folder"
     children = _runs(client, "sweep", f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     assert sorted(run.info.run_name for run in children) == ["x=1", "x=2"]
     assert all(run.info.status == "FINISHED" for run in children)
     assert not (cwd / "mlruns").exists()
+
+
+def test_an_existing_experiment_gets_the_kind_that_opens_the_runs_view(tmp_path: Path) -> None:
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    mlflow.MlflowClient(tracking_uri=uri).create_experiment("old", artifact_location=(tmp_path / "a").as_uri())
+    tracker = RunTracker(uri, "old")
+    assert tracker.client.get_experiment(tracker.experiment_id).tags["mlflow.experimentKind"] == (
+        "custom_model_development"
+    )
+
+
+def test_the_kernels_hub_hint_is_dropped_and_other_warnings_are_not(caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    import strategies.compression  # noqa: F401  (installs the filter)
+
+    bnb_log = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    with caplog.at_level(logging.WARNING, logger=bnb_log.name):
+        bnb_log.warning("Failed to load CPU gemm_4bit_forward from kernels-community: %s", "offline")
+        bnb_log.warning("something else")
+    assert [r.getMessage() for r in caplog.records] == ["something else"]
+
+
+def test_runs_are_named_by_what_differs() -> None:
+    from omegaconf import OmegaConf
+
+    from harness.tracking.sweep import job_run_name, sweep_keys_and_size
+
+    groups = ("model", "cache", "compression", "prefetch", "kv_cache")
+    sweep = OmegaConf.create({"hydra": {
+        "overrides": {"task": ["compression=none,8bit,4bit", "cache=disk,ram", "workload.max_new_tokens=8"]},
+        "sweeper": {"params": {"prefetch": "off,on"}},
+    }})
+    assert sweep_keys_and_size(sweep) == (["compression", "cache", "prefetch"], 12)
+    job = ["compression=4bit", "cache=ram", "workload.max_new_tokens=8", "prefetch=on"]
+    assert job_run_name(job, groups, ["compression", "cache", "prefetch"]) == "4bit·ram·on"
+    # Standalone: the options chosen on the command line, or "default".
+    assert job_run_name(["compression=4bit", "cache=disk", "workload.prompt=hi"], groups, None) == "4bit·disk"
+    assert job_run_name(["workload.max_new_tokens=3", "+experiment=perf"], groups, None) == "default"
+    assert job_run_name([], groups, None) == "default"

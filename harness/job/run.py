@@ -6,6 +6,7 @@ import csv
 import io
 import logging
 import tempfile
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -54,6 +55,14 @@ def generation_metrics(streamer: Streamer, gen: Generation) -> dict[str, float]:
     return metrics
 
 
+def run_params(resolved: Mapping[str, Any], choices: Mapping[str, str]) -> dict[str, str]:
+    """The flattened config with each group's choice once, as the param named after the group:
+    `<group>.name` repeats it and `<group>._target_` is an implementation detail."""
+    repeats = {f"{group}.name" for group in choices}
+    flat = {k: v for k, v in flatten(resolved).items() if k not in repeats and not k.endswith("._target_")}
+    return {**flat, **choices}
+
+
 def rows_csv(rows: Sequence[dict]) -> str:
     out = io.StringIO()
     writer = csv.DictWriter(out, fieldnames=list(rows[0]) if rows else ["pass_index"])
@@ -70,6 +79,7 @@ def run_job(
     overrides: list[str],
     parent_run_id: str | None = None,
     console: Console | None = None,
+    run_name: str | None = None,
 ) -> RunReport:
     """Run one configuration end to end; the MLflow run ends FAILED with the reason if anything raises."""
     console = console or Console()
@@ -77,10 +87,11 @@ def run_job(
     tracker = None
     if cfg.tracking.enabled:
         tracker = RunTracker(cfg.tracking.uri or default_tracking_uri(outputs_dir), cfg.tracking.experiment)
-        run_name = " ".join(f"{f}={choices[f]}" for f in ("model", *strategies.FAMILIES) if f in choices)
+        # Named by the caller (the CLI: what the sweep varies); else by every choice.
+        run_name = run_name or " ".join(f"{f}={choices[f]}" for f in ("model", *strategies.FAMILIES) if f in choices)
         tracker.start(
-            run_name=run_name or None,
-            params={**flatten(resolved), **choices},
+            run_name=run_name or "default",
+            params=run_params(resolved, choices),
             # With the outputs folder: hw.disk names the disk the splits are read from.
             tags={**environment_tags(outputs_dir), "hydra.overrides": " ".join(overrides)},
             parent_run_id=parent_run_id,
@@ -113,7 +124,7 @@ def run_job(
             report.add(compression_quality(streamer, cfg, gen, outputs_dir))
         text = streamer.tokenizer.decode(gen.generated_ids, skip_special_tokens=True)
         if tracker is not None:
-            log_run(tracker, cfg, resolved, streamer, gen, report, text)
+            log_run(tracker, cfg, resolved, streamer, gen, report, text, run_name or "default")
             tracker.end("FINISHED")
     except BaseException as exc:
         if tracker is not None:
@@ -131,12 +142,17 @@ def log_run(
     gen: Generation,
     report: RunReport,
     text: str,
+    label: str,
 ) -> None:
     """Metrics, step series, tags and artifacts of a finished job (timeline and plots: its last repeat)."""
     rows = gen.timeline.rows(streamer.runner.stages)
     latencies = inter_token_latencies(gen.token_times_s)
     tracker.log_metrics(report.metrics())
-    tracker.log_series("token_latency_s", latencies)
+    # Step = the token's number (2..N), as in token_latency.png; timestamps = when each token arrived.
+    to_epoch = time.time() - time.perf_counter()
+    tracker.log_series(
+        "token_latency_s", latencies, first_step=2, timestamps_s=[t + to_epoch for t in gen.token_times_s[1:]]
+    )
     tracker.log_series("read_bytes", per_pass(rows, "read_bytes"))
     tracker.log_dict(dict(resolved), "config.yaml")
     generation = {"prompt_ids": gen.prompt_ids, "generated_ids": gen.generated_ids, "text": text}
@@ -160,7 +176,8 @@ def log_run(
         log.warning(tags["warning.crosscheck"])
     tracker.set_tags(tags)
     with tempfile.TemporaryDirectory() as tmp:
-        title = streamer.ckpt_dir.name
+        # Titled with the strategy combination: side by side in MLflow's compare view, plots name their run.
+        title = label
         decode_pass = len(gen.token_times_s) // 2  # a decode pass from the middle: no prefill, no warm-up edge
         plot_pass(rows, decode_pass, Path(tmp) / "timeline_pass.png", f"{title}: pass {decode_pass}")
         tracker.log_artifact(Path(tmp) / "timeline_pass.png")

@@ -24,6 +24,8 @@ logger = logging.getLogger(__name__)
 # mlflow.utils.mlflow_tags.MLFLOW_PARENT_RUN_ID, spelled out so that importing this module stays light.
 PARENT_RUN_ID_TAG = "mlflow.parentRunId"
 ROLE_TAG = "layerbench.role"
+# MLflow 3's UI opens an experiment in its GenAI view (traces) unless told it holds training-style runs.
+EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
 FAILURE_REASON_TAG = "failure_reason"
 TERMINAL_STATUSES = ("FINISHED", "FAILED", "KILLED")
 # Long enough for an exception message; a traceback belongs in an artifact, not a tag.
@@ -141,7 +143,7 @@ class RunTracker:
         if found is None:
             try:
                 self.experiment_id = self.client.create_experiment(
-                    experiment, artifact_location=_artifact_location(uri, experiment)
+                    experiment, artifact_location=_artifact_location(uri, experiment), tags=EXPERIMENT_TAGS
                 )
             except MlflowException:
                 # Another process (a parallel job) created it between our lookup and create.
@@ -150,6 +152,9 @@ class RunTracker:
                     raise
         if found is not None:
             self.experiment_id = found.experiment_id
+            for key, value in EXPERIMENT_TAGS.items():
+                if found.tags.get(key) != value:  # an experiment made before this tag existed
+                    self.client.set_experiment_tag(found.experiment_id, key, value)
             if found.lifecycle_stage == "deleted":
                 # A deleted experiment still owns its name and refuses new runs.
                 logger.warning("MLflow experiment %r was deleted; restoring it", experiment)
@@ -213,16 +218,27 @@ class RunTracker:
         ]
         self.client.log_batch(run_id, metrics=entries, synchronous=True)
 
-    def log_series(self, key: str, values: Sequence[float | None]) -> None:
-        """One metric with step 0..n-1 (per-token latency etc.); a None leaves its step out."""
+    def log_series(
+        self,
+        key: str,
+        values: Sequence[float | None],
+        *,
+        first_step: int = 0,
+        timestamps_s: Sequence[float] | None = None,
+    ) -> None:
+        """One metric with steps first_step.. (per-token latency etc.); a None leaves its step out.
+
+        `timestamps_s` (epoch seconds, one per value): when each value happened, so the UI's time axis
+        spreads the steps out instead of stacking them on the moment they were logged.
+        """
         from mlflow.entities import Metric
 
         run_id = self._require_run()
-        timestamp = int(time.time() * 1000)
+        now_ms = int(time.time() * 1000)
         name = _clean_key(key)
         entries = [
-            Metric(name, float(value), timestamp, step)
-            for step, value in enumerate(values)
+            Metric(name, float(value), now_ms if timestamps_s is None else int(timestamps_s[i] * 1000), first_step + i)
+            for i, value in enumerate(values)
             if value is not None
         ]
         self.client.log_batch(run_id, metrics=entries, synchronous=True)

@@ -7,6 +7,7 @@ no mlflow (``RunTracker`` does, when a sweep actually starts).
 from __future__ import annotations
 
 import atexit
+import json
 import logging
 import threading
 from pathlib import Path
@@ -25,6 +26,33 @@ from harness.tracking.client import ROLE_TAG, RunTracker, default_tracking_uri
 logger = logging.getLogger(__name__)
 
 PARENT_RUN_ID_FILE = "mlflow_parent_run_id"
+# The keys a sweep varies, for its jobs to name their runs by (JSON list, beside the parent id).
+SWEEP_KEYS_FILE = "mlflow_sweep_keys.json"
+SEPARATOR = "·"
+
+
+def sweep_keys_and_size(config: DictConfig) -> tuple[list[str], int]:
+    """What a multirun varies, in order (command line, then the preset's hydra.sweeper.params), and
+    how many jobs that makes; parsed by Hydra's own override grammar, so ranges and globs count too."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    overrides = list(OmegaConf.select(config, "hydra.overrides.task", default=None) or [])
+    params = OmegaConf.select(config, "hydra.sweeper.params", default=None) or {}
+    overrides += [f"{key}={value}" for key, value in params.items()]
+    keys, size = [], 1
+    for override in OverridesParser.create().parse_overrides(overrides):
+        if override.is_sweep_override() and override.key_or_group not in keys:
+            keys.append(override.key_or_group)
+            size *= len(list(override.sweep_string_iterator()))
+    return keys, size
+
+
+def job_run_name(task_overrides: list[str], groups: tuple[str, ...], sweep_keys: list[str] | None) -> str:
+    """A sweep's child: the values its sweep varies (`4bit·ram`); a standalone run: its chosen
+    options that are not the defaults (`4bit·disk`), or `default`. Full choices stay params and tags."""
+    values = dict(o.lstrip("+~").split("=", 1) for o in task_overrides if "=" in o)
+    keys = sweep_keys if sweep_keys else [k for k in values if k in groups]
+    return SEPARATOR.join(values[k].split("/")[-1] for k in keys if k in values) or "default"
 
 
 def _resolve_uri(config: DictConfig) -> str:
@@ -73,6 +101,7 @@ class MlflowSweepCallback(Callback):
         id_file = sweep_dir / PARENT_RUN_ID_FILE
         # A reused sweep dir must not hand this sweep's jobs an older sweep's parent.
         id_file.unlink(missing_ok=True)
+        (sweep_dir / SWEEP_KEYS_FILE).unlink(missing_ok=True)
         if not OmegaConf.select(config, "tracking.enabled", default=True):
             return
         uri = _resolve_uri(config)
@@ -83,11 +112,14 @@ class MlflowSweepCallback(Callback):
         tags.update(
             {"hydra.sweep_dir": str(sweep_dir), "hydra.overrides": " ".join(overrides), ROLE_TAG: "parent"}
         )
+        keys, size = sweep_keys_and_size(config)
         tracker = RunTracker(uri, experiment)
-        tracker.start(run_name=f"sweep {sweep_dir.name}", params={}, tags=tags)
+        name = f"sweep {'×'.join(keys) or 'of one job'} ({size}) {sweep_dir.name}"
+        tracker.start(run_name=name, params={}, tags=tags)
         self.tracker = tracker
         atexit.register(self._close_at_exit)
         sweep_dir.mkdir(parents=True, exist_ok=True)
+        (sweep_dir / SWEEP_KEYS_FILE).write_text(json.dumps(keys) + "\n", encoding="utf-8")
         id_file.write_text(f"{tracker.run_id}\n", encoding="utf-8")
 
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
@@ -135,6 +167,17 @@ class MlflowSweepCallback(Callback):
             logger.info("MLflow parent run %s closed: %s", self.tracker.run_id, reason or "FINISHED")
 
 
+def sweep_keys_for_job() -> list[str] | None:
+    """Inside a multirun job, the keys its sweep varies; None in RUN mode, outside Hydra or untracked."""
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return None
+    try:
+        text = (Path(to_absolute_path(str(HydraConfig.get().sweep.dir))) / SWEEP_KEYS_FILE).read_text("utf-8")
+    except OSError:
+        return None
+    return list(json.loads(text))
+
+
 def parent_run_id_for_job() -> str | None:
     """Inside a multirun job, the sweep's parent run id; None in RUN mode or outside Hydra."""
     if not HydraConfig.initialized():
@@ -150,4 +193,4 @@ def parent_run_id_for_job() -> str | None:
     return run_id or None
 
 
-__all__ = ["MlflowSweepCallback", "parent_run_id_for_job"]
+__all__ = ["MlflowSweepCallback", "job_run_name", "parent_run_id_for_job", "sweep_keys_for_job"]
