@@ -207,7 +207,7 @@ def test_callback_closes_parent_once_at_exit(store: str, tmp_path: Path) -> None
 
     run = _client(store).get_run(parent_id)
     assert run.info.status == "FAILED"
-    assert run.info.run_name == "sweep sweep"
+    assert run.info.run_name == "sweep x (2) sweep"
     assert run.data.tags["failure_reason"] == "1 of 2 jobs failed"
     assert run.data.tags["layerbench.failed_jobs"] == "x=2: ValueError: bad x"
     assert run.data.tags["layerbench.role"] == "parent"
