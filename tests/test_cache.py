@@ -37,7 +37,7 @@ def test_touching_pages_is_the_fallback_and_reads_the_same(make_cfg, monkeypatch
     cfg = make_cfg()
     layout = build_streamer(cfg, Path(cfg.paths.outputs), torch.device("cpu")).layout
     populated = read_layer_file(layout.file("layers.01"), "cold")
-    monkeypatch.setattr(files_mod, "_populate_works", False)
+    monkeypatch.setattr(files_mod._populate, "works", False)
     touched = read_layer_file(layout.file("layers.01"), "cold")
     assert populated.keys() == touched.keys() and all(torch.equal(populated[k], touched[k]) for k in populated)
 

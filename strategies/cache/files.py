@@ -19,14 +19,33 @@ from safetensors.torch import load_file
 
 log = logging.getLogger(__name__)
 
-# Linux 5.14+: fault a mapping's pages in (reading them from storage where needed) without copying
-# them anywhere. Python 3.11's mmap module does not name it, and it can only apply to the mapping
-# safetensors made, which only its tensors' addresses reveal, hence libc.
-_MADV_POPULATE_READ = 22
-_libc = ctypes.CDLL(None, use_errno=True) if os.name == "posix" else None
-if _libc is not None:
-    _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-_populate_works = _libc is not None
+
+class _Populate:
+    """madvise(MADV_POPULATE_READ) (Linux 5.14+): fault a mapping's pages in, reading them from storage
+    where needed, without copying them anywhere. Python 3.11's mmap module does not name it, and it can
+    only apply to the mapping safetensors made, which only its tensors' addresses reveal: hence libc."""
+
+    ADVICE = 22
+
+    def __init__(self) -> None:
+        self.libc = ctypes.CDLL(None, use_errno=True) if os.name == "posix" else None
+        if self.libc is not None:
+            self.libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        self.works = self.libc is not None
+
+    def __call__(self, start: int, length: int) -> bool:
+        """True when the pages are in; False (and never tried again) where the kernel lacks the advice."""
+        if not self.works:
+            return False
+        if self.libc.madvise(start, length, self.ADVICE) == 0:
+            return True
+        self.works = False  # an older kernel (EINVAL) or another libc: the caller touches the pages instead
+        log.warning("madvise(MADV_POPULATE_READ) failed (%s): reading layer files by touching each page",
+                    os.strerror(ctypes.get_errno()))
+        return False
+
+
+_populate = _Populate()
 
 
 def drop_page_cache(path: Path) -> None:
@@ -45,18 +64,13 @@ def drop_page_cache(path: Path) -> None:
 
 def make_resident(tensors: dict[str, torch.Tensor]) -> None:
     """Fault in every page of mapped host tensors now: from the page cache, or from storage when cold."""
-    global _populate_works
     if not tensors:
         return
-    if _populate_works:
-        start = min(t.data_ptr() for t in tensors.values())
-        end = max(t.data_ptr() + t.nbytes for t in tensors.values())
-        start -= start % mmap.PAGESIZE
-        if _libc.madvise(start, end - start, _MADV_POPULATE_READ) == 0:
-            return
-        _populate_works = False  # an older kernel (EINVAL) or another libc: touch the pages instead
-        log.warning("madvise(MADV_POPULATE_READ) failed (%s): reading layer files by touching each page",
-                    os.strerror(ctypes.get_errno()))
+    start = min(t.data_ptr() for t in tensors.values())
+    end = max(t.data_ptr() + t.nbytes for t in tensors.values())
+    start -= start % mmap.PAGESIZE
+    if _populate(start, end - start):
+        return
     for t in tensors.values():
         if t.numel():
             # One byte per page: the fault reads the page; the sum only keeps the read from being skipped.
