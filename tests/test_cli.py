@@ -67,6 +67,13 @@ def test_single_run_logs_params_metrics_and_artifacts(single_run) -> None:
     links = ("disk", "host_copy", "h2d", "dequant", "compute")
     assert metrics["floor_s"] == max(metrics[f"floor_{link}_s"] for link in links)
     assert run.data.tags["floor.limiting"] in links and "crosscheck_residual" in metrics
+    # The link rates describe the machine: tags with units, not metrics repeated in every run.
+    assert run.data.tags["link.disk_read_warm_bytes_per_s"].endswith("B/s")
+    assert not any(k.startswith("link_") for k in metrics)
+    # Named by its one non-default choice; its description carries the key figures with units.
+    assert run.info.run_name == "disk"
+    note = run.data.tags["mlflow.note.content"]
+    assert note.startswith("**disk**: TTFT ") and " s · per token " in note and "vs transformers" in note
     history = sorted(client(tmp).get_metric_history(run.info.run_id, "token_latency_s"), key=lambda m: m.step)
     assert [m.step for m in history] == [2, 3, 4], "steps number the tokens, as token_latency.png does"
     stamps = [m.timestamp for m in history]

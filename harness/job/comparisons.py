@@ -13,14 +13,18 @@ from harness.job.quality import quality_metrics, text_ids
 from harness.job.reference import time_transformers_generate
 from harness.job.streamer import Streamer, build_streamer, eos_ids, fresh_runner
 from harness.measurement.run_report import RunReport
+from harness.measurement.units import format_metric
 from harness.probe.floor import token_floor
 from harness.probe.links import plain_read_rate
 from harness.probe.store import load_or_measure, load_or_measure_layer_compute_s
 from harness.runner.streaming import Generation
 
 
-def floor_metrics(streamer: Streamer, cfg: Config, report: RunReport, outputs_dir: Path) -> dict[str, float]:
-    """The per-token floor from the measured links and one layer's compute, and how far the run is from it."""
+def floor_metrics(
+    streamer: Streamer, cfg: Config, report: RunReport, outputs_dir: Path
+) -> tuple[dict[str, float], dict[str, str]]:
+    """The per-token floor from the measured links and one layer's compute, and how far the run is from it;
+    and the link rates themselves as tags: they describe the machine, not the run, so they are no metrics."""
     rates = load_or_measure(
         streamer.device, outputs_dir / "probe", outputs_dir / "probe", refresh=cfg.probe.refresh,
         size_bytes=cfg.probe.size_mib << 20,
@@ -45,8 +49,9 @@ def floor_metrics(streamer: Streamer, cfg: Config, report: RunReport, outputs_di
     out.update({f"floor_{link}_s": seconds for link, seconds in floor.per_link_s.items()})
     if report.tpot_s is not None and floor.floor_s > 0:
         out["floor_ratio"] = report.tpot_s / floor.floor_s
-    out.update({f"link_{k}": float(v) for k, v in vars(rates).items() if isinstance(v, float)})
-    return out
+    tags = {f"link.{k}": format_metric(k, v) for k, v in vars(rates).items() if isinstance(v, float)}
+    tags["link.measured_at"] = rates.measured_at
+    return out, tags
 
 
 def read_metrics(streamer: Streamer, cfg: Config, report: RunReport) -> dict[str, float]:

@@ -26,6 +26,7 @@ from harness.measurement.plots import plot_pass, plot_token_latency
 from harness.measurement.run_report import RunReport
 from harness.measurement.summary import print_summary
 from harness.measurement.timeline import CROSSCHECK_TOLERANCE, per_pass, stage_metrics
+from harness.measurement.units import format_metric
 from harness.measurement.vram import VramMonitor
 from harness.probe.floor import LINKS
 from harness.runner.streaming import Generation
@@ -61,6 +62,21 @@ def run_params(resolved: Mapping[str, Any], choices: Mapping[str, str]) -> dict[
     repeats = {f"{group}.name" for group in choices}
     flat = {k: v for k, v in flatten(resolved).items() if k not in repeats and not k.endswith("._target_")}
     return {**flat, **choices}
+
+
+# The figures a reader of the runs table looks for first, in the run's description (mlflow.note.content).
+NOTE_FIGURES = (
+    ("TTFT", "ttft_s"), ("per token", "tpot_s"), ("floor ratio", "floor_ratio"), ("peak RSS", "peak_rss_bytes"),
+    ("peak VRAM", "peak_vram_nvml_bytes"), ("top-1 vs uncompressed", "quality_top1_agreement"),
+    ("KL", "quality_kl_mean"), ("vs transformers", "tpot_ratio_vs_reference"),
+)
+
+
+def run_note(label: str, report: RunReport) -> str:
+    """`**4bit·ram**: TTFT 0.0580 s · per token 0.00550 s · ...`, measured figures only."""
+    parts = [f"{name} {format_metric(key, getattr(report, key))}" for name, key in NOTE_FIGURES
+             if getattr(report, key) is not None]
+    return f"**{label}**: " + " · ".join(parts)
 
 
 def rows_csv(rows: Sequence[dict]) -> str:
@@ -115,8 +131,10 @@ def run_job(
         report.add(vram.metrics())
         report.peak_rss_bytes = float(peak_rss_bytes())
         report.cache_bytes_held = float(streamer.pipeline.cache.bytes_held)
+        machine_tags: dict[str, str] = {}
         if cfg.probe.enabled:
-            report.add(floor_metrics(streamer, cfg, report, outputs_dir))
+            floor, machine_tags = floor_metrics(streamer, cfg, report, outputs_dir)
+            report.add(floor)
             report.add(read_metrics(streamer, cfg, report))
         if cfg.reference.enabled:
             report.add(reference_metrics(streamer, cfg, gen, report.tpot_s))
@@ -125,6 +143,7 @@ def run_job(
         text = streamer.tokenizer.decode(gen.generated_ids, skip_special_tokens=True)
         if tracker is not None:
             log_run(tracker, cfg, resolved, streamer, gen, report, text, run_name or "default")
+            tracker.set_tags(machine_tags)
             tracker.end("FINISHED")
     except BaseException as exc:
         if tracker is not None:
@@ -166,6 +185,7 @@ def log_run(
     }
     if cfg.model.weights_note:
         tags["model.weights"] = cfg.model.weights_note
+    tags["mlflow.note.content"] = run_note(label, report)
     if report.floor_s is not None:
         tags["floor.limiting"] = max(LINKS, key=lambda link: getattr(report, f"floor_{link}_s"))
     residual = report.crosscheck_residual

@@ -92,14 +92,6 @@ class RunReport:
     floor_dequant_s: float | None = figure()
     floor_compute_s: float | None = figure()
     layer_compute_s: float | None = figure()
-    # the measured link rates behind the floor (harness.probe), per machine and device
-    link_disk_read_cold_bytes_per_s: float | None = figure()
-    link_disk_read_warm_bytes_per_s: float | None = figure()
-    link_host_copy_bytes_per_s: float | None = figure()
-    link_h2d_pinned_bytes_per_s: float | None = figure()
-    link_h2d_pageable_bytes_per_s: float | None = figure()
-    link_dequant_8bit_bytes_per_s: float | None = figure()
-    link_dequant_4bit_bytes_per_s: float | None = figure()
 
     # --- transformers' resident generate on the same checkpoint and prompt (reference.enabled)
     reference_ttft_s: float | None = figure()
