@@ -252,3 +252,20 @@ def test_differing_params_ignores_what_the_choices_explain() -> None:
     b = {"model": "local", "model.path": "/b", "compression": "4bit", "compression.blocksize": "64", "seed": "0"}
     c = {**b, "seed": "1", "new_key": "x"}
     assert differing_params([a, b, c]) == ["model.path", "new_key", "seed"]
+
+
+def test_sweep_comparison_is_fastest_first_with_ratios() -> None:
+    from harness.report.rows import Row
+    from harness.report.sweep_summary import comparison_csv, comparison_markdown, describe, ranked
+
+    def row(name: str, **metrics: float) -> Row:
+        return Row(run_id=name * 8, run_name=name, status="FINISHED", start_time=0, params={}, metrics=metrics)
+
+    rows = ranked([row("slow", tpot_s=0.3, ttft_s=1.0), row("one-token", ttft_s=0.5), row("fast", tpot_s=0.1)])
+    assert [r.run_name for r in rows] == ["fast", "slow", "one-token"]
+    table = comparison_markdown(rows, ["tpot_s", "ttft_s"])
+    assert table.splitlines()[2] == "| fast | 0.100 s | – | 1.00x |"
+    assert "| slow | 0.300 s | 1.00 s | 3.00x |" in table and "| one-token | – | 0.500 s | – |" in table
+    header, _, slow_line, _ = comparison_csv(rows, ["tpot_s"]).splitlines()
+    assert header == "run,run_id,tpot_s,tpot_s_vs_fastest" and float(slow_line.split(",")[-1]) == pytest.approx(3.0)
+    assert describe(rows).startswith("**Fastest: fast**, 0.100 s per token; slowest: slow, 3.00x that time")

@@ -266,7 +266,7 @@ APP = textwrap.dedent(
         if cfg.x == cfg.fail_on:
             tracker.end("FAILED", reason=f"x={cfg.x} is the failing value")
             raise RuntimeError("job failed on purpose")
-        tracker.log_metrics({"x": float(cfg.x)})
+        tracker.log_metrics({"x": float(cfg.x), "tpot_s": 0.1 * cfg.x})
         tracker.end()
 
 
@@ -367,6 +367,12 @@ def test_sweep_all_succeed_closes_parent_finished(sweeps: dict[str, tuple[int, s
     children = _runs(client, "sweep", f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     assert sorted(run.info.run_name for run in children) == ["x=1", "x=2"]
     assert all(run.info.status == "FINISHED" for run in children)
+    # The parent holds the answer: the comparison, fastest first, and the settings the jobs shared.
+    arts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"comparison.md", "comparison.csv", "comparison.png"} <= arts, arts
+    note = parent.data.tags["mlflow.note.content"]
+    assert note.startswith("**Fastest: x=1**") and "slowest: x=2, 2.00x that time" in note
+    assert parent.data.params["fail_on"] == "-1" and "x" not in parent.data.params
     assert not (cwd / "mlruns").exists()
 
 

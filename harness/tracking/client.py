@@ -182,7 +182,7 @@ class RunTracker:
         system_tags = resolve_tags({PARENT_RUN_ID_TAG: parent_run_id} if parent_run_id else None)
         run = self.client.create_run(self.experiment_id, tags=system_tags, run_name=run_name)
         self.run_id = run.info.run_id
-        self._log_params(params)
+        self.log_params(params)
         self.set_tags(tags)
         logger.info("MLflow run %r (%s) in %r at %s", run_name, self.run_id, self.experiment, self.uri)
         return self.run_id
@@ -190,7 +190,7 @@ class RunTracker:
     # log_batch splits into MLflow's per-request limits itself, and cuts param and tag values over
     # MLflow's length limits (MLFLOW_TRUNCATE_LONG_VALUES, on by default); keys it only rejects.
 
-    def _log_params(self, params: Mapping[str, Any]) -> None:
+    def log_params(self, params: Mapping[str, Any]) -> None:
         from mlflow.entities import Param
 
         # A dict: cleaning can map two keys to one, and a batch with a duplicate key is rejected.

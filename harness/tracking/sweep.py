@@ -21,7 +21,7 @@ from hydra.utils import to_absolute_path
 from omegaconf import DictConfig, OmegaConf
 
 from harness.measurement.environment import environment_tags
-from harness.tracking.client import ROLE_TAG, RunTracker, default_tracking_uri
+from harness.tracking.client import ROLE_TAG, RunTracker, default_tracking_uri, flatten
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +45,19 @@ def sweep_keys_and_size(config: DictConfig) -> tuple[list[str], int]:
             keys.append(override.key_or_group)
             size *= len(list(override.sweep_string_iterator()))
     return keys, size
+
+
+def shared_params(config: DictConfig, sweep_keys: list[str]) -> dict[str, str]:
+    """The settings every job of the sweep shares: the composed config without Hydra's own node and
+    without what the sweep varies (a varied group's settings differ with it)."""
+    plain = OmegaConf.to_container(config, resolve=False, throw_on_missing=False)
+    plain.pop("hydra", None)
+    flat = flatten(plain)
+    varied = tuple(sweep_keys)
+    return {
+        key: value for key, value in flat.items()
+        if not key.endswith(("._target_", ".name")) and not any(key == v or key.startswith(v + ".") for v in varied)
+    }
 
 
 def job_run_name(task_overrides: list[str], groups: tuple[str, ...], sweep_keys: list[str] | None) -> str:
@@ -83,6 +96,7 @@ class MlflowSweepCallback(Callback):
         self.failed_jobs: list[str] = []
         self._lock = threading.Lock()
         self._closed = False
+        self.shared_params: dict[str, str] = {}
 
     def __getstate__(self) -> dict[str, Any]:
         # Launchers that run jobs in other processes (joblib, submitit) pickle the callbacks; a lock
@@ -113,6 +127,7 @@ class MlflowSweepCallback(Callback):
             {"hydra.sweep_dir": str(sweep_dir), "hydra.overrides": " ".join(overrides), ROLE_TAG: "parent"}
         )
         keys, size = sweep_keys_and_size(config)
+        self.shared_params = shared_params(config, keys)
         tracker = RunTracker(uri, experiment)
         name = f"sweep {'×'.join(keys) or 'of one job'} ({size}) {sweep_dir.name}"
         tracker.start(run_name=name, params={}, tags=tags)
@@ -163,6 +178,12 @@ class MlflowSweepCallback(Callback):
             if failed:
                 summary["layerbench.failed_jobs"] = "\n".join(self.failed_jobs)
             self.tracker.set_tags(summary)
+            try:
+                from harness.report.sweep_summary import summarize_sweep
+
+                summarize_sweep(self.tracker, self.shared_params)
+            except Exception:  # the comparison is a convenience: the parent must still be closed
+                logger.exception("could not log the sweep's comparison on its parent run")
             self.tracker.end("FAILED" if reason else "FINISHED", reason=reason)
             logger.info("MLflow parent run %s closed: %s", self.tracker.run_id, reason or "FINISHED")
 
