@@ -185,3 +185,7 @@ def test_cap_failure_in_a_sweep_is_recorded_and_the_sweep_goes_on(tmp_path: Path
     # Named by what the sweep varies: children by their value, the parent by the sweep's keys and size.
     assert {c.info.run_name for c in children.values()} == {"0.5", "100"}
     assert parent.info.run_name.startswith("sweep vram.cap_gib (2) ")
+    # Even a failed sweep's parent compares what finished, timelines on one shared axis included.
+    parent_arts = {a.path for a in client(tmp_path).list_artifacts(parent.info.run_id)}
+    assert {"comparison.md", "comparison.png", "timelines.png"} <= parent_arts
+    assert parent.data.tags["mlflow.note.content"].startswith("**Fastest: 100**")

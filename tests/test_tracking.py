@@ -370,6 +370,7 @@ def test_sweep_all_succeed_closes_parent_finished(sweeps: dict[str, tuple[int, s
     # The parent holds the answer: the comparison, fastest first, and the settings the jobs shared.
     arts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"comparison.md", "comparison.csv", "comparison.png"} <= arts, arts
+    assert "timelines.png" not in arts, "these children logged no timeline: none is drawn"
     note = parent.data.tags["mlflow.note.content"]
     assert note.startswith("**Fastest: x=1**") and "slowest: x=2, 2.00x that time" in note
     assert parent.data.params["fail_on"] == "-1" and "x" not in parent.data.params

@@ -1,9 +1,9 @@
 """The answer on a sweep's parent run: which combination was fastest, by how much, as the UI shows it.
 
-When a multirun ends, its parent gets the comparison of its finished children (fastest first, each
-with its ratio to the fastest): `comparison.md` and `comparison.csv`, `comparison.png` (the report
-CLI's bar charts), a description (`mlflow.note.content`) that states the answer, and the sweep's
-shared settings as params.
+When a multirun ends, its parent gets the comparison of its finished children, fastest first, each
+with its ratio to the fastest: `comparison.md` and `comparison.csv`; `comparison.png` (the report
+CLI's bar charts); `timelines.png` (each child's middle pass on one shared time axis); a description
+(`mlflow.note.content`) that states the answer; and the sweep's shared settings as params.
 """
 
 from __future__ import annotations
@@ -14,7 +14,10 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
+from urllib.parse import urlparse
+from urllib.request import url2pathname
 
+from harness.measurement.plots import plot_passes
 from harness.measurement.units import format_metric, sig3
 from harness.report.fetch import fetch_runs
 from harness.report.plot import plot_rows
@@ -70,6 +73,24 @@ def describe(rows: Sequence[Row]) -> str:
     return text + f" ({len(rows)} finished runs; table and plot in the artifacts)."
 
 
+def _middle_pass(client: object, run_id: str, folder: Path) -> list[dict]:
+    """The rows of the run's middle pass (a decode pass) from its timeline.csv artifact."""
+    artifact_uri = client.get_run(run_id).info.artifact_uri
+    if artifact_uri.startswith("file:"):
+        # Read in place: a sweep whose job failed is summarized at interpreter exit, when MLflow's
+        # downloads can no longer start their worker threads.
+        path = Path(url2pathname(urlparse(artifact_uri).path)) / "timeline.csv"
+    else:
+        folder.mkdir(parents=True, exist_ok=True)
+        path = Path(client.download_artifacts(run_id, "timeline.csv", str(folder)))
+    rows = [
+        {k: v if k == "unit" else (int(v) if k == "pass_index" else float(v)) for k, v in r.items()}
+        for r in csv.DictReader(path.read_text().splitlines())
+    ]
+    passes = sorted({r["pass_index"] for r in rows})
+    return [r for r in rows if r["pass_index"] == passes[len(passes) // 2]]
+
+
 def summarize_sweep(tracker: RunTracker, shared_params: dict[str, str]) -> None:
     """Log the comparison of the sweep's finished children on its parent run (`tracker`)."""
     runs = fetch_runs(tracker.client, tracker.experiment_id, parent_run_id=tracker.run_id)
@@ -80,7 +101,12 @@ def summarize_sweep(tracker: RunTracker, shared_params: dict[str, str]) -> None:
     columns = [c for c in COLUMNS if any(c in r.metrics for r in rows)]
     tracker.log_text(comparison_markdown(rows, columns), "comparison.md")
     tracker.log_text(comparison_csv(rows, columns), "comparison.csv")
-    if columns:
-        with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp:
+        if columns:
             tracker.log_artifact(plot_rows(rows, columns, Path(tmp) / "comparison.png"))
+        timed = [r for r in rows if "timeline.csv" in {a.path for a in tracker.client.list_artifacts(r.run_id)}]
+        if timed:
+            passes = [(r.run_name, _middle_pass(tracker.client, r.run_id, Path(tmp) / r.run_id)) for r in timed]
+            plot_passes(passes, Path(tmp) / "timelines.png")
+            tracker.log_artifact(Path(tmp) / "timelines.png")
     tracker.set_tags({"mlflow.note.content": describe(rows) + "\n\n" + comparison_markdown(rows, columns)})
