@@ -81,12 +81,14 @@ def main(out: Path) -> None:
         children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
         eid = experiment.experiment_id
         child_ids = json.dumps([r.info.run_id for r in children])
+        # MLflow 3.17's UI picks GenAI or model-training pages by this parameter (or the choice it remembers).
+        ml = "workflowType=machine_learning"
         pages = {
-            "runs_table": f"{base}/#/experiments/{eid}",
-            "child_run": f"{base}/#/experiments/{eid}/runs/{children[0].info.run_id}",
-            "parent_run": f"{base}/#/experiments/{eid}/runs/{parent.info.run_id}",
-            "parent_artifacts": f"{base}/#/experiments/{eid}/runs/{parent.info.run_id}/artifacts",
-            "compare": f"{base}/#/compare-runs?runs={quote(child_ids)}&experiments={quote(json.dumps([eid]))}",
+            "runs_table": f"{base}/#/experiments/{eid}?{ml}",
+            "child_run": f"{base}/#/experiments/{eid}/runs/{children[0].info.run_id}?{ml}",
+            "parent_run": f"{base}/#/experiments/{eid}/runs/{parent.info.run_id}?{ml}",
+            "parent_artifacts": f"{base}/#/experiments/{eid}/runs/{parent.info.run_id}/artifacts?{ml}",
+            "compare": f"{base}/#/compare-runs?runs={quote(child_ids)}&experiments={quote(json.dumps([eid]))}&{ml}",
         }
         for name, url in pages.items():
             screenshot(chromium, url, out / f"{name}.png")
