@@ -58,7 +58,8 @@ def test_single_run_logs_params_metrics_and_artifacts(single_run) -> None:
         assert key in metrics, key
     assert not any(k.startswith("peak_vram") for k in metrics), "no VRAM on CPU: absent, never 0"
     # The same job ran transformers' resident generate: same tokens, and the streaming cost as a ratio.
-    assert metrics["reference_tokens_match"] == 1.0
+    assert metrics["reference_tokens_match"] == 1.0 and metrics["agreement_vs_transformers"] == 1.0
+    assert "warning.agreement" not in run.data.tags
     assert metrics["tpot_ratio_vs_reference"] == pytest.approx(metrics["tpot_s"] / metrics["reference_tpot_s"])
     assert metrics["kv_bytes_per_token"] > 0 and metrics["split_layer_file_bytes"] > 0
     assert not any(k.startswith("quality_") for k in metrics), "quality runs for compressed models only"

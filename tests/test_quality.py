@@ -68,3 +68,20 @@ def test_quality_covers_both_texts_and_says_how_many_positions(make_cfg) -> None
     assert m["quality_text_tokens"] == m["quality_essay_tokens"] == 40
     assert m["quality_ppl_essay"] != m["quality_ppl_essay_reference"]
     assert 0 < m["quality_top1_agreement"] <= 1 and m["quality_kl_mean"] > 0
+
+
+def test_a_run_that_decodes_other_tokens_than_transformers_says_so_loudly(make_cfg, tmp_path: Path) -> None:
+    from mlflow import MlflowClient
+
+    from harness.job.run import run_job
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    # fp4 with 4096-weight blocks: coarse enough that the tiny model's greedy path leaves transformers'.
+    cfg = make_cfg("compression=4bit", "compression.quant_type=fp4", "compression.blocksize=4096",
+                   "reference.enabled=true", "quality.enabled=false", "tracking.enabled=true", f"tracking.uri={uri}",
+                   "workload.max_new_tokens=32", "workload.stop_at_eos=false")
+    report = run_job(cfg, {}, choices={"compression": "4bit"}, overrides=[])
+    assert report.agreement_vs_transformers < 1, "coarse 4-bit weights against the bf16 checkpoint: tokens diverge"
+    client = MlflowClient(tracking_uri=uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("layerbench").experiment_id])
+    assert "agree with transformers" in run.data.tags["warning.agreement"]

@@ -64,6 +64,12 @@ def read_metrics(streamer: Streamer, cfg: Config, report: RunReport) -> dict[str
     return {"plain_read_bytes_per_s": plain, "read_efficiency": report.read_bandwidth_bytes_per_s / plain}
 
 
+def agreement(ours: list[int], reference: list[int]) -> float:
+    """The fraction of greedy tokens equal position by position; a missing token counts as a disagreement."""
+    longest = max(len(ours), len(reference))
+    return sum(a == b for a, b in zip(ours, reference, strict=False)) / longest if longest else 1.0
+
+
 def reference_metrics(streamer: Streamer, cfg: Config, gen: Generation, tpot_s: float | None) -> dict[str, float]:
     """transformers' resident generate on the same checkpoint and prompt, timed the same way."""
     stop = eos_ids(streamer.config, streamer.tokenizer, streamer.ckpt_dir) if cfg.workload.stop_at_eos else []
@@ -71,6 +77,7 @@ def reference_metrics(streamer: Streamer, cfg: Config, gen: Generation, tpot_s: 
         streamer.ckpt_dir, gen.prompt_ids, cfg.workload.max_new_tokens, stop, streamer.device, streamer.runner.clock
     )
     metrics["reference_tokens_match"] = float(ref_ids == gen.generated_ids)
+    metrics["agreement_vs_transformers"] = agreement(gen.generated_ids, ref_ids)
     if tpot_s is not None and metrics.get("reference_tpot_s"):
         metrics["tpot_ratio_vs_reference"] = tpot_s / metrics["reference_tpot_s"]
     return metrics

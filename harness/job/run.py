@@ -188,6 +188,13 @@ def log_run(
     tags["mlflow.note.content"] = run_note(label, report)
     if report.floor_s is not None:
         tags["floor.limiting"] = max(LINKS, key=lambda link: getattr(report, f"floor_{link}_s"))
+    if report.agreement_vs_transformers is not None and report.agreement_vs_transformers < 1:
+        # Loud: a streamed run that decodes other tokens than transformers is a finding, not a footnote.
+        tags["warning.agreement"] = (
+            f"{report.agreement_vs_transformers:.0%} of greedy tokens agree with transformers' generate "
+            "of the uncompressed checkpoint"
+        )
+        log.warning(tags["warning.agreement"])
     residual = report.crosscheck_residual
     if residual is not None and residual > CROSSCHECK_TOLERANCE:
         tags["warning.crosscheck"] = (

@@ -102,6 +102,8 @@ class RunReport:
     reference_decode_tokens_per_s: float | None = figure()
     reference_new_tokens: float | None = figure()
     reference_tokens_match: float | None = figure()
+    # Greedy tokens equal to transformers' on the uncompressed checkpoint, position by position (1.0: all).
+    agreement_vs_transformers: float | None = figure("tokens agreeing with transformers")
     tpot_ratio_vs_reference: float | None = figure("per-token time vs transformers")
 
     # --- what a lossy codec costs, against the uncompressed split (quality.enabled): over the shipped
