@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
 import pytest
@@ -135,3 +136,16 @@ def test_checkpoint_that_does_not_match_its_config_is_refused(ckpt: Path, config
     with pytest.raises(ValueError, match=r"mlp\.(gate|up|down)_proj\.weight.*shape"):
         ensure_split(ckpt, wrong, codec(), tmp_path)
     assert not list(tmp_path.rglob("*.safetensors")), "nothing is written before the check passes"
+
+
+def test_atomic_writes_keep_the_umask_mode(tmp_path: Path) -> None:
+    """Split files, manifests and probe caches stay readable by whoever shares the outputs folder."""
+    from harness.files import write_atomic
+
+    old = os.umask(0o022)
+    try:
+        write_atomic(tmp_path / "manifest.json", b"{}")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "manifest.json").stat().st_mode & 0o777 == 0o644
+    assert [p.name for p in tmp_path.iterdir()] == ["manifest.json"], "no temporary file is left behind"
