@@ -70,3 +70,5 @@ def test_a_cold_disk_run_is_held_against_a_plain_read_of_its_files(make_cfg) -> 
     warm_ram = make_cfg("cache=ram", "workload.max_new_tokens=3", "bench.warmup=1")
     ram = run_job(warm_ram, {}, choices={"cache": "ram"}, overrides=[])
     assert ram.read_efficiency is None, "after its warm-up cache=ram reads nothing: no figure, not 0"
+    warm = run_job(make_cfg("cache=disk", "workload.max_new_tokens=3"), {}, choices={"cache": "disk"}, overrides=[])
+    assert warm.read_efficiency is None, "a warm run is not read against storage twice"

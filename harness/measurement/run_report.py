@@ -59,7 +59,7 @@ class RunReport:
     read_bandwidth_bytes_per_s: float | None = figure()
     h2d_bandwidth_bytes_per_s: float | None = figure()
     decode_bandwidth_bytes_per_s: float | None = figure()
-    # The read stage against a plain sequential read of the same files in the same page-cache state.
+    # Cold page cache: the read stage against a plain sequential read of the same files, dropped first.
     plain_read_bytes_per_s: float | None = figure()
     read_efficiency: float | None = figure("read / plain sequential read")
     # Prefetch off: the worst pass's |wall - sum of stages| / wall. Prefetch on: time hidden / hideable.
