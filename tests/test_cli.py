@@ -190,3 +190,7 @@ def test_cap_failure_in_a_sweep_is_recorded_and_the_sweep_goes_on(tmp_path: Path
     parent_arts = {a.path for a in client(tmp_path).list_artifacts(parent.info.run_id)}
     assert {"comparison.md", "comparison.png", "timelines.png"} <= parent_arts
     assert parent.data.tags["mlflow.note.content"].startswith("**Fastest: 100**")
+    # Its params: what every job shared, logged as the jobs log theirs; not what the sweep varied.
+    shared = parent.data.params
+    assert shared["model"] == "tiny" and shared["cache"] == "ram" and shared["workload.max_new_tokens"] == "3"
+    assert "vram.cap_gib" not in shared and "cache.name" not in shared

@@ -30,7 +30,7 @@ from harness.measurement.units import format_metric
 from harness.measurement.vram import VramMonitor
 from harness.probe.floor import LINKS
 from harness.runner.streaming import Generation
-from harness.tracking.client import RunTracker, default_tracking_uri, flatten
+from harness.tracking.client import RunTracker, config_params, default_tracking_uri
 
 log = logging.getLogger(__name__)
 
@@ -54,14 +54,6 @@ def generation_metrics(streamer: Streamer, gen: Generation) -> dict[str, float]:
         metrics["kv_cache_bytes"] = float(gen.kv_cache_bytes)
         metrics["kv_bytes_per_token"] = gen.kv_cache_bytes / gen.kv_cache_tokens
     return metrics
-
-
-def run_params(resolved: Mapping[str, Any], choices: Mapping[str, str]) -> dict[str, str]:
-    """The flattened config with each group's choice once, as the param named after the group:
-    `<group>.name` repeats it and `<group>._target_` is an implementation detail."""
-    repeats = {f"{group}.name" for group in choices}
-    flat = {k: v for k, v in flatten(resolved).items() if k not in repeats and not k.endswith("._target_")}
-    return {**flat, **choices}
 
 
 # The figures a reader of the runs table looks for first, in the run's description (mlflow.note.content).
@@ -107,7 +99,7 @@ def run_job(
         run_name = run_name or " ".join(f"{f}={choices[f]}" for f in ("model", *strategies.FAMILIES) if f in choices)
         tracker.start(
             run_name=run_name or "default",
-            params=run_params(resolved, choices),
+            params=config_params(resolved, choices),
             # With the outputs folder: hw.disk names the disk the splits are read from.
             tags={**environment_tags(outputs_dir), "hydra.overrides": " ".join(overrides)},
             parent_run_id=parent_run_id,

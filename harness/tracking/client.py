@@ -93,6 +93,14 @@ def flatten(obj: Mapping, prefix: str = "") -> dict[str, str]:
     return flat
 
 
+def config_params(resolved: Mapping[str, Any], choices: Mapping[str, str]) -> dict[str, str]:
+    """A config as MLflow params: flattened, with each config group's choice once, as the param named
+    after the group (`<group>.name` would repeat it; `<group>._target_` is an implementation detail)."""
+    repeats = {f"{group}.name" for group in choices}
+    flat = {k: v for k, v in flatten(resolved).items() if k not in repeats and not k.endswith("._target_")}
+    return {**flat, **choices}
+
+
 def _clean_key(key: str) -> str:
     """A key MLflow accepts: MLflow validates keys but has no cleaner, and one bad key rejects the whole batch."""
     from mlflow.utils.validation import MAX_ENTITY_KEY_LENGTH, path_not_unique

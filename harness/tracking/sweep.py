@@ -21,7 +21,7 @@ from hydra.utils import to_absolute_path
 from omegaconf import DictConfig, OmegaConf
 
 from harness.measurement.environment import environment_tags
-from harness.tracking.client import ROLE_TAG, RunTracker, default_tracking_uri, flatten
+from harness.tracking.client import ROLE_TAG, RunTracker, config_params, default_tracking_uri
 
 logger = logging.getLogger(__name__)
 
@@ -48,15 +48,16 @@ def sweep_keys_and_size(config: DictConfig) -> tuple[list[str], int]:
 
 
 def shared_params(config: DictConfig, sweep_keys: list[str]) -> dict[str, str]:
-    """The settings every job of the sweep shares: the composed config without Hydra's own node and
-    without what the sweep varies (a varied group's settings differ with it)."""
+    """The settings every job of the sweep shares, as its jobs log theirs (`config_params`), less what the
+    sweep varies (a varied group's settings vary with it)."""
     plain = OmegaConf.to_container(config, resolve=False, throw_on_missing=False)
     plain.pop("hydra", None)
-    flat = flatten(plain)
+    choices = OmegaConf.select(config, "hydra.runtime.choices", default=None) or {}
+    groups = {k: str(v) for k, v in choices.items() if not k.startswith("hydra") and v is not None}
     varied = tuple(sweep_keys)
     return {
-        key: value for key, value in flat.items()
-        if not key.endswith(("._target_", ".name")) and not any(key == v or key.startswith(v + ".") for v in varied)
+        key: value for key, value in config_params(plain, groups).items()
+        if not any(key == v or key.startswith(v + ".") for v in varied)
     }
 
 
@@ -188,30 +189,26 @@ class MlflowSweepCallback(Callback):
             logger.info("MLflow parent run %s closed: %s", self.tracker.run_id, reason or "FINISHED")
 
 
-def sweep_keys_for_job() -> list[str] | None:
-    """Inside a multirun job, the keys its sweep varies; None in RUN mode, outside Hydra or untracked."""
+def _sweep_file(name: str) -> str | None:
+    """A file the sweep's parent left in the sweep folder for its jobs; None in RUN mode, outside Hydra,
+    or when the sweep is not tracked."""
     if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
         return None
     try:
-        text = (Path(to_absolute_path(str(HydraConfig.get().sweep.dir))) / SWEEP_KEYS_FILE).read_text("utf-8")
+        return (Path(to_absolute_path(str(HydraConfig.get().sweep.dir))) / name).read_text(encoding="utf-8")
     except OSError:
         return None
-    return list(json.loads(text))
+
+
+def sweep_keys_for_job() -> list[str] | None:
+    """Inside a multirun job, the keys its sweep varies."""
+    text = _sweep_file(SWEEP_KEYS_FILE)
+    return None if text is None else list(json.loads(text))
 
 
 def parent_run_id_for_job() -> str | None:
-    """Inside a multirun job, the sweep's parent run id; None in RUN mode or outside Hydra."""
-    if not HydraConfig.initialized():
-        return None
-    hydra_config = HydraConfig.get()
-    if hydra_config.mode != RunMode.MULTIRUN:
-        return None
-    id_file = Path(to_absolute_path(str(hydra_config.sweep.dir))) / PARENT_RUN_ID_FILE
-    try:
-        run_id = id_file.read_text(encoding="utf-8").strip()
-    except OSError:
-        return None
-    return run_id or None
+    """Inside a multirun job, the sweep's parent run id."""
+    return (_sweep_file(PARENT_RUN_ID_FILE) or "").strip() or None
 
 
 __all__ = ["MlflowSweepCallback", "job_run_name", "parent_run_id_for_job", "sweep_keys_for_job"]
