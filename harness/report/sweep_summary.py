@@ -24,10 +24,14 @@ from harness.report.plot import plot_rows
 from harness.report.rows import Row, build_rows
 
 if TYPE_CHECKING:
+    from mlflow import MlflowClient
+    from mlflow.entities import Run
+
     from harness.tracking.client import RunTracker
 
 # What decides "fastest", then what else a reader compares.
 RANK_BY = "tpot_s"
+TIMELINE = "timeline.csv"
 COLUMNS = ("tpot_s", "ttft_s", "floor_ratio", "peak_rss_bytes", "peak_vram_nvml_bytes", "quality_kl_mean")
 
 
@@ -73,16 +77,19 @@ def describe(rows: Sequence[Row]) -> str:
     return text + f" ({len(rows)} finished runs; table and plot in the artifacts)."
 
 
-def _middle_pass(client: object, run_id: str, folder: Path) -> list[dict]:
-    """The rows of the run's middle pass (a decode pass) from its timeline.csv artifact."""
-    artifact_uri = client.get_run(run_id).info.artifact_uri
-    if artifact_uri.startswith("file:"):
+def _middle_pass(client: MlflowClient, run: Run, folder: Path) -> list[dict] | None:
+    """The rows of the run's middle pass (a decode pass) from its timeline.csv artifact; None without one."""
+    if run.info.artifact_uri.startswith("file:"):
         # Read in place: a sweep whose job failed is summarized at interpreter exit, when MLflow's
         # downloads can no longer start their worker threads.
-        path = Path(url2pathname(urlparse(artifact_uri).path)) / "timeline.csv"
-    else:
+        path = Path(url2pathname(urlparse(run.info.artifact_uri).path)) / TIMELINE
+        if not path.is_file():
+            return None
+    elif TIMELINE in {a.path for a in client.list_artifacts(run.info.run_id)}:
         folder.mkdir(parents=True, exist_ok=True)
-        path = Path(client.download_artifacts(run_id, "timeline.csv", str(folder)))
+        path = Path(client.download_artifacts(run.info.run_id, TIMELINE, str(folder)))
+    else:
+        return None
     rows = [
         {k: v if k == "unit" else (int(v) if k == "pass_index" else float(v)) for k, v in r.items()}
         for r in csv.DictReader(path.read_text().splitlines())
@@ -97,16 +104,18 @@ def summarize_sweep(tracker: RunTracker, shared_params: dict[str, str]) -> None:
     tracker.log_params(shared_params)
     if not runs:
         return
+    by_id = {run.info.run_id: run for run in runs}
     rows = ranked(build_rows(runs))
     columns = [c for c in COLUMNS if any(c in r.metrics for r in rows)]
-    tracker.log_text(comparison_markdown(rows, columns), "comparison.md")
+    table = comparison_markdown(rows, columns)
+    tracker.log_text(table, "comparison.md")
     tracker.log_text(comparison_csv(rows, columns), "comparison.csv")
     with tempfile.TemporaryDirectory() as tmp:
         if columns:
             tracker.log_artifact(plot_rows(rows, columns, Path(tmp) / "comparison.png"))
-        timed = [r for r in rows if "timeline.csv" in {a.path for a in tracker.client.list_artifacts(r.run_id)}]
-        if timed:
-            passes = [(r.run_name, _middle_pass(tracker.client, r.run_id, Path(tmp) / r.run_id)) for r in timed]
+        passes = [(r.run_name, _middle_pass(tracker.client, by_id[r.run_id], Path(tmp) / r.run_id)) for r in rows]
+        passes = [(name, units) for name, units in passes if units]
+        if passes:
             plot_passes(passes, Path(tmp) / "timelines.png")
             tracker.log_artifact(Path(tmp) / "timelines.png")
-    tracker.set_tags({"mlflow.note.content": describe(rows) + "\n\n" + comparison_markdown(rows, columns)})
+    tracker.set_tags({"mlflow.note.content": describe(rows) + "\n\n" + table})
