@@ -128,26 +128,32 @@ class RunReport:
     def figure_names(cls) -> tuple[str, ...]:
         return tuple(f.name for f in fields(cls) if f.name != "spread")
 
+    @classmethod
+    def kind(cls, name: str) -> str | None:
+        """"figure" for a declared figure, "spread" for one's `_std`/`_cv`, None for a name this report lacks."""
+        known = cls.figure_names()
+        if name in known:
+            return "figure"
+        if any(name.endswith(s) and name.removesuffix(s) in known for s in SPREAD_SUFFIXES):
+            return "spread"
+        return None
+
     def add(self, metrics: Mapping[str, float | None]) -> RunReport:
         """Take figures by name (and their `_std`/`_cv` spread); an unknown name is an error, not a new metric."""
-        known = set(self.figure_names())
         for name, value in metrics.items():
-            base = next((name.removesuffix(s) for s in SPREAD_SUFFIXES if name.endswith(s)), None)
-            if name in known:
-                setattr(self, name, None if value is None else float(value))
-            elif base in known:
-                if value is not None:
-                    self.spread[name] = float(value)
-            else:
+            kind = self.kind(name)
+            if kind is None:
                 raise KeyError(f"{name!r} is not a RunReport figure: declare it in {__name__} first")
+            if kind == "figure":
+                setattr(self, name, None if value is None else float(value))
+            elif value is not None:
+                self.spread[name] = float(value)
         return self
 
     @classmethod
     def from_metrics(cls, metrics: Mapping[str, float]) -> RunReport:
         """A report from MLflow's flat metrics; names this version does not know (older runs) are left out."""
-        known = set(cls.figure_names())
-        spread = {n for n in metrics if any(n.endswith(s) and n.removesuffix(s) in known for s in SPREAD_SUFFIXES)}
-        return cls().add({n: v for n, v in metrics.items() if n in known or n in spread})
+        return cls().add({n: v for n, v in metrics.items() if cls.kind(n) is not None})
 
     def items(self) -> Iterator[tuple[str, float]]:
         """(name, value) of every figure that was measured, in declaration order."""
