@@ -2,34 +2,16 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import to_absolute_path
 from omegaconf import DictConfig, OmegaConf
 
 import strategies
-from harness.config import register_configs
+from harness.config import conf_dir, register_configs
 
 
-def conf_dir() -> str:
-    """conf/ as installed (a wheel ships it as harness/conf), else beside harness/ (a checkout, -e install).
-
-    Absolute: Hydra resolves a relative path against the calling module, which differs between
-    `python -m harness` and importing `main` from another script.
-    """
-    here = Path(__file__).resolve().parent
-    for candidate in (here / "conf", here.parent / "conf"):
-        if (candidate / "config.yaml").is_file():
-            return str(candidate)
-    raise FileNotFoundError(f"layerbench's conf/ is neither in {here} nor beside it: reinstall the package")
-
-
-CONF_DIR = conf_dir()
-
-
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
+@hydra.main(version_base="1.3", config_path=conf_dir(), config_name="config")
 def main(dcfg: DictConfig) -> None:
     # Imported here so `--help` and config errors answer before torch and transformers load.
     from harness.job.run import run_job

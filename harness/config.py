@@ -9,10 +9,11 @@ a config (``--help``, ``--cfg job``, a bad value) answers before any heavy libra
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, DictConfig
 
 import strategies
 from strategies.cache.configs import CacheConfig, DiskCacheConfig
@@ -204,3 +205,26 @@ def register_configs() -> None:
     for family, options in strategies.option_configs().items():
         for option_name, node in options.items():
             cs.store(group=family, name=f"base_{option_name}", node=node)
+
+
+def conf_dir() -> str:
+    """conf/ as installed (a wheel ships it as harness/conf), else beside harness/ (a checkout, -e install).
+
+    Absolute: Hydra resolves a relative path against the calling module, which differs between
+    `python -m harness` and importing `main` from another script.
+    """
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "conf", here.parent / "conf"):
+        if (candidate / "config.yaml").is_file():
+            return str(candidate)
+    raise FileNotFoundError(f"layerbench's conf/ is neither in {here} nor beside it: reinstall the package")
+
+
+def compose_config(overrides: list[str]) -> DictConfig:
+    """The real conf/ composed with `overrides` as the CLI would, outside a Hydra app (tests, the GPU check).
+    `OmegaConf.to_object` of the result validates it."""
+    from hydra import compose, initialize_config_dir
+
+    register_configs()
+    with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
+        return compose("config", overrides=overrides)

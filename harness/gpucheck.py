@@ -67,16 +67,12 @@ def run_gpu_tests(timeout_s: int = 240) -> str:
 
 def run_one(overrides: list[str]) -> dict[str, Any]:
     """One job through the real config and job code, tracking off; its report, or why it failed."""
-    from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from harness.__main__ import CONF_DIR
-    from harness.config import register_configs
+    from harness.config import compose_config
     from harness.job.run import run_job
 
-    register_configs()
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        dcfg = compose("config", overrides=overrides)
+    dcfg = compose_config(overrides)
     cfg = OmegaConf.to_object(dcfg)
     groups = ("model", "cache", "compression")
     choices = dict(o.split("=", 1) for o in overrides if o.split("=", 1)[0] in groups)

@@ -5,12 +5,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from harness.config import Config, register_configs
-
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+from harness.config import Config, compose_config
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -31,14 +28,9 @@ def outputs_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def make_cfg(outputs_dir: Path) -> Callable[..., Config]:
     """Compose the real conf/ with overrides, as the CLI would, and validate it."""
-    register_configs()
 
     def make(*overrides: str) -> Config:
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            dcfg = compose(
-                "config",
-                overrides=[f"paths.outputs={outputs_dir}", "tracking.enabled=false", "probe.size_mib=16", *overrides],
-            )
-        return OmegaConf.to_object(dcfg)
+        common = [f"paths.outputs={outputs_dir}", "tracking.enabled=false", "probe.size_mib=16"]
+        return OmegaConf.to_object(compose_config([*common, *overrides]))
 
     return make
