@@ -8,7 +8,9 @@ module uses (``self_attn.q_proj.weight``, ``weight``), as the compression codec 
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -56,5 +58,9 @@ class SplitLayout:
         return self.record(unit)["bytes"]
 
     def readers(self, unit: str) -> int:
-        file = self.record(unit)["file"]
-        return sum(1 for u in self.units if self.record(u)["file"] == file)
+        return self._readers_by_file[self.record(unit)["file"]]
+
+    @cached_property
+    def _readers_by_file(self) -> Counter[str]:
+        # Asked per layer per pass by the disk cache: counted once, from the manifest, which does not change.
+        return Counter(self.record(u)["file"] for u in self.units)
