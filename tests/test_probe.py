@@ -284,3 +284,15 @@ def test_layer_compute_is_cached_per_geometry(tmp_path, monkeypatch) -> None:
         store.load_or_measure_layer_compute_s(config, torch.device("cpu"), torch.bfloat16, tmp_path, seq_len=4)
     with pytest.raises(AssertionError, match="measured again"):
         store.load_or_measure_layer_compute_s(config, torch.device("cpu"), torch.bfloat16, tmp_path, refresh=True)
+
+
+def test_head_compute_is_measured_and_cached(tmp_path, monkeypatch) -> None:
+    config = _tiny_config()
+    first = store.load_or_measure_head_compute_s(config, torch.device("cpu"), torch.bfloat16, tmp_path)
+    assert 0 < first < 1
+
+    def no_measuring(*args, **kwargs):
+        raise AssertionError("measured again although cached")
+
+    monkeypatch.setattr(store, "measure_head_compute_s", no_measuring)
+    assert store.load_or_measure_head_compute_s(config, torch.device("cpu"), torch.bfloat16, tmp_path) == first

@@ -16,7 +16,7 @@ from harness.measurement.run_report import RunReport
 from harness.measurement.units import format_metric
 from harness.probe.floor import token_floor
 from harness.probe.links import plain_read_rate
-from harness.probe.store import load_or_measure, load_or_measure_layer_compute_s
+from harness.probe.store import load_or_measure, load_or_measure_head_compute_s, load_or_measure_layer_compute_s
 from harness.runner.streaming import Generation
 
 
@@ -32,20 +32,23 @@ def floor_metrics(
     kv_policy, codec = streamer.runner.kv_policy, streamer.pipeline.codec
     # Without a KV cache every pass recomputes the whole sequence: time a layer at the mean pass length.
     seq_len = int(report.prompt_tokens + report.new_tokens / 2) if kv_policy.recomputes_sequence else 1
+    config, probe_dir = streamer.config, outputs_dir / "probe"
     layer_s = load_or_measure_layer_compute_s(
-        streamer.config, streamer.device, streamer.config.dtype, outputs_dir / "probe", seq_len, cfg.probe.refresh
+        config, streamer.device, config.dtype, probe_dir, seq_len, cfg.probe.refresh
     )
+    # The last position through the final norm and lm_head: a decoder layer's worth of bytes at a 128k vocab.
+    head_s = load_or_measure_head_compute_s(config, streamer.device, config.dtype, probe_dir, cfg.probe.refresh)
     floor = token_floor(
         disk_bytes=report.read_bytes_per_pass,
         host_bytes=0.0,  # cached host copies are read in place; their cost shows as H2D or compute
         h2d_bytes=report.h2d_bytes_per_pass,
         dequant_bytes=report.decode_bytes_per_pass if codec.dequant_link else 0.0,
         dequant_codec=codec.dequant_link,
-        compute_s=layer_s * streamer.config.num_hidden_layers,
+        compute_s=layer_s * config.num_hidden_layers + head_s,
         rates=rates,
         page_cache=cfg.cache.page_cache,
     )
-    out = {"floor_s": floor.floor_s, "layer_compute_s": layer_s}
+    out = {"floor_s": floor.floor_s, "layer_compute_s": layer_s, "head_compute_s": head_s}
     out.update({f"floor_{link}_s": seconds for link, seconds in floor.per_link_s.items()})
     if report.tpot_s is not None and floor.floor_s > 0:
         out["floor_ratio"] = report.tpot_s / floor.floor_s

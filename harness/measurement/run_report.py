@@ -92,6 +92,7 @@ class RunReport:
     floor_dequant_s: float | None = figure()
     floor_compute_s: float | None = figure()
     layer_compute_s: float | None = figure()
+    head_compute_s: float | None = figure()  # final norm + lm_head, one position
 
     # --- transformers' resident generate on the same checkpoint and prompt (reference.enabled)
     reference_ttft_s: float | None = figure()

@@ -91,3 +91,29 @@ def measure_layer_compute_s(
 
     with torch.inference_mode():
         return best_seconds(prepare, device, repeats)
+
+
+def measure_head_compute_s(config: LlamaConfig, device: torch.device, dtype: torch.dtype, repeats: int = 5) -> float:
+    """Seconds for the end of a decode step: the final norm and lm_head on one position (best of `repeats`).
+
+    The decoder layers are not all of a token's compute: with a 128k vocabulary, lm_head alone reads
+    as many bytes as a decoder layer of the 1B geometry, so a floor without it is too low.
+    """
+    from accelerate import init_empty_weights
+    from torch import nn
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from harness.runner.streaming import forward_unit
+
+    device = indexed_device(device)
+    with init_empty_weights():
+        norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+    norm_w = _random_weights({"weight": torch.Size([config.hidden_size])}, config, dtype, device)
+    norm_w["weight"].fill_(1.0)
+    head_w = _random_weights({"weight": torch.Size([config.vocab_size, config.hidden_size])}, config, dtype, device)
+    hidden = torch.randn(1, 1, config.hidden_size, dtype=dtype, device=device)
+    with torch.inference_mode():
+        return best_seconds(
+            lambda: lambda: forward_unit(head, head_w, forward_unit(norm, norm_w, hidden)), device, repeats
+        )

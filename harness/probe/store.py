@@ -10,6 +10,7 @@ import json
 import logging
 import math
 import socket
+from collections.abc import Callable
 from dataclasses import asdict, fields
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -17,7 +18,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from harness.files import write_atomic
-from harness.probe.compute import measure_layer_compute_s
+from harness.probe.compute import measure_head_compute_s, measure_layer_compute_s
 from harness.probe.links import LinkRates, describe_device, device_tag, measure_link_rates
 
 if TYPE_CHECKING:
@@ -96,6 +97,20 @@ def load_or_measure(
     return rates
 
 
+def _cached_seconds(path: Path, key: dict[str, object], refresh: bool, measure: Callable[[], float]) -> float:
+    """A compute time cached in `path` under `key`, measured (and cached) when absent, stale or damaged."""
+    if not refresh and path.exists():
+        try:
+            cached = json.loads(path.read_text(encoding="utf-8"))
+            if _valid_layer_compute(cached, key):
+                return float(cached["layer_compute_s"])
+        except (OSError, ValueError) as exc:
+            logger.warning("re-measuring: cached compute time %s is unusable (%s)", path, exc)
+    seconds = measure()
+    _write_json(path, {"key": key, "layer_compute_s": seconds})
+    return seconds
+
+
 def load_or_measure_layer_compute_s(
     config: LlamaConfig, device: torch.device, dtype: torch.dtype, cache_dir: Path, seq_len: int = 1,
     refresh: bool = False,
@@ -112,13 +127,15 @@ def load_or_measure_layer_compute_s(
     key = {**geometry, "dtype": str(dtype).removeprefix("torch."), "seq_len": seq_len}
     tag = "-".join(str(v) for v in key.values())
     path = Path(cache_dir) / f"{socket.gethostname()}-{device_tag(device)}-layer-{tag}.json"
-    if not refresh and path.exists():
-        try:
-            cached = json.loads(path.read_text(encoding="utf-8"))
-            if _valid_layer_compute(cached, key):
-                return float(cached["layer_compute_s"])
-        except (OSError, ValueError) as exc:
-            logger.warning("re-measuring: cached layer compute %s is unusable (%s)", path, exc)
-    seconds = measure_layer_compute_s(config, device, dtype, seq_len=seq_len)
-    _write_json(path, {"key": key, "layer_compute_s": seconds})
-    return seconds
+    return _cached_seconds(path, key, refresh, lambda: measure_layer_compute_s(config, device, dtype, seq_len=seq_len))
+
+
+def load_or_measure_head_compute_s(
+    config: LlamaConfig, device: torch.device, dtype: torch.dtype, cache_dir: Path, refresh: bool = False
+) -> float:
+    """`measure_head_compute_s` (final norm + lm_head, one position), cached like the layer's."""
+    dtype_name = str(dtype).removeprefix("torch.")
+    key = {"hidden_size": config.hidden_size, "vocab_size": config.vocab_size, "dtype": dtype_name}
+    tag = "-".join(str(v) for v in key.values())
+    path = Path(cache_dir) / f"{socket.gethostname()}-{device_tag(device)}-head-{tag}.json"
+    return _cached_seconds(path, key, refresh, lambda: measure_head_compute_s(config, device, dtype))
