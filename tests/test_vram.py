@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import sys
 import threading
@@ -153,9 +154,13 @@ def test_peak_sampler_raises_a_failed_read_on_exit() -> None:
 
 
 def test_rss_sampler_sees_an_allocation() -> None:
+    # A fresh anonymous mapping, written: new resident pages whatever earlier tests left in malloc's
+    # arenas (a bytes object could reuse freed, still-resident heap and show no growth at all).
     with RssSampler(interval_s=3600) as rss:
-        held = b"x" * (64 << 20)  # written, so resident; over glibc's mmap threshold, so new pages
+        held = mmap.mmap(-1, 64 << 20, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # private: RssAnon, not shmem
+        held.write(b"x" * len(held))
     assert len(held) and rss.peak_delta_bytes >= 32 << 20
+    held.close()
 
 
 def test_vram_monitor_peak_counts_context_and_last_reading(monkeypatch: pytest.MonkeyPatch) -> None:
