@@ -67,6 +67,8 @@ def test_a_cold_disk_run_is_held_against_a_plain_read_of_its_files(make_cfg) -> 
     report = run_job(cfg, {}, choices={"cache": "disk"}, overrides=[])
     assert report.plain_read_bytes_per_s > 0 and report.read_bandwidth_bytes_per_s > 0
     assert report.read_efficiency == pytest.approx(report.read_bandwidth_bytes_per_s / report.plain_read_bytes_per_s)
+    # The disk floor of a cold run: its bytes at the plain read rate of its own files.
+    assert report.floor_disk_s == pytest.approx(report.read_bytes_per_pass / report.plain_read_bytes_per_s)
     warm_ram = make_cfg("cache=ram", "workload.max_new_tokens=3", "bench.warmup=1")
     ram = run_job(warm_ram, {}, choices={"cache": "ram"}, overrides=[])
     assert ram.read_efficiency is None, "after its warm-up cache=ram reads nothing: no figure, not 0"

@@ -6,6 +6,7 @@ Each asks the strategies what applies (`KVCachePolicy.recomputes_sequence`, `Cod
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 from harness.config import Config
@@ -38,6 +39,11 @@ def floor_metrics(
     )
     # The last position through the final norm and lm_head: a decoder layer's worth of bytes at a 128k vocab.
     head_s = load_or_measure_head_compute_s(config, streamer.device, config.dtype, probe_dir, cfg.probe.refresh)
+    disk_rates = rates
+    if report.plain_read_bytes_per_s is not None:
+        # A cold run read its own split files plainly (read_metrics): that rate, not the probe's scratch file's,
+        # bounds its disk link. On the 1B geometry the scratch file read 2.0 GB/s cold, the split's files 0.86.
+        disk_rates = replace(rates, disk_read_cold_bytes_per_s=report.plain_read_bytes_per_s)
     floor = token_floor(
         disk_bytes=report.read_bytes_per_pass,
         host_bytes=0.0,  # cached host copies are read in place; their cost shows as H2D or compute
@@ -45,7 +51,7 @@ def floor_metrics(
         dequant_bytes=report.decode_bytes_per_pass if codec.dequant_link else 0.0,
         dequant_codec=codec.dequant_link,
         compute_s=layer_s * config.num_hidden_layers + head_s,
-        rates=rates,
+        rates=disk_rates,
         page_cache=cfg.cache.page_cache,
     )
     out = {"floor_s": floor.floor_s, "layer_compute_s": layer_s, "head_compute_s": head_s}

@@ -125,9 +125,9 @@ def run_job(
         report.cache_bytes_held = float(streamer.pipeline.cache.bytes_held)
         machine_tags: dict[str, str] = {}
         if cfg.probe.enabled:
+            report.add(read_metrics(streamer, cfg, report))  # first: a cold run's disk floor uses its plain read
             floor, machine_tags = floor_metrics(streamer, cfg, report, outputs_dir)
             report.add(floor)
-            report.add(read_metrics(streamer, cfg, report))
         if cfg.reference.enabled:
             report.add(reference_metrics(streamer, cfg, gen, report.tpot_s))
         if cfg.quality.enabled and streamer.pipeline.codec.lossy:
