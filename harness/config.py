@@ -25,6 +25,8 @@ from strategies.prefetch.configs import PrefetchConfig, PrefetchOffConfig
 MODEL_SOURCES = ("generated", "local", "gguf")
 DTYPES = ("bfloat16", "float16", "float32")
 DEVICES = ("auto", "cpu", "cuda")
+# What generates: layerbench's streaming runner, or a peer measured with the same ruler (harness/peers/).
+RUNNERS = ("layerbench", "transformers", "accelerate", "airllm")
 
 
 @dataclass
@@ -156,6 +158,17 @@ class ReferenceConfig:
 
 
 @dataclass
+class RunnerConfig:
+    name: str = "layerbench"
+    # In a sweep: a runner whose optional extra is not installed, or that cannot run the chosen strategy
+    # options, is skipped with a message instead of failing the sweep (conf/experiment/peers.yaml sets it).
+    skip_unavailable: bool = False
+
+    def __post_init__(self) -> None:
+        check_choice("runner.name", self.name, RUNNERS)
+
+
+@dataclass
 class TrackingConfig:
     enabled: bool = True
     # Default: sqlite:///<abs paths.outputs>/mlflow.db, so `mlflow ui --backend-store-uri` shows every run.
@@ -176,6 +189,7 @@ class Config:
     compression: CompressionConfig = MISSING
     prefetch: PrefetchConfig = MISSING
     kv_cache: KVCacheConfig = MISSING
+    runner: RunnerConfig = field(default_factory=RunnerConfig)
     workload: WorkloadConfig = field(default_factory=WorkloadConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
@@ -202,6 +216,7 @@ def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(name="base_config", node=Config)
     cs.store(group="model", name="base_model", node=ModelConfig)
+    cs.store(group="runner", name="base_runner", node=RunnerConfig)
     for family, options in strategies.option_configs().items():
         for option_name, node in options.items():
             cs.store(group=family, name=f"base_{option_name}", node=node)

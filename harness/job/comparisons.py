@@ -9,10 +9,13 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
+import torch
+
 from harness.config import Config
 from harness.job.quality import quality_metrics, text_ids
 from harness.job.reference import time_transformers_generate
-from harness.job.streamer import Streamer, build_streamer, eos_ids, fresh_runner
+from harness.job.streamer import Streamer, build_streamer, fresh_runner
+from harness.measurement.metrics import Clock
 from harness.measurement.run_report import RunReport
 from harness.measurement.units import format_metric
 from harness.probe.floor import token_floor
@@ -83,14 +86,21 @@ def agreement(ours: list[int], reference: list[int]) -> float:
     return sum(a == b for a, b in zip(ours, reference, strict=False)) / longest if longest else 1.0
 
 
-def reference_metrics(streamer: Streamer, cfg: Config, gen: Generation, tpot_s: float | None) -> dict[str, float]:
-    """transformers' resident generate on the same checkpoint and prompt, timed the same way."""
-    stop = eos_ids(streamer.config, streamer.tokenizer, streamer.ckpt_dir) if cfg.workload.stop_at_eos else []
-    ref_ids, metrics = time_transformers_generate(
-        streamer.ckpt_dir, gen.prompt_ids, cfg.workload.max_new_tokens, stop, streamer.device, streamer.runner.clock
-    )
-    metrics["reference_tokens_match"] = float(ref_ids == gen.generated_ids)
-    metrics["agreement_vs_transformers"] = agreement(gen.generated_ids, ref_ids)
+def reference_metrics(
+    ckpt_dir: Path,
+    stop: list[int],
+    prompt_ids: list[int],
+    generated_ids: list[int],
+    tpot_s: float | None,
+    max_new_tokens: int,
+    device: torch.device,
+    clock: Clock,
+) -> dict[str, float]:
+    """transformers' resident generate on the same checkpoint and prompt, under the run's stopping rule
+    (`stop`: its EOS ids, or none), timed the same way."""
+    ref_ids, metrics = time_transformers_generate(ckpt_dir, prompt_ids, max_new_tokens, stop, device, clock)
+    metrics["reference_tokens_match"] = float(ref_ids == generated_ids)
+    metrics["agreement_vs_transformers"] = agreement(generated_ids, ref_ids)
     if tpot_s is not None and metrics.get("reference_tpot_s"):
         metrics["tpot_ratio_vs_reference"] = tpot_s / metrics["reference_tpot_s"]
     return metrics

@@ -1,35 +1,77 @@
-"""transformers' own in-memory generate on the same checkpoint, timed like the runner.
+"""transformers' own generate, timed like the runner: the in-memory reference, and every peer's loop.
 
-The ratio of the runner's per-token time to this one is what streaming costs on this
+The ratio of the runner's per-token time to the reference's is what streaming costs on this
 machine; the tokens must also agree (a cheap end-to-end correctness check on every run).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import GenerationConfig, LlamaForCausalLM
 from transformers.generation.streamers import BaseStreamer
 
+from harness.config import WorkloadConfig
 from harness.measurement.metrics import Clock, token_metrics
 
 
 class _TokenTimes(BaseStreamer):
     """Clock readings as generate hands each new token to the host (its first put is the prompt)."""
 
-    def __init__(self, clock: Clock) -> None:
+    def __init__(self, clock: Clock, on_token: Callable[[int], None] | None = None) -> None:
         self.clock = clock
+        self.on_token = on_token
         self.times: list[float] = []
         self._prompt_seen = False
 
     def put(self, value: torch.Tensor) -> None:
         if self._prompt_seen:
             self.times.append(self.clock())
+            if self.on_token is not None:
+                self.on_token(int(value.reshape(-1)[0]))
         self._prompt_seen = True
 
     def end(self) -> None:
         pass
+
+
+def generation_config(
+    max_new_tokens: int, eos_token_ids: list[int], *, use_cache: bool = True, workload: WorkloadConfig | None = None
+) -> GenerationConfig:
+    """Greedy (or the workload's sampling) for exactly the runner's stopping rule: `eos_token_ids`, or none."""
+    sampling = {}
+    if workload is not None and workload.do_sample:
+        sampling = {"do_sample": True, "temperature": workload.temperature, "top_p": workload.top_p, "top_k": None}
+    return GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        eos_token_id=eos_token_ids or None,
+        pad_token_id=0,
+        use_cache=use_cache,
+        **sampling,
+    )
+
+
+def timed_generate(
+    model: Any,
+    prompt_ids: list[int],
+    gen_cfg: GenerationConfig,
+    device: torch.device,
+    clock: Clock,
+    on_token: Callable[[int], None] | None = None,
+) -> tuple[list[int], float, list[float]]:
+    """One `model.generate`: its new tokens, the clock at the start and as each new token reached the host."""
+    # generate() fills what a passed config leaves unset from the model's own generation_config (a
+    # checkpoint's EOS ids included): replace that too, so generation stops exactly where the runner does.
+    model.generation_config = gen_cfg
+    ids = torch.tensor([prompt_ids], device=device)
+    times = _TokenTimes(clock, on_token)
+    start = clock()
+    out = model.generate(ids, generation_config=gen_cfg, streamer=times)
+    return out[0, len(prompt_ids) :].tolist(), start, times.times
 
 
 def time_transformers_generate(
@@ -42,18 +84,11 @@ def time_transformers_generate(
 ) -> tuple[list[int], dict[str, float]]:
     """Greedy generate with the whole model resident; returns its tokens and `reference_*` metrics."""
     model = LlamaForCausalLM.from_pretrained(ckpt_dir, attn_implementation="sdpa").to(device).eval()
-    gen_cfg = GenerationConfig(
-        max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos_token_ids or None, pad_token_id=0
-    )
-    # generate() fills what a passed config leaves unset from the checkpoint's generation_config.json,
-    # its EOS ids included: replace that config too, so the reference stops exactly where the runner does.
-    model.generation_config = gen_cfg
-    ids = torch.tensor([prompt_ids], device=device)
     # Warm-up, thrown away: first-call kernel selection and allocation are not generation speed.
-    model.generate(ids, generation_config=GenerationConfig(max_new_tokens=2, do_sample=False, pad_token_id=0))
-    times = _TokenTimes(clock)
-    start = clock()
-    out = model.generate(ids, generation_config=gen_cfg, streamer=times)
+    timed_generate(model, prompt_ids, generation_config(2, []), device, clock)
+    tokens, start, times = timed_generate(
+        model, prompt_ids, generation_config(max_new_tokens, eos_token_ids), device, clock
+    )
     del model
-    metrics = token_metrics(start, times.times)
-    return out[0, len(prompt_ids) :].tolist(), {f"reference_{k}": v for k, v in metrics.items()}
+    metrics = token_metrics(start, times)
+    return tokens, {f"reference_{k}": v for k, v in metrics.items()}

@@ -7,20 +7,23 @@ import io
 import logging
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from rich.console import Console
 from rich.progress import Progress
+from rich.text import Text
 
 import strategies
 from harness.config import Config
 from harness.device import resolve_device
 from harness.job.comparisons import compression_quality, floor_metrics, read_metrics, reference_metrics
-from harness.job.streamer import Streamer, build_streamer, generate
+from harness.job.streamer import Streamer, build_streamer, eos_ids, generate
 from harness.measurement.environment import environment_tags
-from harness.measurement.memory import peak_rss_bytes
+from harness.measurement.memory import peak_rss_bytes, reset_peak_rss
 from harness.measurement.metrics import aggregate, inter_token_latencies, token_metrics
 from harness.measurement.plots import plot_pass, plot_token_latency
 from harness.measurement.run_report import RunReport
@@ -79,6 +82,20 @@ def rows_csv(rows: Sequence[dict]) -> str:
     return out.getvalue()
 
 
+@dataclass
+class Outcome:
+    """What one job measured and made, whichever runner generated (layerbench or a peer)."""
+
+    report: RunReport
+    prompt_ids: list[int]
+    generated_ids: list[int]
+    token_times_s: list[float]  # the last measured repeat's
+    text: str
+    tags: dict[str, str] = field(default_factory=dict)
+    # The runner's own artifacts beyond the common ones (layerbench: its timeline), logged into a temp dir.
+    log_extra: Callable[[RunTracker, Path, str], None] | None = None
+
+
 def run_job(
     cfg: Config,
     resolved: Mapping[str, Any],
@@ -88,15 +105,38 @@ def run_job(
     parent_run_id: str | None = None,
     console: Console | None = None,
     run_name: str | None = None,
-) -> RunReport:
-    """Run one configuration end to end; the MLflow run ends FAILED with the reason if anything raises."""
+) -> RunReport | None:
+    """Run one configuration end to end; the MLflow run ends FAILED with the reason if anything raises.
+
+    None: a peer that cannot run here was skipped (`runner.skip_unavailable`), and no run was logged.
+    """
     console = console or Console()
     outputs_dir = Path(cfg.paths.outputs).resolve()
+    peer = None
+    if cfg.runner.name != "layerbench":
+        from harness.peers.base import PEERS, RunnerUnavailable, explicit_families
+
+        peer = PEERS[cfg.runner.name]
+        try:
+            # Before the run exists: a peer that cannot run these options logs nothing.
+            peer.check_installed()
+            used = peer.choices(choices, explicit_families(overrides))
+        except RunnerUnavailable as exc:
+            if not cfg.runner.skip_unavailable:
+                raise
+            log.warning("skipped: %s", exc)
+            console.print(Text(f"skipped: {exc}", style="yellow"))
+            return None
+        # A strategy family the peer has no counterpart for is none of its params.
+        choices = {k: v for k, v in choices.items() if k not in strategies.FAMILIES} | used
+        resolved = {k: v for k, v in resolved.items() if k not in strategies.FAMILIES}
+    reset_peak_rss()  # the peak of this job, not of the sweep's jobs before it in this process
     tracker = None
     if cfg.tracking.enabled:
         tracker = RunTracker(cfg.tracking.uri or default_tracking_uri(outputs_dir), cfg.tracking.experiment)
         # Named by the caller (the CLI: what the sweep varies); else by every choice.
-        run_name = run_name or " ".join(f"{f}={choices[f]}" for f in ("model", *strategies.FAMILIES) if f in choices)
+        groups = ("model", "runner", *strategies.FAMILIES)
+        run_name = run_name or " ".join(f"{g}={choices[g]}" for g in groups if g in choices)
         tracker.start(
             run_name=run_name or "default",
             params=config_params(resolved, choices),
@@ -106,100 +146,111 @@ def run_job(
         )
     try:
         device = resolve_device(cfg.device)
-        with VramMonitor(device, cfg.vram.cap_gib) as vram:
-            streamer = build_streamer(cfg, outputs_dir, device, vram)
-            with Progress(console=console, transient=True) as progress:
-                task = progress.add_task("generate", total=cfg.workload.max_new_tokens * cfg.bench.warmup)
-                for _ in range(cfg.bench.warmup):
-                    generate(streamer, cfg, on_token=lambda _: progress.advance(task))
-                gens = []
-                for repeat in range(cfg.bench.repeats):
-                    progress.reset(task, total=cfg.workload.max_new_tokens, description=f"generate {repeat + 1}")
-                    gens.append(generate(streamer, cfg, on_token=lambda _: progress.advance(task)))
-        vram.check()
-        gen = gens[-1]
-        report = RunReport().add(aggregate([generation_metrics(streamer, g) for g in gens]))
-        report.add(streamer.split_metrics())
-        report.add(vram.metrics())
-        report.peak_rss_bytes = float(peak_rss_bytes())
-        report.cache_bytes_held = float(streamer.pipeline.cache.bytes_held)
-        machine_tags: dict[str, str] = {}
-        if cfg.probe.enabled:
-            report.add(read_metrics(streamer, cfg, report))  # first: a cold run's disk floor uses its plain read
-            floor, machine_tags = floor_metrics(streamer, cfg, report, outputs_dir)
-            report.add(floor)
-        if cfg.reference.enabled:
-            report.add(reference_metrics(streamer, cfg, gen, report.tpot_s))
-        if cfg.quality.enabled and streamer.pipeline.codec.lossy:
-            report.add(compression_quality(streamer, cfg, gen, outputs_dir))
-        text = streamer.tokenizer.decode(gen.generated_ids, skip_special_tokens=True)
+        if peer is None:
+            outcome = stream_job(cfg, outputs_dir, device, console)
+        else:
+            from harness.peers.job import run_peer
+
+            outcome = run_peer(cfg, peer, choices, outputs_dir, device, console)
+        if cfg.model.weights_note:
+            outcome.tags["model.weights"] = cfg.model.weights_note
         if tracker is not None:
-            log_run(tracker, cfg, resolved, streamer, gen, report, text, run_name or "default")
-            tracker.set_tags(machine_tags)
+            log_run(tracker, resolved, outcome, run_name or "default")
             tracker.end("FINISHED")
     except BaseException as exc:
         if tracker is not None:
             tracker.end("FAILED", reason=f"{type(exc).__name__}: {exc}")
         raise
-    print_summary(console, choices, report, text)
-    return report
+    print_summary(console, choices, outcome.report, outcome.text)
+    return outcome.report
 
 
-def log_run(
-    tracker: RunTracker,
-    cfg: Config,
-    resolved: Mapping[str, Any],
-    streamer: Streamer,
-    gen: Generation,
-    report: RunReport,
-    text: str,
-    label: str,
-) -> None:
-    """Metrics, step series, tags and artifacts of a finished job (timeline and plots: its last repeat)."""
-    rows = gen.timeline.rows(streamer.runner.stages)
-    latencies = inter_token_latencies(gen.token_times_s)
-    tracker.log_metrics(report.metrics())
-    # Step = the token's number (2..N), as in token_latency.png; timestamps = when each token arrived.
-    to_epoch = time.time() - time.perf_counter()
-    tracker.log_series(
-        "token_latency_s", latencies, first_step=2, timestamps_s=[t + to_epoch for t in gen.token_times_s[1:]]
-    )
-    tracker.log_series("read_bytes", per_pass(rows, "read_bytes"))
-    tracker.log_dict(dict(resolved), "config.yaml")
-    generation = {"prompt_ids": gen.prompt_ids, "generated_ids": gen.generated_ids, "text": text}
-    tracker.log_dict(generation, "generation.json")
-    tracker.log_text(rows_csv(rows), "timeline.csv")
-    tags = {
+def stream_job(cfg: Config, outputs_dir: Path, device: torch.device, console: Console) -> Outcome:
+    """layerbench's own runner: split, stream, measure, and compare with the floor and the references."""
+    with VramMonitor(device, cfg.vram.cap_gib) as vram:
+        streamer = build_streamer(cfg, outputs_dir, device, vram)
+        with Progress(console=console, transient=True) as progress:
+            task = progress.add_task("generate", total=cfg.workload.max_new_tokens * cfg.bench.warmup)
+            for _ in range(cfg.bench.warmup):
+                generate(streamer, cfg, on_token=lambda _: progress.advance(task))
+            gens = []
+            for repeat in range(cfg.bench.repeats):
+                progress.reset(task, total=cfg.workload.max_new_tokens, description=f"generate {repeat + 1}")
+                gens.append(generate(streamer, cfg, on_token=lambda _: progress.advance(task)))
+    vram.check()
+    gen = gens[-1]
+    report = RunReport().add(aggregate([generation_metrics(streamer, g) for g in gens]))
+    report.add(streamer.split_metrics())
+    report.add(vram.metrics())
+    report.peak_rss_bytes = float(peak_rss_bytes())
+    report.cache_bytes_held = float(streamer.pipeline.cache.bytes_held)
+    tags: dict[str, str] = {}
+    if cfg.probe.enabled:
+        report.add(read_metrics(streamer, cfg, report))  # first: a cold run's disk floor uses its plain read
+        floor, tags = floor_metrics(streamer, cfg, report, outputs_dir)
+        report.add(floor)
+    if cfg.reference.enabled:
+        stop = eos_ids(streamer.config, streamer.tokenizer, streamer.ckpt_dir) if cfg.workload.stop_at_eos else []
+        report.add(reference_metrics(
+            streamer.ckpt_dir, stop, gen.prompt_ids, gen.generated_ids, report.tpot_s,
+            cfg.workload.max_new_tokens, device, streamer.runner.clock,
+        ))
+    if cfg.quality.enabled and streamer.pipeline.codec.lossy:
+        report.add(compression_quality(streamer, cfg, gen, outputs_dir))
+    tags.update({
         "device": str(streamer.device),
         "split.dir": str(streamer.layout.dir),
         "split.fresh": str(streamer.split_stats.fresh).lower(),
         "cache.page_cache": cfg.cache.page_cache,
-    }
-    if cfg.model.weights_note:
-        tags["model.weights"] = cfg.model.weights_note
-    tags["mlflow.note.content"] = run_note(label, report)
+    })
     if report.floor_s is not None:
         tags["floor.limiting"] = max(LINKS, key=lambda link: getattr(report, f"floor_{link}_s"))
-    if report.agreement_vs_transformers is not None and report.agreement_vs_transformers < 1:
-        # Loud: a streamed run that decodes other tokens than transformers is a finding, not a footnote.
-        tags["warning.agreement"] = (
-            f"{report.agreement_vs_transformers:.0%} of greedy tokens agree with transformers' generate "
-            "of the uncompressed checkpoint"
-        )
-        log.warning(tags["warning.agreement"])
     residual = report.crosscheck_residual
     if residual is not None and residual > CROSSCHECK_TOLERANCE:
         tags["warning.crosscheck"] = (
             f"stage times of a pass differ from its wall time by {residual:.1%} (> {CROSSCHECK_TOLERANCE:.0%})"
         )
         log.warning(tags["warning.crosscheck"])
+
+    def log_timeline(tracker: RunTracker, tmp: Path, title: str) -> None:
+        rows = gen.timeline.rows(streamer.runner.stages)
+        tracker.log_series("read_bytes", per_pass(rows, "read_bytes"))
+        tracker.log_text(rows_csv(rows), "timeline.csv")
+        decode_pass = len(gen.token_times_s) // 2  # a decode pass from the middle: no prefill, no warm-up edge
+        plot_pass(rows, decode_pass, tmp / "timeline_pass.png", f"{title}: pass {decode_pass}")
+        tracker.log_artifact(tmp / "timeline_pass.png")
+
+    text = streamer.tokenizer.decode(gen.generated_ids, skip_special_tokens=True)
+    return Outcome(report, gen.prompt_ids, gen.generated_ids, gen.token_times_s, text, tags, log_timeline)
+
+
+def log_run(tracker: RunTracker, resolved: Mapping[str, Any], outcome: Outcome, label: str) -> None:
+    """Metrics, step series, tags and artifacts of a finished job."""
+    report = outcome.report
+    latencies = inter_token_latencies(outcome.token_times_s)
+    tracker.log_metrics(report.metrics())
+    # Step = the token's number (2..N), as in token_latency.png; timestamps = when each token arrived.
+    to_epoch = time.time() - time.perf_counter()
+    tracker.log_series(
+        "token_latency_s", latencies, first_step=2, timestamps_s=[t + to_epoch for t in outcome.token_times_s[1:]]
+    )
+    tracker.log_dict(dict(resolved), "config.yaml")
+    generation = {"prompt_ids": outcome.prompt_ids, "generated_ids": outcome.generated_ids, "text": outcome.text}
+    tracker.log_dict(generation, "generation.json")
+    tags = dict(outcome.tags)
+    tags["mlflow.note.content"] = run_note(label, report)
+    if report.agreement_vs_transformers is not None and report.agreement_vs_transformers < 1:
+        # Loud: a run that decodes other tokens than transformers is a finding, not a footnote.
+        tags["warning.agreement"] = (
+            f"{report.agreement_vs_transformers:.0%} of greedy tokens agree with transformers' generate "
+            "of the uncompressed checkpoint"
+        )
+        log.warning(tags["warning.agreement"])
     tracker.set_tags(tags)
     with tempfile.TemporaryDirectory() as tmp:
-        # Titled with the strategy combination: side by side in MLflow's compare view, plots name their run.
-        title = label
-        decode_pass = len(gen.token_times_s) // 2  # a decode pass from the middle: no prefill, no warm-up edge
-        plot_pass(rows, decode_pass, Path(tmp) / "timeline_pass.png", f"{title}: pass {decode_pass}")
-        tracker.log_artifact(Path(tmp) / "timeline_pass.png")
+        # Titled with the run's label: side by side in MLflow's compare view, plots name their run.
+        if outcome.log_extra is not None:
+            outcome.log_extra(tracker, Path(tmp), label)
         if latencies:
-            plot_token_latency(latencies, Path(tmp) / "token_latency.png", f"{title}: per-token latency")
+            plot_token_latency(latencies, Path(tmp) / "token_latency.png", f"{label}: per-token latency")
             tracker.log_artifact(Path(tmp) / "token_latency.png")

@@ -25,8 +25,23 @@ def anon_rss_bytes() -> int:
 
 
 def peak_rss_bytes() -> int:
-    """The process's high-water RSS since it started (Linux reports ru_maxrss in KiB)."""
+    """The process's high-water RSS since it started or since `reset_peak_rss` (ru_maxrss, in KiB on Linux)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def reset_peak_rss() -> bool:
+    """Restart the high-water RSS from the current RSS; False where the kernel does not allow it.
+
+    A sweep runs its jobs one after another in one process: without this, every job would report the
+    peak of the hungriest job before it (a resident transformers model before a streamed run, say).
+    Linux resets the mark (VmHWM, and with it ru_maxrss) on writing 5 to /proc/self/clear_refs.
+    """
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return False
+    return True
 
 
 class PeakSampler:

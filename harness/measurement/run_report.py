@@ -75,6 +75,9 @@ class RunReport:
     split_layer_file_bytes: float | None = figure()
     split_peak_anon_delta_bytes: float | None = figure()
 
+    # --- a peer runner (runner=transformers|accelerate|airllm): loading the model, its own split included
+    load_s: float | None = figure("model load")
+
     # --- memory (VRAM figures only on CUDA)
     peak_rss_bytes: float | None = figure("peak host RSS")
     cache_bytes_held: float | None = figure()

@@ -4,6 +4,7 @@
     python -m harness.report --last-sweep --baseline 1a2b3c --plot sweep.png
     python -m harness.report --filter "params.model = 'tiny'" --metrics ttft_s,tpot_s --status all
     python -m harness.report --writeup --last-sweep            # experiment airllm_writeup vs the write-up's figures
+    python -m harness.report --experiment peers --last-sweep --peers   # each runner as a ratio to layerbench
 
 Never writes to the store (see harness.report.fetch).
 """
@@ -26,6 +27,7 @@ from harness.report.fetch import (
     get_baseline_run,
     open_client,
 )
+from harness.report.peers import peers_table
 from harness.report.plot import plot_rows
 from harness.report.rows import build_rows, find_baseline, select_metrics
 from harness.report.table import metrics_table
@@ -68,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--writeup", action="store_true", help="also compare with the AirLLM write-up's figures (by compression, cache)"
     )
     parser.add_argument(
+        "--peers", action="store_true", help="also each runner's figures as a ratio to layerbench's on the same model"
+    )
+    parser.add_argument(
         "--status",
         type=str.upper,
         choices=STATUSES,
@@ -104,6 +109,8 @@ def report(args: argparse.Namespace, console: Console) -> int:
         console.print(Text(f"plot: {path}"))
     if args.writeup:
         console.print(writeup_table(writeup_lines(rows)))
+    if args.peers:
+        console.print(peers_table(rows, title=f"{experiment}: runners side by side"))
     return 0
 
 

@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     from mlflow.entities import Run
 
 # The chosen option of each config group, logged as plain params by harness.job.run.run_job.
-CHOICE_KEYS = ("model", *strategies.FAMILIES)
+CHOICE_KEYS = ("model", "runner", *strategies.FAMILIES)
 SHORT_ID = 8
 
 

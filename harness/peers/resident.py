@@ -1,0 +1,30 @@
+"""runner=transformers: LlamaForCausalLM with every weight in device memory, the ceiling when it fits."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from transformers import LlamaForCausalLM
+
+from harness.measurement.vram import GIB, VramCapExceeded
+from harness.peers.base import LoadRequest
+
+
+def checkpoint_bytes(ckpt_dir: Path) -> int:
+    """The weights as stored: the safetensors files (their headers are a few KB)."""
+    return sum(path.stat().st_size for path in ckpt_dir.glob("*.safetensors"))
+
+
+class ResidentPeer:
+    def load(self, request: LoadRequest) -> LlamaForCausalLM:
+        need = checkpoint_bytes(request.ckpt_dir)
+        if request.vram_budget_bytes is not None and need > request.vram_budget_bytes:
+            raise VramCapExceeded(
+                f"runner=transformers holds the whole model on the device: its weights take {need / GIB:.2f} GiB, "
+                f"over the {request.vram_budget_bytes / GIB:.2f} GiB that vram.cap_gib leaves for weights; "
+                "use runner=accelerate or runner=layerbench, or a larger vram.cap_gib"
+            )
+        # device_map places each weight on the device as it loads: no host copy of the whole model first.
+        return LlamaForCausalLM.from_pretrained(
+            request.ckpt_dir, attn_implementation="sdpa", device_map={"": request.device}
+        ).eval()

@@ -1,0 +1,60 @@
+"""The peers table: each runner's per-token time, TTFT and peak memory as a ratio to layerbench's run
+of the same model, beside its agreement with transformers' greedy tokens."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from rich.table import Table
+from rich.text import Text
+
+import strategies
+from harness.measurement.units import format_metric, sig3
+from harness.report.rows import Row
+
+RATIO_METRICS = ("tpot_s", "ttft_s", "peak_rss_bytes", "peak_vram_nvml_bytes")
+BASELINE_RUNNER = "layerbench"
+
+
+def layerbench_rows(rows: Sequence[Row]) -> dict[str | None, Row]:
+    """Each model's layerbench run (the newest, when a listing holds several)."""
+    return {row.params.get("model"): row for row in rows if row.params.get("runner") == BASELINE_RUNNER}
+
+
+def ratio(row: Row, baseline: Row | None, metric: str) -> float | None:
+    value = row.metrics.get(metric)
+    base = baseline.metrics.get(metric) if baseline is not None else None
+    return value / base if value is not None and base else None
+
+
+def peers_table(rows: Sequence[Row], title: str = "") -> Table:
+    baselines = layerbench_rows(rows)
+    table = Table(
+        title=Text(title) if title else None,
+        caption=Text(
+            f"options: {' '.join(strategies.FAMILIES)} (– where the runner has no such strategy); "
+            f"x {BASELINE_RUNNER}: the run's figure / the {BASELINE_RUNNER} run's on the same model (lower is better)"
+        ),
+        title_justify="left",
+        caption_justify="left",
+    )
+    for column in ("model", "runner", "options"):
+        table.add_column(column, overflow="fold")
+    # Only what some run measured: no VRAM columns for CPU runs.
+    ratio_metrics = [m for m in RATIO_METRICS if any(row.metrics.get(m) is not None for row in rows)]
+    for metric in ratio_metrics:
+        table.add_column(metric, justify="right")
+        table.add_column(f"x {BASELINE_RUNNER}", justify="right")
+    table.add_column("agreement", justify="right")
+    metrics = [*ratio_metrics, "agreement_vs_transformers"]
+    shown = [row for row in rows if any(row.metrics.get(m) is not None for m in metrics)]
+    for row in sorted(shown, key=lambda r: (r.params.get("model") or "", r.params.get("runner") != BASELINE_RUNNER)):
+        baseline = baselines.get(row.params.get("model"))
+        options = " ".join(row.params.get(f, "–") for f in strategies.FAMILIES)
+        cells = [row.params.get("model", "–"), row.params.get("runner", BASELINE_RUNNER), options]
+        for metric in ratio_metrics:
+            r = ratio(row, baseline, metric)
+            cells += [format_metric(metric, row.metrics.get(metric)), "–" if r is None else f"{sig3(r)}x"]
+        cells.append(format_metric("agreement_vs_transformers", row.metrics.get("agreement_vs_transformers")))
+        table.add_row(*(Text(c) for c in cells), style="bold" if row is baseline else None)
+    return table
