@@ -113,5 +113,6 @@ def compression_quality(streamer: Streamer, cfg: Config, gen: Generation, output
         fresh_runner(streamer),
         fresh_runner(plain),
         gen.prompt_ids + gen.generated_ids,
-        text_ids(streamer.tokenizer, cfg.quality.max_tokens),
+        # Never past the model's positions: the texts are longer than a small model's context.
+        text_ids(streamer.tokenizer, min(cfg.quality.max_tokens, streamer.config.max_position_embeddings)),
     )

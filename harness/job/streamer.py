@@ -56,6 +56,19 @@ def prompt_ids(tokenizer: PreTrainedTokenizerBase, workload: WorkloadConfig) -> 
     return ids
 
 
+def check_context(prompt_tokens: int, max_new_tokens: int, config: LlamaConfig, model_name: str) -> None:
+    """Refuse a workload longer than the model's positions, before any weight is read: past them RoPE
+    extrapolates and the output is garbage, which a run would log as FINISHED."""
+    limit = config.max_position_embeddings
+    if prompt_tokens + max_new_tokens > limit:
+        raise ValueError(
+            f"the prompt ({prompt_tokens} tokens) plus workload.max_new_tokens={max_new_tokens} is "
+            f"{prompt_tokens + max_new_tokens} positions, over model {model_name!r}'s maximum of {limit} "
+            f"(max_position_embeddings): shorten the prompt or set workload.max_new_tokens <= "
+            f"{max(limit - prompt_tokens, 0)}"
+        )
+
+
 def eos_ids(config: LlamaConfig, tokenizer: PreTrainedTokenizerBase, ckpt_dir: Path) -> list[int]:
     """EOS ids from generation_config.json (Llama-3-Instruct lists several), else config/tokenizer."""
     ids: Any = None
@@ -104,6 +117,8 @@ def build_streamer(
     ckpt_dir = ensure_checkpoint(cfg.model, outputs_dir)
     config = load_model_config(ckpt_dir)
     tokenizer = AutoTokenizer.from_pretrained(ckpt_dir)
+    ids = prompt_ids(tokenizer, cfg.workload)
+    check_context(len(ids), cfg.workload.max_new_tokens, config, cfg.model.name)
     codec = strategies.build(cfg.compression)
     prefetcher = strategies.build(cfg.prefetch, device=device)
     kv_policy = strategies.build(cfg.kv_cache)
@@ -114,7 +129,7 @@ def build_streamer(
             stored_fraction=codec.stored_fraction,
             layers_ahead=prefetcher.layers_ahead,
             kv_layers=kv_policy.layers_on_device(config.num_hidden_layers),
-            max_seq=len(prompt_ids(tokenizer, cfg.workload)) + cfg.workload.max_new_tokens,
+            max_seq=len(ids) + cfg.workload.max_new_tokens,
         )
         check_fits(need, cfg.vram.cap_gib, vram.context_bytes or 0)
     splits_root = Path(cfg.split.dir) if cfg.split.dir else outputs_dir / "splits"

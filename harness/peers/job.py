@@ -17,7 +17,7 @@ from harness.config import Config
 from harness.job.comparisons import reference_metrics
 from harness.job.reference import generation_config, timed_generate
 from harness.job.run import Outcome
-from harness.job.streamer import eos_ids, load_model_config, prompt_ids
+from harness.job.streamer import check_context, eos_ids, load_model_config, prompt_ids
 from harness.measurement.memory import peak_rss_bytes
 from harness.measurement.metrics import aggregate, device_clock, token_metrics
 from harness.measurement.run_report import RunReport
@@ -32,6 +32,7 @@ def run_peer(
     config = load_model_config(ckpt_dir)
     tokenizer = AutoTokenizer.from_pretrained(ckpt_dir)
     ids = prompt_ids(tokenizer, cfg.workload)
+    check_context(len(ids), cfg.workload.max_new_tokens, config, cfg.model.name)
     stop = eos_ids(config, tokenizer, ckpt_dir) if cfg.workload.stop_at_eos else []
     gen_cfg = generation_config(
         cfg.workload.max_new_tokens, stop, use_cache=choices.get("kv_cache") != "none", workload=cfg.workload
