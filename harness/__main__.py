@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import signal
+from types import FrameType
+
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import to_absolute_path
@@ -35,6 +38,16 @@ def main(dcfg: DictConfig) -> None:
     )
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler, `kill`, a container stopping), raised in the main thread like Ctrl-C, so the
+    job's MLflow run and a sweep's parent close KILLED with the reason instead of staying RUNNING."""
+
+
+def _terminate(signum: int, frame: FrameType | None) -> None:
+    raise Terminated(signal.Signals(signum).name)
+
+
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, _terminate)
     register_configs()
     main()

@@ -159,7 +159,9 @@ def run_job(
             tracker.end("FINISHED")
     except BaseException as exc:
         if tracker is not None:
-            tracker.end("FAILED", reason=f"{type(exc).__name__}: {exc}")
+            # Interrupted (Ctrl-C, or SIGTERM through harness.__main__) is KILLED; anything else FAILED.
+            status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
+            tracker.end(status, reason=f"{type(exc).__name__}: {exc}".rstrip(": "))
         raise
     print_summary(console, choices, outcome.report, outcome.text)
     return outcome.report

@@ -1,0 +1,67 @@
+"""Faults a hostile user found (issue #12): each is refused clearly, or closes what it started."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from harness.config import Config
+from harness.job.streamer import build_streamer
+from harness.peers.base import PEERS
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("runner", ["layerbench", "transformers"])
+def test_a_workload_longer_than_the_models_positions_is_refused_before_the_split(
+    runner: str, make_cfg: Callable[..., Config], tmp_path: Path
+) -> None:
+    # The tiny model has 2,048 positions; the split root is fresh, so a split would show as files.
+    cfg = make_cfg(f"runner={runner}", "workload.max_new_tokens=100000", f"split.dir={tmp_path / 'splits'}")
+    with pytest.raises(ValueError, match=r"over model 'tiny''s maximum of 2048 .*workload.max_new_tokens <= 20\d\d"):
+        if runner == "layerbench":
+            build_streamer(cfg, Path(cfg.paths.outputs), torch.device("cpu"))
+        else:
+            from rich.console import Console
+
+            from harness.peers.job import run_peer
+
+            run_peer(cfg, PEERS[runner], {"kv_cache": "device"}, Path(cfg.paths.outputs), torch.device("cpu"),
+                     Console(quiet=True))
+    assert not (tmp_path / "splits").exists()
+    long_prompt = make_cfg("workload.prompt_tokens=2040", "workload.max_new_tokens=9", f"split.dir={tmp_path / 's'}")
+    with pytest.raises(ValueError, match=r"the prompt \(2040 tokens\)"):
+        build_streamer(long_prompt, Path(long_prompt.paths.outputs), torch.device("cpu"))
+
+
+def test_sigterm_closes_the_run_killed_with_the_reason(tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    # Long enough to be caught mid-generation: no KV cache, so each token recomputes the whole sequence.
+    cmd = [sys.executable, "-m", "harness", f"paths.outputs={tmp_path}", "kv_cache=none", "probe.enabled=false",
+           "workload.max_new_tokens=2000", "workload.stop_at_eos=false"]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    deadline = time.monotonic() + 300
+    running = []
+    while not running and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.5)
+        experiment = client.get_experiment_by_name("layerbench") if (tmp_path / "mlflow.db").exists() else None
+        if experiment is not None:
+            running = client.search_runs([experiment.experiment_id], "attributes.status = 'RUNNING'")
+    assert running, "the job never started its run"
+    time.sleep(2)  # into the generation
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode != 0, "a terminated job must not exit 0"
+    run = client.get_run(running[0].info.run_id)
+    assert run.info.status == "KILLED", stderr[-2000:]
+    assert run.data.tags["failure_reason"] == "Terminated: SIGTERM"
