@@ -1,7 +1,7 @@
 """The config schema: one dataclass per section, validated in ``__post_init__``.
 
 conf/*.yaml is what users read and edit; these dataclasses are its schema (Hydra's
-``base_*`` pattern), so a typo or a bad value fails before anything is loaded.
+schema pattern, stored under ``schema/``), so a typo or a bad value fails before anything is loaded.
 Strategy configs live in strategies/<family>/configs.py. Nothing here imports torch: composing
 a config (``--help``, ``--cfg job``, a bad value) answers before any heavy library loads.
 """
@@ -214,12 +214,14 @@ class Config:
 def register_configs() -> None:
     """Store the schema in Hydra's ConfigStore; conf/ yaml files extend these by name."""
     cs = ConfigStore.instance()
-    cs.store(name="base_config", node=Config)
-    cs.store(group="model", name="base_model", node=ModelConfig)
-    cs.store(group="runner", name="base_runner", node=RunnerConfig)
+    # Under schema/, not beside the options in their groups: a schema is no option (`compression=base_none`
+    # used to run, and every group's option list showed them).
+    cs.store(name="base_config", node=Config)  # the primary config's schema: no group, no option
+    cs.store(group="schema", name="model", node=ModelConfig)
+    cs.store(group="schema", name="runner", node=RunnerConfig)
     for family, options in strategies.option_configs().items():
         for option_name, node in options.items():
-            cs.store(group=family, name=f"base_{option_name}", node=node)
+            cs.store(group=f"schema/{family}", name=option_name, node=node)
 
 
 def conf_dir() -> str:

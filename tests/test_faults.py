@@ -65,3 +65,19 @@ def test_sigterm_closes_the_run_killed_with_the_reason(tmp_path: Path) -> None:
     run = client.get_run(running[0].info.run_id)
     assert run.info.status == "KILLED", stderr[-2000:]
     assert run.data.tags["failure_reason"] == "Terminated: SIGTERM"
+
+
+def test_schemas_are_no_options() -> None:
+    from hydra.errors import MissingConfigException
+
+    from harness.config import compose_config
+
+    with pytest.raises(MissingConfigException, match="compression/base_none"):
+        compose_config(["compression=base_none"])
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-m", "harness", "--help"], env=env, capture_output=True, text=True,
+                          timeout=120)
+    groups = dict(line.split(": ", 1) for line in proc.stdout.splitlines() if ": " in line and "," in line)
+    assert groups["compression"] == "4bit, 8bit, none"
+    assert groups["runner"] == "accelerate, airllm, layerbench, transformers"
+    assert not any("base_" in options for options in groups.values()), groups
