@@ -21,6 +21,7 @@ from strategies.checks import check_choice, check_positive
 from strategies.compression.configs import CompressionConfig, NoCompressionConfig
 from strategies.kv_cache.configs import KVCacheConfig
 from strategies.prefetch.configs import PrefetchConfig, PrefetchOffConfig
+from strategies.residency.configs import NoResidencyConfig, ResidencyConfig
 
 MODEL_SOURCES = ("generated", "local", "gguf")
 DTYPES = ("bfloat16", "float16", "float32")
@@ -188,6 +189,7 @@ class Config:
     cache: CacheConfig = MISSING
     compression: CompressionConfig = MISSING
     prefetch: PrefetchConfig = MISSING
+    residency: ResidencyConfig = MISSING
     kv_cache: KVCacheConfig = MISSING
     runner: RunnerConfig = field(default_factory=RunnerConfig)
     workload: WorkloadConfig = field(default_factory=WorkloadConfig)
@@ -208,7 +210,10 @@ class Config:
     def uncompressed(self) -> Config:
         """The same model and workload with the weights as the checkpoint stores them, streamed the
         plainest way (read at each pass, nothing held, nothing ahead): what a lossy codec is measured against."""
-        return replace(self, compression=NoCompressionConfig(), cache=DiskCacheConfig(), prefetch=PrefetchOffConfig())
+        return replace(
+            self, compression=NoCompressionConfig(), cache=DiskCacheConfig(), prefetch=PrefetchOffConfig(),
+            residency=NoResidencyConfig(),
+        )
 
 
 def register_configs() -> None:

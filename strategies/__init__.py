@@ -15,8 +15,9 @@ from strategies.cache.configs import DiskCacheConfig, RamCacheConfig
 from strategies.compression.configs import Blockwise4bitConfig, Blockwise8bitConfig, NoCompressionConfig
 from strategies.kv_cache.configs import DeviceKVCacheConfig, NoKVCacheConfig, OffloadKVCacheConfig
 from strategies.prefetch.configs import PrefetchOffConfig, PrefetchOnConfig
+from strategies.residency.configs import AutoResidencyConfig, NoResidencyConfig
 
-FAMILIES = ("cache", "compression", "prefetch", "kv_cache")
+FAMILIES = ("cache", "compression", "prefetch", "kv_cache", "residency")
 
 
 def option_configs() -> dict[str, dict[str, type]]:
@@ -26,6 +27,7 @@ def option_configs() -> dict[str, dict[str, type]]:
         "compression": {"none": NoCompressionConfig, "8bit": Blockwise8bitConfig, "4bit": Blockwise4bitConfig},
         "prefetch": {"off": PrefetchOffConfig, "on": PrefetchOnConfig},
         "kv_cache": {"none": NoKVCacheConfig, "device": DeviceKVCacheConfig, "offload": OffloadKVCacheConfig},
+        "residency": {"none": NoResidencyConfig, "auto": AutoResidencyConfig},
     }
 
 

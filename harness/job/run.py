@@ -183,6 +183,7 @@ def stream_job(cfg: Config, outputs_dir: Path, device: torch.device, console: Co
     gen = gens[-1]
     report = RunReport().add(aggregate([generation_metrics(streamer, g) for g in gens]))
     report.add(streamer.split_metrics())
+    report.add(streamer.residency.metrics(streamer.config.num_hidden_layers))
     report.add(vram.metrics())
     report.peak_rss_bytes = float(peak_rss_bytes())
     report.cache_bytes_held = float(streamer.pipeline.cache.bytes_held)
@@ -205,6 +206,8 @@ def stream_job(cfg: Config, outputs_dir: Path, device: torch.device, console: Co
         "split.fresh": str(streamer.split_stats.fresh).lower(),
         "cache.page_cache": cfg.cache.page_cache,
     })
+    if streamer.residency.units:
+        tags["residency.units"] = " ".join(streamer.residency.units)
     if report.floor_s is not None:
         tags["floor.limiting"] = max(LINKS, key=lambda link: getattr(report, f"floor_{link}_s"))
     residual = report.crosscheck_residual

@@ -7,6 +7,8 @@ The job never names an option: the VRAM pre-check asks the built strategies what
 from __future__ import annotations
 
 import json
+import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,11 +22,13 @@ from harness.checkpoints.generated import ensure_checkpoint
 from harness.config import Config, WorkloadConfig
 from harness.measurement.metrics import device_clock
 from harness.measurement.timeline import StageClock
-from harness.measurement.vram import VramMonitor, check_fits, estimate_need_bytes
+from harness.measurement.vram import GIB, VramMonitor, check_fits, estimate_need_bytes
 from harness.runner.pipeline import LayerPipeline
 from harness.runner.streaming import Generation, LayerStreamingRunner, Sampler
 from harness.split.layout import SplitLayout
 from harness.split.writer import SplitStats, ensure_split
+
+log = logging.getLogger(__name__)
 
 
 def load_model_config(ckpt_dir: Path) -> LlamaConfig:
@@ -81,6 +85,28 @@ def eos_ids(config: LlamaConfig, tokenizer: PreTrainedTokenizerBase, ckpt_dir: P
 
 
 @dataclass
+class ResidencyPlan:
+    """The units kept on the device for the whole run (residency), what they take, and the room they had."""
+
+    units: list[str]
+    bytes: int
+    load_s: float
+    budget_bytes: int
+    active: bool  # the policy may keep units (residency=auto); without it there are no figures to log
+
+    def metrics(self, num_layers: int) -> dict[str, float]:
+        if not self.active:
+            return {}
+        layers = sum(unit.startswith("layers.") for unit in self.units)
+        return {
+            "resident_layers": float(layers),
+            "resident_bytes": float(self.bytes),
+            "resident_load_s": self.load_s,
+            "streamed_layers": float(num_layers - layers),
+        }
+
+
+@dataclass
 class Streamer:
     """Everything one model needs to generate: the runner and what built it."""
 
@@ -91,6 +117,7 @@ class Streamer:
     runner: LayerStreamingRunner
     device: torch.device
     split_stats: SplitStats
+    residency: ResidencyPlan
 
     @property
     def pipeline(self) -> LayerPipeline:
@@ -122,16 +149,18 @@ def build_streamer(
     codec = strategies.build(cfg.compression)
     prefetcher = strategies.build(cfg.prefetch, device=device)
     kv_policy = strategies.build(cfg.kv_cache)
+    residency = strategies.build(cfg.residency)
+    # From the geometry and what the strategies say they hold: what streaming needs on the device at once.
+    need = estimate_need_bytes(
+        config,
+        stored_fraction=codec.stored_fraction,
+        layers_ahead=prefetcher.layers_ahead,
+        kv_layers=kv_policy.layers_on_device(config.num_hidden_layers),
+        max_seq=len(ids) + cfg.workload.max_new_tokens,
+    )
+    context_bytes = (vram.context_bytes or 0) if vram is not None else 0
     if vram is not None and vram.enforced:
-        # From the geometry and what the strategies say they hold: refuse before the split or any weight is read.
-        need = estimate_need_bytes(
-            config,
-            stored_fraction=codec.stored_fraction,
-            layers_ahead=prefetcher.layers_ahead,
-            kv_layers=kv_policy.layers_on_device(config.num_hidden_layers),
-            max_seq=len(ids) + cfg.workload.max_new_tokens,
-        )
-        check_fits(need, cfg.vram.cap_gib, vram.context_bytes or 0)
+        check_fits(need, cfg.vram.cap_gib, context_bytes)  # before the split or any weight is read
     splits_root = Path(cfg.split.dir) if cfg.split.dir else outputs_dir / "splits"
     layout, stats = ensure_split(
         ckpt_dir, config, codec, splits_root, verify=cfg.split.verify, encode_device=device
@@ -144,8 +173,25 @@ def build_streamer(
         device=device,
         clock=stages,
     )
-    runner = LayerStreamingRunner(config, layout.units, pipeline, kv_policy, device, device_clock(device), stages)
-    return Streamer(ckpt_dir, config, tokenizer, layout, runner, device, stats)
+    # What the cap leaves beside streaming (on a CPU the same budget, of host memory): the resident set's room.
+    budget = int(cfg.vram.cap_gib * GIB) - context_bytes - need["total"]
+    units = layout.units
+    resident = residency.choose(
+        units[1:-2], ["norm", "lm_head", "embed"], {u: layout.file_bytes(u) for u in units}, budget
+    )
+    start = time.perf_counter()
+    resident_bytes = pipeline.keep_resident(layout, resident)
+    resident_load_s = time.perf_counter() - start
+    runner = LayerStreamingRunner(config, units, pipeline, kv_policy, device, device_clock(device), stages)
+    plan = ResidencyPlan(resident, resident_bytes, resident_load_s, budget, residency.active)
+    if plan.active:
+        streamed = [u for u in units if u not in resident]
+        log.info(
+            "residency: %d units resident (%s, %.3g GB, loaded in %.2f s); %d stream every pass (%.3g GB)",
+            len(resident), ", ".join(resident) or "none", resident_bytes / 1e9, resident_load_s, len(streamed),
+            sum({layout.file(u): layout.file_bytes(u) for u in streamed}.values()) / 1e9,
+        )
+    return Streamer(ckpt_dir, config, tokenizer, layout, runner, device, stats, plan)
 
 
 def generate(

@@ -75,6 +75,12 @@ class RunReport:
     split_layer_file_bytes: float | None = figure()
     split_peak_anon_delta_bytes: float | None = figure()
 
+    # --- residency: units kept on the device for the whole run, loaded once (not part of any pass)
+    resident_layers: float | None = figure("decoder layers resident")
+    streamed_layers: float | None = figure()
+    resident_bytes: float | None = figure("resident bytes")
+    resident_load_s: float | None = figure()
+
     # --- a peer runner (runner=transformers|accelerate|airllm): loading the model, its own split included
     load_s: float | None = figure("model load")
 

@@ -74,9 +74,11 @@ def differing_params(param_sets: Sequence[Mapping[str, str]]) -> list[str]:
     return differing
 
 
-def config_label(params: Mapping[str, str], extra_keys: Iterable[str] = ()) -> str:
+def config_label(
+    params: Mapping[str, str], extra_keys: Iterable[str] = (), choice_keys: Iterable[str] = CHOICE_KEYS
+) -> str:
     """``tiny ram none off device workload.max_new_tokens=8``: the choices, then the differing params."""
-    parts = [params.get(key, ABSENT) for key in CHOICE_KEYS]
+    parts = [params.get(key, ABSENT) for key in choice_keys]
     parts += [f"{key}={params.get(key, ABSENT)}" for key in extra_keys]
     return " ".join(parts)
 
@@ -84,7 +86,9 @@ def config_label(params: Mapping[str, str], extra_keys: Iterable[str] = ()) -> s
 def build_rows(runs: Sequence[Run]) -> list[Row]:
     rows = [row_from_run(run) for run in runs]
     extra = differing_params([row.params for row in rows])
-    return [replace(row, label=config_label(row.params, extra)) for row in rows]
+    # Groups no listed run logged (runs from before a group existed) would only add a column of dashes.
+    keys = [key for key in CHOICE_KEYS if any(key in row.params for row in rows)]
+    return [replace(row, label=config_label(row.params, extra, keys)) for row in rows]
 
 
 def find_baseline(rows: Sequence[Row], ref: str) -> Row:
