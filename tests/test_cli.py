@@ -69,7 +69,7 @@ def test_single_run_logs_params_metrics_and_artifacts(single_run) -> None:
     assert metrics["floor_s"] == max(metrics[f"floor_{link}_s"] for link in links)
     assert run.data.tags["floor.limiting"] in links and "crosscheck_residual" in metrics
     # The link rates describe the machine: tags with units, not metrics repeated in every run.
-    assert run.data.tags["link.disk_read_warm_bytes_per_s"].endswith("B/s")
+    assert run.data.tags["link.page_cache_bytes_per_s"].endswith("B/s")
     assert not any(k.startswith("link_") for k in metrics)
     # Named by its one non-default choice; its description carries the key figures with units.
     assert run.info.run_name == "disk"

@@ -22,7 +22,7 @@ def _rates(**overrides: object) -> LinkRates:
     """Hand-made rates with round numbers, so floor arithmetic can be checked exactly."""
     base = LinkRates(
         disk_read_cold_bytes_per_s=1e9,
-        disk_read_warm_bytes_per_s=4e9,
+        page_cache_bytes_per_s=4e9,
         host_copy_bytes_per_s=10e9,
         h2d_pinned_bytes_per_s=20e9,
         h2d_pageable_bytes_per_s=5e9,
@@ -60,7 +60,7 @@ def test_cpu_rates_are_positive_and_h2d_is_absent(cpu_rates: tuple[LinkRates, Pa
     rates, _ = cpu_rates
     for value in (
         rates.disk_read_cold_bytes_per_s,
-        rates.disk_read_warm_bytes_per_s,
+        rates.page_cache_bytes_per_s,
         rates.host_copy_bytes_per_s,
         rates.dequant_8bit_bytes_per_s,
         rates.dequant_4bit_bytes_per_s,
@@ -244,7 +244,7 @@ def test_cuda_rates_and_compute(tmp_path: Path) -> None:
     assert rates.device.startswith("cuda:") and "(" in rates.device
     for value in (
         rates.disk_read_cold_bytes_per_s,
-        rates.disk_read_warm_bytes_per_s,
+        rates.page_cache_bytes_per_s,
         rates.host_copy_bytes_per_s,
         rates.h2d_pinned_bytes_per_s,
         rates.h2d_pageable_bytes_per_s,

@@ -22,7 +22,7 @@ def _rates_table(rates: LinkRates, title: str) -> object:
 
     rows = [
         ("disk read, cold", rates.disk_read_cold_bytes_per_s, "page cache dropped first (posix_fadvise)"),
-        ("disk read, warm", rates.disk_read_warm_bytes_per_s, "from the page cache"),
+        ("disk read, warm", rates.page_cache_bytes_per_s, "a kept mapping made resident from the page cache"),
         ("host copy", rates.host_copy_bytes_per_s, "torch copy_ in host memory"),
         ("host -> device, pinned", rates.h2d_pinned_bytes_per_s, ""),
         ("host -> device, pageable", rates.h2d_pageable_bytes_per_s, ""),

@@ -61,7 +61,7 @@ def token_floor(
     check_choice("page_cache", page_cache, PAGE_CACHE_STATES)
     if compute_s < 0:
         raise ValueError(f"compute: negative time {compute_s}")
-    disk_rate = rates.disk_read_cold_bytes_per_s if page_cache == "cold" else rates.disk_read_warm_bytes_per_s
+    disk_rate = rates.disk_read_cold_bytes_per_s if page_cache == "cold" else rates.page_cache_bytes_per_s
     h2d_rate = (
         rates.h2d_pinned_bytes_per_s if rates.h2d_pinned_bytes_per_s is not None else rates.h2d_pageable_bytes_per_s
     )
