@@ -107,3 +107,19 @@ def test_the_fitted_count_fills_the_cap_and_never_exceeds_it(
         report = run_job(cfg, {}, choices={"model": "tiny", "residency": "auto"}, overrides=[])
         assert report.resident_layers == fits
         assert report.resident_bytes + need + context <= cap
+
+
+@pytest.mark.parametrize("cache", ["disk", "ram"])
+def test_the_plan_predicts_the_bytes_a_pass_reads_and_a_time(cache: str, make_cfg: Callable[..., Config]) -> None:
+    from harness.job.plan import make_plan
+
+    for extra in ((), ("residency=auto", "residency.layers=3")):
+        cfg = make_cfg(f"cache={cache}", "workload.max_new_tokens=3", *extra)
+        streamer = build_streamer(cfg, Path(cfg.paths.outputs), CPU)
+        plan = make_plan(streamer, cfg, Path(cfg.paths.outputs))
+        gen = generate(streamer, cfg)
+        rows = gen.timeline.rows(streamer.runner.stages)
+        decode_pass_read = sum(row["read_bytes"] for row in rows if row["pass_index"] == 1)
+        assert plan.read_bytes_per_pass == decode_pass_read, extra
+        assert plan.predicted_s > 0 and plan.h2d_bytes_per_pass == 0  # a CPU moves nothing to a device
+        assert f"{len(streamer.residency.units)} of 4 decoder layers resident" in plan.describe(0)

@@ -18,24 +18,22 @@ from harness.job.streamer import Streamer, build_streamer, fresh_runner
 from harness.measurement.metrics import Clock
 from harness.measurement.run_report import RunReport
 from harness.measurement.units import format_metric
-from harness.probe.floor import token_floor
-from harness.probe.links import plain_read_rate
+from harness.probe.floor import Floor, token_floor
+from harness.probe.links import LinkRates, plain_read_rate
 from harness.probe.store import load_or_measure, load_or_measure_head_compute_s, load_or_measure_layer_compute_s
 from harness.runner.streaming import Generation
 
 
-def floor_metrics(
-    streamer: Streamer, cfg: Config, report: RunReport, outputs_dir: Path
-) -> tuple[dict[str, float], dict[str, str]]:
-    """The per-token floor from the measured links and one layer's compute, and how far the run is from it;
-    and the link rates themselves as tags: they describe the machine, not the run, so they are no metrics."""
+def link_floor(
+    streamer: Streamer, cfg: Config, outputs_dir: Path, *, disk_bytes: float, h2d_bytes: float,
+    dequant_bytes: float, seq_len: int, plain_read_bytes_per_s: float | None = None,
+) -> tuple[Floor, LinkRates, float, float]:
+    """The floor of one token moving these bytes per pass, from the probe's link rates (measured once per
+    machine) and the compute of every layer at `seq_len` plus the head; also the rates and compute times."""
     rates = load_or_measure(
         streamer.device, outputs_dir / "probe", outputs_dir / "probe", refresh=cfg.probe.refresh,
         size_bytes=cfg.probe.size_mib << 20,
     )
-    kv_policy, codec = streamer.runner.kv_policy, streamer.pipeline.codec
-    # Without a KV cache every pass recomputes the whole sequence: time a layer at the mean pass length.
-    seq_len = int(report.prompt_tokens + report.new_tokens / 2) if kv_policy.recomputes_sequence else 1
     config, probe_dir = streamer.config, outputs_dir / "probe"
     layer_s = load_or_measure_layer_compute_s(
         config, streamer.device, config.dtype, probe_dir, seq_len, cfg.probe.refresh
@@ -43,19 +41,40 @@ def floor_metrics(
     # The last position through the final norm and lm_head: a decoder layer's worth of bytes at a 128k vocab.
     head_s = load_or_measure_head_compute_s(config, streamer.device, config.dtype, probe_dir, cfg.probe.refresh)
     disk_rates = rates
-    if report.plain_read_bytes_per_s is not None:
+    if plain_read_bytes_per_s is not None:
         # A cold run read its own split files plainly (read_metrics): that rate, not the probe's scratch file's,
         # bounds its disk link. On the 1B geometry the scratch file read 2.0 GB/s cold, the split's files 0.86.
-        disk_rates = replace(rates, disk_read_cold_bytes_per_s=report.plain_read_bytes_per_s)
+        disk_rates = replace(rates, disk_read_cold_bytes_per_s=plain_read_bytes_per_s)
+    codec = streamer.pipeline.codec
     floor = token_floor(
-        disk_bytes=report.read_bytes_per_pass,
+        disk_bytes=disk_bytes,
         host_bytes=0.0,  # cached host copies are read in place; their cost shows as H2D or compute
-        h2d_bytes=report.h2d_bytes_per_pass,
-        dequant_bytes=report.decode_bytes_per_pass if codec.dequant_link else 0.0,
+        h2d_bytes=h2d_bytes,
+        dequant_bytes=dequant_bytes if codec.dequant_link else 0.0,
         dequant_codec=codec.dequant_link,
         compute_s=layer_s * config.num_hidden_layers + head_s,
         rates=disk_rates,
         page_cache=cfg.cache.page_cache,
+    )
+    return floor, rates, layer_s, head_s
+
+
+def pass_seq_len(streamer: Streamer, prompt_tokens: float, new_tokens: float) -> int:
+    """The positions a decode pass computes: one with a KV cache; without one the whole sequence, at its mean."""
+    return int(prompt_tokens + new_tokens / 2) if streamer.runner.kv_policy.recomputes_sequence else 1
+
+
+def floor_metrics(
+    streamer: Streamer, cfg: Config, report: RunReport, outputs_dir: Path
+) -> tuple[dict[str, float], dict[str, str]]:
+    """The per-token floor from the measured links and one layer's compute, and how far the run is from it;
+    and the link rates themselves as tags: they describe the machine, not the run, so they are no metrics."""
+    floor, rates, layer_s, head_s = link_floor(
+        streamer, cfg, outputs_dir,
+        disk_bytes=report.read_bytes_per_pass, h2d_bytes=report.h2d_bytes_per_pass,
+        dequant_bytes=report.decode_bytes_per_pass,
+        seq_len=pass_seq_len(streamer, report.prompt_tokens, report.new_tokens),
+        plain_read_bytes_per_s=report.plain_read_bytes_per_s,
     )
     out = {"floor_s": floor.floor_s, "layer_compute_s": layer_s, "head_compute_s": head_s}
     out.update({f"floor_{link}_s": seconds for link, seconds in floor.per_link_s.items()})

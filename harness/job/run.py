@@ -21,6 +21,7 @@ import strategies
 from harness.config import Config
 from harness.device import resolve_device
 from harness.job.comparisons import compression_quality, floor_metrics, read_metrics, reference_metrics
+from harness.job.plan import make_plan
 from harness.job.streamer import Streamer, build_streamer, eos_ids, generate
 from harness.measurement.environment import environment_tags
 from harness.measurement.memory import peak_rss_bytes, reset_peak_rss
@@ -171,6 +172,9 @@ def stream_job(cfg: Config, outputs_dir: Path, device: torch.device, console: Co
     """layerbench's own runner: split, stream, measure, and compare with the floor and the references."""
     with VramMonitor(device, cfg.vram.cap_gib) as vram:
         streamer = build_streamer(cfg, outputs_dir, device, vram)
+        plan = make_plan(streamer, cfg, outputs_dir) if cfg.probe.enabled else None
+        if plan is not None:
+            console.print(Text(plan.describe(streamer.residency.bytes)))
         with Progress(console=console, transient=True) as progress:
             task = progress.add_task("generate", total=cfg.workload.max_new_tokens * cfg.bench.warmup)
             for _ in range(cfg.bench.warmup):
@@ -188,10 +192,16 @@ def stream_job(cfg: Config, outputs_dir: Path, device: torch.device, console: Co
     report.peak_rss_bytes = float(peak_rss_bytes())
     report.cache_bytes_held = float(streamer.pipeline.cache.bytes_held)
     tags: dict[str, str] = {}
+    if plan is not None:
+        report.plan_predicted_s = plan.predicted_s
+        if report.tpot_s is not None and plan.predicted_s > 0:
+            report.plan_ratio = report.tpot_s / plan.predicted_s
+        tags["plan"] = plan.describe(streamer.residency.bytes)
     if cfg.probe.enabled:
         report.add(read_metrics(streamer, cfg, report))  # first: a cold run's disk floor uses its plain read
-        floor, tags = floor_metrics(streamer, cfg, report, outputs_dir)
+        floor, link_tags = floor_metrics(streamer, cfg, report, outputs_dir)
         report.add(floor)
+        tags.update(link_tags)
     if cfg.reference.enabled:
         stop = eos_ids(streamer.config, streamer.tokenizer, streamer.ckpt_dir) if cfg.workload.stop_at_eos else []
         report.add(reference_metrics(

@@ -80,6 +80,9 @@ class RunReport:
     streamed_layers: float | None = figure()
     resident_bytes: float | None = figure("resident bytes")
     resident_load_s: float | None = figure()
+    # The plan's per-token time from the probe's link rates, before the run, and the measured one over it.
+    plan_predicted_s: float | None = figure("predicted per token (plan)")
+    plan_ratio: float | None = figure("per-token time / predicted")
 
     # --- a peer runner (runner=transformers|accelerate|airllm): loading the model, its own split included
     load_s: float | None = figure("model load")

@@ -23,6 +23,9 @@ class LayerFiles(Protocol):
 class LayerCache(Protocol):
     """Host tensors of one layer file, exactly as the split stored them (still encoded)."""
 
+    # True: every pass reads each unit's file again (the bytes a pass moves over the disk link).
+    rereads: bool
+
     def get(self, name: str) -> dict[str, torch.Tensor]: ...
 
     @property

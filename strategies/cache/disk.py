@@ -17,6 +17,8 @@ from strategies.cache.files import make_resident, read_layer_file
 
 
 class DiskCache:
+    rereads = True
+
     def __init__(self, cfg: DiskCacheConfig, files: LayerFiles, device: torch.device) -> None:
         self.cfg = cfg
         self.files = files

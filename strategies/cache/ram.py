@@ -16,6 +16,8 @@ from strategies.cache.files import read_layer_file
 
 
 class RamCache:
+    rereads = False
+
     def __init__(self, cfg: RamCacheConfig, files: LayerFiles, device: torch.device) -> None:
         self.cfg = cfg
         self.files = files

@@ -1,0 +1,74 @@
+"""The plan of a streamed run, before it runs: what stays resident, what streams, the bytes a pass moves,
+and the per-token time the probe's link rates predict for them; after the run, the measured time beside it.
+
+The same link arithmetic as the floor (`comparisons.link_floor`), on predicted bytes instead of measured
+ones, and summed rather than overlapped when nothing loads ahead (prefetch=off runs its stages in turn).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import init_empty_weights
+from accelerate.utils import compute_module_sizes
+from transformers import LlamaConfig
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+from harness.config import Config
+from harness.job.comparisons import link_floor, pass_seq_len
+from harness.job.streamer import Streamer, prompt_ids
+from harness.measurement.units import format_metric
+
+
+def decoded_unit_bytes(config: LlamaConfig, unit: str) -> int:
+    """A unit's weights as computed on, in the model's dtype (what a codec decodes them back to)."""
+    dtype = config.dtype if isinstance(config.dtype, torch.dtype) else getattr(torch, str(config.dtype))
+    if unit.startswith("layers."):
+        with init_empty_weights():
+            layer = LlamaDecoderLayer(config, 0)
+        return compute_module_sizes(layer, dtype=dtype)[""]
+    elements = config.hidden_size if unit == "norm" else config.vocab_size * config.hidden_size
+    return elements * dtype.itemsize
+
+
+@dataclass
+class Plan:
+    resident: list[str]
+    streamed: list[str]
+    read_bytes_per_pass: float
+    h2d_bytes_per_pass: float
+    predicted_s: float
+    limiting: str
+
+    def describe(self, bytes_held: int) -> str:
+        layers = sum(u.startswith("layers.") for u in self.resident)
+        total = layers + sum(u.startswith("layers.") for u in self.streamed)
+        others = [u for u in self.resident if not u.startswith("layers.")]
+        return (
+            f"plan: {layers} of {total} decoder layers resident{' + ' + ', '.join(others) if others else ''} "
+            f"({format_metric('resident_bytes', bytes_held)}); {len(self.streamed)} units stream, "
+            f"{format_metric('read_bytes_per_pass', self.read_bytes_per_pass)} read per pass; predicted "
+            f"{format_metric('plan_predicted_s', self.predicted_s)} per token (limited by {self.limiting})"
+        )
+
+
+def make_plan(streamer: Streamer, cfg: Config, outputs_dir: Path) -> Plan:
+    layout, pipeline = streamer.layout, streamer.pipeline
+    resident = streamer.residency.units
+    streamed = [u for u in layout.units if u not in resident]
+    # A tied lm_head reads the embedding's file: a file is read once per pass whichever units share it.
+    stored = float(sum({layout.file(u): layout.file_bytes(u) for u in streamed}.values()))
+    read = stored if pipeline.cache.rereads else 0.0
+    h2d = 0.0 if streamer.device.type == "cpu" else stored  # on a CPU host memory is the device's
+    # Every unit decodes on every pass, the resident ones too (they stay in their stored form).
+    decoded = float(sum(decoded_unit_bytes(streamer.config, u) for u in layout.units))
+    n_prompt = len(prompt_ids(streamer.tokenizer, cfg.workload))
+    floor, *_ = link_floor(
+        streamer, cfg, outputs_dir, disk_bytes=read, h2d_bytes=h2d, dequant_bytes=decoded,
+        seq_len=pass_seq_len(streamer, n_prompt, cfg.workload.max_new_tokens),
+    )
+    overlapped = pipeline.prefetcher.layers_ahead > 0
+    predicted = floor.floor_s if overlapped else sum(floor.per_link_s.values())
+    return Plan(resident, streamed, read, h2d, predicted, floor.limiting if overlapped else "the sum of the links")
