@@ -85,6 +85,10 @@ class WorkloadConfig:
     stop_at_eos: bool = True
     # Exactly this many prompt tokens (the prompt repeated, then cut), whatever the tokenizer.
     prompt_tokens: int | None = None
+    # Sequences decoded together through each streamed pass. Above 1 the prompts are `prompts` (the first
+    # batch_size of them), or else the shipped text cut into prompts of prompt_tokens tokens (default 16).
+    batch_size: int = 1
+    prompts: list[str] | None = None
 
     def __post_init__(self) -> None:
         check_positive("workload.max_new_tokens", self.max_new_tokens)
@@ -95,6 +99,15 @@ class WorkloadConfig:
             raise ValueError("workload.prompt is empty: give the text to generate from")
         if self.prompt_tokens is not None:
             check_positive("workload.prompt_tokens", self.prompt_tokens)
+        check_positive("workload.batch_size", self.batch_size)
+        if self.prompts is not None:
+            if any(not p for p in self.prompts):
+                raise ValueError("workload.prompts holds an empty prompt: give the text of each")
+            if self.batch_size > 1 and len(self.prompts) < self.batch_size:
+                raise ValueError(
+                    f"workload.prompts has {len(self.prompts)} prompts for workload.batch_size={self.batch_size}: "
+                    "give at least as many, or leave prompts unset to cut the shipped text into prompts"
+                )
 
 
 @dataclass

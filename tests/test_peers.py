@@ -95,7 +95,8 @@ def test_peer_gives_transformers_greedy_tokens(runner: str, make_cfg: Callable[.
     assert ("cache" in params) == (runner == "accelerate") and "cache.pin_memory" not in params
     if runner == "accelerate":
         assert params["cache"] == "disk"  # its own way on a CPU: every decoder layer offloaded to disk
-    generated = json.loads(Path(client.download_artifacts(run.info.run_id, "generation.json", str(tmp_path))).read_text())
+    artifact = client.download_artifacts(run.info.run_id, "generation.json", str(tmp_path))
+    generated = json.loads(Path(artifact).read_text())
     assert len(generated["generated_ids"]) == 6 and "token_latency_s" in run.data.metrics
 
 

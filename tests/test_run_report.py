@@ -51,9 +51,8 @@ def test_a_value_is_shown_with_the_unit_its_name_carries(name: str, value: float
 
 def test_every_figure_name_says_how_to_read_it() -> None:
     # Counts, fractions and flags are plain numbers; everything else carries a unit in its name.
-    unitless = ("_share", "_tokens", "_written", "passes", "_layers", "_residual", "_efficiency", "_agreement", "_mean", "_match",
-                "_vs_transformers",
-                "_positions")
+    unitless = ("_share", "_tokens", "_written", "passes", "_layers", "_residual", "_efficiency", "_agreement",
+                "_mean", "_match", "_vs_transformers", "_positions")
     plain = {n for n in RunReport.figure_names() if metric_kind(n) == "number"}
     assert all(n.endswith(unitless) or n.startswith("quality_ppl") for n in plain), sorted(plain)
 

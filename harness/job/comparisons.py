@@ -60,7 +60,8 @@ def link_floor(
 
 
 def pass_seq_len(streamer: Streamer, prompt_tokens: float, new_tokens: float) -> int:
-    """The positions a decode pass computes: one with a KV cache; without one the whole sequence, at its mean."""
+    """The positions a decode pass computes per sequence: one with a KV cache; without one the whole sequence,
+    at its mean. A batch computes that many per sequence (priced as one sequence that much longer)."""
     return int(prompt_tokens + new_tokens / 2) if streamer.runner.kv_policy.recomputes_sequence else 1
 
 
@@ -73,7 +74,7 @@ def floor_metrics(
         streamer, cfg, outputs_dir,
         disk_bytes=report.read_bytes_per_pass, h2d_bytes=report.h2d_bytes_per_pass,
         dequant_bytes=report.decode_bytes_per_pass,
-        seq_len=pass_seq_len(streamer, report.prompt_tokens, report.new_tokens),
+        seq_len=pass_seq_len(streamer, report.prompt_tokens, report.new_tokens) * cfg.workload.batch_size,
         plain_read_bytes_per_s=report.plain_read_bytes_per_s,
     )
     out = {"floor_s": floor.floor_s, "layer_compute_s": layer_s, "head_compute_s": head_s}
@@ -99,27 +100,29 @@ def read_metrics(streamer: Streamer, cfg: Config, report: RunReport) -> dict[str
     return {"plain_read_bytes_per_s": plain, "read_efficiency": report.read_bandwidth_bytes_per_s / plain}
 
 
-def agreement(ours: list[int], reference: list[int]) -> float:
-    """The fraction of greedy tokens equal position by position; a missing token counts as a disagreement."""
-    longest = max(len(ours), len(reference))
-    return sum(a == b for a, b in zip(ours, reference, strict=False)) / longest if longest else 1.0
+def agreement(ours: list[list[int]], reference: list[list[int]]) -> float:
+    """The fraction of greedy tokens equal position by position, over every sequence of a batch; a missing
+    token counts as a disagreement."""
+    longest = sum(max(len(a), len(b)) for a, b in zip(ours, reference, strict=True))
+    equal = sum(x == y for a, b in zip(ours, reference, strict=True) for x, y in zip(a, b, strict=False))
+    return equal / longest if longest else 1.0
 
 
 def reference_metrics(
     ckpt_dir: Path,
     stop: list[int],
-    prompt_ids: list[int],
-    generated_ids: list[int],
+    prompts: list[list[int]],
+    sequences: list[list[int]],
     tpot_s: float | None,
     max_new_tokens: int,
     device: torch.device,
     clock: Clock,
 ) -> dict[str, float]:
-    """transformers' resident generate on the same checkpoint and prompt, under the run's stopping rule
-    (`stop`: its EOS ids, or none), timed the same way."""
-    ref_ids, metrics = time_transformers_generate(ckpt_dir, prompt_ids, max_new_tokens, stop, device, clock)
-    metrics["reference_tokens_match"] = float(ref_ids == generated_ids)
-    metrics["agreement_vs_transformers"] = agreement(generated_ids, ref_ids)
+    """transformers' resident generate on the same checkpoint and prompts (a batch padded the same way),
+    under the run's stopping rule (`stop`: its EOS ids, or none), timed the same way."""
+    ref_sequences, metrics = time_transformers_generate(ckpt_dir, prompts, max_new_tokens, stop, device, clock)
+    metrics["reference_tokens_match"] = float(ref_sequences == sequences)
+    metrics["agreement_vs_transformers"] = agreement(sequences, ref_sequences)
     if tpot_s is not None and metrics.get("reference_tpot_s"):
         metrics["tpot_ratio_vs_reference"] = tpot_s / metrics["reference_tpot_s"]
     return metrics

@@ -18,7 +18,7 @@ from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
 from harness.config import Config
 from harness.job.comparisons import link_floor, pass_seq_len
-from harness.job.streamer import Streamer, prompt_ids
+from harness.job.streamer import Streamer, batch_prompt_ids
 from harness.measurement.units import format_metric
 
 
@@ -64,10 +64,10 @@ def make_plan(streamer: Streamer, cfg: Config, outputs_dir: Path) -> Plan:
     h2d = 0.0 if streamer.device.type == "cpu" else stored  # on a CPU host memory is the device's
     # Every unit decodes on every pass, the resident ones too (they stay in their stored form).
     decoded = float(sum(decoded_unit_bytes(streamer.config, u) for u in layout.units))
-    n_prompt = len(prompt_ids(streamer.tokenizer, cfg.workload))
+    n_prompt = max(len(p) for p in batch_prompt_ids(streamer.tokenizer, cfg.workload))
     floor, *_ = link_floor(
         streamer, cfg, outputs_dir, disk_bytes=read, h2d_bytes=h2d, dequant_bytes=decoded,
-        seq_len=pass_seq_len(streamer, n_prompt, cfg.workload.max_new_tokens),
+        seq_len=pass_seq_len(streamer, n_prompt, cfg.workload.max_new_tokens) * cfg.workload.batch_size,
     )
     overlapped = pipeline.prefetcher.layers_ahead > 0
     predicted = floor.floor_s if overlapped else sum(floor.per_link_s.values())

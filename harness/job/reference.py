@@ -31,7 +31,7 @@ class _TokenTimes(BaseStreamer):
         if self._prompt_seen:
             self.times.append(self.clock())
             if self.on_token is not None:
-                self.on_token(int(value.reshape(-1)[0]))
+                self.on_token(int(value.reshape(-1)[0]))  # the first sequence's token, as the runner reports
         self._prompt_seen = True
 
     def end(self) -> None:
@@ -57,38 +57,48 @@ def generation_config(
 
 def timed_generate(
     model: Any,
-    prompt_ids: list[int],
+    prompts: list[list[int]],
     gen_cfg: GenerationConfig,
     device: torch.device,
     clock: Clock,
     on_token: Callable[[int], None] | None = None,
-) -> tuple[list[int], float, list[float]]:
-    """One `model.generate`: its new tokens, the clock at the start and as each new token reached the host."""
+) -> tuple[list[list[int]], float, list[float]]:
+    """One `model.generate` of the prompts (left-padded, as the streaming runner pads them): each sequence's
+    new tokens up to its own EOS, the clock at the start and as each step's tokens reached the host."""
     # generate() fills what a passed config leaves unset from the model's own generation_config (a
     # checkpoint's EOS ids included): replace that too, so generation stops exactly where the runner does.
     model.generation_config = gen_cfg
-    ids = torch.tensor([prompt_ids], device=device)
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[gen_cfg.pad_token_id] * (width - len(p)) + p for p in prompts], device=device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
     times = _TokenTimes(clock, on_token)
     start = clock()
-    out = model.generate(ids, generation_config=gen_cfg, streamer=times)
-    return out[0, len(prompt_ids) :].tolist(), start, times.times
+    out = model.generate(ids, attention_mask=mask, generation_config=gen_cfg, streamer=times)
+    eos = gen_cfg.eos_token_id
+    eos = set([eos] if isinstance(eos, int) else eos or [])
+    sequences = []
+    for row in out[:, width:].tolist():
+        # generate pads a sequence that ended before the others; the runner's sequence stops at its EOS.
+        end = next((i + 1 for i, token in enumerate(row) if token in eos), len(row))
+        sequences.append(row[:end])
+    return sequences, start, times.times
 
 
 def time_transformers_generate(
     ckpt_dir: Path,
-    prompt_ids: list[int],
+    prompts: list[list[int]],
     max_new_tokens: int,
     eos_token_ids: list[int],
     device: torch.device,
     clock: Clock,
-) -> tuple[list[int], dict[str, float]]:
-    """Greedy generate with the whole model resident; returns its tokens and `reference_*` metrics."""
+) -> tuple[list[list[int]], dict[str, float]]:
+    """Greedy generate with the whole model resident; returns each sequence's tokens and `reference_*` metrics."""
     model = LlamaForCausalLM.from_pretrained(ckpt_dir, attn_implementation="sdpa").to(device).eval()
     # Warm-up, thrown away: first-call kernel selection and allocation are not generation speed.
-    timed_generate(model, prompt_ids, generation_config(2, []), device, clock)
-    tokens, start, times = timed_generate(
-        model, prompt_ids, generation_config(max_new_tokens, eos_token_ids), device, clock
+    timed_generate(model, prompts, generation_config(2, []), device, clock)
+    sequences, start, times = timed_generate(
+        model, prompts, generation_config(max_new_tokens, eos_token_ids), device, clock
     )
     del model
     metrics = token_metrics(start, times)
-    return tokens, {f"reference_{k}": v for k, v in metrics.items()}
+    return sequences, {f"reference_{k}": v for k, v in metrics.items()}

@@ -44,6 +44,10 @@ def generation_metrics(streamer: Streamer, gen: Generation) -> dict[str, float]:
     rows = gen.timeline.rows(streamer.runner.stages)
     read_per_pass = per_pass(rows, "read_bytes")
     metrics = token_metrics(gen.start_s, gen.token_times_s)
+    decode_s = gen.token_times_s[-1] - gen.token_times_s[0]
+    if len(gen.sequences) > 1 and decode_s > 0:
+        # Every sequence's tokens after the first step: the batch's throughput, not one sequence's.
+        metrics["decode_tokens_per_s"] = sum(max(len(s) - 1, 0) for s in gen.sequences) / decode_s
     metrics.update(
         prompt_tokens=float(len(gen.prompt_ids)),
         passes=float(len(read_per_pass)),
@@ -88,10 +92,11 @@ class Outcome:
     """What one job measured and made, whichever runner generated (layerbench or a peer)."""
 
     report: RunReport
-    prompt_ids: list[int]
-    generated_ids: list[int]
+    # Each sequence's prompt, new tokens and text (one sequence unless workload.batch_size > 1).
+    prompts: list[list[int]]
+    sequences: list[list[int]]
     token_times_s: list[float]  # the last measured repeat's
-    text: str
+    texts: list[str]
     tags: dict[str, str] = field(default_factory=dict)
     # The runner's own artifacts beyond the common ones (layerbench: its timeline), logged into a temp dir.
     log_extra: Callable[[RunTracker, Path, str], None] | None = None
@@ -164,7 +169,7 @@ def run_job(
             status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
             tracker.end(status, reason=f"{type(exc).__name__}: {exc}".rstrip(": "))
         raise
-    print_summary(console, choices, outcome.report, outcome.text)
+    print_summary(console, choices, outcome.report, outcome.texts[0])
     return outcome.report
 
 
@@ -205,7 +210,7 @@ def stream_job(cfg: Config, outputs_dir: Path, device: torch.device, console: Co
     if cfg.reference.enabled:
         stop = eos_ids(streamer.config, streamer.tokenizer, streamer.ckpt_dir) if cfg.workload.stop_at_eos else []
         report.add(reference_metrics(
-            streamer.ckpt_dir, stop, gen.prompt_ids, gen.generated_ids, report.tpot_s,
+            streamer.ckpt_dir, stop, gen.prompts, gen.sequences, report.tpot_s,
             cfg.workload.max_new_tokens, device, streamer.runner.clock,
         ))
     if cfg.quality.enabled and streamer.pipeline.codec.lossy:
@@ -235,8 +240,8 @@ def stream_job(cfg: Config, outputs_dir: Path, device: torch.device, console: Co
         plot_pass(rows, decode_pass, tmp / "timeline_pass.png", f"{title}: pass {decode_pass}")
         tracker.log_artifact(tmp / "timeline_pass.png")
 
-    text = streamer.tokenizer.decode(gen.generated_ids, skip_special_tokens=True)
-    return Outcome(report, gen.prompt_ids, gen.generated_ids, gen.token_times_s, text, tags, log_timeline)
+    texts = [streamer.tokenizer.decode(seq, skip_special_tokens=True) for seq in gen.sequences]
+    return Outcome(report, gen.prompts, gen.sequences, gen.token_times_s, texts, tags, log_timeline)
 
 
 def log_run(tracker: RunTracker, resolved: Mapping[str, Any], outcome: Outcome, label: str) -> None:
@@ -250,7 +255,15 @@ def log_run(tracker: RunTracker, resolved: Mapping[str, Any], outcome: Outcome, 
         "token_latency_s", latencies, first_step=2, timestamps_s=[t + to_epoch for t in outcome.token_times_s[1:]]
     )
     tracker.log_dict(dict(resolved), "config.yaml")
-    generation = {"prompt_ids": outcome.prompt_ids, "generated_ids": outcome.generated_ids, "text": outcome.text}
+    # The first sequence flat, as with one prompt; a batch adds every sequence beside it.
+    generation: dict[str, Any] = {
+        "prompt_ids": outcome.prompts[0], "generated_ids": outcome.sequences[0], "text": outcome.texts[0],
+    }
+    if len(outcome.sequences) > 1:
+        generation["sequences"] = [
+            {"prompt_ids": p, "generated_ids": g, "text": t}
+            for p, g, t in zip(outcome.prompts, outcome.sequences, outcome.texts, strict=True)
+        ]
     tracker.log_dict(generation, "generation.json")
     tags = dict(outcome.tags)
     tags["mlflow.note.content"] = run_note(label, report)

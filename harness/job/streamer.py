@@ -10,7 +10,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,7 @@ from transformers import AutoTokenizer, LlamaConfig, PreTrainedTokenizerBase
 
 import strategies
 from harness.checkpoints.generated import ensure_checkpoint
+from harness.checkpoints.tokenizer import CORPUS_PATH
 from harness.config import Config, WorkloadConfig
 from harness.measurement.metrics import device_clock
 from harness.measurement.timeline import StageClock
@@ -58,6 +59,28 @@ def prompt_ids(tokenizer: PreTrainedTokenizerBase, workload: WorkloadConfig) -> 
             ids += more
         ids = ids[: workload.prompt_tokens]
     return ids
+
+
+# The prompt length a batch cut from the shipped text gets when workload.prompt_tokens is not set.
+BATCH_PROMPT_TOKENS = 16
+
+
+def batch_prompt_ids(tokenizer: PreTrainedTokenizerBase, workload: WorkloadConfig) -> list[list[int]]:
+    """The prompts of one generation: `workload.prompt` alone, or a batch of `workload.batch_size`."""
+    if workload.batch_size == 1:
+        return [prompt_ids(tokenizer, workload)]
+    if workload.prompts:
+        return [prompt_ids(tokenizer, replace(workload, prompt=p)) for p in workload.prompts[: workload.batch_size]]
+    length = workload.prompt_tokens or BATCH_PROMPT_TOKENS
+    text = list(tokenizer(CORPUS_PATH.read_text(), add_special_tokens=False)["input_ids"])
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    body = length - len(bos)
+    if len(text) < body * workload.batch_size:
+        raise ValueError(
+            f"the shipped text holds {len(text)} tokens, too few for workload.batch_size={workload.batch_size} "
+            f"prompts of {length}: give workload.prompts or a smaller batch"
+        )
+    return [bos + text[i * body : (i + 1) * body] for i in range(workload.batch_size)]
 
 
 def check_context(prompt_tokens: int, max_new_tokens: int, config: LlamaConfig, model_name: str) -> None:
@@ -144,8 +167,8 @@ def build_streamer(
     ckpt_dir = ensure_checkpoint(cfg.model, outputs_dir)
     config = load_model_config(ckpt_dir)
     tokenizer = AutoTokenizer.from_pretrained(ckpt_dir)
-    ids = prompt_ids(tokenizer, cfg.workload)
-    check_context(len(ids), cfg.workload.max_new_tokens, config, cfg.model.name)
+    longest = max(len(p) for p in batch_prompt_ids(tokenizer, cfg.workload))
+    check_context(longest, cfg.workload.max_new_tokens, config, cfg.model.name)
     codec = strategies.build(cfg.compression)
     prefetcher = strategies.build(cfg.prefetch, device=device)
     kv_policy = strategies.build(cfg.kv_cache)
@@ -156,7 +179,8 @@ def build_streamer(
         stored_fraction=codec.stored_fraction,
         layers_ahead=prefetcher.layers_ahead,
         kv_layers=kv_policy.layers_on_device(config.num_hidden_layers),
-        max_seq=len(ids) + cfg.workload.max_new_tokens,
+        max_seq=longest + cfg.workload.max_new_tokens,
+        batch=cfg.workload.batch_size,
     )
     context_bytes = (vram.context_bytes or 0) if vram is not None else 0
     if vram is not None and vram.enforced:
@@ -197,11 +221,13 @@ def build_streamer(
 def generate(
     streamer: Streamer, cfg: Config, keep_logits: bool = False, on_token: Callable[[int], None] | None = None
 ) -> Generation:
-    ids = prompt_ids(streamer.tokenizer, cfg.workload)
+    prompts = batch_prompt_ids(streamer.tokenizer, cfg.workload)
     w = cfg.workload
     sampler = Sampler(w.do_sample, w.temperature, w.top_p, w.seed, streamer.device)
     stop = eos_ids(streamer.config, streamer.tokenizer, streamer.ckpt_dir) if w.stop_at_eos else []
-    return streamer.runner.generate(ids, w.max_new_tokens, sampler, stop, keep_logits=keep_logits, on_token=on_token)
+    return streamer.runner.generate_batch(
+        prompts, w.max_new_tokens, sampler, stop, keep_logits=keep_logits, on_token=on_token
+    )
 
 
 def fresh_runner(streamer: Streamer) -> LayerStreamingRunner:

@@ -152,7 +152,7 @@ class VramMonitor:
 
 
 def estimate_need_bytes(
-    config: LlamaConfig, *, stored_fraction: float, layers_ahead: int, kv_layers: int, max_seq: int
+    config: LlamaConfig, *, stored_fraction: float, layers_ahead: int, kv_layers: int, max_seq: int, batch: int = 1
 ) -> dict[str, int]:
     """What a run must hold on the device at once, from the geometry alone (before anything is loaded).
 
@@ -160,7 +160,7 @@ def estimate_need_bytes(
     (`layers_ahead`, the prefetcher's), plus its stored (encoded) form while it decodes
     (`stored_fraction`, the codec's). KV: `kv_layers` layers' keys and values (the KV policy's) at
     the longest sequence. Activations: a few hidden-state copies and the MLP's intermediate over the
-    sequence, plus fp32 logits.
+    sequence, plus fp32 logits; KV and activations once per sequence of the batch.
     """
     dtype = getattr(torch, config.dtype) if isinstance(config.dtype, str) else (config.dtype or torch.float32)
     # The decoder layer's own parameters, counted on a weightless meta-device copy of transformers' module.
@@ -169,9 +169,9 @@ def estimate_need_bytes(
     layer_bytes = compute_module_sizes(layer, dtype=dtype)[""]
     largest = max(layer_bytes, config.vocab_size * config.hidden_size * dtype.itemsize)
     weights = int(largest * (1 + layers_ahead) + largest * stored_fraction)
-    kv = 2 * kv_layers * config.num_key_value_heads * config.head_dim * max_seq * dtype.itemsize
-    activations = (6 * config.hidden_size + 2 * config.intermediate_size) * max_seq * dtype.itemsize
-    activations += config.vocab_size * 4
+    kv = 2 * kv_layers * config.num_key_value_heads * config.head_dim * max_seq * dtype.itemsize * batch
+    activations = (6 * config.hidden_size + 2 * config.intermediate_size) * max_seq * dtype.itemsize * batch
+    activations += config.vocab_size * 4 * batch
     return {"weights": weights, "kv": kv, "activations": activations, "total": weights + kv + activations}
 
 

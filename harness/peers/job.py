@@ -17,7 +17,7 @@ from harness.config import Config
 from harness.job.comparisons import reference_metrics
 from harness.job.reference import generation_config, timed_generate
 from harness.job.run import Outcome
-from harness.job.streamer import check_context, eos_ids, load_model_config, prompt_ids
+from harness.job.streamer import batch_prompt_ids, check_context, eos_ids, load_model_config
 from harness.measurement.memory import peak_rss_bytes
 from harness.measurement.metrics import aggregate, device_clock, token_metrics
 from harness.measurement.run_report import RunReport
@@ -31,8 +31,9 @@ def run_peer(
     ckpt_dir = ensure_checkpoint(cfg.model, outputs_dir)
     config = load_model_config(ckpt_dir)
     tokenizer = AutoTokenizer.from_pretrained(ckpt_dir)
-    ids = prompt_ids(tokenizer, cfg.workload)
-    check_context(len(ids), cfg.workload.max_new_tokens, config, cfg.model.name)
+    prompts = batch_prompt_ids(tokenizer, cfg.workload)
+    longest = max(len(p) for p in prompts)
+    check_context(longest, cfg.workload.max_new_tokens, config, cfg.model.name)
     stop = eos_ids(config, tokenizer, ckpt_dir) if cfg.workload.stop_at_eos else []
     gen_cfg = generation_config(
         cfg.workload.max_new_tokens, stop, use_cache=choices.get("kv_cache") != "none", workload=cfg.workload
@@ -45,7 +46,7 @@ def run_peer(
             # and the activations (the same estimate layerbench's pre-check uses).
             need = estimate_need_bytes(
                 config, stored_fraction=0.0, layers_ahead=0, kv_layers=config.num_hidden_layers,
-                max_seq=len(ids) + cfg.workload.max_new_tokens,
+                max_seq=longest + cfg.workload.max_new_tokens, batch=len(prompts),
             )
             budget = vram.cap_bytes - (vram.context_bytes or 0) - need["kv"] - need["activations"]
         request = LoadRequest(ckpt_dir, device, choices, budget, outputs_dir / "peers" / peer.name / ckpt_dir.name)
@@ -58,22 +59,22 @@ def run_peer(
             for repeat in range(cfg.bench.warmup + cfg.bench.repeats):
                 progress.reset(task)
                 torch.manual_seed(cfg.workload.seed)
-                run = timed_generate(model, ids, gen_cfg, device, clock, on_token=lambda _: progress.advance(task))
+                run = timed_generate(model, prompts, gen_cfg, device, clock, on_token=lambda _: progress.advance(task))
                 if repeat >= cfg.bench.warmup:
                     runs.append(run)
         del model
         gc.collect()
     vram.check()
     report = RunReport().add(aggregate([token_metrics(start_s, times) for _, start_s, times in runs]))
-    report.prompt_tokens = float(len(ids))
+    report.prompt_tokens = float(len(prompts[0]))
     report.load_s = load_s
     report.add(vram.metrics())
     report.peak_rss_bytes = float(peak_rss_bytes())
-    generated, _, times = runs[-1]
+    sequences, _, times = runs[-1]
     if cfg.reference.enabled:
         report.add(reference_metrics(
-            ckpt_dir, stop, ids, generated, report.tpot_s, cfg.workload.max_new_tokens, device, clock
+            ckpt_dir, stop, prompts, sequences, report.tpot_s, cfg.workload.max_new_tokens, device, clock
         ))
-    text = tokenizer.decode(generated, skip_special_tokens=True)
+    texts = [tokenizer.decode(seq, skip_special_tokens=True) for seq in sequences]
     tags = {"device": str(device), "runner.work_dir": str(request.work_dir)}
-    return Outcome(report, ids, generated, times, text, tags)
+    return Outcome(report, prompts, sequences, times, texts, tags)

@@ -32,11 +32,16 @@ from strategies.layer import DeviceLayer
 
 @dataclass
 class Generation:
+    """One generation; with a batch, `prompt_ids`/`generated_ids` are its first sequence's."""
+
     prompt_ids: list[int]
     generated_ids: list[int] = field(default_factory=list)
+    # Every sequence of the batch (one for a single prompt): its prompt and its new tokens, up to its own EOS.
+    prompts: list[list[int]] = field(default_factory=list)
+    sequences: list[list[int]] = field(default_factory=list)
     start_s: float = 0.0
     token_times_s: list[float] = field(default_factory=list)
-    # Per step: the last position's logits (float32, on the host); kept only when asked.
+    # Per step: the last position's logits ([batch, vocab] float32, on the host); kept only when asked.
     logits: list[torch.Tensor] = field(default_factory=list)
     # What the KV cache held at the end (None without a cache), and for how many positions.
     kv_cache_bytes: int | None = None
@@ -52,14 +57,14 @@ class Sampler:
         self.warpers = [TemperatureLogitsWarper(temperature), TopPLogitsWarper(top_p)] if do_sample else []
         self.generator = torch.Generator(device=device).manual_seed(seed)
 
-    def __call__(self, ids: torch.Tensor, logits: torch.Tensor) -> int:
-        """ids: [1, seq]; logits: [1, vocab] float32 -> the next token id."""
+    def __call__(self, ids: torch.Tensor, logits: torch.Tensor) -> list[int]:
+        """ids: [batch, seq]; logits: [batch, vocab] float32 -> each sequence's next token id."""
         if not self.do_sample:
-            return int(logits.argmax(dim=-1))
+            return logits.argmax(dim=-1).tolist()
         for warp in self.warpers:
             logits = warp(ids, logits)
         probs = torch.softmax(logits, dim=-1)
-        return int(torch.multinomial(probs, 1, generator=self.generator))
+        return torch.multinomial(probs, 1, generator=self.generator).squeeze(-1).tolist()
 
 
 def forward_unit(module: nn.Module, weights: dict[str, torch.Tensor], *args: object, **kwargs: object) -> torch.Tensor:
@@ -137,20 +142,33 @@ class LayerStreamingRunner:
         return out
 
     @torch.inference_mode()
-    def forward(self, input_ids: torch.Tensor, cache: object | None, all_positions: bool = False) -> torch.Tensor:
-        """One pass over every unit. input_ids: [1, q] (the new tokens, or the whole
-        sequence without a KV cache) -> logits [1, vocab] of the last position, or
-        [1, q, vocab] of every position (teacher forcing)."""
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        cache: object | None,
+        all_positions: bool = False,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """One pass over every unit. input_ids: [batch, q] (the new tokens, or the whole sequences
+        without a KV cache) -> logits [batch, vocab] of the last position, or [batch, q, vocab] of every
+        position (teacher forcing). attention_mask: [batch, past + q], 0 at left padding; None: no padding."""
         pass_start = self.stages.device()
-        past = cache.get_seq_length() if cache is not None else 0
-        position_ids = torch.arange(past, past + input_ids.shape[1], device=self.device).unsqueeze(0)
+        q = input_ids.shape[1]
+        if attention_mask is None:
+            past = cache.get_seq_length() if cache is not None else 0
+            position_ids = torch.arange(past, past + q, device=self.device).unsqueeze(0)
+        else:
+            # As transformers' generate: a left-padded sequence's positions count its own tokens only.
+            positions = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
+            position_ids = positions[:, -q:]
         layers = self.pipeline.stream(self.units)
 
-        hidden = self._run(next(layers), forward_unit, self.embed, input_ids)  # [1, q, hidden]
+        hidden = self._run(next(layers), forward_unit, self.embed, input_ids)  # [batch, q, hidden]
         p0 = self.stages.device()
-        position_embeddings = self.rotary(hidden, position_ids)  # (cos, sin): [1, q, head_dim] each
+        position_embeddings = self.rotary(hidden, position_ids)  # (cos, sin): [batch, q, head_dim] each
         mask = create_causal_mask(
-            config=self.config, inputs_embeds=hidden, attention_mask=None, cache=cache, position_ids=position_ids
+            config=self.config, inputs_embeds=hidden, attention_mask=attention_mask, cache=cache,
+            position_ids=position_ids,
         )
         # Compute that belongs to no layer's weights; timed so a pass's stages still add up to its wall time.
         self.timeline.events.append(LayerEvent(self.passes, "rope+mask", {"compute": (p0, self.stages.device())}))
@@ -177,31 +195,59 @@ class LayerStreamingRunner:
         self,
         prompt_ids: Sequence[int],
         max_new_tokens: int,
-        sampler: Callable[[torch.Tensor, torch.Tensor], int],
+        sampler: Callable[[torch.Tensor, torch.Tensor], list[int]],
         eos_token_ids: Sequence[int] = (),
         keep_logits: bool = False,
         on_token: Callable[[int], None] | None = None,
     ) -> Generation:
-        """Prefill, then one pass per new token; stops at EOS or `max_new_tokens`."""
+        """One prompt: prefill, then one pass per new token; stops at EOS or `max_new_tokens`."""
+        return self.generate_batch([prompt_ids], max_new_tokens, sampler, eos_token_ids, keep_logits, on_token)
+
+    def generate_batch(
+        self,
+        prompts: Sequence[Sequence[int]],
+        max_new_tokens: int,
+        sampler: Callable[[torch.Tensor, torch.Tensor], list[int]],
+        eos_token_ids: Sequence[int] = (),
+        keep_logits: bool = False,
+        on_token: Callable[[int], None] | None = None,
+    ) -> Generation:
+        """Several prompts through each streamed pass, left-padded to one length: every pass moves a layer's
+        weights once for the whole batch. A sequence ends at its own EOS; the batch when all have ended."""
         self.timeline, self.passes = Timeline(), 0
-        result = Generation(prompt_ids=list(prompt_ids), start_s=self.clock(), timeline=self.timeline)
+        prompts = [list(p) for p in prompts]
+        result = Generation(prompt_ids=prompts[0], start_s=self.clock(), timeline=self.timeline, prompts=prompts)
+        result.sequences = [[] for _ in prompts]
         cache = self.kv_policy.new_cache(self.config, self.device)
-        ids = torch.tensor([result.prompt_ids], device=self.device)  # [1, seq]
+        width = max(len(p) for p in prompts)
+        # Padding ids are never attended to; any id will do.
+        ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts], device=self.device)  # [batch, seq]
+        mask = None
+        if any(len(p) < width for p in prompts):
+            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=self.device)
+        ended = [False] * len(prompts)
         step_input = ids
         for _ in range(max_new_tokens):
-            logits = self.forward(step_input, cache)
-            token = sampler(ids, logits)
+            logits = self.forward(step_input, cache, attention_mask=mask)
+            tokens = sampler(ids, logits)
             result.token_times_s.append(self.clock())
-            result.generated_ids.append(token)
+            for sequence, token, index in zip(result.sequences, tokens, range(len(ended)), strict=True):
+                if not ended[index]:
+                    sequence.append(token)
+                    ended[index] = token in eos_token_ids
             if keep_logits:
                 result.logits.append(logits.cpu())
             if on_token is not None:  # after the clock reading: a progress bar is not generation time
-                on_token(token)
-            if token in eos_token_ids:
+                on_token(tokens[0])
+            if all(ended):
                 break
-            ids = torch.cat([ids, torch.tensor([[token]], device=self.device)], dim=1)
-            # With a KV cache only the new token goes through the layers; without one, all of them.
+            # An ended sequence keeps a row (its tokens are ignored): the others' shapes and positions stay put.
+            ids = torch.cat([ids, torch.tensor([tokens], device=self.device).T], dim=1)
+            if mask is not None:
+                mask = torch.cat([mask, mask.new_ones((len(prompts), 1))], dim=1)
+            # With a KV cache only the new tokens go through the layers; without one, all of them.
             step_input = ids[:, -1:] if cache is not None else ids
+        result.generated_ids = result.sequences[0]
         if cache is not None:
             result.kv_cache_tokens = cache.get_seq_length()
             result.kv_cache_bytes = sum(
