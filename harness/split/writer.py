@@ -8,12 +8,16 @@ ends byte-identical to an uninterrupted split.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
 import os
+import shutil
 import time
 from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,14 +31,18 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from harness import __version__
 from harness.checkpoints.local import checkpoint_tensor_index
-from harness.files import write_atomic
+from harness.files import exclusive_lock, write_atomic
 from harness.measurement.memory import RssSampler
+from harness.split.integrity import CorruptFileError, check_split_file, tensor_bytes, tensor_shapes
 from harness.split.layout import MANIFEST, SplitLayout, unit_names, unit_of
+from harness.split.manifest import read_journal, read_manifest
 from strategies.compression.base import Codec
 
 log = logging.getLogger(__name__)
 
 JOURNAL = "journal.jsonl"
+LOCK = ".lock"
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 CPU = torch.device("cpu")
 FORMAT = "layerbench-split/1"
 
@@ -120,40 +128,23 @@ def _tensor_records(tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
 
 
 def _valid_files(split_dir: Path, records: dict[str, dict[str, Any]], verify: bool) -> set[str]:
-    """Units whose file on disk matches its record; a mismatch is logged naming the file."""
+    """Units whose file matches its record: size and header always (cheap), the checksum too when `verify`.
+
+    A mismatch is logged naming the file, and the file is rewritten.
+    """
     valid = set()
     for unit, rec in records.items():
         path = split_dir / rec["file"]
-        if not path.exists():
-            log.warning("split file %s is missing; it will be rewritten", path)
-        elif path.stat().st_size != rec["bytes"]:
-            log.warning("split file %s has %d bytes, manifest says %d; rewriting it",
-                        path, path.stat().st_size, rec["bytes"])
-        elif verify and sha256_file(path) != rec["sha256"]:
-            log.warning("split file %s fails its checksum (corrupted or edited); rewriting it", path)
-        else:
-            valid.add(unit)
-    return valid
-
-
-def _read_journal(split_dir: Path, header: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    path = split_dir / JOURNAL
-    if not path.exists():
-        return {}
-    lines = path.read_text().splitlines()
-    try:
-        if not lines or json.loads(lines[0]) != header:
-            return {}
-    except json.JSONDecodeError:
-        return {}
-    records = {}
-    for line in lines[1:]:
         try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            break  # a record cut short by the interruption: its file gets redone
-        records[rec["unit"]] = rec["record"]
-    return records
+            check_split_file(path, rec)
+        except CorruptFileError as e:
+            log.warning("split file %s; rewriting it", e)
+            continue
+        if verify and sha256_file(path) != rec["sha256"]:
+            log.warning("split file %s fails its checksum (corrupted or edited); rewriting it", path)
+            continue
+        valid.add(unit)
+    return valid
 
 
 def ensure_split(
@@ -166,6 +157,9 @@ def ensure_split(
     encode_device: torch.device = CPU,
 ) -> tuple[SplitLayout, SplitStats]:
     """Return a valid split of `ckpt_dir` for `codec`, writing only what is missing or invalid.
+
+    `verify`: re-hash every file against the manifest. Without it a reused file still has its
+    size and safetensors header checked, but a changed byte among its weights goes unnoticed.
 
     `encode_device`: where a lossy codec quantizes (a GPU does the 8B geometry's 4-bit split in
     seconds, a CPU in minutes). Its codes may differ in the last bit from a CPU's, so such a split
@@ -185,83 +179,168 @@ def ensure_split(
     }
     if codec.lossy and encode_device.type != "cpu":
         header["encoded_on"] = encode_device.type
+
+    def waiting() -> None:
+        log.info("another process is splitting into %s; waiting for it to finish, then reusing its files", split_dir)
+
+    before_lock = time.perf_counter() - started
+    # One writer per split folder: a second process waits here, then finds the split finished and reuses it.
+    with exclusive_lock(split_dir / LOCK, on_wait=waiting):
+        locked = time.perf_counter()
+        layout, stats = _ensure_split_locked(ckpt_dir, config, codec, split_dir, header, verify, encode_device)
+    # The time spent waiting for another process's split is not this one's split time.
+    stats.split_s = before_lock + time.perf_counter() - locked
+    return layout, stats
+
+
+def _ensure_split_locked(
+    ckpt_dir: Path,
+    config: LlamaConfig,
+    codec: Codec,
+    split_dir: Path,
+    header: dict[str, Any],
+    verify: bool,
+    encode_device: torch.device,
+) -> tuple[SplitLayout, SplitStats]:
     units = unit_names(config.num_hidden_layers)
     file_units = [u for u in units if not (u == "lm_head" and config.tie_word_embeddings)]
 
     manifest_path = split_dir / MANIFEST
+    on_disk = read_manifest(manifest_path)
     records: dict[str, dict[str, Any]] = {}
-    if manifest_path.exists():
-        manifest = json.loads(manifest_path.read_text())
-        if {k: manifest.get(k) for k in header} == header:
-            records = manifest["files"]
+    if on_disk is not None and {k: on_disk.get(k) for k in header} == header:
+        records = on_disk["files"]
     if not records:
-        records = _read_journal(split_dir, header)
-    valid = _valid_files(split_dir, records, verify) if records else set()
+        records = read_journal(split_dir / JOURNAL, header)
+    valid = _valid_files(split_dir, {u: records[u] for u in file_units if u in records}, verify)
     todo = [u for u in file_units if u not in valid]
 
     stats = SplitStats(0.0, bool(todo), 0, 0, 0, 0)
     if todo:
-        tensor_files = check_checkpoint_tensors(ckpt_dir, config)
-        by_unit: dict[str, list[str]] = defaultdict(list)
-        for name in tensor_files:
-            by_unit[unit_of(name, config.num_hidden_layers)[0]].append(name)
-        # Records of still-valid files keep their place; the journal is rewritten so it never
-        # vouches for a file that is about to be replaced.
         kept = {u: records[u] for u in file_units if u in valid}
-        journal_lines = [json.dumps(header)] + [json.dumps({"unit": u, "record": r}) for u, r in kept.items()]
-        write_atomic(split_dir / JOURNAL, ("\n".join(journal_lines) + "\n").encode())
-        records = dict(kept)
-        log.info("splitting %s into %s: %d of %d files to write", ckpt_dir, split_dir, len(todo), len(file_units))
-        with RssSampler() as rss, _progress() as progress, open(split_dir / JOURNAL, "a") as journal:
-            task = progress.add_task("split", total=len(todo))
-            handles: dict[str, Any] = {}
-            for unit in todo:
-                progress.update(task, description=f"split {unit}")
-                tensors = {}
-                for name in sorted(by_unit[unit]):
-                    file = tensor_files[name]
-                    if file not in handles:
-                        handles[file] = safe_open(ckpt_dir / file, framework="pt")
-                    tensors[unit_of(name, config.num_hidden_layers)[1]] = handles[file].get_tensor(name)
-                if codec.lossy and encode_device.type != "cpu":
-                    on_device = {k: t.to(encode_device) for k, t in tensors.items()}
-                    stored = {k: t.cpu() for k, t in codec.encode(unit, on_device).items()}
-                else:
-                    stored = codec.encode(unit, tensors)
-                # One metadata key only: safetensors writes metadata in hash-map order, so several keys
-                # would make identical splits differ byte for byte. Hashing the serialized bytes
-                # avoids reading the file back.
-                data = save(stored, metadata={"format": "pt"})
-                file_name = f"{unit}.safetensors"
-                write_atomic(split_dir / file_name, data)
-                rec = {
-                    "file": file_name,
-                    "bytes": len(data),
-                    "sha256": hashlib.sha256(data).hexdigest(),
-                    "tensors": _tensor_records(stored),
-                }
-                del tensors, stored, data
-                journal.write(json.dumps({"unit": unit, "record": rec}) + "\n")
-                journal.flush()
-                os.fsync(journal.fileno())
-                records[unit] = rec
-                stats.files_written += 1
-                stats.bytes_written += rec["bytes"]
-                progress.advance(task)
-            handles.clear()
-        stats.peak_anon_delta_bytes = rss.peak_delta_bytes
+        records = _write_files(ckpt_dir, config, codec, split_dir, header, kept, todo, encode_device, stats)
 
     manifest = {
         **header,
         "files": {u: records[u] for u in file_units},
         "aliases": {"lm_head": "embed"} if config.tie_word_embeddings else {},
     }
-    if todo or not manifest_path.exists():
-        write_atomic(manifest_path, (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode())
+    if manifest != on_disk:  # missing, invalid, stale, or out of date after a rewrite
+        data = (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode()
+        with _explain_disk_full(manifest_path, len(data), 0, 0, len(file_units)):
+            write_atomic(manifest_path, data)
     (split_dir / JOURNAL).unlink(missing_ok=True)
     stats.largest_file_bytes = max(r["bytes"] for r in manifest["files"].values())
-    stats.split_s = time.perf_counter() - started
     return SplitLayout(split_dir, manifest), stats
+
+
+def _write_files(
+    ckpt_dir: Path,
+    config: LlamaConfig,
+    codec: Codec,
+    split_dir: Path,
+    header: dict[str, Any],
+    kept: dict[str, dict[str, Any]],
+    todo: list[str],
+    encode_device: torch.device,
+    stats: SplitStats,
+) -> dict[str, dict[str, Any]]:
+    """Write the files of `todo`, journaling each; returns the records of `kept` and of the files written."""
+    tensor_files = check_checkpoint_tensors(ckpt_dir, config)
+    by_unit: dict[str, list[str]] = defaultdict(list)
+    for name in tensor_files:
+        by_unit[unit_of(name, config.num_hidden_layers)[0]].append(name)
+    source_bytes = _source_bytes(ckpt_dir, tensor_files, config.num_hidden_layers)
+    # Under the lock nobody else writes here: a temporary file is what a killed run left behind.
+    for stale in split_dir.glob(".*.tmp"):
+        stale.unlink(missing_ok=True)
+    # Records of still-valid files keep their place; the journal is rewritten so it never
+    # vouches for a file that is about to be replaced.
+    journal_lines = [json.dumps(header)] + [json.dumps({"unit": u, "record": r}) for u, r in kept.items()]
+    journal_data = ("\n".join(journal_lines) + "\n").encode()
+    todo_bytes = sum(source_bytes[u] for u in todo)
+    with _explain_disk_full(split_dir / JOURNAL, len(journal_data), todo_bytes, len(todo), len(kept)):
+        write_atomic(split_dir / JOURNAL, journal_data)
+    records = dict(kept)
+    log.info("splitting %s into %s: %d of %d files to write", ckpt_dir, split_dir, len(todo), len(kept) + len(todo))
+    # Unbuffered: a failed append leaves nothing pending that closing the file would try, and fail, to write again.
+    with RssSampler() as rss, _progress() as progress, open(split_dir / JOURNAL, "ab", buffering=0) as journal:
+        task = progress.add_task("split", total=len(todo))
+        handles: dict[str, Any] = {}
+        for i, unit in enumerate(todo):
+            progress.update(task, description=f"split {unit}")
+            tensors = {}
+            for name in sorted(by_unit[unit]):
+                file = tensor_files[name]
+                if file not in handles:
+                    handles[file] = safe_open(ckpt_dir / file, framework="pt")
+                tensors[unit_of(name, config.num_hidden_layers)[1]] = handles[file].get_tensor(name)
+            if codec.lossy and encode_device.type != "cpu":
+                on_device = {k: t.to(encode_device) for k, t in tensors.items()}
+                stored = {k: t.cpu() for k, t in codec.encode(unit, on_device).items()}
+            else:
+                stored = codec.encode(unit, tensors)
+            # One metadata key only: safetensors writes metadata in hash-map order, so several keys
+            # would make identical splits differ byte for byte. Hashing the serialized bytes
+            # avoids reading the file back.
+            data = save(stored, metadata={"format": "pt"})
+            file_name = f"{unit}.safetensors"
+            rec = {
+                "file": file_name,
+                "bytes": len(data),
+                "sha256": hashlib.sha256(data).hexdigest(),
+                "tensors": _tensor_records(stored),
+            }
+            # What the files after this one need, estimated at this file's stored bytes per source byte.
+            later = todo[i + 1:]
+            later_bytes = sum(source_bytes[u] for u in later) * len(data) // max(1, source_bytes[unit])
+            with _explain_disk_full(split_dir / file_name, len(data), later_bytes, len(later), len(records)):
+                write_atomic(split_dir / file_name, data)
+                journal.write((json.dumps({"unit": unit, "record": rec}) + "\n").encode())
+                os.fsync(journal.fileno())
+            del tensors, stored, data
+            records[unit] = rec
+            stats.files_written += 1
+            stats.bytes_written += rec["bytes"]
+            progress.advance(task)
+        handles.clear()
+    stats.peak_anon_delta_bytes = rss.peak_delta_bytes
+    return records
+
+
+def _source_bytes(ckpt_dir: Path, tensor_files: dict[str, str], num_layers: int) -> dict[str, int]:
+    """Each unit's bytes in the checkpoint, from its files' headers (no weight is read)."""
+    sizes: dict[str, int] = defaultdict(int)
+    headers = {file: tensor_shapes(ckpt_dir / file) for file in set(tensor_files.values())}
+    for name, file in tensor_files.items():
+        sizes[unit_of(name, num_layers)[0]] += tensor_bytes(*headers[file][name])
+    return sizes
+
+
+@contextmanager
+def _explain_disk_full(path: Path, need: int, later_bytes: int, later_files: int, kept: int) -> Iterator[None]:
+    """Turn a full disk while writing `path` into an error that says what the split needs and what is free.
+
+    The partial temporary file is already gone (write_atomic removes it), and the files written
+    so far stay: a rerun with room resumes from them.
+    """
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in DISK_FULL:
+            raise
+        free = shutil.disk_usage(path.parent).free
+        raise OSError(
+            e.errno,
+            f"disk full while writing {path.name} into the split folder {path.parent}: that file needs "
+            f"{_size(need)}, the {later_files} split files after it about {_size(later_bytes)} more, "
+            f"{_size(need + later_bytes)} in all; {_size(free)} is free there. Free that much space there, or set "
+            f"split.dir to a folder on a disk with room, then rerun: the {kept} files already written are kept",
+        ) from e
+
+
+def _size(n: int) -> str:
+    return f"{n:,} bytes ({n / 2**30:.2f} GiB)" if n >= 2**30 else f"{n:,} bytes ({n / 2**20:.1f} MiB)"
 
 
 def _progress() -> Progress:
