@@ -25,7 +25,7 @@ def main(dcfg: DictConfig) -> None:
     # to_object runs every __post_init__: bad values fail here, before anything is loaded.
     cfg = OmegaConf.to_object(dcfg)
     hydra_cfg = HydraConfig.get()
-    groups = ("model", "runner", *strategies.FAMILIES)
+    groups = ("model", "runner", "decoding", *strategies.FAMILIES)
     choices = {group: hydra_cfg.runtime.choices[group] for group in groups}
     overrides = list(hydra_cfg.overrides.task)
     run_job(

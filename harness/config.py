@@ -26,6 +26,7 @@ from strategies.residency.configs import NoResidencyConfig, ResidencyConfig
 MODEL_SOURCES = ("generated", "local", "gguf")
 DTYPES = ("bfloat16", "float16", "float32")
 DEVICES = ("auto", "cpu", "cuda")
+DECODINGS = ("greedy", "speculative")
 # What generates: layerbench's streaming runner, or a peer measured with the same ruler (harness/peers/).
 RUNNERS = ("layerbench", "transformers", "accelerate", "airllm")
 
@@ -183,6 +184,20 @@ class RunnerConfig:
 
 
 @dataclass
+class DecodingConfig:
+    name: str = "greedy"
+    # speculative: tokens the draft proposes per streamed pass of the target (greedy ignores it).
+    k: int = 4
+    # The draft model: null is the target's own 4-bit split; else a model option (conf/model/) whose
+    # tokenizer is the target's. It stays resident, dequantized once where the cap has room.
+    draft: str | None = None
+
+    def __post_init__(self) -> None:
+        check_choice("decoding.name", self.name, DECODINGS)
+        check_positive("decoding.k", self.k)
+
+
+@dataclass
 class TrackingConfig:
     enabled: bool = True
     # Default: sqlite:///<abs paths.outputs>/mlflow.db, so `mlflow ui --backend-store-uri` shows every run.
@@ -205,6 +220,7 @@ class Config:
     residency: ResidencyConfig = MISSING
     kv_cache: KVCacheConfig = MISSING
     runner: RunnerConfig = field(default_factory=RunnerConfig)
+    decoding: DecodingConfig = field(default_factory=DecodingConfig)
     workload: WorkloadConfig = field(default_factory=WorkloadConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
@@ -219,6 +235,12 @@ class Config:
 
     def __post_init__(self) -> None:
         check_choice("device", self.device, DEVICES)
+        if self.decoding.name == "speculative" and self.workload.do_sample:
+            raise ValueError(
+                "decoding=speculative verifies greedy tokens: it needs workload.do_sample=false"
+            )
+        if self.decoding.name == "speculative" and self.workload.batch_size > 1:
+            raise ValueError("decoding=speculative decodes one sequence: it needs workload.batch_size=1")
 
     def uncompressed(self) -> Config:
         """The same model and workload with the weights as the checkpoint stores them, streamed the
@@ -237,6 +259,7 @@ def register_configs() -> None:
     cs.store(name="base_config", node=Config)  # the primary config's schema: no group, no option
     cs.store(group="schema", name="model", node=ModelConfig)
     cs.store(group="schema", name="runner", node=RunnerConfig)
+    cs.store(group="schema", name="decoding", node=DecodingConfig)
     for family, options in strategies.option_configs().items():
         for option_name, node in options.items():
             cs.store(group=f"schema/{family}", name=option_name, node=node)

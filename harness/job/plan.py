@@ -10,27 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-from accelerate import init_empty_weights
-from accelerate.utils import compute_module_sizes
-from transformers import LlamaConfig
-from transformers.models.llama.modeling_llama import LlamaDecoderLayer
-
 from harness.config import Config
 from harness.job.comparisons import link_floor, pass_seq_len
 from harness.job.streamer import Streamer, batch_prompt_ids
 from harness.measurement.units import format_metric
-
-
-def decoded_unit_bytes(config: LlamaConfig, unit: str) -> int:
-    """A unit's weights as computed on, in the model's dtype (what a codec decodes them back to)."""
-    dtype = config.dtype if isinstance(config.dtype, torch.dtype) else getattr(torch, str(config.dtype))
-    if unit.startswith("layers."):
-        with init_empty_weights():
-            layer = LlamaDecoderLayer(config, 0)
-        return compute_module_sizes(layer, dtype=dtype)[""]
-    elements = config.hidden_size if unit == "norm" else config.vocab_size * config.hidden_size
-    return elements * dtype.itemsize
+from harness.measurement.vram import decoded_unit_bytes
 
 
 @dataclass

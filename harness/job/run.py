@@ -56,6 +56,7 @@ def generation_metrics(streamer: Streamer, gen: Generation) -> dict[str, float]:
         h2d_bytes_per_pass=sum(per_pass(rows, "h2d_bytes")) / len(read_per_pass),
         decode_bytes_per_pass=sum(per_pass(rows, "decode_bytes")) / len(read_per_pass),
     )
+    metrics.update(gen.metrics)
     overlapped = streamer.pipeline.prefetcher.layers_ahead > 0
     metrics.update(stage_metrics(rows, gen.timeline.pass_walls(streamer.runner.stages), overlapped))
     if gen.kv_cache_bytes is not None and gen.kv_cache_tokens:
@@ -125,6 +126,10 @@ def run_job(
         peer = PEERS[cfg.runner.name]
         try:
             # Before the run exists: a peer that cannot run these options logs nothing.
+            if cfg.decoding.name != "greedy":
+                raise RunnerUnavailable(
+                    f"runner={peer.name} decodes greedily: decoding={cfg.decoding.name} is layerbench's runner's"
+                )
             peer.check_installed()
             used = peer.choices(choices, explicit_families(overrides))
         except RunnerUnavailable as exc:
@@ -141,7 +146,7 @@ def run_job(
     if cfg.tracking.enabled:
         tracker = RunTracker(cfg.tracking.uri or default_tracking_uri(outputs_dir), cfg.tracking.experiment)
         # Named by the caller (the CLI: what the sweep varies); else by every choice.
-        groups = ("model", "runner", *strategies.FAMILIES)
+        groups = ("model", "runner", "decoding", *strategies.FAMILIES)
         run_name = run_name or " ".join(f"{g}={choices[g]}" for g in groups if g in choices)
         tracker.start(
             run_name=run_name or "default",
@@ -213,6 +218,10 @@ def stream_job(cfg: Config, outputs_dir: Path, device: torch.device, console: Co
             streamer.ckpt_dir, stop, gen.prompts, gen.sequences, report.tpot_s,
             cfg.workload.max_new_tokens, device, streamer.runner.clock,
         ))
+    if streamer.draft is not None:
+        report.spec_draft_bytes = float(streamer.draft.bytes)
+        tags["decoding.draft"] = streamer.draft.name
+        tags["decoding.draft_form"] = "dequantized once" if streamer.draft.decoded_once else "stored, decoded per step"
     if cfg.quality.enabled and streamer.pipeline.codec.lossy:
         report.add(compression_quality(streamer, cfg, gen, outputs_dir))
     tags.update({
@@ -236,7 +245,8 @@ def stream_job(cfg: Config, outputs_dir: Path, device: torch.device, console: Co
         rows = gen.timeline.rows(streamer.runner.stages)
         tracker.log_series("read_bytes", per_pass(rows, "read_bytes"))
         tracker.log_text(rows_csv(rows), "timeline.csv")
-        decode_pass = len(gen.token_times_s) // 2  # a decode pass from the middle: no prefill, no warm-up edge
+        # A pass from the middle (no prefill, no warm-up edge); passes, not tokens: a speculative pass yields several.
+        decode_pass = len(gen.timeline.passes) // 2
         plot_pass(rows, decode_pass, tmp / "timeline_pass.png", f"{title}: pass {decode_pass}")
         tracker.log_artifact(tmp / "timeline_pass.png")
 

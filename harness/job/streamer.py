@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers import AutoTokenizer, LlamaConfig, PreTrainedTokenizerBase
@@ -25,9 +25,13 @@ from harness.measurement.metrics import device_clock
 from harness.measurement.timeline import StageClock
 from harness.measurement.vram import GIB, VramMonitor, check_fits, estimate_need_bytes
 from harness.runner.pipeline import LayerPipeline
+from harness.runner.speculative import speculative_generate
 from harness.runner.streaming import Generation, LayerStreamingRunner, Sampler
 from harness.split.layout import SplitLayout
 from harness.split.writer import SplitStats, ensure_split
+
+if TYPE_CHECKING:
+    from harness.job.draft import Draft
 
 log = logging.getLogger(__name__)
 
@@ -141,6 +145,7 @@ class Streamer:
     device: torch.device
     split_stats: SplitStats
     residency: ResidencyPlan
+    draft: Draft | None = None  # decoding=speculative's
 
     @property
     def pipeline(self) -> LayerPipeline:
@@ -199,6 +204,13 @@ def build_streamer(
     )
     # What the cap leaves beside streaming (on a CPU the same budget, of host memory): the resident set's room.
     budget = int(cfg.vram.cap_gib * GIB) - context_bytes - need["total"]
+    draft = None
+    if cfg.decoding.name == "speculative":
+        from harness.job.draft import build_draft
+
+        # The draft stays whole on the device: its room comes first, the resident layers get what is left.
+        draft = build_draft(cfg, outputs_dir, splits_root, device, tokenizer, budget)
+        budget -= draft.bytes
     units = layout.units
     resident = residency.choose(
         units[1:-2], ["norm", "lm_head", "embed"], {u: layout.file_bytes(u) for u in units}, budget
@@ -215,7 +227,7 @@ def build_streamer(
             len(resident), ", ".join(resident) or "none", resident_bytes / 1e9, resident_load_s, len(streamed),
             sum({layout.file(u): layout.file_bytes(u) for u in streamed}.values()) / 1e9,
         )
-    return Streamer(ckpt_dir, config, tokenizer, layout, runner, device, stats, plan)
+    return Streamer(ckpt_dir, config, tokenizer, layout, runner, device, stats, plan, draft)
 
 
 def generate(
@@ -223,8 +235,13 @@ def generate(
 ) -> Generation:
     prompts = batch_prompt_ids(streamer.tokenizer, cfg.workload)
     w = cfg.workload
-    sampler = Sampler(w.do_sample, w.temperature, w.top_p, w.seed, streamer.device)
     stop = eos_ids(streamer.config, streamer.tokenizer, streamer.ckpt_dir) if w.stop_at_eos else []
+    if streamer.draft is not None:
+        gen, _ = speculative_generate(
+            streamer.runner, streamer.draft.runner, prompts[0], w.max_new_tokens, cfg.decoding.k, stop, on_token
+        )
+        return gen
+    sampler = Sampler(w.do_sample, w.temperature, w.top_p, w.seed, streamer.device)
     return streamer.runner.generate_batch(
         prompts, w.max_new_tokens, sampler, stop, keep_logits=keep_logits, on_token=on_token
     )

@@ -84,6 +84,13 @@ class RunReport:
     plan_predicted_s: float | None = figure("predicted per token (plan)")
     plan_ratio: float | None = figure("per-token time / predicted")
 
+    # --- decoding=speculative: draft tokens accepted, per verifying pass of the target, and what it costs
+    spec_accepted_share: float | None = figure("draft tokens accepted")
+    spec_accepted_per_pass: float | None = figure("accepted per target pass")
+    spec_passes_per_token: float | None = figure("target passes per token")
+    spec_draft_share: float | None = figure()
+    spec_draft_bytes: float | None = figure()
+
     # --- a peer runner (runner=transformers|accelerate|airllm): loading the model, its own split included
     load_s: float | None = figure("model load")
 

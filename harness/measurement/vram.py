@@ -175,6 +175,17 @@ def estimate_need_bytes(
     return {"weights": weights, "kv": kv, "activations": activations, "total": weights + kv + activations}
 
 
+def decoded_unit_bytes(config: LlamaConfig, unit: str) -> int:
+    """A unit's weights as computed on, in the model's dtype (what a codec decodes them back to)."""
+    dtype = config.dtype if isinstance(config.dtype, torch.dtype) else getattr(torch, str(config.dtype))
+    if unit.startswith("layers."):
+        with init_empty_weights():
+            layer = LlamaDecoderLayer(config, 0)
+        return compute_module_sizes(layer, dtype=dtype)[""]
+    elements = config.hidden_size if unit == "norm" else config.vocab_size * config.hidden_size
+    return elements * dtype.itemsize
+
+
 def check_fits(need: dict[str, int], cap_gib: float, context_bytes: int) -> None:
     cap = int(cap_gib * GIB)
     if need["total"] + context_bytes > cap:

@@ -35,8 +35,9 @@ class LayerPipeline:
         # Units kept on the device for the whole run, in their stored form (residency): never read again.
         self.resident: dict[str, dict[str, torch.Tensor]] = {}
 
-    def keep_resident(self, files: LayerFiles, names: Sequence[str]) -> int:
-        """Load `names` onto the device once, as stored (decoded each pass, like a streamed unit); the bytes kept.
+    def keep_resident(self, files: LayerFiles, names: Sequence[str], decode_with: Codec | None = None) -> int:
+        """Load `names` onto the device once, as stored (decoded each pass, like a streamed unit), or decoded
+        once by `decode_with` (the pipeline's own codec then being `none`); the bytes kept.
 
         Read straight from the split, past the cache: a resident unit is never the cache's to hold.
         """
@@ -46,7 +47,10 @@ class LayerPipeline:
             if path not in by_file:  # tied embed and lm_head share a file, and so one copy
                 stored = read_layer_file(path, "warm")
                 # copy=True: on a CPU the device tensors would otherwise be views of the file's mapping.
-                by_file[path] = {key: t.to(self.device, copy=True) for key, t in stored.items()}
+                tensors = {key: t.to(self.device, copy=True) for key, t in stored.items()}
+                if decode_with is not None:
+                    tensors = decode_with.decode(name, tensors, self.device)
+                by_file[path] = tensors
             self.resident[name] = by_file[path]
         return sum(t.nbytes for tensors in by_file.values() for t in tensors.values())
 

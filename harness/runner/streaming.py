@@ -47,6 +47,8 @@ class Generation:
     kv_cache_bytes: int | None = None
     kv_cache_tokens: int = 0
     timeline: Timeline = field(default_factory=Timeline)
+    # Figures the decoding loop itself measured (speculative decoding's acceptance), by RunReport name.
+    metrics: dict[str, float] = field(default_factory=dict)
 
 
 class Sampler:

@@ -1,0 +1,121 @@
+"""decoding=speculative: the target's greedy tokens, exactly, whatever the draft proposes.
+
+In float32: a verifying pass scores k + 1 positions at once where plain decoding scores one, and bf16
+rounding of the different shapes can flip a near-tie argmax (as with batches); fp32 makes equality exact.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from rich.console import Console
+
+from harness.config import Config
+from harness.job.run import run_job
+from harness.job.streamer import build_streamer, generate, prompt_ids
+from harness.peers.base import RunnerUnavailable
+from harness.runner.speculative import speculative_generate
+from harness.runner.streaming import Sampler
+
+CPU = torch.device("cpu")
+FP32 = ("model.dtype=float32", "workload.max_new_tokens=12", "workload.stop_at_eos=false")
+
+
+def greedy(make_cfg: Callable[..., Config], *options: str) -> list[int]:
+    cfg = make_cfg(*FP32, *options)
+    return generate(build_streamer(cfg, Path(cfg.paths.outputs), CPU), cfg).generated_ids
+
+
+@pytest.mark.parametrize("k", [1, 3, 5])
+@pytest.mark.parametrize("draft", ["null", "tiny-draft"])
+def test_speculative_tokens_are_the_targets_greedy_tokens(k: int, draft: str, make_cfg: Callable[..., Config]) -> None:
+    cfg = make_cfg(*FP32, "decoding=speculative", f"decoding.k={k}", f"decoding.draft={draft}")
+    streamer = build_streamer(cfg, Path(cfg.paths.outputs), CPU)
+    gen = generate(streamer, cfg)
+    assert gen.generated_ids == greedy(make_cfg)
+    assert streamer.draft is not None and streamer.draft.decoded_once
+    if draft == "tiny-draft":
+        # Another geometry with other weights: its proposals are rejected, so the caches were rolled back.
+        assert streamer.draft.runner.config.hidden_size != streamer.config.hidden_size
+        assert gen.metrics["spec_accepted_share"] < 0.5
+    # Each verifying pass yields its accepted drafts and one token of the target's own.
+    passes = gen.metrics["spec_passes_per_token"] * len(gen.generated_ids)
+    assert round(passes) == len(gen.timeline.passes)
+
+
+def test_a_draft_equal_to_the_target_is_always_accepted(make_cfg: Callable[..., Config]) -> None:
+    cfg = make_cfg(*FP32)
+    target = build_streamer(cfg, Path(cfg.paths.outputs), CPU)
+    draft = build_streamer(cfg, Path(cfg.paths.outputs), CPU)
+    ids = prompt_ids(target.tokenizer, cfg.workload)
+    gen, stats = speculative_generate(target.runner, draft.runner, ids, 12, 4)
+    plain = target.runner.generate(ids, 12, Sampler(False, 1.0, 1.0, 0, CPU))
+    assert gen.generated_ids == plain.generated_ids
+    assert stats.accepted == stats.drafted and gen.metrics["spec_accepted_share"] == 1.0
+    # 12 tokens: the prefill's, then passes of 4 drafts + 1: ceil(11 / 5) = 3 verifying passes.
+    assert stats.verify_passes == 3
+
+
+@pytest.mark.parametrize("options", [
+    ("kv_cache=none",),
+    ("kv_cache=offload", "cache=disk"),
+    ("compression=8bit", "prefetch=on"),
+    ("cache=disk", "residency=auto", "residency.layers=2"),
+])
+def test_every_strategy_option_works_as_the_target(options: tuple[str, ...], make_cfg: Callable[..., Config]) -> None:
+    cfg = make_cfg(*FP32, *options, "decoding=speculative", "decoding.k=3", "decoding.draft=tiny-draft")
+    gen = generate(build_streamer(cfg, Path(cfg.paths.outputs), CPU), cfg)
+    assert gen.generated_ids == greedy(make_cfg, *options)
+
+
+def test_what_speculative_decoding_cannot_do_is_refused_before_loading(
+    make_cfg: Callable[..., Config], tmp_path: Path
+) -> None:
+    with pytest.raises(ValueError, match="workload.do_sample=false"):
+        make_cfg("decoding=speculative", "workload.do_sample=true")
+    with pytest.raises(ValueError, match="workload.batch_size=1"):
+        make_cfg("decoding=speculative", "workload.batch_size=2")
+    with pytest.raises(ValueError, match="decoding.draft='nope' is no model option"):
+        cfg = make_cfg("decoding=speculative", "decoding.draft=nope")
+        build_streamer(cfg, Path(cfg.paths.outputs), CPU)
+    with pytest.raises(ValueError, match=r"the draft \(tiny 4bit\) needs .* vram.cap_gib"):
+        cfg = make_cfg("decoding=speculative", "vram.cap_gib=0.0001", f"split.dir={tmp_path}")
+        build_streamer(cfg, Path(cfg.paths.outputs), CPU)
+    with pytest.raises(RunnerUnavailable, match="runner=transformers decodes greedily"):
+        run_job(make_cfg("decoding=speculative", "runner=transformers"), {}, choices={"runner": "transformers"},
+                overrides=[], console=Console(quiet=True))
+
+
+def test_a_speculative_run_logs_its_acceptance_and_agrees_with_transformers(make_cfg: Callable[..., Config]) -> None:
+    cfg = make_cfg(*FP32, "decoding=speculative", "decoding.k=4", "reference.enabled=true")
+    report = run_job(cfg, {}, choices={"model": "tiny", "decoding": "speculative"}, overrides=[],
+                     console=Console(quiet=True))
+    assert report.agreement_vs_transformers == 1.0
+    assert 0 <= report.spec_accepted_share <= 1 and report.spec_passes_per_token <= 1
+    assert report.spec_draft_bytes > 0 and 0 < report.spec_draft_share < 1
+
+
+def test_the_speculative_preset_sweeps_decoding_and_k_from_the_cli(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    from mlflow import MlflowClient
+
+    root = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, "-m", "harness", "+experiment=speculative", f"paths.outputs={tmp_path}",
+           "workload.max_new_tokens=5", "decoding.k=2,4", "probe.size_mib=16"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(root)}, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("speculative").experiment_id])
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert sorted((r.data.params["decoding"], r.data.params["decoding.k"]) for r in children) == [
+        ("greedy", "2"), ("greedy", "4"), ("speculative", "2"), ("speculative", "4")]
+    for run in children:
+        assert run.info.status == "FINISHED" and run.data.metrics["agreement_vs_transformers"] == 1.0
+        assert ("spec_accepted_share" in run.data.metrics) == (run.data.params["decoding"] == "speculative")
