@@ -81,3 +81,35 @@ def test_schemas_are_no_options() -> None:
     assert groups["compression"] == "4bit, 8bit, none"
     assert groups["runner"] == "accelerate, airllm, layerbench, transformers"
     assert not any("base_" in options for options in groups.values()), groups
+
+
+def test_two_sweeps_in_one_folder_and_a_fresh_store_each_get_their_own_parent(tmp_path: Path) -> None:
+    from test_tracking import _start_sweep  # tests/ is on sys.path (pytest puts a test file's folder there)
+
+    # Same cwd, same sweep folder, same fresh SQLite store, started together.
+    shared = ["hydra.sweep.dir=multirun/same", "tracking.experiment=sweep"]
+    first = _start_sweep(tmp_path, "x=1,2", *shared)
+    second = _start_sweep(tmp_path, "x=3,4", *shared)
+    for process in (first, second):
+        output, _ = process.communicate(timeout=300)
+        assert process.returncode == 0, output[-3000:]
+    client = MlflowClient(f"sqlite:///{tmp_path}/outputs/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("sweep").experiment_id])
+    parents = {r.info.run_id for r in runs if r.data.tags.get("layerbench.role") == "parent"}
+    assert len(parents) == 2 and all(client.get_run(p).info.status == "FINISHED" for p in parents)
+    by_parent: dict[str, set[str]] = {}
+    for run in runs:
+        if run.data.tags.get("layerbench.role") == "child":
+            by_parent.setdefault(run.data.tags["mlflow.parentRunId"], set()).add(run.data.params["x"])
+    assert sorted(by_parent.values(), key=sorted) == [{"1", "2"}, {"3", "4"}] and set(by_parent) == parents
+
+
+def test_a_parent_that_cannot_be_created_fails_the_sweep(tmp_path: Path) -> None:
+    from test_tracking import _start_sweep  # tests/ is on sys.path (pytest puts a test file's folder there)
+
+    # A tracking URI whose store cannot exist: a file stands where its folder would be.
+    (tmp_path / "blocked").write_text("not a folder")
+    proc = _start_sweep(tmp_path, "x=1,2", f"tracking.uri=sqlite:///{tmp_path}/blocked/mlflow.db")
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode != 0
+    assert "parent run could not be created" in output

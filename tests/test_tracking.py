@@ -255,13 +255,14 @@ APP = textwrap.dedent(
 
     @hydra.main(version_base="1.3", config_path=None, config_name="app")
     def main(cfg):
+        parent = parent_run_id_for_job()  # first, as harness.__main__ asks: before any store is opened
         uri = cfg.tracking.uri or default_tracking_uri(Path(to_absolute_path(cfg.paths.outputs)))
         tracker = RunTracker(uri, cfg.tracking.experiment)
         tracker.start(
             run_name=f"x={cfg.x}",
             params=flatten(OmegaConf.to_container(cfg)),
             tags={"layerbench.role": "child"},
-            parent_run_id=parent_run_id_for_job(),
+            parent_run_id=parent,
         )
         if cfg.x == cfg.fail_on:
             tracker.end("FAILED", reason=f"x={cfg.x} is the failing value")

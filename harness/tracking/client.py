@@ -10,6 +10,7 @@ instantiates the sweep callback (importing this module) even for ``--help`` or t
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import time
@@ -18,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from harness.files import exclusive_lock
 
 logger = logging.getLogger(__name__)
 
@@ -143,11 +146,16 @@ class RunTracker:
         self.run_id: str | None = None
         self._ended = False
         db_path = sqlite_db_path(uri)
+        lock = contextlib.nullcontext()
         if db_path is not None:
             # SQLite creates the file but not its directory.
             db_path.parent.mkdir(parents=True, exist_ok=True)
-        self.client = mlflow.MlflowClient(tracking_uri=uri)
-        found = self.client.get_experiment_by_name(experiment)
+            # MLflow creates and migrates a fresh store's schema on first use; two processes doing it at once
+            # fail ("Online migration expected to match one row"): one at a time, per store.
+            lock = exclusive_lock(db_path.with_name(db_path.name + ".lock"))
+        with lock:
+            self.client = mlflow.MlflowClient(tracking_uri=uri)
+            found = self.client.get_experiment_by_name(experiment)
         if found is None:
             try:
                 self.experiment_id = self.client.create_experiment(

@@ -9,6 +9,7 @@ from __future__ import annotations
 import atexit
 import json
 import logging
+import os
 import threading
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,12 @@ from harness.tracking.client import ROLE_TAG, RunTracker, config_params, default
 logger = logging.getLogger(__name__)
 
 PARENT_RUN_ID_FILE = "mlflow_parent_run_id"
+# The same for the jobs of this process and its children (environment variables are per process: two
+# sweeps in one sweep folder, same second, each hand their jobs their own parent; the file serves launchers
+# whose jobs do not inherit the environment). A parent that could not be created is an error for every job.
+PARENT_RUN_ID_ENV = "LAYERBENCH_PARENT_RUN_ID"
+SWEEP_KEYS_ENV = "LAYERBENCH_SWEEP_KEYS"
+PARENT_ERROR_ENV = "LAYERBENCH_PARENT_ERROR"
 # The keys a sweep varies, for its jobs to name their runs by (JSON list, beside the parent id).
 SWEEP_KEYS_FILE = "mlflow_sweep_keys.json"
 SEPARATOR = "·"
@@ -112,6 +119,8 @@ class MlflowSweepCallback(Callback):
         self._lock = threading.Lock()
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        for name in (PARENT_RUN_ID_ENV, SWEEP_KEYS_ENV, PARENT_ERROR_ENV):
+            os.environ.pop(name, None)  # an earlier sweep's, in this process
         sweep_dir = _sweep_dir(config)
         id_file = sweep_dir / PARENT_RUN_ID_FILE
         # A reused sweep dir must not hand this sweep's jobs an older sweep's parent.
@@ -129,11 +138,19 @@ class MlflowSweepCallback(Callback):
         )
         keys, size = sweep_keys_and_size(config)
         self.shared_params = shared_params(config, keys)
-        tracker = RunTracker(uri, experiment)
-        name = f"sweep {'×'.join(keys) or 'of one job'} ({size}) {sweep_dir.name}"
-        tracker.start(run_name=name, params={}, tags=tags)
+        try:
+            tracker = RunTracker(uri, experiment)
+            name = f"sweep {'×'.join(keys) or 'of one job'} ({size}) {sweep_dir.name}"
+            tracker.start(run_name=name, params={}, tags=tags)
+        except Exception as exc:
+            # Hydra turns a callback's exception into a warning and runs the jobs anyway; they would log
+            # orphans under no parent. They fail instead, with this reason (parent_run_id_for_job).
+            os.environ[PARENT_ERROR_ENV] = f"{type(exc).__name__}: {exc}"
+            raise
         self.tracker = tracker
         atexit.register(self._close_at_exit)
+        os.environ[PARENT_RUN_ID_ENV] = str(tracker.run_id)
+        os.environ[SWEEP_KEYS_ENV] = json.dumps(keys)
         sweep_dir.mkdir(parents=True, exist_ok=True)
         (sweep_dir / SWEEP_KEYS_FILE).write_text(json.dumps(keys) + "\n", encoding="utf-8")
         id_file.write_text(f"{tracker.run_id}\n", encoding="utf-8")
@@ -186,14 +203,22 @@ class MlflowSweepCallback(Callback):
             except Exception:  # the comparison is a convenience: the parent must still be closed
                 logger.exception("could not log the sweep's comparison on its parent run")
             self.tracker.end("FAILED" if reason else "FINISHED", reason=reason)
+            if os.environ.get(PARENT_RUN_ID_ENV) == self.tracker.run_id:
+                # A later run in this process is not this sweep's job.
+                os.environ.pop(PARENT_RUN_ID_ENV, None)
+                os.environ.pop(SWEEP_KEYS_ENV, None)
             logger.info("MLflow parent run %s closed: %s", self.tracker.run_id, reason or "FINISHED")
 
 
-def _sweep_file(name: str) -> str | None:
-    """A file the sweep's parent left in the sweep folder for its jobs; None in RUN mode, outside Hydra,
-    or when the sweep is not tracked."""
+def _sweep_file(name: str, env: str) -> str | None:
+    """What the sweep's parent left its jobs: in the environment, else in a file in the sweep folder; None in
+    RUN mode, outside Hydra, or when the sweep is not tracked."""
     if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
         return None
+    if os.environ.get(PARENT_ERROR_ENV):
+        raise RuntimeError(f"the sweep's MLflow parent run could not be created: {os.environ[PARENT_ERROR_ENV]}")
+    if os.environ.get(env):
+        return os.environ[env]
     try:
         return (Path(to_absolute_path(str(HydraConfig.get().sweep.dir))) / name).read_text(encoding="utf-8")
     except OSError:
@@ -202,13 +227,13 @@ def _sweep_file(name: str) -> str | None:
 
 def sweep_keys_for_job() -> list[str] | None:
     """Inside a multirun job, the keys its sweep varies."""
-    text = _sweep_file(SWEEP_KEYS_FILE)
+    text = _sweep_file(SWEEP_KEYS_FILE, SWEEP_KEYS_ENV)
     return None if text is None else list(json.loads(text))
 
 
 def parent_run_id_for_job() -> str | None:
     """Inside a multirun job, the sweep's parent run id."""
-    return (_sweep_file(PARENT_RUN_ID_FILE) or "").strip() or None
+    return (_sweep_file(PARENT_RUN_ID_FILE, PARENT_RUN_ID_ENV) or "").strip() or None
 
 
 __all__ = ["MlflowSweepCallback", "job_run_name", "parent_run_id_for_job", "sweep_keys_for_job"]
