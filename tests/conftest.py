@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 from omegaconf import OmegaConf
+from transformers import LlamaConfig
 
 from harness.config import Config, compose_config
 
@@ -34,3 +35,17 @@ def make_cfg(outputs_dir: Path) -> Callable[..., Config]:
         return OmegaConf.to_object(compose_config([*common, *overrides]))
 
     return make
+
+
+@pytest.fixture(scope="session")
+def ckpt(outputs_dir: Path) -> Path:
+    """The tiny model's checkpoint, built once for the session."""
+    from harness.checkpoints.generated import ensure_checkpoint
+    from harness.config import ModelConfig
+
+    return ensure_checkpoint(ModelConfig(name="tiny", geometry="tiny"), outputs_dir)
+
+
+@pytest.fixture(scope="session")
+def config(ckpt: Path) -> LlamaConfig:
+    return LlamaConfig.from_pretrained(ckpt)

@@ -52,7 +52,7 @@ def test_a_value_is_shown_with_the_unit_its_name_carries(name: str, value: float
 def test_every_figure_name_says_how_to_read_it() -> None:
     # Counts, fractions and flags are plain numbers; everything else carries a unit in its name.
     unitless = ("_share", "_tokens", "_written", "passes", "_layers", "_residual", "_efficiency", "_agreement",
-                "_mean", "_match", "_vs_transformers", "_positions")
+                "_mean", "_match", "_vs_transformers", "_positions", "_per_pass", "_per_token")
     plain = {n for n in RunReport.figure_names() if metric_kind(n) == "number"}
     assert all(n.endswith(unitless) or n.startswith("quality_ppl") for n in plain), sorted(plain)
 
@@ -85,6 +85,8 @@ def test_plot_axes_use_the_units_the_tables_use() -> None:
 def test_agreement_counts_positions_and_missing_tokens() -> None:
     from harness.job.comparisons import agreement
 
-    assert agreement([1, 2, 3], [1, 2, 4]) == pytest.approx(2 / 3)
-    assert agreement([1, 2], [1, 2, 3]) == pytest.approx(2 / 3), "stopping early is a disagreement"
-    assert agreement([5, 2, 3], [1, 2, 3]) == pytest.approx(2 / 3) and agreement([], []) == 1.0
+    assert agreement([[1, 2, 3]], [[1, 2, 4]]) == pytest.approx(2 / 3)
+    assert agreement([[1, 2]], [[1, 2, 3]]) == pytest.approx(2 / 3), "stopping early is a disagreement"
+    assert agreement([[5, 2, 3]], [[1, 2, 3]]) == pytest.approx(2 / 3) and agreement([[]], [[]]) == 1.0
+    # A batch: positions over every sequence (3 of 5 agree), not a mean of per-sequence fractions.
+    assert agreement([[1, 2, 3], [7, 8]], [[1, 2, 3], [9, 9]]) == pytest.approx(3 / 5)

@@ -10,22 +10,10 @@ from safetensors.torch import load_file
 from transformers import LlamaConfig
 
 import harness.split.writer as split_mod
-from harness.checkpoints.generated import ensure_checkpoint
-from harness.config import ModelConfig
 from harness.split.layout import unit_names
 from harness.split.writer import ensure_split
 from strategies.compression.configs import NoCompressionConfig
 from strategies.compression.none import NoCompression
-
-
-@pytest.fixture(scope="module")
-def ckpt(outputs_dir: Path) -> Path:
-    return ensure_checkpoint(ModelConfig(name="tiny", geometry="tiny"), outputs_dir)
-
-
-@pytest.fixture(scope="module")
-def config(ckpt: Path) -> LlamaConfig:
-    return LlamaConfig.from_pretrained(ckpt)
 
 
 def codec() -> NoCompression:

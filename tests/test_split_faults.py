@@ -12,33 +12,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+# The split tests' helpers (tests/ is on sys.path: pytest puts a test file's folder there).
+from test_split import codec, tree
 from transformers import LlamaConfig
 
 import harness.files as files_mod
 import harness.split.writer as split_mod
-from harness.checkpoints.generated import ensure_checkpoint
-from harness.config import ModelConfig
 from harness.split.writer import ensure_split
-from strategies.compression.configs import NoCompressionConfig
 from strategies.compression.none import NoCompression
-
-
-@pytest.fixture(scope="module")
-def ckpt(outputs_dir: Path) -> Path:
-    return ensure_checkpoint(ModelConfig(name="tiny", geometry="tiny"), outputs_dir)
-
-
-@pytest.fixture(scope="module")
-def config(ckpt: Path) -> LlamaConfig:
-    return LlamaConfig.from_pretrained(ckpt)
-
-
-def codec() -> NoCompression:
-    return NoCompression(NoCompressionConfig())
-
-
-def tree(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def temporaries(root: Path) -> list[Path]:
