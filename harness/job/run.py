@@ -220,6 +220,9 @@ def stream_job(cfg: Config, outputs_dir: Path, device: torch.device, console: Co
         ))
     if streamer.draft is not None:
         report.spec_draft_bytes = float(streamer.draft.bytes)
+        if plan is not None and report.spec_accepted_per_pass is not None:
+            step = plan.predicted_s + cfg.decoding.k * report.spec_draft_step_s
+            report.spec_predicted_s = step / (report.spec_accepted_per_pass + 1)
         tags["decoding.draft"] = streamer.draft.name
         tags["decoding.draft_form"] = "dequantized once" if streamer.draft.decoded_once else "stored, decoded per step"
     if cfg.quality.enabled and streamer.pipeline.codec.lossy:

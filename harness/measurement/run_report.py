@@ -90,6 +90,9 @@ class RunReport:
     spec_passes_per_token: float | None = figure("target passes per token")
     spec_draft_share: float | None = figure()
     spec_draft_bytes: float | None = figure()
+    spec_draft_step_s: float | None = figure()
+    # The plan's pass time and the measured acceptance: (pass + k draft steps) / (accepted per pass + 1).
+    spec_predicted_s: float | None = figure("predicted per token (speculative)")
 
     # --- a peer runner (runner=transformers|accelerate|airllm): loading the model, its own split included
     load_s: float | None = figure("model load")

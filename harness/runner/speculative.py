@@ -33,6 +33,7 @@ class SpeculativeStats:
         if self.drafted:
             out["spec_accepted_share"] = self.accepted / self.drafted
             out["spec_accepted_per_pass"] = self.accepted / self.verify_passes
+            out["spec_draft_step_s"] = self.draft_s / self.drafted
         return out
 
 
