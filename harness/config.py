@@ -244,10 +244,11 @@ class Config:
 
     def uncompressed(self) -> Config:
         """The same model and workload with the weights as the checkpoint stores them, streamed the
-        plainest way (read at each pass, nothing held, nothing ahead): what a lossy codec is measured against."""
+        plainest way (read at each pass, nothing held, nothing ahead, no draft): what a lossy codec is measured
+        against."""
         return replace(
             self, compression=NoCompressionConfig(), cache=DiskCacheConfig(), prefetch=PrefetchOffConfig(),
-            residency=NoResidencyConfig(),
+            residency=NoResidencyConfig(), decoding=DecodingConfig(),
         )
 
 
