@@ -113,7 +113,8 @@ def run_job(
     console: Console | None = None,
     run_name: str | None = None,
 ) -> RunReport | None:
-    """Run one configuration end to end; the MLflow run ends FAILED with the reason if anything raises.
+    """Run one configuration end to end; the MLflow run ends FAILED with the reason if anything raises (KILLED
+    when interrupted).
 
     None: a peer that cannot run here was skipped (`runner.skip_unavailable`), and no run was logged.
     """
