@@ -87,3 +87,12 @@ def test_aggregate_mean_std_cv() -> None:
     assert out["tpot_s_cv"] == pytest.approx(2**0.5 / 2)
     assert "x_cv" not in out  # a zero mean has no coefficient of variation
     assert aggregate([{"tpot_s": 1.0}]) == {"tpot_s": 1.0}
+
+
+def test_a_batchs_throughput_counts_every_sequences_tokens() -> None:
+    from harness.measurement.metrics import token_metrics
+
+    # Three steps of a batch of two; the second sequence ended (EOS) after the second step.
+    m = token_metrics(0.0, [1.0, 2.0, 3.0], sequences=[[5, 6, 7], [8, 9]])
+    assert m["tpot_s"] == 1.0 and m["decode_tokens_per_s"] == (2 + 1) / 2.0
+    assert token_metrics(0.0, [1.0, 2.0, 3.0], sequences=[[5, 6, 7]])["decode_tokens_per_s"] == 1.0

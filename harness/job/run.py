@@ -43,11 +43,7 @@ def generation_metrics(streamer: Streamer, gen: Generation) -> dict[str, float]:
     """Everything one generation measured: token timing, bytes per pass, stage shares and the cross-check."""
     rows = gen.timeline.rows(streamer.runner.stages)
     read_per_pass = per_pass(rows, "read_bytes")
-    metrics = token_metrics(gen.start_s, gen.token_times_s)
-    decode_s = gen.token_times_s[-1] - gen.token_times_s[0]
-    if len(gen.sequences) > 1 and decode_s > 0:
-        # Every sequence's tokens after the first step: the batch's throughput, not one sequence's.
-        metrics["decode_tokens_per_s"] = sum(max(len(s) - 1, 0) for s in gen.sequences) / decode_s
+    metrics = token_metrics(gen.start_s, gen.token_times_s, gen.sequences)
     metrics.update(
         prompt_tokens=float(len(gen.prompt_ids)),
         passes=float(len(read_per_pass)),

@@ -38,10 +38,13 @@ def percentile(values: Sequence[float], q: float) -> float:
     return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
 
 
-def token_metrics(start_s: float, token_times_s: Sequence[float]) -> dict[str, float]:
+def token_metrics(
+    start_s: float, token_times_s: Sequence[float], sequences: Sequence[Sequence[int]] = ()
+) -> dict[str, float]:
     """TTFT, inter-token latencies and their summary, from the clock readings of one generation.
 
-    `start_s`: the prompt is tokenized; `token_times_s[i]`: new token i is on the host.
+    `start_s`: the prompt is tokenized; `token_times_s[i]`: new token i is on the host (with a batch,
+    `sequences`, step i's tokens).
     Per-token latency covers tokens 2..N (the gaps between consecutive tokens), so a run
     with one new token has a TTFT and no decode figures: they are absent, not zero.
     """
@@ -58,7 +61,9 @@ def token_metrics(start_s: float, token_times_s: Sequence[float]) -> dict[str, f
             token_latency_p99_s=percentile(gaps, 99),
         )
         if decode_s > 0:
-            metrics["decode_tokens_per_s"] = len(gaps) / decode_s
+            # A batch's step yields a token per live sequence: every sequence's tokens after the first step count.
+            decoded = sum(max(len(seq) - 1, 0) for seq in sequences) if len(sequences) > 1 else len(gaps)
+            metrics["decode_tokens_per_s"] = decoded / decode_s
     return metrics
 
 

@@ -65,7 +65,7 @@ def run_peer(
         del model
         gc.collect()
     vram.check()
-    report = RunReport().add(aggregate([token_metrics(start_s, times) for _, start_s, times in runs]))
+    report = RunReport().add(aggregate([token_metrics(start_s, times, seqs) for seqs, start_s, times in runs]))
     report.prompt_tokens = float(len(prompts[0]))
     report.load_s = load_s
     report.add(vram.metrics())
