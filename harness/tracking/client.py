@@ -134,6 +134,34 @@ def _plain(obj: Any) -> Any:
     return str(obj)
 
 
+class TrackingServerUnreachable(RuntimeError):
+    pass
+
+
+# Long enough for a server on another machine; MLflow's own client retries for about four minutes instead.
+SERVER_CHECK_TIMEOUT_S = 5.0
+
+
+def check_server(uri: str) -> None:
+    """An http(s) tracking URI must answer MLflow's /health now: fail in seconds, before any heavy work."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    from urllib.error import URLError
+    from urllib.request import urlopen
+
+    try:
+        with urlopen(f"{uri.rstrip('/')}/health", timeout=SERVER_CHECK_TIMEOUT_S) as response:
+            if response.status == 200:
+                return
+            reason = f"HTTP {response.status}"
+    except (URLError, OSError) as exc:
+        reason = str(getattr(exc, "reason", exc))
+    raise TrackingServerUnreachable(
+        f"the MLflow tracking server at {uri} does not answer ({reason}): start it (README, \"Running on several "
+        "machines\") or point tracking.uri at a running one"
+    )
+
+
 class RunTracker:
     """One MLflow run, logged through its own client so trackers never share hidden state."""
 
@@ -145,6 +173,7 @@ class RunTracker:
         self.experiment = experiment
         self.run_id: str | None = None
         self._ended = False
+        check_server(uri)
         db_path = sqlite_db_path(uri)
         lock = contextlib.nullcontext()
         if db_path is not None:
