@@ -20,7 +20,7 @@ from harness.checkpoints.generated import ensure_checkpoint
 from harness.config import Config, ModelConfig, conf_dir
 from harness.measurement.metrics import device_clock
 from harness.measurement.timeline import StageClock
-from harness.measurement.vram import GIB, decoded_unit_bytes
+from harness.measurement.vram import GIB, decoded_bytes
 from harness.runner.pipeline import LayerPipeline
 from harness.runner.streaming import LayerStreamingRunner
 from harness.split.writer import ensure_split
@@ -72,9 +72,9 @@ def build_draft(
     codec = strategies.build(codec_cfg)
     layout, _ = ensure_split(ckpt_dir, config, codec, splits_root, verify=cfg.split.verify, encode_device=device)
     units = layout.units
-    stored = sum({layout.file(u): layout.file_bytes(u) for u in units}.values())
+    stored = layout.files_bytes(units)
     shared = {u for u in units if u == "lm_head" and layout.file(u) == layout.file("embed")}
-    decoded = sum(decoded_unit_bytes(config, u) for u in units if u not in shared)
+    decoded = decoded_bytes(config, [u for u in units if u not in shared])
     decoded_once = decoded <= budget_bytes
     if not decoded_once and stored > budget_bytes:
         raise ValueError(

@@ -12,9 +12,9 @@ from pathlib import Path
 
 from harness.config import Config
 from harness.job.comparisons import link_floor, pass_seq_len
-from harness.job.streamer import Streamer, batch_prompt_ids
+from harness.job.streamer import Streamer
 from harness.measurement.units import format_metric
-from harness.measurement.vram import decoded_unit_bytes
+from harness.measurement.vram import decoded_bytes
 
 
 @dataclass
@@ -42,13 +42,12 @@ def make_plan(streamer: Streamer, cfg: Config, outputs_dir: Path) -> Plan:
     layout, pipeline = streamer.layout, streamer.pipeline
     resident = streamer.residency.units
     streamed = [u for u in layout.units if u not in resident]
-    # A tied lm_head reads the embedding's file: a file is read once per pass whichever units share it.
-    stored = float(sum({layout.file(u): layout.file_bytes(u) for u in streamed}.values()))
+    stored = float(layout.files_bytes(streamed))  # a file shared by units is read once a pass
     read = stored if pipeline.cache.rereads else 0.0
     h2d = 0.0 if streamer.device.type == "cpu" else stored  # on a CPU host memory is the device's
     # Every unit decodes on every pass, the resident ones too (they stay in their stored form).
-    decoded = float(sum(decoded_unit_bytes(streamer.config, u) for u in layout.units))
-    n_prompt = max(len(p) for p in batch_prompt_ids(streamer.tokenizer, cfg.workload))
+    decoded = float(decoded_bytes(streamer.config, layout.units))
+    n_prompt = max(len(p) for p in streamer.prompts)
     floor, *_ = link_floor(
         streamer, cfg, outputs_dir, disk_bytes=read, h2d_bytes=h2d, dequant_bytes=decoded,
         seq_len=pass_seq_len(streamer, n_prompt, cfg.workload.max_new_tokens) * cfg.workload.batch_size,

@@ -7,7 +7,6 @@ The job never names an option: the VRAM pre-check asks the built strategies what
 from __future__ import annotations
 
 import json
-import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -32,8 +31,6 @@ from harness.split.writer import SplitStats, ensure_split
 
 if TYPE_CHECKING:
     from harness.job.draft import Draft
-
-log = logging.getLogger(__name__)
 
 
 def load_model_config(ckpt_dir: Path) -> LlamaConfig:
@@ -145,6 +142,7 @@ class Streamer:
     device: torch.device
     split_stats: SplitStats
     residency: ResidencyPlan
+    prompts: list[list[int]]  # the workload's prompt ids, tokenized once (one, or a batch)
     draft: Draft | None = None  # decoding=speculative's
 
     @property
@@ -172,7 +170,8 @@ def build_streamer(
     ckpt_dir = ensure_checkpoint(cfg.model, outputs_dir)
     config = load_model_config(ckpt_dir)
     tokenizer = AutoTokenizer.from_pretrained(ckpt_dir)
-    longest = max(len(p) for p in batch_prompt_ids(tokenizer, cfg.workload))
+    prompts = batch_prompt_ids(tokenizer, cfg.workload)
+    longest = max(len(p) for p in prompts)
     check_context(longest, cfg.workload.max_new_tokens, config, cfg.model.name)
     codec = strategies.build(cfg.compression)
     prefetcher = strategies.build(cfg.prefetch, device=device)
@@ -219,21 +218,15 @@ def build_streamer(
     resident_bytes = pipeline.keep_resident(layout, resident)
     resident_load_s = time.perf_counter() - start
     runner = LayerStreamingRunner(config, units, pipeline, kv_policy, device, device_clock(device), stages)
+    # What stays and what streams is the plan's to say (harness.job.plan), with the bytes and time it predicts.
     plan = ResidencyPlan(resident, resident_bytes, resident_load_s, budget, residency.active)
-    if plan.active:
-        streamed = [u for u in units if u not in resident]
-        log.info(
-            "residency: %d units resident (%s, %.3g GB, loaded in %.2f s); %d stream every pass (%.3g GB)",
-            len(resident), ", ".join(resident) or "none", resident_bytes / 1e9, resident_load_s, len(streamed),
-            sum({layout.file(u): layout.file_bytes(u) for u in streamed}.values()) / 1e9,
-        )
-    return Streamer(ckpt_dir, config, tokenizer, layout, runner, device, stats, plan, draft)
+    return Streamer(ckpt_dir, config, tokenizer, layout, runner, device, stats, plan, prompts, draft)
 
 
 def generate(
     streamer: Streamer, cfg: Config, keep_logits: bool = False, on_token: Callable[[int], None] | None = None
 ) -> Generation:
-    prompts = batch_prompt_ids(streamer.tokenizer, cfg.workload)
+    prompts = streamer.prompts
     w = cfg.workload
     stop = eos_ids(streamer.config, streamer.tokenizer, streamer.ckpt_dir) if w.stop_at_eos else []
     if streamer.draft is not None:

@@ -162,11 +162,8 @@ def estimate_need_bytes(
     the longest sequence. Activations: a few hidden-state copies and the MLP's intermediate over the
     sequence, plus fp32 logits; KV and activations once per sequence of the batch.
     """
-    dtype = getattr(torch, config.dtype) if isinstance(config.dtype, str) else (config.dtype or torch.float32)
-    # The decoder layer's own parameters, counted on a weightless meta-device copy of transformers' module.
-    with init_empty_weights():
-        layer = LlamaDecoderLayer(config, 0)
-    layer_bytes = compute_module_sizes(layer, dtype=dtype)[""]
+    dtype = model_dtype(config)
+    layer_bytes = decoder_layer_bytes(config)
     largest = max(layer_bytes, config.vocab_size * config.hidden_size * dtype.itemsize)
     weights = int(largest * (1 + layers_ahead) + largest * stored_fraction)
     kv = 2 * kv_layers * config.num_key_value_heads * config.head_dim * max_seq * dtype.itemsize * batch
@@ -175,15 +172,25 @@ def estimate_need_bytes(
     return {"weights": weights, "kv": kv, "activations": activations, "total": weights + kv + activations}
 
 
-def decoded_unit_bytes(config: LlamaConfig, unit: str) -> int:
-    """A unit's weights as computed on, in the model's dtype (what a codec decodes them back to)."""
-    dtype = config.dtype if isinstance(config.dtype, torch.dtype) else getattr(torch, str(config.dtype))
-    if unit.startswith("layers."):
-        with init_empty_weights():
-            layer = LlamaDecoderLayer(config, 0)
-        return compute_module_sizes(layer, dtype=dtype)[""]
-    elements = config.hidden_size if unit == "norm" else config.vocab_size * config.hidden_size
-    return elements * dtype.itemsize
+def model_dtype(config: LlamaConfig) -> torch.dtype:
+    dtype = config.dtype
+    return getattr(torch, dtype) if isinstance(dtype, str) else (dtype or torch.float32)
+
+
+def decoder_layer_bytes(config: LlamaConfig) -> int:
+    """One decoder layer's parameters, counted on a weightless meta-device copy of transformers' module."""
+    with init_empty_weights():
+        layer = LlamaDecoderLayer(config, 0)
+    return compute_module_sizes(layer, dtype=model_dtype(config))[""]
+
+
+def decoded_bytes(config: LlamaConfig, units: list[str]) -> int:
+    """These units' weights as computed on, in the model's dtype (what a codec decodes them back to)."""
+    itemsize = model_dtype(config).itemsize
+    layers = sum(u.startswith("layers.") for u in units)
+    others = sum(config.hidden_size if u == "norm" else config.vocab_size * config.hidden_size
+                 for u in units if not u.startswith("layers."))
+    return (decoder_layer_bytes(config) if layers else 0) * layers + others * itemsize
 
 
 def check_fits(need: dict[str, int], cap_gib: float, context_bytes: int) -> None:

@@ -12,10 +12,9 @@ from __future__ import annotations
 import psutil
 import torch
 from accelerate import infer_auto_device_map, init_empty_weights
-from accelerate.utils import compute_module_sizes
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from harness.measurement.vram import GIB, VramCapExceeded
+from harness.measurement.vram import GIB, VramCapExceeded, decoder_layer_bytes, model_dtype
 from harness.peers.base import LoadRequest
 
 OFFLOAD_TO = {"disk": "disk", "ram": "cpu"}  # cache choice -> accelerate's device_map value
@@ -32,8 +31,8 @@ def offload_device_map(config: LlamaConfig, request: LoadRequest) -> dict[str, s
         return {**dict.fromkeys(names, "cpu"), **dict.fromkeys(layers, offload_to), "lm_head": "cpu"}
     budget = request.vram_budget_bytes
     # An offloaded layer is moved onto the device for its forward: leave room for the largest one.
-    dtype = config.dtype if isinstance(config.dtype, torch.dtype) else getattr(torch, str(config.dtype))
-    layer_bytes = compute_module_sizes(meta.model.layers[0], dtype=dtype)[""]
+    dtype = model_dtype(config)
+    layer_bytes = decoder_layer_bytes(config)
     if budget is not None:
         budget -= layer_bytes
         if budget <= 0:

@@ -233,9 +233,9 @@ class LayerStreamingRunner:
             logits = self.forward(step_input, cache, attention_mask=mask)
             tokens = sampler(ids, logits)
             result.token_times_s.append(self.clock())
-            for sequence, token, index in zip(result.sequences, tokens, range(len(ended)), strict=True):
+            for index, token in enumerate(tokens):
                 if not ended[index]:
-                    sequence.append(token)
+                    result.sequences[index].append(token)
                     ended[index] = token in eos_token_ids
             if keep_logits:
                 result.logits.append(logits.cpu())

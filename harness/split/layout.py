@@ -57,6 +57,10 @@ class SplitLayout:
     def file_bytes(self, unit: str) -> int:
         return self.record(unit)["bytes"]
 
+    def files_bytes(self, units: list[str]) -> int:
+        """The bytes of the files these units read, each file once (a tied lm_head reads embed's)."""
+        return sum({self.file(u): self.file_bytes(u) for u in units}.values())
+
     def readers(self, unit: str) -> int:
         return self._readers_by_file[self.record(unit)["file"]]
 
