@@ -38,7 +38,9 @@ class Plan:
         )
 
 
-def make_plan(streamer: Streamer, cfg: Config, outputs_dir: Path) -> Plan:
+def make_plan(
+    streamer: Streamer, cfg: Config, outputs_dir: Path, kept_mapping_bytes_per_s: float | None = None
+) -> Plan:
     layout, pipeline = streamer.layout, streamer.pipeline
     resident = streamer.residency.units
     streamed = [u for u in layout.units if u not in resident]
@@ -51,6 +53,7 @@ def make_plan(streamer: Streamer, cfg: Config, outputs_dir: Path) -> Plan:
     floor, *_ = link_floor(
         streamer, cfg, outputs_dir, disk_bytes=read, h2d_bytes=h2d, dequant_bytes=decoded,
         seq_len=pass_seq_len(streamer, n_prompt, cfg.workload.max_new_tokens) * cfg.workload.batch_size,
+        kept_mapping_bytes_per_s=kept_mapping_bytes_per_s,
     )
     overlapped = pipeline.prefetcher.layers_ahead > 0
     predicted = floor.floor_s if overlapped else sum(floor.per_link_s.values())

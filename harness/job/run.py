@@ -20,7 +20,13 @@ from rich.text import Text
 import strategies
 from harness.config import Config
 from harness.device import resolve_device
-from harness.job.comparisons import compression_quality, floor_metrics, read_metrics, reference_metrics
+from harness.job.comparisons import (
+    compression_quality,
+    floor_metrics,
+    kept_mapping_metrics,
+    read_metrics,
+    reference_metrics,
+)
 from harness.job.plan import make_plan
 from harness.job.streamer import Streamer, build_streamer, eos_ids, generate
 from harness.measurement.environment import environment_tags
@@ -179,8 +185,10 @@ def stream_job(cfg: Config, outputs_dir: Path, device: torch.device, console: Co
     """layerbench's own runner: split, stream, measure, and compare with the floor and the references."""
     with VramMonitor(device, cfg.vram.cap_gib) as vram:
         streamer = build_streamer(cfg, outputs_dir, device, vram)
-        plan = make_plan(streamer, cfg, outputs_dir) if cfg.probe.enabled else None
-        if plan is not None:
+        own_links, plan = {}, None
+        if cfg.probe.enabled:
+            own_links = kept_mapping_metrics(streamer, cfg)
+            plan = make_plan(streamer, cfg, outputs_dir, own_links.get("kept_mapping_bytes_per_s"))
             console.print(Text(plan.describe(streamer.residency.bytes)))
         with Progress(console=console, transient=True) as progress:
             task = progress.add_task("generate", total=cfg.workload.max_new_tokens * cfg.bench.warmup)
@@ -194,6 +202,7 @@ def stream_job(cfg: Config, outputs_dir: Path, device: torch.device, console: Co
     gen = gens[-1]
     report = RunReport().add(aggregate([generation_metrics(streamer, g) for g in gens]))
     report.add(streamer.split_metrics())
+    report.add(own_links)
     report.add(streamer.residency.metrics(streamer.config.num_hidden_layers))
     report.add(vram.metrics())
     report.peak_rss_bytes = float(peak_rss_bytes())

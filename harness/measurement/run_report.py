@@ -62,6 +62,8 @@ class RunReport:
     # Cold page cache: the read stage against a plain sequential read of the same files, dropped first.
     plain_read_bytes_per_s: float | None = figure()
     read_efficiency: float | None = figure("read / plain sequential read")
+    # Warm: one pass over the run's own kept mappings, made resident again (the warm disk link it is priced at).
+    kept_mapping_bytes_per_s: float | None = figure()
     # Prefetch off: the worst pass's |wall - sum of stages| / wall. Prefetch on: time hidden / hideable.
     crosscheck_residual: float | None = figure()
     overlap_efficiency: float | None = figure()
