@@ -110,12 +110,11 @@ def eos_ids(config: LlamaConfig, tokenizer: PreTrainedTokenizerBase, ckpt_dir: P
 
 @dataclass
 class ResidencyPlan:
-    """The units kept on the device for the whole run (residency), what they take, and the room they had."""
+    """The units kept on the device for the whole run (residency), what they take, and how long they took to load."""
 
     units: list[str]
     bytes: int
     load_s: float
-    budget_bytes: int
     active: bool  # the policy may keep units (residency=auto); without it there are no figures to log
 
     def metrics(self, num_layers: int) -> dict[str, float]:
@@ -219,7 +218,7 @@ def build_streamer(
     resident_load_s = time.perf_counter() - start
     runner = LayerStreamingRunner(config, units, pipeline, kv_policy, device, device_clock(device), stages)
     # What stays and what streams is the plan's to say (harness.job.plan), with the bytes and time it predicts.
-    plan = ResidencyPlan(resident, resident_bytes, resident_load_s, budget, residency.active)
+    plan = ResidencyPlan(resident, resident_bytes, resident_load_s, residency.active)
     return Streamer(ckpt_dir, config, tokenizer, layout, runner, device, stats, plan, prompts, draft)
 
 
