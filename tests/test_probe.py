@@ -2,6 +2,8 @@ from __future__ import annotations
 
 import json
 import math
+import threading
+import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -120,7 +122,8 @@ def test_load_or_measure_caches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     assert fake.calls == 1
     path = store.cache_path(cpu, tmp_path / "cache")
     assert path.is_file() and path.name.endswith("-cpu.json")
-    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary file left behind
+    # No temporary file left behind (the measurement's lock file stays: flock, not its existence, locks).
+    assert sorted(p.name for p in path.parent.iterdir()) == [path.name, path.name + ".lock"]
 
     monkeypatch.setattr(store, "measure_link_rates", _refuse)
     assert load_or_measure(cpu, tmp_path / "cache", tmp_path / "scratch") == first
@@ -129,6 +132,32 @@ def test_load_or_measure_caches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     refreshed = load_or_measure(cpu, tmp_path / "cache", tmp_path / "scratch", refresh=True)
     assert fake.calls == 2 and refreshed.measured_at == "call 2"
     assert json.loads(path.read_text())["measured_at"] == "call 2"
+
+
+def test_jobs_missing_the_cache_at_once_measure_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A parallel sweep's jobs start with no cached rates: one measures, the others wait and read its file."""
+    cpu = torch.device("cpu")
+    fake = _Counter(_rates(device="cpu", h2d_pinned_bytes_per_s=None, h2d_pageable_bytes_per_s=None))
+    started = threading.Barrier(3)
+
+    def slow_measure(device: torch.device, scratch_dir: Path, **kwargs: object) -> LinkRates:
+        time.sleep(0.3)  # long enough for the other jobs to find the cache still missing
+        return fake(device, scratch_dir)
+
+    monkeypatch.setattr(store, "measure_link_rates", slow_measure)
+    results: list[LinkRates] = []
+
+    def job() -> None:
+        started.wait()
+        results.append(load_or_measure(cpu, tmp_path / "cache", tmp_path / "scratch"))
+
+    threads = [threading.Thread(target=job) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert fake.calls == 1
+    assert [r.measured_at for r in results] == ["call 1"] * 3
 
 
 @pytest.mark.parametrize(

@@ -1,11 +1,14 @@
 """The probe's measurements, cached per machine and device.
 
 They take seconds to tens of seconds and do not change between runs, so each is measured once
-and kept as JSON beside the others; a file that cannot be read back is measured again.
+and kept as JSON beside the others; a file that cannot be read back is measured again. Jobs of a
+parallel sweep (hydra/launcher=ray) that miss the same file measure it once: the others wait on a
+lock and read what it wrote, instead of measuring links and compute while competing for both.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -17,7 +20,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from harness.files import write_atomic
+from harness.files import exclusive_lock, write_atomic
 from harness.probe.compute import measure_head_compute_s, measure_layer_compute_s
 from harness.probe.links import LinkRates, describe_device, device_tag, measure_link_rates
 
@@ -82,33 +85,64 @@ def load_or_measure(
     """The cached rates for this host and device, measuring (and caching) them when there are none,
     when the cached file cannot be read or is for another device, or when `refresh` is set."""
     path = cache_path(device, cache_dir)
-    if not refresh and path.exists():
-        try:
-            rates = _rates_from_json(json.loads(path.read_text(encoding="utf-8")))
-            if rates.device != describe_device(device):
-                raise ValueError(f"measured on {rates.device}, not {describe_device(device)}")
-            logger.info("link rates from %s (measured %s)", path, rates.measured_at)
-            return rates
-        except (OSError, ValueError) as exc:  # JSONDecodeError is a ValueError
-            logger.warning("re-measuring: cached link rates %s are unusable (%s)", path, exc)
-    rates = measure_link_rates(device, scratch_dir, size_bytes=size_bytes, repeats=repeats)
-    _write_json(path, asdict(rates))
+    if not refresh and (rates := _cached_rates(path, device)) is not None:
+        return rates
+    with _measuring(path):
+        if not refresh and (rates := _cached_rates(path, device, quiet=True)) is not None:
+            return rates  # another job measured them while this one waited
+        rates = measure_link_rates(device, scratch_dir, size_bytes=size_bytes, repeats=repeats)
+        _write_json(path, asdict(rates))
     logger.info("link rates cached in %s", path)
+    return rates
+
+
+def _measuring(path: Path) -> contextlib.AbstractContextManager[None]:
+    """The lock of one cached measurement, held while it is measured and written."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return exclusive_lock(
+        path.with_name(path.name + ".lock"),
+        on_wait=lambda: logger.info("waiting for another job measuring %s", path.name),
+    )
+
+
+def _cached_rates(path: Path, device: torch.device, quiet: bool = False) -> LinkRates | None:
+    if not path.exists():
+        return None
+    try:
+        rates = _rates_from_json(json.loads(path.read_text(encoding="utf-8")))
+        if rates.device != describe_device(device):
+            raise ValueError(f"measured on {rates.device}, not {describe_device(device)}")
+    except (OSError, ValueError) as exc:  # JSONDecodeError is a ValueError
+        if not quiet:
+            logger.warning("re-measuring: cached link rates %s are unusable (%s)", path, exc)
+        return None
+    logger.info("link rates from %s (measured %s)", path, rates.measured_at)
     return rates
 
 
 def _cached_seconds(path: Path, key: dict[str, object], refresh: bool, measure: Callable[[], float]) -> float:
     """A compute time cached in `path` under `key`, measured (and cached) when absent, stale or damaged."""
-    if not refresh and path.exists():
-        try:
-            cached = json.loads(path.read_text(encoding="utf-8"))
-            if _valid_layer_compute(cached, key):
-                return float(cached["layer_compute_s"])
-        except (OSError, ValueError) as exc:
-            logger.warning("re-measuring: cached compute time %s is unusable (%s)", path, exc)
-    seconds = measure()
-    _write_json(path, {"key": key, "layer_compute_s": seconds})
+    if not refresh and (seconds := _cached_compute_s(path, key)) is not None:
+        return seconds
+    with _measuring(path):
+        if not refresh and (seconds := _cached_compute_s(path, key, quiet=True)) is not None:
+            return seconds
+        seconds = measure()
+        _write_json(path, {"key": key, "layer_compute_s": seconds})
     return seconds
+
+
+def _cached_compute_s(path: Path, key: dict[str, object], quiet: bool = False) -> float | None:
+    if not path.exists():
+        return None
+    try:
+        cached = json.loads(path.read_text(encoding="utf-8"))
+        if _valid_layer_compute(cached, key):
+            return float(cached["layer_compute_s"])
+    except (OSError, ValueError) as exc:
+        if not quiet:
+            logger.warning("re-measuring: cached compute time %s is unusable (%s)", path, exc)
+    return None
 
 
 def load_or_measure_layer_compute_s(
