@@ -6,7 +6,7 @@ import fcntl
 import os
 import threading
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
 
@@ -56,3 +56,10 @@ def exclusive_lock(path: Path, on_wait: Callable[[], None] | None = None) -> Ite
         yield
     finally:
         os.close(fd)  # releases the lock
+
+
+def folder_build_lock(folder: Path, on_wait: Callable[[], None] | None = None) -> AbstractContextManager[None]:
+    """The lock of a folder built whole and renamed into place (a generated or converted checkpoint): who holds
+    it builds, and who waited finds the folder there. Beside the folder, since the folder is not there yet."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    return exclusive_lock(folder.with_name(f".{folder.name}.lock"), on_wait=on_wait)

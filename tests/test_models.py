@@ -9,6 +9,8 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -224,11 +226,39 @@ def test_checkpoint_is_reused_not_rebuilt(tmp_path, monkeypatch, caplog):
     monkeypatch.setattr(models, "build_generated_checkpoint", no_rebuild)
     assert ensure_checkpoint(TINY, tmp_path) == first
     assert {p.name: p.stat().st_mtime_ns for p in first.iterdir()} == mtimes
-    assert [p.name for p in (tmp_path / "models").iterdir()] == [first.name], "no temporary leftovers"
+    leftovers = [p.name for p in (tmp_path / "models").iterdir() if p.name != f".{first.name}.lock"]
+    assert leftovers == [first.name], "no temporary leftovers"
     monkeypatch.undo()
     # another recipe is another directory
     other = ensure_checkpoint(ModelConfig(name="tiny", geometry="tiny", seed=1), tmp_path)
     assert other != first
+
+
+def test_jobs_needing_one_checkpoint_at_once_build_it_once(tmp_path, monkeypatch):
+    """A parallel sweep's jobs all miss the same generated model: one builds it, the others wait and reuse it."""
+    builds = []
+    real_build = models.build_generated_checkpoint
+    started = threading.Barrier(3)
+
+    def counted_build(*args, **kwargs):
+        builds.append(1)
+        time.sleep(0.3)  # the other jobs find it missing meanwhile
+        real_build(*args, **kwargs)
+
+    monkeypatch.setattr(models, "build_generated_checkpoint", counted_build)
+    found = []
+
+    def job():
+        started.wait()
+        found.append(ensure_checkpoint(TINY, tmp_path))
+
+    threads = [threading.Thread(target=job) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(builds) == 1 and len(found) == 3 and len(set(found)) == 1
+    assert (found[0] / "config.json").is_file()
 
 
 def test_builds_are_byte_identical(tiny_dir, tokenizer, tmp_path):

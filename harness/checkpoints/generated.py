@@ -27,6 +27,7 @@ from transformers import GenerationConfig, LlamaConfig, PreTrainedTokenizerFast
 from harness.checkpoints.gguf import ensure_gguf_checkpoint
 from harness.checkpoints.local import validate_local
 from harness.checkpoints.tokenizer import BOS, CORPUS_PATH, EOT, SPECIAL_IDS, STOP_TOKENS, build_tokenizer
+from harness.files import folder_build_lock
 
 if TYPE_CHECKING:
     from harness.config import ModelConfig
@@ -266,6 +267,16 @@ def ensure_checkpoint(model: ModelConfig, outputs_dir: Path) -> Path:
     if (out_dir / "config.json").is_file():
         log.info("reusing generated checkpoint %s", out_dir)
         return out_dir
+    # Jobs of a parallel sweep build it once (the 8B geometry is 16 GB): the others wait, then reuse it.
+    with folder_build_lock(out_dir, on_wait=lambda: log.info("waiting for another job building %s", out_dir)):
+        if (out_dir / "config.json").is_file():
+            log.info("reusing generated checkpoint %s", out_dir)
+            return out_dir
+        _build(model, out_dir)
+    return out_dir
+
+
+def _build(model: ModelConfig, out_dir: Path) -> None:
     tokenizer = build_tokenizer()
     config = llama_config_for(model, len(tokenizer))
     log.info(
@@ -275,10 +286,5 @@ def ensure_checkpoint(model: ModelConfig, outputs_dir: Path) -> Path:
         model.dtype,
         model.seed,
     )
-    try:
-        device = torch.device(model.generator_device)
-        build_generated_checkpoint(out_dir, config, tokenizer, seed=model.seed, shards=model.shards, device=device)
-    except FileExistsError:
-        if not (out_dir / "config.json").is_file():
-            raise
-    return out_dir
+    device = torch.device(model.generator_device)
+    build_generated_checkpoint(out_dir, config, tokenizer, seed=model.seed, shards=model.shards, device=device)

@@ -17,6 +17,8 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from harness.files import folder_build_lock
+
 if TYPE_CHECKING:
     from harness.config import ModelConfig
 
@@ -56,6 +58,15 @@ def ensure_gguf_checkpoint(model: ModelConfig, outputs_dir: Path) -> Path:
     if (out_dir / "config.json").is_file():  # renamed into place only when complete
         log.info("reusing converted checkpoint %s", out_dir)
         return out_dir
+    with folder_build_lock(out_dir, on_wait=lambda: log.info("waiting for another job converting %s", path.name)):
+        if (out_dir / "config.json").is_file():
+            log.info("reusing converted checkpoint %s", out_dir)
+        else:
+            _convert(model, path, out_dir)
+    return out_dir
+
+
+def _convert(model: ModelConfig, path: Path, out_dir: Path) -> None:
     import torch
     from transformers import AutoTokenizer, GenerationConfig, GgufConfig, LlamaForCausalLM
 
@@ -78,12 +89,6 @@ def ensure_gguf_checkpoint(model: ModelConfig, outputs_dir: Path) -> Path:
         # Stop where the instruct model ends its turn, as its own generation settings would.
         eos = sorted({i for i in (llama.config.eos_token_id, tokenizer.eos_token_id) if i is not None})
         GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=eos, do_sample=False).save_pretrained(tmp)
-        try:
-            os.replace(tmp, out_dir)
-        except OSError as err:
-            if not (out_dir / "config.json").is_file():
-                raise
-            log.info("%s was converted by another process meanwhile (%s)", out_dir, err)
+        os.replace(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return out_dir
