@@ -1,9 +1,10 @@
-"""tracking.uri=http://host:port (an `mlflow server` on PostgreSQL) works as the SQLite default does; an
-unreachable server fails in seconds."""
+"""tracking.uri=http://host:port (an `mlflow server` on PostgreSQL) works as the SQLite default does, with
+the sweep's jobs run by Ray (hydra/launcher=ray); an unreachable server fails in seconds."""
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -91,18 +92,69 @@ def test_an_unreachable_server_fails_in_seconds_before_any_work() -> None:
     assert time.monotonic() - start < 30, "MLflow's own client retries for minutes; the check must not"
 
 
-def test_a_sweep_logs_to_a_tracking_server_as_to_sqlite(server: str, tmp_path: Path) -> None:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "harness", "-m", "cache=disk,ram", f"tracking.uri={server}",
-           f"paths.outputs={tmp_path}", "workload.max_new_tokens=3", "probe.enabled=false"]
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+@pytest.fixture(scope="module")
+def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A Ray cluster of one node with 2 CPUs, started apart from the sweep (`ray start --head`), as on a cluster
+    whose workers never see the sweep's environment; stopped at the end. Token authentication is off on this
+    loopback-only cluster."""
+    pytest.importorskip("hydra_plugins.hydra_ray_launcher", reason="needs the ray extra")
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LAYERBENCH_")}
+    env.update(PYTHONPATH=str(ROOT), RAY_AUTH_MODE="disabled")
+    # Ray shortens its socket paths from this folder; pytest's tmp paths run past the 107-byte limit.
+    temp_dir = Path(tempfile.mkdtemp(prefix="lb-ray-", dir="/tmp"))
+    ray = Path(sys.executable).with_name("ray")
+    head = subprocess.Popen(
+        [str(ray), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=2",
+         "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={temp_dir}"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    address = f"127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while subprocess.run([str(ray), "status", f"--address={address}"], env=env, capture_output=True).returncode:
+            if time.monotonic() > deadline or head.poll() is not None:
+                pytest.fail("the Ray head node did not start")
+            time.sleep(1)
+        yield address
+    finally:
+        head.terminate()  # --block: the head stops what it started
+        head.wait(timeout=60)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def test_a_ray_sweep_logs_to_a_tracking_server_as_to_sqlite(server: str, ray_cluster: str, tmp_path: Path) -> None:
+    """Four jobs through hydra/launcher=ray on a running cluster, two at once, each in its own worker process;
+    every child, its metrics and artifacts under one FINISHED parent on the server."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_AUTH_MODE": "disabled", "RAY_DEDUP_LOGS": "0"}
+    cmd = [sys.executable, "-m", "harness", "-m", "hydra/launcher=ray",
+           f"+hydra.launcher.ray.init.address={ray_cluster}", "+hydra.launcher.ray.remote.max_calls=1",
+           "cache=disk,ram", "compression=none,8bit",
+           f"tracking.uri={server}", f"paths.outputs={tmp_path}", "workload.max_new_tokens=3", "probe.enabled=false",
+           f"hydra.sweep.dir={tmp_path / 'sweep'}"]  # absolute: a cluster's workers start in their own folder
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # The parent's id reaches the jobs through Ray's runtime_env: the cluster's workers do not inherit the
+    # sweep's environment, and the file the sweep also leaves in its folder is removed as soon as it appears.
+    id_file = tmp_path / "sweep" / "mlflow_parent_run_id"
+    deadline = time.monotonic() + 120
+    while not id_file.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    id_file.unlink(missing_ok=True)
+    output, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, output[-3000:]
+
     client = MlflowClient(server)
     runs = client.search_runs([client.get_experiment_by_name("layerbench").experiment_id])
     (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
-    assert parent.info.status == "FINISHED" and len(children) == 2
+    assert parent.info.status == "FINISHED" and len(children) == 4
+    assert parent.data.tags["layerbench.jobs"] == "4" and parent.data.tags["layerbench.jobs_failed"] == "0"
     for run in children:
         assert run.info.status == "FINISHED" and "tpot_s" in run.data.metrics
         assert {"generation.json", "timeline.csv"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert sorted(r.info.run_name for r in children) == ["disk·8bit", "disk·none", "ram·8bit", "ram·none"]
+    spans = [(r.info.start_time, r.info.end_time) for r in children]
+    at_once = max(sum(start <= t < end for start, end in spans) for t, _ in spans)
+    assert at_once == 2, f"{at_once} jobs ran at once, not 2: {spans}"
+    assert len(set(re.findall(r"_run_job pid=(\d+)", output))) == 4, "each job in its own worker process"
     assert not (tmp_path / "mlflow.db").exists(), "nothing went to the local SQLite default"

@@ -418,3 +418,26 @@ def test_runs_are_named_by_what_differs() -> None:
     assert job_run_name(["compression=4bit", "cache=disk", "workload.prompt=hi"], groups, None) == "4bit·disk"
     assert job_run_name(["workload.max_new_tokens=3", "+experiment=perf"], groups, None) == "default"
     assert job_run_name([], groups, None) == "default"
+
+
+def test_ray_jobs_get_the_parent_through_runtime_env_keeping_the_users_variables() -> None:
+    from omegaconf import OmegaConf
+
+    from harness.tracking.sweep import RAY_LAUNCHER, _hand_to_ray_jobs
+
+    config = OmegaConf.create({"hydra": {"launcher": {
+        "_target_": RAY_LAUNCHER,
+        "ray": {"init": {"address": "ray://head:10001",
+                         "runtime_env": {"env_vars": {"HF_HOME": "/data", "X": "mine"}}}},
+    }}})
+    OmegaConf.set_readonly(config, True)  # as Hydra hands it over
+    _hand_to_ray_jobs(config, {"LAYERBENCH_PARENT_RUN_ID": "abc", "X": "ours"})
+    init = config.hydra.launcher.ray.init
+    assert dict(init.runtime_env.env_vars) == {"LAYERBENCH_PARENT_RUN_ID": "abc", "HF_HOME": "/data", "X": "mine"}
+    # Joining a running cluster, ray.init refuses the object store size the plugin would otherwise add.
+    assert "object_store_memory" in init and init.object_store_memory is None
+
+    basic_launcher = "hydra._internal.core_plugins.basic_launcher.BasicLauncher"
+    basic = OmegaConf.create({"hydra": {"launcher": {"_target_": basic_launcher}}})
+    _hand_to_ray_jobs(basic, {"LAYERBENCH_PARENT_RUN_ID": "abc"})
+    assert "ray" not in basic.hydra.launcher

@@ -19,7 +19,7 @@ from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from hydra.utils import to_absolute_path
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from harness.measurement.environment import environment_tags
 from harness.tracking.client import ROLE_TAG, RunTracker, config_params, default_tracking_uri
@@ -36,6 +36,7 @@ PARENT_ERROR_ENV = "LAYERBENCH_PARENT_ERROR"
 # The keys a sweep varies, for its jobs to name their runs by (JSON list, beside the parent id).
 SWEEP_KEYS_FILE = "mlflow_sweep_keys.json"
 SEPARATOR = "·"
+RAY_LAUNCHER = "hydra_plugins.hydra_ray_launcher.ray_launcher.RayLauncher"
 
 
 def sweep_keys_and_size(config: DictConfig) -> tuple[list[str], int]:
@@ -89,13 +90,31 @@ def _sweep_dir(config: DictConfig) -> Path:
     return Path(to_absolute_path(str(config.hydra.sweep.dir)))
 
 
+def _hand_to_ray_jobs(config: DictConfig, env: dict[str, str]) -> None:
+    """With hydra/launcher=ray, put `env` in the runtime_env Ray starts every worker with, on this machine or
+    a cluster's others: a file in the sweep folder reaches only a shared filesystem. The launcher reads its
+    config after this callback, when it starts Ray; variables the user set there are kept."""
+    if OmegaConf.select(config, "hydra.launcher._target_", default=None) != RAY_LAUNCHER:
+        return
+    with read_write(config), open_dict(config):
+        init = config.hydra.launcher.ray.init
+        runtime_env = init.get("runtime_env") or {}
+        env_vars = {**env, **(runtime_env.get("env_vars") or {})}
+        init.runtime_env = {**runtime_env, "env_vars": env_vars}
+        if init.get("address") and "object_store_memory" not in init:
+            # The plugin sets a small object store for its own CI whatever the address, and ray.init refuses
+            # any size when it joins a running cluster; None keeps the plugin's default out.
+            init.object_store_memory = None
+
+
 class MlflowSweepCallback(Callback):
     """Makes a Hydra multirun one parent MLflow run, with each job's run as its child.
 
-    The parent run id reaches the jobs through a file in the sweep directory, which works for
-    any launcher that shares the filesystem. Hydra's BasicSweeper re-raises a failed job's
-    exception after its batch, so ``on_multirun_end`` never runs then: an atexit handler closes
-    the parent on that path.
+    The parent run id reaches the jobs through this process's environment (the basic launcher's jobs run
+    here), Ray's runtime_env (hydra/launcher=ray, on any machine) and a file in the sweep directory (other
+    launchers that share the filesystem). Jobs that ran elsewhere end elsewhere: the parent then counts
+    its children in the store. Hydra's BasicSweeper re-raises a failed job's exception after its batch, so
+    ``on_multirun_end`` never runs then: an atexit handler closes the parent on that path.
     """
 
     def __init__(self) -> None:
@@ -146,11 +165,13 @@ class MlflowSweepCallback(Callback):
             # Hydra turns a callback's exception into a warning and runs the jobs anyway; they would log
             # orphans under no parent. They fail instead, with this reason (parent_run_id_for_job).
             os.environ[PARENT_ERROR_ENV] = f"{type(exc).__name__}: {exc}"
+            _hand_to_ray_jobs(config, {PARENT_ERROR_ENV: os.environ[PARENT_ERROR_ENV]})
             raise
         self.tracker = tracker
         atexit.register(self._close_at_exit)
         os.environ[PARENT_RUN_ID_ENV] = str(tracker.run_id)
         os.environ[SWEEP_KEYS_ENV] = json.dumps(keys)
+        _hand_to_ray_jobs(config, {PARENT_RUN_ID_ENV: str(tracker.run_id), SWEEP_KEYS_ENV: json.dumps(keys)})
         sweep_dir.mkdir(parents=True, exist_ok=True)
         (sweep_dir / SWEEP_KEYS_FILE).write_text(json.dumps(keys) + "\n", encoding="utf-8")
         id_file.write_text(f"{tracker.run_id}\n", encoding="utf-8")
@@ -179,11 +200,25 @@ class MlflowSweepCallback(Callback):
         except Exception:  # at exit there is nobody left to handle it; say so and move on
             logger.exception("could not close the MLflow parent run of the sweep")
 
+    def _count_children(self) -> None:
+        from harness.report.fetch import fetch_runs
+
+        assert self.tracker is not None
+        children = fetch_runs(self.tracker.client, self.tracker.experiment_id, parent_run_id=self.tracker.run_id,
+                              status="ALL")
+        self.jobs = len(children)
+        self.failed_jobs = [
+            f"{run.info.run_name}: {run.info.status}" for run in children if run.info.status != "FINISHED"
+        ]
+
     def _close(self, *, finished_sweep: bool) -> None:
         with self._lock:
             if self.tracker is None or self._closed:
                 return
             self._closed = True
+            if self.jobs == 0:
+                # The jobs ran in other processes (hydra/launcher=ray): what ended is in the store.
+                self._count_children()
             failed = len(self.failed_jobs)
             if failed:
                 reason = f"{failed} of {self.jobs} jobs failed"
