@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -18,7 +19,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from harness.tracking.client import RunTracker, TrackingServerUnreachable
+from harness.tracking.client import FAILURE_REASON_TAG, RunTracker, TrackingServerUnreachable
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -158,3 +159,33 @@ def test_a_ray_sweep_logs_to_a_tracking_server_as_to_sqlite(server: str, ray_clu
     assert at_once == 2, f"{at_once} jobs ran at once, not 2: {spans}"
     assert len(set(re.findall(r"_run_job pid=(\d+)", output))) == 4, "each job in its own worker process"
     assert not (tmp_path / "mlflow.db").exists(), "nothing went to the local SQLite default"
+
+
+def test_sigterm_to_a_ray_sweep_ends_the_parent_and_its_running_jobs(ray_cluster: str, tmp_path: Path) -> None:
+    """Ray's driver would abort on SIGTERM and leave every run RUNNING; the jobs die with the driver, unable to
+    end their own runs: the parent ends them KILLED and itself FAILED, with the reasons."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_AUTH_MODE": "disabled"}
+    cmd = [sys.executable, "-m", "harness", "-m", "hydra/launcher=ray",
+           f"+hydra.launcher.ray.init.address={ray_cluster}", "compression=none,8bit", "kv_cache=none",
+           "workload.max_new_tokens=1500", f"paths.outputs={tmp_path}", "probe.enabled=false",
+           f"hydra.sweep.dir={tmp_path / 'sweep'}"]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+
+    def runs() -> list:
+        experiment = client.get_experiment_by_name("layerbench") if (tmp_path / "mlflow.db").exists() else None
+        return client.search_runs([experiment.experiment_id]) if experiment else []
+
+    deadline = time.monotonic() + 180
+    while len(runs()) < 3:  # the parent and both jobs' runs
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0][-3000:]
+        time.sleep(0.5)
+    proc.terminate()
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode not in (0, -signal.SIGABRT), output[-3000:]
+    (parent,) = [r for r in runs() if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs() if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert parent.info.status == "FAILED" and parent.data.tags["layerbench.jobs"] == "2"
+    assert [r.info.status for r in children] == ["KILLED", "KILLED"]
+    assert all(r.data.tags[FAILURE_REASON_TAG] == "the sweep was stopped before this job ended" for r in children)
+    assert parent.data.tags[FAILURE_REASON_TAG] == "2 of 2 jobs failed"

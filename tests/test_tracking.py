@@ -420,24 +420,43 @@ def test_runs_are_named_by_what_differs() -> None:
     assert job_run_name([], groups, None) == "default"
 
 
-def test_ray_jobs_get_the_parent_through_runtime_env_keeping_the_users_variables() -> None:
+def test_ray_jobs_get_the_parent_through_runtime_env_and_sigterm_stays_ours(monkeypatch: pytest.MonkeyPatch) -> None:
+    import signal
+    import types
+
     from omegaconf import OmegaConf
 
-    from harness.tracking.sweep import RAY_LAUNCHER, _hand_to_ray_jobs
+    from harness.tracking.sweep import RAY_LAUNCHER, _start_ray
 
-    config = OmegaConf.create({"hydra": {"launcher": {
-        "_target_": RAY_LAUNCHER,
-        "ray": {"init": {"address": "ray://head:10001",
-                         "runtime_env": {"env_vars": {"HF_HOME": "/data", "X": "mine"}}}},
-    }}})
-    OmegaConf.set_readonly(config, True)  # as Hydra hands it over
-    _hand_to_ray_jobs(config, {"LAYERBENCH_PARENT_RUN_ID": "abc", "X": "ours"})
-    init = config.hydra.launcher.ray.init
-    assert dict(init.runtime_env.env_vars) == {"LAYERBENCH_PARENT_RUN_ID": "abc", "HF_HOME": "/data", "X": "mine"}
-    # Joining a running cluster, ray.init refuses the object store size the plugin would otherwise add.
-    assert "object_store_memory" in init and init.object_store_memory is None
+    calls: list[dict] = []
+
+    def init(**kwargs: object) -> None:
+        calls.append(kwargs)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # as Ray's driver replaces it
+
+    fake_ray = types.SimpleNamespace(is_initialized=lambda: False, shutdown=lambda: None, init=init)
+    monkeypatch.setitem(sys.modules, "ray", fake_ray)
+
+    def ours(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, ours)
+    try:
+        config = OmegaConf.create({"hydra": {"launcher": {
+            "_target_": RAY_LAUNCHER,
+            "ray": {"init": {"address": "ray://head:10001", "num_cpus": 2,
+                             "runtime_env": {"env_vars": {"HF_HOME": "/data", "X": "mine"}}}},
+        }}})
+        OmegaConf.set_readonly(config, True)  # as Hydra hands it over
+        _start_ray(config, {"LAYERBENCH_PARENT_RUN_ID": "abc", "X": "ours"})
+        assert signal.getsignal(signal.SIGTERM) is ours
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    (kwargs,) = calls
+    assert kwargs["runtime_env"] == {"env_vars": {"LAYERBENCH_PARENT_RUN_ID": "abc", "HF_HOME": "/data", "X": "mine"}}
+    # The plugin's own object-store size is not passed: ray.init refuses any when it joins a running cluster.
+    assert {k: v for k, v in kwargs.items() if k != "runtime_env"} == {"address": "ray://head:10001", "num_cpus": 2}
 
     basic_launcher = "hydra._internal.core_plugins.basic_launcher.BasicLauncher"
-    basic = OmegaConf.create({"hydra": {"launcher": {"_target_": basic_launcher}}})
-    _hand_to_ray_jobs(basic, {"LAYERBENCH_PARENT_RUN_ID": "abc"})
-    assert "ray" not in basic.hydra.launcher
+    _start_ray(OmegaConf.create({"hydra": {"launcher": {"_target_": basic_launcher}}}), {"X": "y"})
+    assert len(calls) == 1, "Ray is started only for hydra/launcher=ray"

@@ -10,6 +10,7 @@ import atexit
 import json
 import logging
 import os
+import signal
 import threading
 from pathlib import Path
 from typing import Any
@@ -19,10 +20,10 @@ from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from hydra.utils import to_absolute_path
-from omegaconf import DictConfig, OmegaConf, open_dict, read_write
+from omegaconf import DictConfig, OmegaConf
 
 from harness.measurement.environment import environment_tags
-from harness.tracking.client import ROLE_TAG, RunTracker, config_params, default_tracking_uri
+from harness.tracking.client import FAILURE_REASON_TAG, ROLE_TAG, RunTracker, config_params, default_tracking_uri
 
 logger = logging.getLogger(__name__)
 
@@ -90,21 +91,32 @@ def _sweep_dir(config: DictConfig) -> Path:
     return Path(to_absolute_path(str(config.hydra.sweep.dir)))
 
 
-def _hand_to_ray_jobs(config: DictConfig, env: dict[str, str]) -> None:
-    """With hydra/launcher=ray, put `env` in the runtime_env Ray starts every worker with, on this machine or
-    a cluster's others: a file in the sweep folder reaches only a shared filesystem. The launcher reads its
-    config after this callback, when it starts Ray; variables the user set there are kept."""
+def _start_ray(config: DictConfig, env: dict[str, str]) -> None:
+    """With hydra/launcher=ray, start Ray here, before the launcher would, for two reasons:
+
+    - `env` (the parent's id) must reach every job, on this machine or a cluster's others, where a file in
+      the sweep folder reaches only a shared filesystem: Ray's runtime_env carries it (the user's own
+      runtime_env variables are kept);
+    - Ray's driver replaces the SIGTERM handler with one that aborts the process, which would leave the
+      parent RUNNING: the handlers in place before are put back.
+
+    The launcher then finds Ray running and uses it. Its own init settings apply, less the small object
+    store it sets for its CI, which ray.init refuses when it joins a running cluster.
+    """
     if OmegaConf.select(config, "hydra.launcher._target_", default=None) != RAY_LAUNCHER:
         return
-    with read_write(config), open_dict(config):
-        init = config.hydra.launcher.ray.init
-        runtime_env = init.get("runtime_env") or {}
-        env_vars = {**env, **(runtime_env.get("env_vars") or {})}
-        init.runtime_env = {**runtime_env, "env_vars": env_vars}
-        if init.get("address") and "object_store_memory" not in init:
-            # The plugin sets a small object store for its own CI whatever the address, and ray.init refuses
-            # any size when it joins a running cluster; None keeps the plugin's default out.
-            init.object_store_memory = None
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()  # an earlier sweep's in this process: its runtime_env names the other parent
+    init = OmegaConf.to_container(config.hydra.launcher.ray.init, resolve=True)
+    runtime_env = dict(init.pop("runtime_env", None) or {})
+    runtime_env["env_vars"] = {**env, **(runtime_env.get("env_vars") or {})}
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    ray.init(runtime_env=runtime_env, **init)
+    for sig, handler in handlers.items():
+        if handler is not None:
+            signal.signal(sig, handler)
 
 
 class MlflowSweepCallback(Callback):
@@ -165,13 +177,13 @@ class MlflowSweepCallback(Callback):
             # Hydra turns a callback's exception into a warning and runs the jobs anyway; they would log
             # orphans under no parent. They fail instead, with this reason (parent_run_id_for_job).
             os.environ[PARENT_ERROR_ENV] = f"{type(exc).__name__}: {exc}"
-            _hand_to_ray_jobs(config, {PARENT_ERROR_ENV: os.environ[PARENT_ERROR_ENV]})
+            _start_ray(config, {PARENT_ERROR_ENV: os.environ[PARENT_ERROR_ENV]})
             raise
         self.tracker = tracker
         atexit.register(self._close_at_exit)
         os.environ[PARENT_RUN_ID_ENV] = str(tracker.run_id)
         os.environ[SWEEP_KEYS_ENV] = json.dumps(keys)
-        _hand_to_ray_jobs(config, {PARENT_RUN_ID_ENV: str(tracker.run_id), SWEEP_KEYS_ENV: json.dumps(keys)})
+        _start_ray(config, {PARENT_RUN_ID_ENV: str(tracker.run_id), SWEEP_KEYS_ENV: json.dumps(keys)})
         sweep_dir.mkdir(parents=True, exist_ok=True)
         (sweep_dir / SWEEP_KEYS_FILE).write_text(json.dumps(keys) + "\n", encoding="utf-8")
         id_file.write_text(f"{tracker.run_id}\n", encoding="utf-8")
@@ -200,16 +212,25 @@ class MlflowSweepCallback(Callback):
         except Exception:  # at exit there is nobody left to handle it; say so and move on
             logger.exception("could not close the MLflow parent run of the sweep")
 
-    def _count_children(self) -> None:
+    def _count_children(self, *, finished_sweep: bool) -> None:
+        """The jobs' outcomes from the store, for jobs that ran in other processes. A stopped sweep's jobs
+        stop with it (Ray ends a driver's tasks when the driver exits), and a job killed outright cannot end
+        its own run: the parent ends those still RUNNING as KILLED."""
         from harness.report.fetch import fetch_runs
 
         assert self.tracker is not None
-        children = fetch_runs(self.tracker.client, self.tracker.experiment_id, parent_run_id=self.tracker.run_id,
-                              status="ALL")
+        client = self.tracker.client
+        children = fetch_runs(client, self.tracker.experiment_id, parent_run_id=self.tracker.run_id, status="ALL")
         self.jobs = len(children)
-        self.failed_jobs = [
-            f"{run.info.run_name}: {run.info.status}" for run in children if run.info.status != "FINISHED"
-        ]
+        self.failed_jobs = []
+        for run in children:
+            status = run.info.status
+            if status == "RUNNING" and not finished_sweep:
+                client.set_tag(run.info.run_id, FAILURE_REASON_TAG, "the sweep was stopped before this job ended")
+                client.set_terminated(run.info.run_id, status="KILLED")
+                status = "KILLED"
+            if status != "FINISHED":
+                self.failed_jobs.append(f"{run.info.run_name}: {status}")
 
     def _close(self, *, finished_sweep: bool) -> None:
         with self._lock:
@@ -218,7 +239,7 @@ class MlflowSweepCallback(Callback):
             self._closed = True
             if self.jobs == 0:
                 # The jobs ran in other processes (hydra/launcher=ray): what ended is in the store.
-                self._count_children()
+                self._count_children(finished_sweep=finished_sweep)
             failed = len(self.failed_jobs)
             if failed:
                 reason = f"{failed} of {self.jobs} jobs failed"
