@@ -6,10 +6,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 import strategies.cache.files as files_mod
 from harness.job.streamer import build_streamer, generate
-from strategies.cache.files import read_layer_file
+from harness.runner.pipeline import packed_span, unpack
+from strategies.cache.files import FileLayout, PinnedRing, read_layer_file, read_packed
 
 
 def _file_mappings() -> list[tuple[int, int, str]]:
@@ -74,3 +76,65 @@ def test_a_cold_disk_run_is_held_against_a_plain_read_of_its_files(make_cfg) -> 
     assert ram.read_efficiency is None, "after its warm-up cache=ram reads nothing: no figure, not 0"
     warm = run_job(make_cfg("cache=disk", "workload.max_new_tokens=3"), {}, choices={"cache": "disk"}, overrides=[])
     assert warm.read_efficiency is None, "a warm run is not read against storage twice"
+
+
+# --- the CUDA staging path (packed reads into reused page-locked slots), on the CPU with pinning off
+
+
+@pytest.mark.parametrize("compression", ["none", "8bit", "4bit"])
+def test_a_packed_read_holds_the_files_tensors_in_one_buffer(make_cfg, compression: str) -> None:
+    cfg = make_cfg(f"compression={compression}")
+    layout = build_streamer(cfg, Path(cfg.paths.outputs), torch.device("cpu")).layout
+    for unit in layout.units:
+        path = layout.file(unit)
+        expected = load_file(path)
+        file_layout = FileLayout.of(path)
+        buffer = torch.full((file_layout.data_bytes + 17,), 0xAB, dtype=torch.uint8)  # a slot may be larger
+        packed = read_packed(path, file_layout, buffer)
+        assert packed.keys() == expected.keys()
+        for key, t in packed.items():
+            assert t.dtype == expected[key].dtype and torch.equal(t, expected[key]), f"{unit}: {key}"
+            assert t.untyped_storage().data_ptr() == buffer.data_ptr(), f"{unit}: {key} is not a view of the slot"
+        # What the pipeline copies to the device: the span, in one piece, and views of the copy.
+        host, starts = packed_span(packed)
+        assert host.numel() == file_layout.data_bytes
+        copy = host.clone()
+        moved = unpack(copy, packed, starts)
+        assert all(torch.equal(moved[k], expected[k]) for k in expected)
+        assert all(t.untyped_storage().data_ptr() == copy.data_ptr() for t in moved.values())
+
+
+def test_tensors_of_separate_buffers_are_not_taken_for_a_packed_layer() -> None:
+    a, b = torch.ones(4), torch.zeros(4)
+    assert packed_span({"a": a, "b": b}) is None
+    buffer = torch.zeros(64, dtype=torch.uint8)
+    assert packed_span({"a": buffer[0:16].view(torch.float32), "b": buffer[17:19]}) is not None
+    # A float32 view 19 bytes into the span would be misaligned in a copy of the span alone.
+    assert packed_span({"a": buffer[1:17], "b": buffer[20:28].view(torch.float32)}) is None
+
+
+def test_the_ring_hands_out_its_slots_in_turn_and_grows_them() -> None:
+    ring = PinnedRing(2, torch.device("cpu"))
+    first, second = ring.slot(100), ring.slot(50)
+    assert first.data_ptr() != second.data_ptr() and first.numel() == 100
+    assert ring.slot(80).data_ptr() == first.data_ptr(), "reused, not allocated again"
+    assert ring.slot(200).numel() == 200, "a larger file grows its slot"
+    assert ring.bytes_held == 100 + 200
+
+
+@pytest.mark.parametrize("prefetch", ["off", "on"])
+def test_disk_cache_through_staging_slots_generates_as_the_mapped_path(make_cfg, prefetch: str) -> None:
+    """cache=disk as on CUDA (files read into two reused slots; tied embeddings in their own), with the
+    same tokens and logits as the mapped path, which the reference matrix checks against transformers."""
+    cfg = make_cfg("cache=disk", "compression=4bit", f"prefetch={prefetch}", "workload.max_new_tokens=4",
+                   "+model.config_overrides.tie_word_embeddings=true", "workload.stop_at_eos=false")
+    mapped = generate(build_streamer(cfg, Path(cfg.paths.outputs), torch.device("cpu")), cfg, keep_logits=True)
+    streamer = build_streamer(cfg, Path(cfg.paths.outputs), torch.device("cpu"))
+    cache = streamer.pipeline.cache
+    cache._ring = PinnedRing(2, torch.device("cpu"))  # what a CUDA device gets; pinning is off on the CPU
+    staged = generate(streamer, cfg, keep_logits=True)
+    assert staged.generated_ids == mapped.generated_ids
+    assert all(torch.equal(a, b) for a, b in zip(staged.logits, mapped.logits, strict=True))
+    assert set(cache._own_slot) == {streamer.layout.file("embed")}, "the tied file has its own slot"
+    assert 0 < cache.bytes_held <= 2 * max(streamer.layout.file_bytes(u) for u in streamer.layout.units) + \
+        streamer.layout.file_bytes("embed")

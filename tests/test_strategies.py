@@ -176,11 +176,11 @@ def test_bad_strategy_values_are_refused(make_cfg) -> None:
 @pytest.mark.gpu
 @pytest.mark.parametrize(("cache_", "compression", "prefetch", "kv_cache"), [
     ("ram", "none", "off", "device"), ("ram", "none", "on", "device"), ("disk", "4bit", "on", "offload"),
-    ("ram", "8bit", "off", "none"),
+    ("ram", "8bit", "off", "none"), ("disk", "none", "off", "device"), ("disk", "8bit", "on", "device"),
 ], ids="-".join)
 def test_combination_on_cuda(make_cfg, cache_: str, compression: str, prefetch: str, kv_cache: str) -> None:
-    """The CUDA paths against transformers on the GPU: the plain runner, pinned RAM copies, the prefetch
-    copy stream, bitsandbytes' CUDA kernels, K/V offload."""
+    """The CUDA paths against transformers on the GPU: the plain runner, packed pinned RAM copies, the disk
+    cache's page-locked staging slots, the prefetch copy stream, bitsandbytes' CUDA kernels, K/V offload."""
     cfg = make_cfg(
         "device=cuda", f"cache={cache_}", f"compression={compression}", f"prefetch={prefetch}",
         f"kv_cache={kv_cache}", f"workload.max_new_tokens={NEW_TOKENS}", "workload.stop_at_eos=false",

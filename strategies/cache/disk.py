@@ -3,6 +3,9 @@
 With a warm page cache the OS page cache is the cache: each file stays mapped, and every pass
 faults in again whatever pages the OS evicted since the last one (that is the pass's read). With
 a cold page cache each pass maps the file afresh after dropping it, so the read comes from storage.
+
+On CUDA nothing is mapped: each file's data is read straight into a reused page-locked staging slot
+(`PinnedRing`), from which the layer goes to the device in one asynchronous copy.
 """
 
 from __future__ import annotations
@@ -13,7 +16,14 @@ import torch
 
 from strategies.cache.base import LayerFiles
 from strategies.cache.configs import DiskCacheConfig
-from strategies.cache.files import make_resident, read_layer_file
+from strategies.cache.files import (
+    FileLayout,
+    PinnedRing,
+    drop_page_cache,
+    make_resident,
+    read_layer_file,
+    read_packed,
+)
 
 
 class DiskCache:
@@ -27,6 +37,11 @@ class DiskCache:
         # to its last, so a pass reads it once. Path -> (tensors, readers still to come).
         self._shared: dict[Path, tuple[dict[str, torch.Tensor], int]] = {}
         self._mapped: dict[Path, dict[str, torch.Tensor]] = {}  # page_cache=warm: one mapping per file
+        self.device = device
+        self._ring = PinnedRing(2, device) if device.type == "cuda" else None
+        # A file several units read stays in its own slot until its last reader's copy (the ring moves on).
+        self._own_slot: dict[Path, PinnedRing] = {}
+        self._layouts: dict[Path, FileLayout] = {}
 
     def get(self, name: str) -> dict[str, torch.Tensor]:
         path = self.files.file(name)
@@ -36,12 +51,22 @@ class DiskCache:
                 self._shared[path] = (tensors, left - 1)
             return tensors
         self.bytes_read += self.files.file_bytes(name)
-        tensors = self._read(path)
-        if (readers := self.files.readers(name)) > 1:
+        readers = self.files.readers(name)
+        tensors = self._read(path, readers)
+        if readers > 1:
             self._shared[path] = (tensors, readers - 1)
         return tensors
 
-    def _read(self, path: Path) -> dict[str, torch.Tensor]:
+    def _read_staged(self, path: Path, readers: int) -> dict[str, torch.Tensor]:
+        if self.cfg.page_cache == "cold":
+            drop_page_cache(path)
+        layout = self._layouts.get(path) or self._layouts.setdefault(path, FileLayout.of(path))
+        ring = self._ring if readers == 1 else self._own_slot.setdefault(path, PinnedRing(1, self.device))
+        return read_packed(path, layout, ring.slot(layout.data_bytes))
+
+    def _read(self, path: Path, readers: int) -> dict[str, torch.Tensor]:
+        if self._ring is not None:
+            return self._read_staged(path, readers)
         if self.cfg.page_cache == "cold":
             # Mapped afresh: a mapping kept from the last pass would keep its pages from being dropped.
             return read_layer_file(path, "cold")
@@ -54,5 +79,7 @@ class DiskCache:
 
     @property
     def bytes_held(self) -> int:
-        """Host bytes kept between passes: none of the process's own (mapped file pages are the OS's to evict)."""
-        return 0
+        """Host bytes kept between passes: on CUDA the staging slots; else none of the process's own (mapped
+        file pages are the OS's to evict)."""
+        rings = [self._ring, *self._own_slot.values()] if self._ring is not None else []
+        return sum(ring.bytes_held for ring in rings)

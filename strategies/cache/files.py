@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import math
 import mmap
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 log = logging.getLogger(__name__)
@@ -81,13 +84,100 @@ def read_layer_file(path: Path, page_cache: str, pin: bool = False) -> dict[str,
     """A layer file's tensors in host memory, read with the page-cache policy asked for.
 
     Not pinned: views of the file's mapping, every page resident (no copy; on the CPU the layer
-    computes on them). Pinned (for CUDA's async copies): one copy straight from the mapping into
-    page-locked memory.
+    computes on them). Pinned (for CUDA's async copies): the file's data read straight into one
+    page-locked buffer, its tensors views of it, so that the layer moves to the device in one copy.
     """
     if page_cache == "cold":
         drop_page_cache(path)
-    tensors = load_file(path)
     if pin:
-        return {key: t.pin_memory() for key, t in tensors.items()}
+        layout = FileLayout.of(path)
+        return read_packed(path, layout, torch.empty(layout.data_bytes, dtype=torch.uint8, pin_memory=True))
+    tensors = load_file(path)
     make_resident(tensors)
     return tensors
+
+
+# safetensors' dtype names (the format's own, stable) for the dtypes a split holds.
+_DTYPES = {
+    "BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
+    "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64,
+    "BOOL": torch.bool,
+}
+
+
+@dataclass(frozen=True)
+class FileLayout:
+    """Where a layer file's tensors lie: its data section (after the header) holds them back to back, in
+    offset order, with no holes (safetensors requires both); each tensor's start is aligned to its dtype."""
+
+    data_start: int
+    data_bytes: int
+    tensors: tuple[tuple[str, torch.dtype, tuple[int, ...], int], ...]  # key, dtype, shape, offset in data
+
+    @classmethod
+    def of(cls, path: Path) -> FileLayout:
+        tensors, offset = [], 0
+        with safe_open(path, framework="pt") as f:
+            for key in f.offset_keys():
+                info = f.get_slice(key)
+                dtype, shape = _DTYPES[info.get_dtype()], tuple(info.get_shape())
+                tensors.append((key, dtype, shape, offset))
+                offset += math.prod(shape) * dtype.itemsize
+        return cls(os.path.getsize(path) - offset, offset, tuple(tensors))
+
+
+def read_packed(path: Path, layout: FileLayout, out: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Read a layer file's data section straight into `out` (uint8, at least `layout.data_bytes`; pinned for
+    CUDA's async copies) and return its tensors as views of `out`: one buffer, one read, one copy to the
+    device. Read with readinto, not mapped: the bytes go from the page cache (or storage) to `out` once."""
+    view = memoryview(out.numpy()).cast("B")[: layout.data_bytes]
+    with open(path, "rb", buffering=0) as f:
+        f.seek(layout.data_start)
+        done = 0
+        while done < layout.data_bytes:
+            n = f.readinto(view[done:])
+            if not n:
+                raise EOFError(f"{path} ended {layout.data_bytes - done} bytes early: the split is damaged")
+            done += n
+    return {
+        key: out[offset : offset + math.prod(shape) * dtype.itemsize].view(dtype).view(shape)
+        for key, dtype, shape, offset in layout.tensors
+    }
+
+
+class PinnedRing:
+    """Reusable page-locked staging buffers for layer files read on every pass (cache=disk on CUDA).
+
+    A slot may be refilled only once the host-to-device copy from it has finished. That copy is issued by
+    the thread that asked for the slot, on its current stream, before it asks for the next one (the
+    pipeline reads, then copies, one unit at a time): so each request records an event on the current stream
+    for the slot handed out before it, and waits for the event of the slot it hands out now. Two slots let
+    a read overlap the copy before it; more would only wait longer. A slot grows to the largest file it
+    receives (one pass in, the ring stops allocating).
+    """
+
+    def __init__(self, slots: int, device: torch.device) -> None:
+        self.device = device
+        self.pin = device.type == "cuda"
+        self._buffers: list[torch.Tensor | None] = [None] * slots
+        self._copied: list[torch.cuda.Event | None] = [None] * slots
+        self._next = 0
+        self._last: int | None = None
+
+    def slot(self, nbytes: int) -> torch.Tensor:
+        """A buffer of at least `nbytes` that no copy still reads from."""
+        if self._last is not None and self.pin:
+            event = self._copied[self._last] = torch.cuda.Event()
+            event.record(torch.cuda.current_stream(self.device))
+        index, self._next = self._next, (self._next + 1) % len(self._buffers)
+        if (event := self._copied[index]) is not None:
+            event.synchronize()
+        buffer = self._buffers[index]
+        if buffer is None or buffer.numel() < nbytes:
+            self._buffers[index] = buffer = torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.pin)
+        self._last = index
+        return buffer
+
+    @property
+    def bytes_held(self) -> int:
+        return sum(b.numel() for b in self._buffers if b is not None)
