@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import mmap
 from pathlib import Path
 
 import pytest
@@ -11,7 +13,7 @@ from safetensors.torch import load_file
 import strategies.cache.files as files_mod
 from harness.job.streamer import build_streamer, generate
 from harness.runner.pipeline import packed_span, unpack
-from strategies.cache.files import FileLayout, PinnedRing, read_layer_file, read_packed
+from strategies.cache.files import FileLayout, PinnedRing, make_resident, read_layer_file, read_packed
 
 
 def _file_mappings() -> list[tuple[int, int, str]]:
@@ -138,3 +140,28 @@ def test_disk_cache_through_staging_slots_generates_as_the_mapped_path(make_cfg,
     assert set(cache._own_slot) == {streamer.layout.file("embed")}, "the tied file has its own slot"
     assert 0 < cache.bytes_held <= 2 * max(streamer.layout.file_bytes(u) for u in streamer.layout.units) + \
         streamer.layout.file_bytes("embed")
+
+
+def test_a_kept_mapping_is_scanned_and_populated_only_where_pages_are_missing(make_cfg, monkeypatch) -> None:
+    cfg = make_cfg("cache=disk")
+    path = build_streamer(cfg, Path(cfg.paths.outputs), torch.device("cpu")).layout.file("layers.00")
+    files_mod.drop_page_cache(path)
+    # A plain mapping of the cold file (safetensors' own load reads the pages in as it maps them).
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) as mapped:
+        tensors = {"file": torch.frombuffer(mapped, dtype=torch.uint8)}
+        in_memory = functools.partial(files_mod._mincore.all_in, tensors["file"].data_ptr(), len(mapped))
+        if in_memory() is not False:
+            pytest.skip("this filesystem keeps the file in memory whatever is dropped (tmpfs, overlay)")
+        populated: list[int] = []
+        with monkeypatch.context() as patch:
+            patch.setattr(files_mod, "_populate", lambda start, length: populated.append(length) or True)
+            make_resident(tensors, kept=True)
+        assert populated, "pages out of memory were not read"
+        make_resident(tensors)
+        assert in_memory() is True
+        with monkeypatch.context() as patch:
+            patch.setattr(files_mod, "_populate", lambda start, length: populated.append(length) or True)
+            populated.clear()
+            make_resident(tensors, kept=True)
+        assert not populated, "a kept mapping whose pages are all in memory is walked again"
+        tensors.clear()  # before the mapping closes: the tensor exports its buffer

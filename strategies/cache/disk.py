@@ -74,7 +74,7 @@ class DiskCache:
         if tensors is None:
             tensors = self._mapped[path] = read_layer_file(path, "warm")
         else:
-            make_resident(tensors)
+            make_resident(tensors, kept=True)
         return tensors
 
     @property

@@ -51,6 +51,32 @@ class _Populate:
 _populate = _Populate()
 
 
+class _Mincore:
+    """mincore(2): which pages of a mapping are in memory, one byte per page. Over a mapping whose pages
+    are all mapped it only scans page tables: 2.2 ms for the 1B geometry's 2.47 GB split, where
+    MADV_POPULATE_READ walks the same pages in 92 ms doing nothing."""
+
+    def __init__(self) -> None:
+        self.libc = ctypes.CDLL(None, use_errno=True) if os.name == "posix" else None
+        if self.libc is not None:
+            self.libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+        self._vector = ctypes.create_string_buffer(0)
+
+    def all_in(self, start: int, length: int) -> bool | None:
+        """True when every page of the range is in memory; None where this cannot be asked."""
+        if self.libc is None:
+            return None
+        pages = -(-length // mmap.PAGESIZE)
+        if len(self._vector) < pages:
+            self._vector = ctypes.create_string_buffer(pages)
+        if self.libc.mincore(start, length, self._vector) != 0:
+            return None
+        return 0 not in self._vector.raw[:pages]
+
+
+_mincore = _Mincore()
+
+
 def drop_page_cache(path: Path) -> None:
     """Evict the file's pages from the OS page cache, so the next read comes from storage.
 
@@ -65,13 +91,21 @@ def drop_page_cache(path: Path) -> None:
         os.close(fd)
 
 
-def make_resident(tensors: dict[str, torch.Tensor]) -> None:
-    """Fault in every page of mapped host tensors now: from the page cache, or from storage when cold."""
+def make_resident(tensors: dict[str, torch.Tensor], kept: bool = False) -> None:
+    """Fault in every page of mapped host tensors now: from the page cache, or from storage when cold.
+
+    kept: the mapping was made resident before (the disk cache's warm pass). Its pages stay mapped until
+    the OS evicts them, so a page-table scan finds whether any must be read again, and only then are they.
+    A fresh mapping is always populated: its pages may sit in the page cache yet be unmapped, and each
+    would fault in the compute instead of being timed as read.
+    """
     if not tensors:
         return
     start = min(t.data_ptr() for t in tensors.values())
     end = max(t.data_ptr() + t.nbytes for t in tensors.values())
     start -= start % mmap.PAGESIZE
+    if kept and _mincore.all_in(start, end - start):
+        return
     if _populate(start, end - start):
         return
     for t in tensors.values():
