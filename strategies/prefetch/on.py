@@ -25,6 +25,8 @@ class PrefetchOn:
         self.layers_ahead = cfg.depth
         # Streams exist only on CUDA; elsewhere the worker thread alone gives the overlap.
         self.copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        # One worker for every pass: a pool per pass started and joined a thread each token.
+        self._pool: ThreadPoolExecutor | None = None
 
     def _load(self, load: Callable[[str], DeviceLayer], name: str) -> tuple[DeviceLayer, torch.cuda.Event | None]:
         if self.copy_stream is None:
@@ -49,16 +51,22 @@ class PrefetchOn:
         names = list(names)
         pending: deque[Future] = deque()
         submitted = 0
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch") as pool:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch")
+        pool = self._pool
 
-            def fill() -> None:
-                nonlocal submitted
-                while submitted < len(names) and len(pending) < self.layers_ahead:
-                    pending.append(pool.submit(self._load, load, names[submitted]))
-                    submitted += 1
+        def fill() -> None:
+            nonlocal submitted
+            while submitted < len(names) and len(pending) < self.layers_ahead:
+                pending.append(pool.submit(self._load, load, names[submitted]))
+                submitted += 1
 
+        try:
             fill()
             while pending:
                 layer, ready = pending.popleft().result()
                 fill()  # layers i+1 .. i+depth now load while layer i computes
                 yield self._hand_over(layer, ready)
+        finally:
+            for future in pending:  # a pass abandoned midway: nothing keeps loading for it
+                future.cancel()
