@@ -47,8 +47,8 @@ def link_floor(
         # bounds its disk link. On the 1B geometry the scratch file read 2.0 GB/s cold, the split's files 0.86.
         disk_rates = replace(rates, disk_read_cold_bytes_per_s=plain_read_bytes_per_s)
     if kept_mapping_bytes_per_s is not None:
-        # Warm, likewise: re-populating the run's own kept mappings ran at 22 GB/s on the 1B geometry's split,
-        # the probe's 256 MiB scratch file at 111 GB/s.
+        # Warm, likewise: a pass over the run's own kept mappings (a page-table scan when nothing was evicted)
+        # depends on how much is mapped; the probe's 256 MiB scratch file is not the run's split.
         disk_rates = replace(disk_rates, page_cache_bytes_per_s=kept_mapping_bytes_per_s)
     codec = streamer.pipeline.codec
     floor = token_floor(
