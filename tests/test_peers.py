@@ -90,11 +90,12 @@ def test_peer_gives_transformers_greedy_tokens(runner: str, make_cfg: Callable[.
     (run,) = client.search_runs([client.get_experiment_by_name("layerbench").experiment_id])
     params = run.data.params
     assert params["runner"] == runner and params["compression"] == "none" and params["kv_cache"] == "device"
-    # Strategy options the peer does not use are none of its params: prefetch for both, cache for transformers.
-    assert "prefetch" not in params and not any(key.startswith("prefetch.") for key in params)
-    assert ("cache" in params) == (runner == "accelerate") and "cache.pin_memory" not in params
+    # Strategy options the peer does not use are none of its params: cache and prefetch for transformers.
+    assert ("cache" in params) == ("prefetch" in params) == (runner == "accelerate")
+    assert "cache.pin_memory" not in params and not any(key.startswith("prefetch.") for key in params)
     if runner == "accelerate":
         assert params["cache"] == "disk"  # its own way on a CPU: every decoder layer offloaded to disk
+        assert params["prefetch"] == "off"  # its hooks load a layer as its forward starts
     artifact = client.download_artifacts(run.info.run_id, "generation.json", str(tmp_path))
     generated = json.loads(Path(artifact).read_text())
     assert len(generated["generated_ids"]) == 6 and "token_latency_s" in run.data.metrics

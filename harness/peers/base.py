@@ -106,7 +106,9 @@ PEERS = {
         ),
         PeerSpec(
             "accelerate",
-            options={"cache": ("disk", "ram"), "compression": ("none",), "kv_cache": ("device", "none")},
+            # prefetch: off only: its hooks load each layer's weights as its forward starts.
+            options={"cache": ("disk", "ram"), "compression": ("none",), "prefetch": ("off",),
+                     "kv_cache": ("device", "none")},
             target="harness.peers.offload:OffloadPeer",
         ),
         PeerSpec(
