@@ -34,7 +34,7 @@ def test_a_peer_runs_its_own_way_unless_told_and_refuses_by_name_what_it_cannot_
     accelerate, airllm, resident = PEERS["accelerate"], PEERS["airllm"], PEERS["transformers"]
     # Nothing chosen on the command line: each peer's own way, not layerbench's defaults.
     assert accelerate.choices(LAYERBENCH_DEFAULTS, set()) == {"cache": "disk", "compression": "none",
-                                                              "kv_cache": "device"}
+                                                              "prefetch": "off", "kv_cache": "device"}
     assert airllm.choices(LAYERBENCH_DEFAULTS, set())["prefetch"] == "on"
     # A family the peer has no counterpart for is not among its options (nor, so, its params).
     assert "cache" not in resident.choices(LAYERBENCH_DEFAULTS, set())
@@ -48,6 +48,8 @@ def test_a_peer_runs_its_own_way_unless_told_and_refuses_by_name_what_it_cannot_
         airllm.choices({**LAYERBENCH_DEFAULTS, "kv_cache": "offload"}, {"kv_cache"})
     with pytest.raises(RunnerUnavailable, match=r"runner=accelerate cannot run compression=4bit"):
         accelerate.choices({**LAYERBENCH_DEFAULTS, "compression": "4bit"}, {"compression"})
+    with pytest.raises(RunnerUnavailable, match=r"runner=accelerate cannot run prefetch=on"):
+        accelerate.choices({**LAYERBENCH_DEFAULTS, "prefetch": "on"}, {"prefetch"})
 
 
 def test_explicit_families_come_from_the_overrides() -> None:
