@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import signal
+import sys
 from types import FrameType
 
 import hydra
@@ -47,7 +49,20 @@ def _terminate(signum: int, frame: FrameType | None) -> None:
     raise Terminated(signal.Signals(signum).name)
 
 
+def missing_launcher(argv: list[str]) -> str | None:
+    """What to install when the command line asks for a launcher whose Hydra plugin is absent (Hydra itself
+    would only list the launchers it has, after the sweep's parent run exists)."""
+    if not any(arg.lstrip("+") == "hydra/launcher=ray" for arg in argv):
+        return None
+    if importlib.util.find_spec("hydra_plugins.hydra_ray_launcher") is not None:
+        return None
+    return ("hydra/launcher=ray needs Hydra's Ray launcher: pip install 'layerbench[ray]' "
+            "(or pip install -e '.[ray]' in a checkout)")
+
+
 if __name__ == "__main__":
+    if (problem := missing_launcher(sys.argv[1:])) is not None:
+        sys.exit(problem)
     signal.signal(signal.SIGTERM, _terminate)
     register_configs()
     main()

@@ -460,3 +460,14 @@ def test_ray_jobs_get_the_parent_through_runtime_env_and_sigterm_stays_ours(monk
     basic_launcher = "hydra._internal.core_plugins.basic_launcher.BasicLauncher"
     _start_ray(OmegaConf.create({"hydra": {"launcher": {"_target_": basic_launcher}}}), {"X": "y"})
     assert len(calls) == 1, "Ray is started only for hydra/launcher=ray"
+
+
+def test_a_missing_ray_launcher_is_named_with_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    from harness.__main__ import missing_launcher
+
+    assert missing_launcher(["-m", "cache=disk,ram"]) is None
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    assert "pip install 'layerbench[ray]'" in missing_launcher(["-m", "hydra/launcher=ray", "cache=disk,ram"])
+    assert missing_launcher(["-m", "+hydra/launcher=ray"]) is not None

@@ -71,7 +71,7 @@ class _Mincore:
             self._vector = ctypes.create_string_buffer(pages)
         if self.libc.mincore(start, length, self._vector) != 0:
             return None
-        return 0 not in self._vector.raw[:pages]
+        return 0 not in ctypes.string_at(self._vector, pages)  # a copy of these pages' bytes, not the whole buffer
 
 
 _mincore = _Mincore()
