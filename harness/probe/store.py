@@ -8,7 +8,6 @@ lock and read what it wrote, instead of measuring links and compute while compet
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
@@ -16,7 +15,7 @@ import socket
 from collections.abc import Callable
 from dataclasses import asdict, fields
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import torch
 
@@ -28,6 +27,7 @@ if TYPE_CHECKING:
     from transformers import LlamaConfig
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 _OPTIONAL_RATES = {
     "h2d_pinned_bytes_per_s",
@@ -85,64 +85,63 @@ def load_or_measure(
     """The cached rates for this host and device, measuring (and caching) them when there are none,
     when the cached file cannot be read or is for another device, or when `refresh` is set."""
     path = cache_path(device, cache_dir)
-    if not refresh and (rates := _cached_rates(path, device)) is not None:
-        return rates
-    with _measuring(path):
-        if not refresh and (rates := _cached_rates(path, device, quiet=True)) is not None:
-            return rates  # another job measured them while this one waited
-        rates = measure_link_rates(device, scratch_dir, size_bytes=size_bytes, repeats=repeats)
-        _write_json(path, asdict(rates))
-    logger.info("link rates cached in %s", path)
-    return rates
 
-
-def _measuring(path: Path) -> contextlib.AbstractContextManager[None]:
-    """The lock of one cached measurement, held while it is measured and written."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return exclusive_lock(
-        path.with_name(path.name + ".lock"),
-        on_wait=lambda: logger.info("waiting for another job measuring %s", path.name),
-    )
-
-
-def _cached_rates(path: Path, device: torch.device, quiet: bool = False) -> LinkRates | None:
-    if not path.exists():
-        return None
-    try:
-        rates = _rates_from_json(json.loads(path.read_text(encoding="utf-8")))
+    def parse(data: object) -> LinkRates:
+        rates = _rates_from_json(data)
         if rates.device != describe_device(device):
             raise ValueError(f"measured on {rates.device}, not {describe_device(device)}")
-    except (OSError, ValueError) as exc:  # JSONDecodeError is a ValueError
-        if not quiet:
-            logger.warning("re-measuring: cached link rates %s are unusable (%s)", path, exc)
-        return None
-    logger.info("link rates from %s (measured %s)", path, rates.measured_at)
-    return rates
+        logger.info("link rates from %s (measured %s)", path, rates.measured_at)
+        return rates
+
+    def measure() -> LinkRates:
+        rates = measure_link_rates(device, scratch_dir, size_bytes=size_bytes, repeats=repeats)
+        logger.info("link rates cached in %s", path)
+        return rates
+
+    return _measured_once(path, refresh, parse, measure, asdict)
+
+
+def _measured_once(
+    path: Path,
+    refresh: bool,
+    parse: Callable[[object], T | None],
+    measure: Callable[[], T],
+    to_json: Callable[[T], object],
+) -> T:
+    """What `path` holds (`parse`: None or ValueError when unusable), else measured and written there.
+
+    Measured under a lock beside the file, and looked for again once it is held: jobs that miss the same
+    file at once measure it once, instead of each measuring while competing with the others."""
+
+    def cached(quiet: bool) -> T | None:
+        if refresh or not path.exists():
+            return None
+        try:
+            return parse(json.loads(path.read_text(encoding="utf-8")))
+        except (OSError, ValueError) as exc:  # JSONDecodeError is a ValueError
+            if not quiet:
+                logger.warning("re-measuring: cached %s is unusable (%s)", path, exc)
+            return None
+
+    if (value := cached(quiet=False)) is not None:
+        return value
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = path.with_name(path.name + ".lock")
+    with exclusive_lock(lock, on_wait=lambda: logger.info("waiting for another job measuring %s", path.name)):
+        if (value := cached(quiet=True)) is not None:
+            return value  # another job measured it while this one waited
+        value = measure()
+        _write_json(path, to_json(value))
+    return value
 
 
 def _cached_seconds(path: Path, key: dict[str, object], refresh: bool, measure: Callable[[], float]) -> float:
     """A compute time cached in `path` under `key`, measured (and cached) when absent, stale or damaged."""
-    if not refresh and (seconds := _cached_compute_s(path, key)) is not None:
-        return seconds
-    with _measuring(path):
-        if not refresh and (seconds := _cached_compute_s(path, key, quiet=True)) is not None:
-            return seconds
-        seconds = measure()
-        _write_json(path, {"key": key, "layer_compute_s": seconds})
-    return seconds
 
+    def parse(data: object) -> float | None:
+        return float(data["layer_compute_s"]) if _valid_layer_compute(data, key) else None
 
-def _cached_compute_s(path: Path, key: dict[str, object], quiet: bool = False) -> float | None:
-    if not path.exists():
-        return None
-    try:
-        cached = json.loads(path.read_text(encoding="utf-8"))
-        if _valid_layer_compute(cached, key):
-            return float(cached["layer_compute_s"])
-    except (OSError, ValueError) as exc:
-        if not quiet:
-            logger.warning("re-measuring: cached compute time %s is unusable (%s)", path, exc)
-    return None
+    return _measured_once(path, refresh, parse, measure, lambda seconds: {"key": key, "layer_compute_s": seconds})
 
 
 def load_or_measure_layer_compute_s(
