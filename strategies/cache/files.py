@@ -23,24 +23,28 @@ from safetensors.torch import load_file
 log = logging.getLogger(__name__)
 
 
+# Python 3.11's mmap module names neither call below, and both apply to the mapping safetensors made,
+# which only its tensors' addresses reveal: hence libc.
+_LIBC = ctypes.CDLL(None, use_errno=True) if os.name == "posix" else None
+if _LIBC is not None:
+    _LIBC.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    _LIBC.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+
+
 class _Populate:
     """madvise(MADV_POPULATE_READ) (Linux 5.14+): fault a mapping's pages in, reading them from storage
-    where needed, without copying them anywhere. Python 3.11's mmap module does not name it, and it can
-    only apply to the mapping safetensors made, which only its tensors' addresses reveal: hence libc."""
+    where needed, without copying them anywhere."""
 
     ADVICE = 22
 
     def __init__(self) -> None:
-        self.libc = ctypes.CDLL(None, use_errno=True) if os.name == "posix" else None
-        if self.libc is not None:
-            self.libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-        self.works = self.libc is not None
+        self.works = _LIBC is not None
 
     def __call__(self, start: int, length: int) -> bool:
         """True when the pages are in; False (and never tried again) where the kernel lacks the advice."""
         if not self.works:
             return False
-        if self.libc.madvise(start, length, self.ADVICE) == 0:
+        if _LIBC.madvise(start, length, self.ADVICE) == 0:
             return True
         self.works = False  # an older kernel (EINVAL) or another libc: the caller touches the pages instead
         log.warning("madvise(MADV_POPULATE_READ) failed (%s): reading layer files by touching each page",
@@ -56,22 +60,16 @@ class _Mincore:
     are all mapped it only scans page tables: 2.2 ms for the 1B geometry's 2.47 GB split, where
     MADV_POPULATE_READ walks the same pages in 92 ms doing nothing."""
 
-    def __init__(self) -> None:
-        self.libc = ctypes.CDLL(None, use_errno=True) if os.name == "posix" else None
-        if self.libc is not None:
-            self.libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
-        self._vector = ctypes.create_string_buffer(0)
-
     def all_in(self, start: int, length: int) -> bool | None:
         """True when every page of the range is in memory; None where this cannot be asked."""
-        if self.libc is None:
+        if _LIBC is None:
             return None
         pages = -(-length // mmap.PAGESIZE)
-        if len(self._vector) < pages:
-            self._vector = ctypes.create_string_buffer(pages)
-        if self.libc.mincore(start, length, self._vector) != 0:
+        # A vector per call: the main thread and the prefetch worker may both ask.
+        vector = ctypes.create_string_buffer(pages)
+        if _LIBC.mincore(start, length, vector) != 0:
             return None
-        return 0 not in ctypes.string_at(self._vector, pages)  # a copy of these pages' bytes, not the whole buffer
+        return 0 not in vector.raw
 
 
 _mincore = _Mincore()
