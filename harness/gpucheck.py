@@ -14,6 +14,7 @@ import argparse
 import importlib.util
 import json
 import logging
+import shutil
 import subprocess
 import sys
 import time
@@ -59,7 +60,7 @@ def install_missing(wheels: Path) -> list[str]:
     return missing
 
 
-def run_gpu_tests(timeout_s: int = 240) -> str:
+def run_gpu_tests(timeout_s: int = 180) -> str:
     """The gpu-marked tests; returns pytest's closing line."""
     cmd = [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider",
            "tests/test_probe.py", "tests/test_strategies.py"]
@@ -86,6 +87,10 @@ def run_one(overrides: list[str]) -> dict[str, Any]:
         log.exception("run %s failed", overrides)
         return {"status": "FAILED", "reason": f"{type(exc).__name__}: {exc}"}
     return {"status": "FINISHED", "metrics": report.metrics()}
+
+
+def _compression(overrides: list[str]) -> str:
+    return next(o.split("=", 1)[1] for o in overrides if o.startswith("compression="))
 
 
 def table(results: dict[str, dict[str, Any]], header: str) -> str:
@@ -117,6 +122,7 @@ def run_check(
     tests: bool,
     extra: list[str],
     probe_mib: int = 256,
+    keep_splits: bool = False,
 ) -> dict[str, Any]:
     """Every step; writes gpucheck.json and gpucheck.md into `outdir` as it goes, so a timeout keeps what ran."""
     import torch
@@ -151,11 +157,19 @@ def run_check(
     if device == "cuda" and model != "tiny":
         common.append("model.generator_device=cuda")
     results: dict[str, dict[str, Any]] = {}
-    for label, overrides in RUNS:
+    splits: set[Path] = set()
+    for i, (label, overrides) in enumerate(RUNS):
         t = time.perf_counter()
         results[label] = run_one([*common, *overrides, *extra])
         summary["steps_s"][label] = time.perf_counter() - t
         save(results)
+        new = set((outputs / "splits").glob("*/*")) - splits
+        if not keep_splits and not any(_compression(o) == _compression(overrides) for _, o in RUNS[i + 1 :]):
+            # The 8B geometry's bf16 checkpoint and its three splits would fill most of a 64 GiB disk.
+            for folder in new:
+                shutil.rmtree(folder, ignore_errors=True)
+            new = set()
+        splits |= new
     summary["total_s"] = time.perf_counter() - started
     save(results)
     return {**summary, "runs": results}
@@ -169,6 +183,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--new-tokens", type=int, default=4)
     parser.add_argument("--outputs", type=Path, default=ROOT / "outputs", help="checkpoints, splits, probe cache")
     parser.add_argument("--skip-tests", action="store_true")
+    parser.add_argument("--keep-splits", action="store_true", help="keep each split (by default one is deleted "
+                        "once no later run reads it, so the 8B's splits fit the GPU machine's disk)")
     parser.add_argument("overrides", nargs="*", help="more Hydra overrides for every run")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -184,6 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = run_check(
         args.outdir.resolve(), device="cuda", model=args.model, new_tokens=args.new_tokens,
         outputs=args.outputs.resolve(), tests=not args.skip_tests, extra=args.overrides,
+        keep_splits=args.keep_splits,
     )
     print((args.outdir / "gpucheck.md").read_text())
     return 0 if all(r["status"] == "FINISHED" for r in summary["runs"].values()) else 1
