@@ -123,6 +123,7 @@ def run_check(
     extra: list[str],
     probe_mib: int = 256,
     keep_splits: bool = False,
+    only: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """Every step; writes gpucheck.json and gpucheck.md into `outdir` as it goes, so a timeout keeps what ran."""
     import torch
@@ -158,13 +159,14 @@ def run_check(
         common.append("model.generator_device=cuda")
     results: dict[str, dict[str, Any]] = {}
     splits: set[Path] = set()
-    for i, (label, overrides) in enumerate(RUNS):
+    runs = [(label, o) for label, o in RUNS if not only or any(word in label for word in only)]
+    for i, (label, overrides) in enumerate(runs):
         t = time.perf_counter()
         results[label] = run_one([*common, *overrides, *extra])
         summary["steps_s"][label] = time.perf_counter() - t
         save(results)
         new = set((outputs / "splits").glob("*/*")) - splits
-        if not keep_splits and not any(_compression(o) == _compression(overrides) for _, o in RUNS[i + 1 :]):
+        if not keep_splits and not any(_compression(o) == _compression(overrides) for _, o in runs[i + 1 :]):
             # The 8B geometry's bf16 checkpoint and its three splits would fill most of a 64 GiB disk.
             for folder in new:
                 shutil.rmtree(folder, ignore_errors=True)
@@ -185,6 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-tests", action="store_true")
     parser.add_argument("--keep-splits", action="store_true", help="keep each split (by default one is deleted "
                         "once no later run reads it, so the 8B's splits fit the GPU machine's disk)")
+    parser.add_argument("--only", default="", help="comma-separated words: only the runs whose label has one "
+                        "(a rerun of what failed, say: --only 8bit,4bit)")
     parser.add_argument("overrides", nargs="*", help="more Hydra overrides for every run")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -201,6 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         args.outdir.resolve(), device="cuda", model=args.model, new_tokens=args.new_tokens,
         outputs=args.outputs.resolve(), tests=not args.skip_tests, extra=args.overrides,
         keep_splits=args.keep_splits,
+        only=tuple(w for w in args.only.split(",") if w),
     )
     print((args.outdir / "gpucheck.md").read_text())
     return 0 if all(r["status"] == "FINISHED" for r in summary["runs"].values()) else 1

@@ -35,7 +35,14 @@ MATRIX = list(
 LOGIT_TOLERANCE = 2e-2
 
 
-def reference_model(ckpt: Path, compression: str, compress_embeddings: bool = False) -> LlamaForCausalLM:
+CPU = torch.device("cpu")
+
+
+def reference_model(
+    ckpt: Path, compression: str, compress_embeddings: bool = False, device: torch.device = CPU
+) -> LlamaForCausalLM:
+    """transformers' model with the weights the runner computes with: encoded on `device`, as the split was
+    (bitsandbytes' CPU and CUDA quantizers can round a value to different codes)."""
     model = LlamaForCausalLM.from_pretrained(ckpt, attn_implementation="sdpa").eval()
     if compression == "none":
         return model
@@ -47,8 +54,8 @@ def reference_model(ckpt: Path, compression: str, compress_embeddings: bool = Fa
     with torch.no_grad():
         for name, param in model.named_parameters():
             unit, inner = unit_of(name, n)
-            decoded = codec.decode(unit, codec.encode(unit, {inner: param.data.clone()}), torch.device("cpu"))
-            param.data.copy_(decoded[inner])
+            decoded = codec.decode(unit, codec.encode(unit, {inner: param.data.to(device, copy=True)}), device)
+            param.data.copy_(decoded[inner].cpu())
     return model
 
 
@@ -188,7 +195,7 @@ def test_combination_on_cuda(make_cfg, cache_: str, compression: str, prefetch: 
     )
     streamer = build_streamer(cfg, Path(cfg.paths.outputs), torch.device("cuda"))
     gen = generate(streamer, cfg, keep_logits=True)
-    model = reference_model(streamer.ckpt_dir, compression).cuda()
+    model = reference_model(streamer.ckpt_dir, compression, device=torch.device("cuda")).cuda()
     out = model.generate(
         torch.tensor([gen.prompt_ids], device="cuda"),
         generation_config=GenerationConfig(

@@ -8,7 +8,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from harness.probe.links import best_seconds, indexed_device
+from harness.device import indexed_device
+from harness.probe.links import best_seconds
 from strategies.checks import check_positive
 
 if TYPE_CHECKING:
@@ -45,10 +46,9 @@ def measure_layer_compute_s(
     # not by the link rates or the cache that sit beside this.
     from accelerate import init_empty_weights
     from transformers.cache_utils import DynamicCache
-    from transformers.masking_utils import create_causal_mask
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
 
-    from harness.runner.streaming import forward_decoder
+    from harness.runner.streaming import causal_mask, forward_decoder
 
     check_positive("seq_len", seq_len)
     device = indexed_device(device)
@@ -76,9 +76,7 @@ def measure_layer_compute_s(
         # A fresh cache per run: each forward appends to it, and every run should see the same past length.
         cache = DynamicCache()
         cache.update(past_k, past_v, layer_idx=0)
-        mask = create_causal_mask(
-            config=config, inputs_embeds=hidden, attention_mask=None, cache=cache, position_ids=position_ids
-        )
+        mask = causal_mask(config, hidden, None, cache, position_ids)
         return lambda: forward_decoder(
             decoder,
             weights,

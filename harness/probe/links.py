@@ -23,6 +23,7 @@ from time import perf_counter
 
 import torch
 
+from harness.device import indexed_device
 from strategies.cache.files import drop_page_cache, make_resident
 from strategies.checks import check_positive
 from strategies.compression.configs import Blockwise4bitConfig, Blockwise8bitConfig
@@ -97,13 +98,6 @@ def _rate(nbytes: int, seconds: float) -> float:
 
 
 # ---------------------------------------------------------------- device naming
-
-
-def indexed_device(device: torch.device) -> torch.device:
-    """`cuda` -> `cuda:<current index>`, so names and cache files say which GPU was measured."""
-    if device.type == "cuda" and device.index is None:
-        return torch.device("cuda", torch.cuda.current_device())
-    return device
 
 
 def describe_device(device: torch.device) -> str:

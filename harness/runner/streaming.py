@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from inspect import signature
 from itertools import islice
 from typing import Any
 
@@ -28,6 +29,28 @@ from harness.runner.pipeline import LayerPipeline
 from harness.runner.skeleton import run_with_weights
 from strategies.kv_cache.base import KVCachePolicy
 from strategies.layer import DeviceLayer
+
+# transformers 5 renamed the KV cache keyword of the decoder layer and the mask builder from
+# `past_key_values` to `cache` within 5.x (5.17 has the old name, 5.24 the new); pyproject allows both.
+# A wrong name would not fail: the layer takes **kwargs, so the cache would silently go unused.
+CACHE_KEYWORD = "cache" if "cache" in signature(create_causal_mask).parameters else "past_key_values"
+
+
+def causal_mask(
+    config: LlamaConfig,
+    hidden: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    cache: Cache | None,
+    position_ids: torch.Tensor,
+) -> Any:
+    """transformers' causal mask for this pass (None where its attention needs none)."""
+    return create_causal_mask(
+        config=config,
+        inputs_embeds=hidden,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        **{CACHE_KEYWORD: cache},
+    )
 
 
 @dataclass
@@ -86,7 +109,7 @@ def forward_decoder(
 ) -> torch.Tensor:
     """One decoder layer's forward, exactly as every pass runs it (the link probe times this same call).
 
-    hidden: [1, q, hidden] -> [1, q, hidden]; transformers 5 names the KV cache `cache` here.
+    hidden: [1, q, hidden] -> [1, q, hidden].
     """
     return forward_unit(
         decoder,
@@ -94,8 +117,8 @@ def forward_decoder(
         hidden,
         attention_mask=mask,
         position_ids=position_ids,
-        cache=cache,
         use_cache=cache is not None,
+        **{CACHE_KEYWORD: cache},
         position_embeddings=position_embeddings,
     )
 
@@ -168,10 +191,7 @@ class LayerStreamingRunner:
         hidden = self._run(next(layers), forward_unit, self.embed, input_ids)  # [batch, q, hidden]
         p0 = self.stages.device()
         position_embeddings = self.rotary(hidden, position_ids)  # (cos, sin): [batch, q, head_dim] each
-        mask = create_causal_mask(
-            config=self.config, inputs_embeds=hidden, attention_mask=attention_mask, cache=cache,
-            position_ids=position_ids,
-        )
+        mask = causal_mask(self.config, hidden, attention_mask, cache, position_ids)
         # Compute that belongs to no layer's weights; timed so a pass's stages still add up to its wall time.
         self.timeline.events.append(LayerEvent(self.passes, "rope+mask", {"compute": (p0, self.stages.device())}))
         for decoder, layer in zip(self.layers, islice(layers, len(self.layers)), strict=True):
