@@ -46,6 +46,30 @@ def test_touching_pages_is_the_fallback_and_reads_the_same(make_cfg, monkeypatch
     assert populated.keys() == touched.keys() and all(torch.equal(populated[k], touched[k]) for k in populated)
 
 
+@pytest.mark.parametrize(
+    ("cache", "compression", "extra", "on_host"),
+    [
+        ("ram", "none", (), True),
+        ("ram", "4bit", (), True),
+        ("ram", "8bit", ("compression.compress_embeddings=true",), False),  # its rows would need decoding
+        ("disk", "none", (), False),  # nothing is held between passes: the table is read whole anyway
+    ],
+)
+def test_only_an_embedding_held_plain_on_the_host_is_looked_up_there(
+    make_cfg, cache: str, compression: str, extra: tuple[str, ...], on_host: bool
+) -> None:
+    cfg = make_cfg(f"cache={cache}", f"compression={compression}", *extra)
+    streamer = build_streamer(cfg, Path(cfg.paths.outputs), torch.device("cpu"))
+    pipeline = streamer.pipeline
+    assert not pipeline.looks_up_on_host("embed")  # on a CPU the host is the device
+    # The decision alone, as on a GPU machine; nothing here touches a device.
+    pipeline.device = torch.device("cuda")
+    assert pipeline.looks_up_on_host("embed") is on_host
+    assert not any(pipeline.looks_up_on_host(u) for u in streamer.layout.units if u != "embed")
+    pipeline.resident["embed"] = {}  # a resident table is on the device already
+    assert not pipeline.looks_up_on_host("embed")
+
+
 @pytest.mark.parametrize("cache", ["disk", "ram"])
 def test_tied_embeddings_are_read_once_per_pass(make_cfg, cache: str) -> None:
     cfg = make_cfg(f"cache={cache}", "+model.config_overrides.tie_word_embeddings=true", "workload.max_new_tokens=3")

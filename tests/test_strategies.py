@@ -244,6 +244,9 @@ class RoundedCodec:
     def __init__(self, cfg: RoundedConfig) -> None:
         self.cfg = cfg
 
+    def stores_plain(self, layer: str) -> bool:
+        return True  # rounded, but stored as the weights it decodes to
+
     def encode(self, layer: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: (t.float() * 8).round().div(8).to(t.dtype) if t.dim() == 2 else t for k, t in tensors.items()}
 

@@ -97,6 +97,13 @@ def forward_unit(module: nn.Module, weights: dict[str, torch.Tensor], *args: obj
     return run_with_weights(module, weights, *args, **kwargs)
 
 
+def embed_rows(embed: nn.Embedding, weights: dict[str, torch.Tensor], input_ids: torch.Tensor) -> torch.Tensor:
+    """input_ids [batch, q] -> their embeddings [batch, q, hidden] on input_ids' device, looked up where the table
+    lies: on the host when the pipeline keeps it there, so that only the rows cross to the device."""
+    table = weights["weight"]
+    return forward_unit(embed, weights, input_ids.to(table.device)).to(input_ids.device)
+
+
 def forward_decoder(
     decoder: LlamaDecoderLayer,
     weights: dict[str, torch.Tensor],
@@ -188,7 +195,7 @@ class LayerStreamingRunner:
             position_ids = positions[:, -q:]
         layers = self.pipeline.stream(self.units)
 
-        hidden = self._run(next(layers), forward_unit, self.embed, input_ids)  # [batch, q, hidden]
+        hidden = self._run(next(layers), embed_rows, self.embed, input_ids)  # [batch, q, hidden]
         p0 = self.stages.device()
         position_embeddings = self.rotary(hidden, position_ids)  # (cos, sin): [batch, q, head_dim] each
         mask = causal_mask(self.config, hidden, attention_mask, cache, position_ids)

@@ -20,6 +20,10 @@ class Codec(Protocol):
         """Names the split directory: two codecs with the same key write identical files."""
         ...
 
+    def stores_plain(self, layer: str) -> bool:
+        """Whether `layer` is stored as its weights are (decode hands the stored tensors back untouched)."""
+        ...
+
     def encode(self, layer: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Split time: a layer's checkpoint tensors -> the tensors stored in its file."""
         ...

@@ -17,8 +17,11 @@ CODES = ".q"
 STATE = ".qs."
 
 
+EMBEDDINGS = ("embed", "lm_head")
+
+
 def should_compress(layer: str, tensor_name: str, tensor: torch.Tensor, compress_embeddings: bool) -> bool:
-    if layer in ("embed", "lm_head"):
+    if layer in EMBEDDINGS:
         return compress_embeddings
     # Norm weights are a few KB and sensitive: they stay as stored.
     return tensor.dim() == 2 and tensor_name.endswith(LINEAR_SUFFIXES)
@@ -65,6 +68,10 @@ class BlockwiseCodec:
 
     def dequantize(self, codes: torch.Tensor, state: dict[str, torch.Tensor], device: torch.device) -> torch.Tensor:
         raise NotImplementedError
+
+    def stores_plain(self, layer: str) -> bool:
+        # A decoder layer's norms stay plain, its Linear weights do not.
+        return layer in EMBEDDINGS and not self.cfg.compress_embeddings
 
     def encode(self, layer: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         stored = {}

@@ -21,6 +21,9 @@ class NoCompression:
     def split_key(self) -> str:
         return "none"
 
+    def stores_plain(self, layer: str) -> bool:
+        return True
+
     def encode(self, layer: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return tensors
 

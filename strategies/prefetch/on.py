@@ -44,7 +44,8 @@ class PrefetchOn:
             # The weights were allocated on the copy stream: without this the allocator could hand
             # their memory to the next prefetch while compute is still reading them.
             for t in layer.weights.values():
-                t.record_stream(compute)
+                if t.device == self.device:  # not a table left on the host for its rows (`looks_up_on_host`)
+                    t.record_stream(compute)
         return layer
 
     def stream(self, names: Sequence[str], load: Callable[[str], DeviceLayer]) -> Iterator[DeviceLayer]:
