@@ -162,7 +162,7 @@ def test_prefetch_loads_ahead_while_the_consumer_computes() -> None:
         for event in started.values():
             event.clear()
         prefetcher = PrefetchOn(PrefetchOnConfig(depth=depth), torch.device("cpu"))
-        for i, name in enumerate(prefetcher.stream(names, load)):
+        for i, name in enumerate(prefetcher.stream(names, load, lambda fetched: fetched)):
             ahead = names[min(i + depth, len(names) - 1)]
             # Not a timing bound: the worker needs no signal from us to start the next load.
             assert started[ahead].wait(timeout=30), f"depth {depth}: {ahead} not loading while {name} computes"

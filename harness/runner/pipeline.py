@@ -116,39 +116,36 @@ class LayerPipeline:
 
     def stream(self, names: Sequence[str]) -> Iterator[DeviceLayer]:
         """Device-ready layers for one pass, in `names` order."""
-        return self.prefetcher.stream(names, self._load)
+        return self.prefetcher.stream(names, self._fetch, self._decode)
 
-    def _load(self, name: str) -> DeviceLayer:
-        clock = self.clock
+    def _fetch(self, name: str) -> DeviceLayer:
+        """`name` on the device in its stored form: read by the cache, then copied (a table looked up on the
+        host stays there). The copy is ours, not the codec's, so that transfer and decode are timed apart."""
         if name in self.resident:
-            d0 = clock.device()
             # A new dict: the runner clears the weights it is handed, which must not empty the resident set.
-            weights = dict(self.codec.decode(name, self.resident[name], self.device))
-            d1 = clock.device()
-            decoded = sum(t.nbytes for t in weights.values())
-            return DeviceLayer(name, weights, stamps={"decode": (d0, d1)}, bytes={"decode": decoded})
+            return DeviceLayer(name, dict(self.resident[name]))
+        clock = self.clock
         read_before = self.cache.bytes_read
         r0 = clock.host()
         stored = self.cache.get(name)
         r1 = clock.host()
+        read = self.cache.bytes_read - read_before
         if self.looks_up_on_host(name):
-            # A new dict: the runner clears the weights it is handed, which must not empty the cache.
-            read = self.cache.bytes_read - read_before
+            # A new dict, as above: the cache keeps these tensors.
             return DeviceLayer(name, dict(stored), stamps={"read": (r0, r1)}, bytes={"read": read})
-        # The copy is ours, not the codec's, so that transfer and decode are timed apart.
         h0 = clock.device()
         on_device = to_device(stored, self.device)
         h1 = clock.device()
-        weights = self.codec.decode(name, on_device, self.device)
-        d1 = clock.device()
         moved = sum(t.nbytes for t in stored.values() if t.device != self.device)
-        return DeviceLayer(
-            name,
-            weights,
-            stamps={"read": (r0, r1), "h2d": (h0, h1), "decode": (h1, d1)},
-            bytes={
-                "read": self.cache.bytes_read - read_before,
-                "h2d": moved,
-                "decode": sum(t.nbytes for t in weights.values()),
-            },
-        )
+        stamps = {"read": (r0, r1), "h2d": (h0, h1)}
+        return DeviceLayer(name, on_device, stamps=stamps, bytes={"read": read, "h2d": moved})
+
+    def _decode(self, layer: DeviceLayer) -> DeviceLayer:
+        """A fetched layer's weights, decoded on the device in place of its stored form."""
+        if self.looks_up_on_host(layer.name):
+            return layer
+        d0 = self.clock.device()
+        layer.weights = dict(self.codec.decode(layer.name, layer.weights, self.device))
+        layer.stamps["decode"] = (d0, self.clock.device())
+        layer.bytes["decode"] = sum(t.nbytes for t in layer.weights.values())
+        return layer

@@ -12,6 +12,14 @@ class Prefetcher(Protocol):
     # Layers loaded (and so alive on the device) ahead of the one computing: 0 means nothing overlaps.
     layers_ahead: int
 
-    def stream(self, names: Sequence[str], load: Callable[[str], DeviceLayer]) -> Iterator[DeviceLayer]:
-        """Yield ``load(name)`` for each name, in order; may run loads ahead of the consumer."""
+    def stream(
+        self,
+        names: Sequence[str],
+        fetch: Callable[[str], DeviceLayer],
+        decode: Callable[[DeviceLayer], DeviceLayer],
+    ) -> Iterator[DeviceLayer]:
+        """Yield ``decode(fetch(name))`` for each name, in order; may run both ahead of the consumer.
+
+        fetch: read and copy to the device (the stored form); decode: the weights from it, on the device.
+        """
         ...

@@ -16,6 +16,11 @@ class PrefetchOff:
     def __init__(self, cfg: PrefetchOffConfig, device: torch.device) -> None:
         self.cfg = cfg
 
-    def stream(self, names: Sequence[str], load: Callable[[str], DeviceLayer]) -> Iterator[DeviceLayer]:
+    def stream(
+        self,
+        names: Sequence[str],
+        fetch: Callable[[str], DeviceLayer],
+        decode: Callable[[DeviceLayer], DeviceLayer],
+    ) -> Iterator[DeviceLayer]:
         for name in names:
-            yield load(name)
+            yield decode(fetch(name))

@@ -1,9 +1,10 @@
 """prefetch=on: load the next `depth` layers in a background thread while the current one computes.
 
-Loading (read + decode) runs in one worker thread: file reads and bitsandbytes/torch
+Loading (read, copy, decode) runs in one worker thread: file reads and bitsandbytes/torch
 kernels release the GIL, so they overlap with compute on the main thread. On CUDA the
-worker issues its host-to-device copies and decodes on a stream of its own; compute waits
-on an event for its own layer only, never for the whole device.
+worker issues its host-to-device copies on a stream of its own and its decodes on another,
+so the next layer's copy never queues behind this one's decode; compute waits on an event
+for its own layer only, never for the whole device.
 """
 
 from __future__ import annotations
@@ -23,32 +24,45 @@ class PrefetchOn:
         self.cfg = cfg
         self.device = device
         self.layers_ahead = cfg.depth
-        # Streams exist only on CUDA; elsewhere the worker thread alone gives the overlap.
-        self.copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        # Streams exist only on CUDA; elsewhere the worker thread alone gives the overlap. On one stream, copies
+        # and decodes ran in turn: on an H100, Llama-3-8B 4-bit from RAM took 0.177 s a token, about its 0.10 s
+        # of copies plus 0.047 s of decodes, against a floor (the copies alone) of 0.092 s.
+        cuda = device.type == "cuda"
+        self.copy_stream = torch.cuda.Stream(device) if cuda else None
+        self.decode_stream = torch.cuda.Stream(device) if cuda else None
         # One worker for every pass: a pool per pass started and joined a thread each token.
         self._pool: ThreadPoolExecutor | None = None
 
-    def _load(self, load: Callable[[str], DeviceLayer], name: str) -> tuple[DeviceLayer, torch.cuda.Event | None]:
-        if self.copy_stream is None:
-            return load(name), None
+    def _load(
+        self, fetch: Callable[[str], DeviceLayer], decode: Callable[[DeviceLayer], DeviceLayer], name: str
+    ) -> tuple[DeviceLayer, torch.cuda.Event | None]:
+        if self.copy_stream is None or self.decode_stream is None:
+            return decode(fetch(name)), None
         with torch.cuda.stream(self.copy_stream):
-            layer = load(name)
+            fetched = fetch(name)
+            copied = torch.cuda.Event()
+            copied.record(self.copy_stream)
+        with torch.cuda.stream(self.decode_stream):
+            self.decode_stream.wait_event(copied)
+            _in_use_on(self.decode_stream, fetched)
+            layer = decode(fetched)
             ready = torch.cuda.Event()
-            ready.record(self.copy_stream)
+            ready.record(self.decode_stream)
         return layer, ready
 
     def _hand_over(self, layer: DeviceLayer, ready: torch.cuda.Event | None) -> DeviceLayer:
         if ready is not None:
             compute = torch.cuda.current_stream(self.device)
             compute.wait_event(ready)
-            # The weights were allocated on the copy stream: without this the allocator could hand
-            # their memory to the next prefetch while compute is still reading them.
-            for t in layer.weights.values():
-                if t.device == self.device:  # not a table left on the host for its rows (`looks_up_on_host`)
-                    t.record_stream(compute)
+            _in_use_on(compute, layer)
         return layer
 
-    def stream(self, names: Sequence[str], load: Callable[[str], DeviceLayer]) -> Iterator[DeviceLayer]:
+    def stream(
+        self,
+        names: Sequence[str],
+        fetch: Callable[[str], DeviceLayer],
+        decode: Callable[[DeviceLayer], DeviceLayer],
+    ) -> Iterator[DeviceLayer]:
         names = list(names)
         pending: deque[Future] = deque()
         submitted = 0
@@ -59,7 +73,7 @@ class PrefetchOn:
         def fill() -> None:
             nonlocal submitted
             while submitted < len(names) and len(pending) < self.layers_ahead:
-                pending.append(pool.submit(self._load, load, names[submitted]))
+                pending.append(pool.submit(self._load, fetch, decode, names[submitted]))
                 submitted += 1
 
         try:
@@ -71,3 +85,11 @@ class PrefetchOn:
         finally:
             for future in pending:  # a pass abandoned midway: nothing keeps loading for it
                 future.cancel()
+
+
+def _in_use_on(stream: torch.cuda.Stream, layer: DeviceLayer) -> None:
+    """Mark `layer`'s device tensors as read on `stream`: they were allocated on another stream, and without
+    this the allocator could hand their memory to the next prefetch while `stream` still reads them."""
+    for t in layer.weights.values():
+        if t.is_cuda:  # not a table left on the host for its rows (the pipeline's `looks_up_on_host`)
+            t.record_stream(stream)
