@@ -161,7 +161,8 @@ def run_check(
     if device == "cuda" and model != "tiny":
         common.append("model.generator_device=cuda")
     results: dict[str, dict[str, Any]] = {}
-    splits: set[Path] = set()
+    seen = set((outputs / "splits").glob("*/*"))  # splits made before the check are never deleted
+    made: dict[str, set[Path]] = {}  # compression -> the split folders this check made for it
     # In the order asked for, so that what matters most runs first within a short lease.
     picked = {label: (label, o) for word in only for label, o in RUNS if word in label}
     runs = list(picked.values()) if only else list(RUNS)
@@ -170,13 +171,14 @@ def run_check(
         results[label] = run_one([*common, *overrides, *extra])
         summary["steps_s"][label] = time.perf_counter() - t
         save(results)
-        new = set((outputs / "splits").glob("*/*")) - splits
-        if not keep_splits and not any(_compression(o) == _compression(overrides) for _, o in runs[i + 1 :]):
+        compression = _compression(overrides)
+        new = set((outputs / "splits").glob("*/*")) - seen
+        made.setdefault(compression, set()).update(new)
+        seen |= new
+        if not keep_splits and not any(_compression(o) == compression for _, o in runs[i + 1 :]):
             # The 8B geometry's bf16 checkpoint and its three splits would fill most of a 64 GiB disk.
-            for folder in new:
+            for folder in made.pop(compression):
                 shutil.rmtree(folder, ignore_errors=True)
-            new = set()
-        splits |= new
     summary["total_s"] = time.perf_counter() - started
     save(results)
     return {**summary, "runs": results}

@@ -32,3 +32,17 @@ def test_every_step_and_the_table_on_the_tiny_model(tmp_path: Path, outputs_dir:
     assert table.count("| FINISHED |") == len(gpucheck.RUNS)
     assert "| 4bit, disk, cold |" in table and "floor ratio" in table
     assert "peak VRAM" in table and "–" in table, "no VRAM on the CPU: absent, not 0"
+
+
+def test_only_runs_in_the_order_asked_and_a_split_goes_once_no_later_run_reads_it(tmp_path: Path) -> None:
+    outputs = tmp_path / "outputs"
+    earlier = outputs / "splits" / "made-before" / "none"  # the check's to keep: it did not make it
+    earlier.mkdir(parents=True)
+    summary = gpucheck.run_check(
+        tmp_path / "out", device="cpu", model="tiny", new_tokens=2, outputs=outputs, tests=False, extra=[],
+        probe_mib=16, only=("4bit, ram", "8bit, ram"),
+    )
+    assert list(summary["runs"]) == ["4bit, ram", "4bit, ram, prefetch", "8bit, ram", "8bit, ram, prefetch"]
+    assert all(r["status"] == "FINISHED" for r in summary["runs"].values())
+    # Each split went after its last run; the one made before stays.
+    assert {p.name for p in (outputs / "splits").glob("*/*")} == {"none"}
