@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import importlib.util
+import logging
+import os
 import signal
 import sys
 from types import FrameType
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from hydra.utils import to_absolute_path
 from omegaconf import DictConfig, OmegaConf
 
@@ -18,26 +21,46 @@ from harness.config import conf_dir, register_configs
 
 @hydra.main(version_base="1.3", config_path=conf_dir(), config_name="config")
 def main(dcfg: DictConfig) -> None:
-    # Imported here so `--help` and config errors answer before torch and transformers load.
-    from harness.job.run import run_job
-    from harness.tracking.sweep import job_run_name, parent_run_id_for_job, sweep_keys_for_job
-
     # Relative paths are relative to where the command was started, whatever Hydra's run dir is.
     dcfg.paths.outputs = to_absolute_path(dcfg.paths.outputs)
     # to_object runs every __post_init__: bad values fail here, before anything is loaded.
     cfg = OmegaConf.to_object(dcfg)
     hydra_cfg = HydraConfig.get()
-    groups = ("model", "runner", "decoding", *strategies.FAMILIES)
-    choices = {group: hydra_cfg.runtime.choices[group] for group in groups}
-    overrides = list(hydra_cfg.overrides.task)
-    run_job(
-        cfg,
-        OmegaConf.to_container(dcfg, resolve=True),
-        choices=choices,
-        overrides=overrides,
-        parent_run_id=parent_run_id_for_job(),
-        run_name=job_run_name(overrides, groups, sweep_keys_for_job()),
-    )
+    single = hydra_cfg.mode == RunMode.RUN
+    tracker = None
+    if cfg.tracking.enabled and single:
+        # MLflow starts in a process of its own, alongside the imports below. A sweep's jobs track in-process:
+        # its driver has mlflow imported already, and its parent run closes the runs of jobs that die with it.
+        from harness.tracking.client import default_tracking_uri
+        from harness.tracking.process import TrackerProcess
+
+        tracker = TrackerProcess(cfg.tracking.uri or default_tracking_uri(cfg.paths.outputs), cfg.tracking.experiment)
+    try:
+        # Imported here so `--help` and config errors answer before torch and transformers load.
+        from harness.job.run import run_job
+        from harness.tracking.sweep import job_run_name, parent_run_id_for_job, sweep_keys_for_job
+
+        groups = ("model", "runner", "decoding", *strategies.FAMILIES)
+        choices = {group: hydra_cfg.runtime.choices[group] for group in groups}
+        overrides = list(hydra_cfg.overrides.task)
+        run_job(
+            cfg,
+            OmegaConf.to_container(dcfg, resolve=True),
+            choices=choices,
+            overrides=overrides,
+            parent_run_id=parent_run_id_for_job(),
+            run_name=job_run_name(overrides, groups, sweep_keys_for_job()),
+            tracker=tracker,
+        )
+    finally:
+        if tracker is not None:
+            tracker.close()
+    global single_job_done
+    single_job_done = single
+
+
+# Set when a single job (not a sweep's) has returned: everything it makes is written and logged.
+single_job_done = False
 
 
 class Terminated(KeyboardInterrupt):
@@ -66,3 +89,11 @@ if __name__ == "__main__":
     signal.signal(signal.SIGTERM, _terminate)
     register_configs()
     main()
+    if single_job_done:
+        # Tearing down the interpreter's modules (torch, transformers) takes 1-2 s here and does nothing a
+        # finished job needs. Not after a sweep: its atexit handlers matter (Ray stops the local cluster it
+        # started), and a failure never gets here (Hydra exits 1 first).
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)

@@ -12,11 +12,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from alembic.util.exc import CommandError
 from mlflow import MlflowClient
+from sqlalchemy.exc import OperationalError
 
 from harness.config import Config
 from harness.job.streamer import build_streamer
 from harness.peers.base import PEERS
+from harness.tracking.process import ORPHANED
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -43,28 +46,52 @@ def test_a_workload_longer_than_the_models_positions_is_refused_before_the_split
         build_streamer(long_prompt, Path(long_prompt.paths.outputs), torch.device("cpu"))
 
 
-def test_sigterm_closes_the_run_killed_with_the_reason(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("sig", "group", "reason"),
+    [
+        (signal.SIGTERM, False, "Terminated: SIGTERM"),
+        # Ctrl-C in a terminal reaches the whole process group: the tracking process too, which must outlive it.
+        (signal.SIGINT, True, "KeyboardInterrupt"),
+        # Nothing of the job runs on: its tracking process sees the pipe close and ends the run.
+        (signal.SIGKILL, False, ORPHANED),
+    ],
+    ids=["sigterm", "ctrl-c", "sigkill"],
+)
+def test_a_stopped_job_closes_its_run_killed_with_the_reason(
+    tmp_path: Path, sig: signal.Signals, group: bool, reason: str
+) -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     # Long enough to be caught mid-generation: no KV cache, so each token recomputes the whole sequence.
     cmd = [sys.executable, "-m", "harness", f"paths.outputs={tmp_path}", "kv_cache=none", "probe.enabled=false",
            "workload.max_new_tokens=2000", "workload.stop_at_eos=false"]
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     deadline = time.monotonic() + 300
     running = []
     while not running and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.5)
-        experiment = client.get_experiment_by_name("layerbench") if (tmp_path / "mlflow.db").exists() else None
+        try:
+            experiment = client.get_experiment_by_name("layerbench") if (tmp_path / "mlflow.db").exists() else None
+        except (OperationalError, CommandError):  # this client met the job creating the store's tables
+            continue
         if experiment is not None:
             running = client.search_runs([experiment.experiment_id], "attributes.status = 'RUNNING'")
-    assert running, "the job never started its run"
+    assert running, f"the job never started its run: {proc.poll()=}"
     time.sleep(2)  # into the generation
-    proc.send_signal(signal.SIGTERM)
+    if group:
+        os.killpg(proc.pid, sig)
+    else:
+        proc.send_signal(sig)
     _, stderr = proc.communicate(timeout=120)
-    assert proc.returncode != 0, "a terminated job must not exit 0"
+    assert proc.returncode != 0, "a stopped job must not exit 0"
     run = client.get_run(running[0].info.run_id)
+    while run.info.status == "RUNNING" and time.monotonic() < deadline:  # SIGKILL: the tracking process ends it
+        time.sleep(0.5)
+        run = client.get_run(running[0].info.run_id)
     assert run.info.status == "KILLED", stderr[-2000:]
-    assert run.data.tags["failure_reason"] == "Terminated: SIGTERM"
+    assert run.data.tags["failure_reason"] == reason
 
 
 def test_schemas_are_no_options() -> None:

@@ -471,3 +471,51 @@ def test_a_missing_ray_launcher_is_named_with_what_to_install(monkeypatch: pytes
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     assert "pip install 'layerbench[ray]'" in missing_launcher(["-m", "hydra/launcher=ray", "cache=disk,ram"])
     assert missing_launcher(["-m", "+hydra/launcher=ray"]) is not None
+
+
+def test_a_tracker_process_logs_what_an_in_process_one_does_and_ends_an_orphaned_run(
+    store: str, tmp_path: Path
+) -> None:
+    from harness.tracking.process import ORPHANED, TrackerProcess
+
+    tracker = TrackerProcess(store, "in its own process")
+    try:
+        run_id = tracker.start(run_name="proc", params={"model": "tiny"}, tags={"hw.cpu": "test cpu"})
+        assert tracker.run_id == run_id
+        tracker.log_metrics({"tpot_s": 0.25, "absent": None})
+        tracker.log_series("token_latency_s", [0.5, 0.25])
+        attached = tmp_path / "timeline.csv"
+        attached.write_text("pass,unit\n")
+        tracker.log_artifact(attached)
+        attached.unlink()  # the call returned: the child has copied it
+        with pytest.raises(ValueError, match="status='DONE' is not valid"):  # the child's error, raised here
+            tracker.end("DONE")
+        with pytest.raises(RuntimeError, match="already started"):  # one run per tracker, as in-process
+            tracker.start(run_name="again", params={}, tags={})
+    finally:
+        tracker.close()  # the job's process going away without ending its run
+    run = _client(store).get_run(run_id)
+    assert run.info.status == "KILLED" and run.data.tags["failure_reason"] == ORPHANED
+    assert run.data.params == {"model": "tiny"} and run.data.tags["hw.cpu"] == "test cpu"
+    assert run.data.metrics == {"tpot_s": 0.25, "token_latency_s": 0.25}
+    assert [a.path for a in _client(store).list_artifacts(run_id)] == ["timeline.csv"]
+
+
+def test_a_store_another_program_is_creating_is_opened_again() -> None:
+    from sqlalchemy.exc import OperationalError
+
+    from harness.tracking.client import _opened
+
+    calls = []
+
+    def open_store() -> str:
+        calls.append(1)
+        if len(calls) < 3:
+            raise OperationalError("CREATE TABLE experiments", {}, Exception("table experiments already exists"))
+        return "store"
+
+    assert _opened(open_store, fresh_sqlite=True, attempts=3) == "store" and len(calls) == 3
+    calls.clear()
+    with pytest.raises(OperationalError):  # a server's store: its errors are not this race
+        _opened(open_store, fresh_sqlite=False)
+    assert len(calls) == 1

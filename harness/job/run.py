@@ -41,6 +41,7 @@ from harness.measurement.vram import VramMonitor
 from harness.probe.floor import LINKS
 from harness.runner.streaming import Generation
 from harness.tracking.client import RunTracker, config_params, default_tracking_uri
+from harness.tracking.process import Tracker
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +103,7 @@ class Outcome:
     texts: list[str]
     tags: dict[str, str] = field(default_factory=dict)
     # The runner's own artifacts beyond the common ones (layerbench: its timeline), logged into a temp dir.
-    log_extra: Callable[[RunTracker, Path, str], None] | None = None
+    log_extra: Callable[[Tracker, Path, str], None] | None = None
 
 
 def run_job(
@@ -114,11 +115,14 @@ def run_job(
     parent_run_id: str | None = None,
     console: Console | None = None,
     run_name: str | None = None,
+    tracker: Tracker | None = None,
 ) -> RunReport | None:
     """Run one configuration end to end; the MLflow run ends FAILED with the reason if anything raises (KILLED
     when interrupted).
 
     None: a peer that cannot run here was skipped (`runner.skip_unavailable`), and no run was logged.
+    `tracker`: the store, opened by the caller (the CLI opens it in a process of its own, early); by default
+    this job opens it here when `tracking.enabled`.
     """
     console = console or Console()
     outputs_dir = Path(cfg.paths.outputs).resolve()
@@ -145,9 +149,11 @@ def run_job(
         choices = {k: v for k, v in choices.items() if k not in strategies.FAMILIES} | used
         resolved = {k: v for k, v in resolved.items() if k not in strategies.FAMILIES}
     reset_peak_rss()  # the peak of this job, not of the sweep's jobs before it in this process
-    tracker = None
-    if cfg.tracking.enabled:
+    if not cfg.tracking.enabled:
+        tracker = None
+    elif tracker is None:
         tracker = RunTracker(cfg.tracking.uri or default_tracking_uri(outputs_dir), cfg.tracking.experiment)
+    if tracker is not None:
         # Named by the caller (the CLI: what the sweep varies); else by every choice.
         groups = ("model", "runner", "decoding", *strategies.FAMILIES)
         run_name = run_name or " ".join(f"{g}={choices[g]}" for g in groups if g in choices)
@@ -250,7 +256,7 @@ def stream_job(cfg: Config, outputs_dir: Path, device: torch.device, console: Co
         )
         log.warning(tags["warning.crosscheck"])
 
-    def log_timeline(tracker: RunTracker, tmp: Path, title: str) -> None:
+    def log_timeline(tracker: Tracker, tmp: Path, title: str) -> None:
         rows = gen.timeline.rows(streamer.runner.stages)
         tracker.log_series("read_bytes", per_pass(rows, "read_bytes"))
         tracker.log_text(rows_csv(rows), "timeline.csv")
@@ -263,7 +269,7 @@ def stream_job(cfg: Config, outputs_dir: Path, device: torch.device, console: Co
     return Outcome(report, gen.prompts, gen.sequences, gen.token_times_s, texts, tags, log_timeline)
 
 
-def log_run(tracker: RunTracker, resolved: Mapping[str, Any], outcome: Outcome, label: str) -> None:
+def log_run(tracker: Tracker, resolved: Mapping[str, Any], outcome: Outcome, label: str) -> None:
     """Metrics, step series, tags and artifacts of a finished job."""
     report = outcome.report
     latencies = inter_token_latencies(outcome.token_times_s)

@@ -14,7 +14,7 @@ import contextlib
 import logging
 import re
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -162,6 +162,28 @@ def check_server(uri: str) -> None:
     )
 
 
+def _opened(open_store: Callable[[], Any], *, fresh_sqlite: bool, attempts: int = 5) -> Any:
+    """`open_store()`, which opens the store and on a new SQLite store creates its tables.
+
+    Our processes take turns through the lock beside the database, but another program (`mlflow ui`, a
+    notebook's client) can be creating the same new store's tables at the same moment: then the loser's
+    migration fails ("table ... already exists", "Online migration expected to match one row"). The store
+    is whole once the winner is done, so the call is made again.
+    """
+    from alembic.util.exc import CommandError
+    from sqlalchemy.exc import OperationalError
+
+    for attempt in range(attempts):
+        try:
+            return open_store()
+        except (OperationalError, CommandError) as exc:
+            if not fresh_sqlite or attempt == attempts - 1:
+                raise
+            logger.warning("the MLflow store was being created by another program too (%s); trying again", exc)
+            time.sleep(1.0)
+    raise AssertionError("unreachable")
+
+
 class RunTracker:
     """One MLflow run, logged through its own client so trackers never share hidden state."""
 
@@ -182,9 +204,12 @@ class RunTracker:
             # MLflow creates and migrates a fresh store's schema on first use; two processes doing it at once
             # fail ("Online migration expected to match one row"): one at a time, per store.
             lock = exclusive_lock(db_path.with_name(db_path.name + ".lock"))
+        def open_store() -> tuple[Any, Any]:
+            client = mlflow.MlflowClient(tracking_uri=uri)  # opens the store (creating a new one's tables)
+            return client, client.get_experiment_by_name(experiment)
+
         with lock:
-            self.client = mlflow.MlflowClient(tracking_uri=uri)
-            found = self.client.get_experiment_by_name(experiment)
+            self.client, found = _opened(open_store, fresh_sqlite=db_path is not None)
         if found is None:
             try:
                 self.experiment_id = self.client.create_experiment(
@@ -204,6 +229,10 @@ class RunTracker:
                 # A deleted experiment still owns its name and refuses new runs.
                 logger.warning("MLflow experiment %r was deleted; restoring it", experiment)
                 self.client.restore_experiment(found.experiment_id)
+
+    @property
+    def ended(self) -> bool:
+        return self._ended
 
     def _require_run(self) -> str:
         if self.run_id is None:

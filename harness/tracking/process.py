@@ -1,0 +1,145 @@
+"""A job's MLflow run, tracked from a process of its own so that MLflow's start overlaps the job's.
+
+Importing mlflow and opening its SQLAlchemy store take about 4 s here; importing the modeling code of
+transformers takes about as long. A single `python -m harness` did one after the other. Started first,
+this process opens the store on the other core while the job imports and builds, and the job waits for
+it only at `start`, when the run must exist. A sweep's jobs keep an in-process `RunTracker`: their
+driver has imported mlflow already, and a process per job would start it again each time.
+
+`TrackerProcess` has `RunTracker`'s methods. Each call waits for the child's answer, so an artifact's
+file may be deleted as soon as the call returns, and an error surfaces where the call was made. When the
+job's process dies without ending its run (SIGKILL, out of memory), the child sees its pipe close and
+ends the run KILLED, which an in-process tracker cannot.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import IO, Any
+
+from harness.tracking.client import RunTracker
+
+ORPHANED = "the job's process ended before closing its run (killed, or out of memory)"
+
+
+class TrackerProcess:
+    def __init__(self, uri: str, experiment: str) -> None:
+        self.uri = uri
+        self.experiment = experiment
+        self.run_id: str | None = None
+        # This checkout (or site-packages) first on the child's path, whatever its working directory.
+        path = os.pathsep.join(p for p in (str(Path(__file__).resolve().parents[2]), os.environ.get("PYTHONPATH")) if p)
+        # stderr is the job's own: MLflow's warnings land where they always did.
+        self._child = subprocess.Popen(
+            [sys.executable, "-m", "harness.tracking.process"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            env={**os.environ, "PYTHONPATH": path},
+        )
+        self._opened = False
+        self._send(("open", (uri, experiment), {}))
+
+    def _send(self, message: tuple[str, tuple, dict]) -> None:
+        assert self._child.stdin is not None
+        pickle.dump(message, self._child.stdin)
+        self._child.stdin.flush()
+
+    def _answer(self) -> Any:
+        assert self._child.stdout is not None
+        try:
+            ok, value = pickle.load(self._child.stdout)
+        except EOFError:
+            raise RuntimeError(f"the MLflow tracking process exited (code {self._child.wait()})") from None
+        if not ok:
+            raise value
+        return value
+
+    def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        if not self._opened:
+            self._opened = True
+            self._answer()  # the store's opening: its error (a server that does not answer) is raised here
+        self._send((method, args, kwargs))
+        return self._answer()
+
+    def start(self, **kwargs: Any) -> str:
+        self.run_id = self._call("start", **kwargs)
+        return self.run_id
+
+    def log_params(self, *args: Any, **kwargs: Any) -> None:
+        self._call("log_params", *args, **kwargs)
+
+    def set_tags(self, *args: Any, **kwargs: Any) -> None:
+        self._call("set_tags", *args, **kwargs)
+
+    def log_metrics(self, *args: Any, **kwargs: Any) -> None:
+        self._call("log_metrics", *args, **kwargs)
+
+    def log_series(self, *args: Any, **kwargs: Any) -> None:
+        self._call("log_series", *args, **kwargs)
+
+    def log_dict(self, *args: Any, **kwargs: Any) -> None:
+        self._call("log_dict", *args, **kwargs)
+
+    def log_text(self, *args: Any, **kwargs: Any) -> None:
+        self._call("log_text", *args, **kwargs)
+
+    def log_artifact(self, *args: Any, **kwargs: Any) -> None:
+        self._call("log_artifact", *args, **kwargs)
+
+    def end(self, *args: Any, **kwargs: Any) -> None:
+        self._call("end", *args, **kwargs)
+
+    def close(self) -> None:
+        """Let the child exit (ending a run still open KILLED) and wait for it."""
+        if self._child.stdin is not None and not self._child.stdin.closed:
+            self._child.stdin.close()
+        self._child.wait()
+
+
+# What a job logs through: in its own process, or in this one.
+Tracker = RunTracker | TrackerProcess
+
+
+def _serve(requests: IO[bytes], answers: IO[bytes]) -> None:
+    tracker: RunTracker | None = None
+    while True:
+        try:
+            method, args, kwargs = pickle.load(requests)
+        except EOFError:
+            break
+        try:
+            if method == "open":
+                tracker, value = RunTracker(*args, **kwargs), None
+            else:
+                assert tracker is not None, "opened first"
+                value = getattr(tracker, method)(*args, **kwargs)
+            answer: tuple[bool, Any] = (True, value)
+        except Exception as exc:
+            answer = (False, exc)
+        try:
+            data = pickle.dumps(answer)
+        except Exception:  # an exception that does not pickle: its text still reaches the job
+            data = pickle.dumps((False, RuntimeError(f"{type(answer[1]).__name__}: {answer[1]}")))
+        answers.write(data)
+        answers.flush()
+    if tracker is not None and tracker.run_id is not None and not tracker.ended:
+        tracker.end("KILLED", reason=ORPHANED)
+
+
+if __name__ == "__main__":
+    # Ctrl-C and SIGTERM are the job's to handle: it ends the run through this process, which must outlive
+    # them to do so (a terminal's Ctrl-C reaches the whole process group).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # Answers go through the original stdout; anything a library prints goes to stderr instead.
+    answers = os.fdopen(os.dup(sys.stdout.fileno()), "wb")
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
+    _serve(sys.stdin.buffer, answers)
+    # Every call was answered and the run is ended; the interpreter's teardown of mlflow and SQLAlchemy
+    # (about 1 s here) would only keep the job waiting in `close`.
+    os._exit(0)
