@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import threading
+import time
 from functools import cache
 from pathlib import Path
 
@@ -24,7 +25,7 @@ from harness.job.streamer import build_streamer, generate
 from harness.split.layout import unit_of
 from strategies.compression.configs import Blockwise4bitConfig, Blockwise8bitConfig, CompressionConfig
 from strategies.prefetch.configs import PrefetchOnConfig
-from strategies.prefetch.on import PrefetchOn
+from strategies.prefetch.on import INLINE_BELOW_S, PrefetchOn
 
 NEW_TOKENS = 12
 PROMPT = "The history of computing began with"
@@ -168,6 +169,27 @@ def test_prefetch_loads_ahead_while_the_consumer_computes() -> None:
             assert started[ahead].wait(timeout=30), f"depth {depth}: {ahead} not loading while {name} computes"
             order.append(f"use {name}")
         assert [o for o in order if o.startswith("use")] == [f"use {n}" for n in names]
+
+
+def test_prefetch_loads_a_unit_in_turn_once_it_loads_faster_than_a_hand_over() -> None:
+    names = ["fast", "slow", "fast2"]
+    where: dict[str, list[str]] = {name: [] for name in names}
+
+    def fetch(name: str) -> str:
+        where[name].append(threading.current_thread().name)
+        if name == "slow":
+            time.sleep(20 * INLINE_BELOW_S)
+        return name
+
+    prefetcher = PrefetchOn(PrefetchOnConfig(depth=1), torch.device("cpu"))
+    for _ in range(6):
+        assert list(prefetcher.stream(names, fetch, lambda fetched: fetched)) == names
+    on_worker = {name: [thread.startswith("prefetch") for thread in threads] for name, threads in where.items()}
+    # The first pass knows no load times: all go to the worker. Then the fast ones load in turn (mostly: a load
+    # the machine happened to pause for goes back to the worker once).
+    assert on_worker["slow"] == [True] * 6
+    for fast in ("fast", "fast2"):
+        assert on_worker[fast][0] and on_worker[fast][1:].count(False) >= 3, on_worker
 
 
 def test_bad_strategy_values_are_refused(make_cfg) -> None:
