@@ -19,12 +19,23 @@ import pickle
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
 from harness.tracking.client import RunTracker
 
 ORPHANED = "the job's process ended before closing its run (killed, or out of memory)"
+
+
+def _forwarded(method: str) -> Callable[..., None]:
+    """A `RunTracker` method, run in the child; its arguments and errors as `RunTracker`'s own."""
+
+    def call(self: TrackerProcess, *args: Any, **kwargs: Any) -> None:
+        self._call(method, *args, **kwargs)
+
+    call.__name__ = method
+    return call
 
 
 class TrackerProcess:
@@ -70,29 +81,14 @@ class TrackerProcess:
         self.run_id = self._call("start", **kwargs)
         return self.run_id
 
-    def log_params(self, *args: Any, **kwargs: Any) -> None:
-        self._call("log_params", *args, **kwargs)
-
-    def set_tags(self, *args: Any, **kwargs: Any) -> None:
-        self._call("set_tags", *args, **kwargs)
-
-    def log_metrics(self, *args: Any, **kwargs: Any) -> None:
-        self._call("log_metrics", *args, **kwargs)
-
-    def log_series(self, *args: Any, **kwargs: Any) -> None:
-        self._call("log_series", *args, **kwargs)
-
-    def log_dict(self, *args: Any, **kwargs: Any) -> None:
-        self._call("log_dict", *args, **kwargs)
-
-    def log_text(self, *args: Any, **kwargs: Any) -> None:
-        self._call("log_text", *args, **kwargs)
-
-    def log_artifact(self, *args: Any, **kwargs: Any) -> None:
-        self._call("log_artifact", *args, **kwargs)
-
-    def end(self, *args: Any, **kwargs: Any) -> None:
-        self._call("end", *args, **kwargs)
+    log_params = _forwarded("log_params")
+    set_tags = _forwarded("set_tags")
+    log_metrics = _forwarded("log_metrics")
+    log_series = _forwarded("log_series")
+    log_dict = _forwarded("log_dict")
+    log_text = _forwarded("log_text")
+    log_artifact = _forwarded("log_artifact")
+    end = _forwarded("end")
 
     def close(self) -> None:
         """Let the child exit (ending a run still open KILLED) and wait for it."""
