@@ -204,6 +204,7 @@ class RunTracker:
             # MLflow creates and migrates a fresh store's schema on first use; two processes doing it at once
             # fail ("Online migration expected to match one row"): one at a time, per store.
             lock = exclusive_lock(db_path.with_name(db_path.name + ".lock"))
+
         def open_store() -> tuple[Any, Any]:
             client = mlflow.MlflowClient(tracking_uri=uri)  # opens the store (creating a new one's tables)
             return client, client.get_experiment_by_name(experiment)

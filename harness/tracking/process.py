@@ -119,7 +119,8 @@ def _serve(requests: IO[bytes], answers: IO[bytes]) -> None:
             answer = (False, exc)
         try:
             data = pickle.dumps(answer)
-        except Exception:  # an exception that does not pickle: its text still reaches the job
+            pickle.loads(data)  # some exceptions pickle but cannot be rebuilt (a required keyword argument)
+        except Exception:  # then its text still reaches the job
             data = pickle.dumps((False, RuntimeError(f"{type(answer[1]).__name__}: {answer[1]}")))
         answers.write(data)
         answers.flush()
