@@ -26,6 +26,7 @@ def test_every_step_and_the_table_on_the_tiny_model(tmp_path: Path, outputs_dir:
     assert {label: r["status"] for label, r in summary["runs"].items()} == dict.fromkeys(
         (label for label, _ in gpucheck.RUNS), "FINISHED"
     )
+    assert summary["warm_up"] == "FINISHED"
     saved = json.loads((out / "gpucheck.json").read_text())
     assert saved["runs"]["4bit, ram"]["metrics"]["tpot_s"] > 0
     table = (out / "gpucheck.md").read_text()
