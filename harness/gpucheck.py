@@ -210,6 +210,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
+    if unknown := [word for word in args.only if not any(word in label for label, _ in RUNS)]:
+        labels = "; ".join(label for label, _ in RUNS)
+        print(f"error: --only {unknown[0]!r} is in no run's label: the runs are {labels}", file=sys.stderr)
+        return 2
     import torch
 
     if not torch.cuda.is_available():

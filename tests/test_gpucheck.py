@@ -18,6 +18,12 @@ def test_refuses_clearly_without_cuda(tmp_path: Path, capsys: pytest.CaptureFixt
     assert not (tmp_path / "out").exists(), "nothing is written before the refusal"
 
 
+def test_a_run_asked_for_that_does_not_exist_is_refused_first(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert gpucheck.main([str(tmp_path / "out"), "--only", "4bit, ram", "--only", "16bit"]) == 2
+    assert "--only '16bit' is in no run's label: the runs are bf16, ram;" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 def test_every_step_and_the_table_on_the_tiny_model(tmp_path: Path, outputs_dir: Path) -> None:
     out = tmp_path / "out"
     summary = gpucheck.run_check(
