@@ -163,7 +163,7 @@ def run_check(
         common.append("model.generator_device=cuda")
     seen = set((outputs / "splits").glob("*/*"))  # splits made before the check are never deleted
     # Untimed: the process's first job pays CUDA's and cuBLAS's warm-up and bitsandbytes' kernel loads (on an
-    # H100, 4-bit from RAM measured 0.214 s a token as a process's first job, 0.186 s as its third).
+    # H100, 4-bit from RAM measured 0.214 s a token as a process's first job, 0.186 s as its second).
     t = time.perf_counter()
     tiny = [o for o in common if not o.startswith(("model", "workload.max_new_tokens"))]
     warm = run_one([*tiny, "model=tiny", "compression=4bit", "workload.max_new_tokens=2", *extra])
