@@ -161,7 +161,10 @@ def run_check(
     ]
     if device == "cuda" and model != "tiny":
         common.append("model.generator_device=cuda")
-    seen = set((outputs / "splits").glob("*/*"))  # splits made before the check are never deleted
+    def splits_now() -> set[Path]:
+        return set((outputs / "splits").glob("*/*"))  # <splits>/<checkpoint>-<hash>/<codec key>
+
+    seen = splits_now()  # splits made before the check are never deleted
     # Untimed: the process's first job pays CUDA's and cuBLAS's warm-up and bitsandbytes' kernel loads (on an
     # H100, 4-bit from RAM measured 0.214 s a token as a process's first job, 0.186 s as its second).
     t = time.perf_counter()
@@ -169,7 +172,7 @@ def run_check(
     warm = run_one([*tiny, "model=tiny", "compression=4bit", "workload.max_new_tokens=2", *extra])
     summary["warm_up"] = warm.get("reason", warm["status"])
     summary["steps_s"]["warm-up"] = time.perf_counter() - t
-    for folder in set((outputs / "splits").glob("*/*")) - seen:  # the warm-up's own
+    for folder in splits_now() - seen:  # the warm-up's own
         shutil.rmtree(folder, ignore_errors=True)
     results: dict[str, dict[str, Any]] = {}
     made: dict[str, set[Path]] = {}  # compression -> the split folders this check made for it
@@ -182,7 +185,7 @@ def run_check(
         summary["steps_s"][label] = time.perf_counter() - t
         save(results)
         compression = _compression(overrides)
-        new = set((outputs / "splits").glob("*/*")) - seen
+        new = splits_now() - seen
         made.setdefault(compression, set()).update(new)
         seen |= new
         if not keep_splits and not any(_compression(o) == compression for _, o in runs[i + 1 :]):
