@@ -514,8 +514,8 @@ def test_a_store_another_program_is_creating_is_opened_again() -> None:
             raise OperationalError("CREATE TABLE experiments", {}, Exception("table experiments already exists"))
         return "store"
 
-    assert _opened(open_store, fresh_sqlite=True, attempts=3) == "store" and len(calls) == 3
+    assert _opened(open_store, sqlite=True, attempts=3) == "store" and len(calls) == 3
     calls.clear()
     with pytest.raises(OperationalError):  # a server's store: its errors are not this race
-        _opened(open_store, fresh_sqlite=False)
+        _opened(open_store, sqlite=False)
     assert len(calls) == 1

@@ -162,7 +162,7 @@ def check_server(uri: str) -> None:
     )
 
 
-def _opened(open_store: Callable[[], Any], *, fresh_sqlite: bool, attempts: int = 5) -> Any:
+def _opened(open_store: Callable[[], Any], *, sqlite: bool, attempts: int = 5) -> Any:
     """`open_store()`, which opens the store and on a new SQLite store creates its tables.
 
     Our processes take turns through the lock beside the database, but another program (`mlflow ui`, a
@@ -177,7 +177,7 @@ def _opened(open_store: Callable[[], Any], *, fresh_sqlite: bool, attempts: int 
         try:
             return open_store()
         except (OperationalError, CommandError) as exc:
-            if not fresh_sqlite or attempt == attempts - 1:
+            if not sqlite or attempt == attempts - 1:
                 raise
             logger.warning("the MLflow store was being created by another program too (%s); trying again", exc)
             time.sleep(1.0)
@@ -210,7 +210,7 @@ class RunTracker:
             return client, client.get_experiment_by_name(experiment)
 
         with lock:
-            self.client, found = _opened(open_store, fresh_sqlite=db_path is not None)
+            self.client, found = _opened(open_store, sqlite=db_path is not None)
         if found is None:
             try:
                 self.experiment_id = self.client.create_experiment(
