@@ -117,6 +117,9 @@ class BenchConfig:
     warmup: int = 0
     # Measured generations; with more than one, every metric also gets _std and _cv.
     repeats: int = 1
+    # One generation more, after the measured ones, recorded by torch.profiler (in no metric): a trace for
+    # Perfetto and the top ops, in the job's folder and as the run's profile/ artifacts.
+    profile: bool = False
 
     def __post_init__(self) -> None:
         check_positive("bench.warmup", self.warmup, allow_zero=True)

@@ -36,7 +36,7 @@ def runs(tmp: Path) -> list:
 @pytest.fixture(scope="module")
 def single_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess[str]]:
     tmp = tmp_path_factory.mktemp("cli")
-    return tmp, harness(tmp, "cache=disk", "workload.stop_at_eos=false", "reference.enabled=true")
+    return tmp, harness(tmp, "cache=disk", "workload.stop_at_eos=false", "reference.enabled=true", "bench.profile=true")
 
 
 def test_single_run_logs_params_metrics_and_artifacts(single_run) -> None:
@@ -88,6 +88,18 @@ def test_single_run_logs_params_metrics_and_artifacts(single_run) -> None:
     gen_path = client(tmp).download_artifacts(run.info.run_id, "generation.json", str(tmp / "dl"))
     gen = json.loads(Path(gen_path).read_text())
     assert len(gen["generated_ids"]) == 4 and gen["prompt_ids"] and isinstance(gen["text"], str)
+
+
+def test_a_profile_goes_into_the_job_folder_and_the_run(single_run) -> None:
+    tmp, proc = single_run
+    (run,) = runs(tmp)
+    folder = Path(run.data.tags["profile.dir"])
+    # Hydra's folder for the job (outputs/runs/<day>/<time>), beside its .hydra/ and its log.
+    assert folder.name == "profile" and (folder.parent / ".hydra").is_dir() and folder.is_relative_to(tmp / "runs")
+    assert {p.name for p in folder.iterdir()} == {"ops.txt", "trace.json.gz"}
+    assert {a.path for a in client(tmp).list_artifacts(run.info.run_id, "profile")} == {
+        "profile/ops.txt", "profile/trace.json.gz"}
+    assert f"profile: {folder}" in proc.stdout.replace("\n", "")
 
 
 def test_compressed_run_logs_quality(tmp_path: Path) -> None:

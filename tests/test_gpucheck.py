@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from harness import gpucheck
+from harness.measurement.profile import OPS_FILE, TRACE_FILE
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
@@ -53,3 +54,10 @@ def test_only_runs_in_the_order_asked_and_a_split_goes_once_no_later_run_reads_i
     assert all(r["status"] == "FINISHED" for r in summary["runs"].values())
     # Each split went after its last run; the one made before stays.
     assert {p.name for p in (outputs / "splits").glob("*/*")} == {"none"}
+    # The prefetch runs' profiles went beside the table, each in a folder named for its run.
+    assert {p.name for p in (tmp_path / "out" / "profiles").iterdir()} == {"8bit-ram-prefetch", "4bit-ram-prefetch"}
+    for label in gpucheck.PROFILED:
+        kept = tmp_path / "out" / "profiles" / gpucheck.slug(label)
+        assert summary["runs"][label]["profile"] == str(kept)
+        assert {p.name for p in kept.iterdir()} == {OPS_FILE, TRACE_FILE}
+    assert not any((outputs / "profiles").iterdir())

@@ -33,6 +33,7 @@ from harness.measurement.environment import environment_tags
 from harness.measurement.memory import peak_rss_bytes, reset_peak_rss
 from harness.measurement.metrics import aggregate, inter_token_latencies, token_metrics
 from harness.measurement.plots import plot_pass, plot_token_latency
+from harness.measurement.profile import record
 from harness.measurement.run_report import RunReport
 from harness.measurement.summary import print_summary
 from harness.measurement.timeline import CROSSCHECK_TOLERANCE, per_pass, stage_metrics
@@ -104,6 +105,18 @@ class Outcome:
     tags: dict[str, str] = field(default_factory=dict)
     # The runner's own artifacts beyond the common ones (layerbench: its timeline), logged into a temp dir.
     log_extra: Callable[[Tracker, Path, str], None] | None = None
+    profile_dir: Path | None = None  # bench.profile's trace and top ops
+
+
+def profile_dir(outputs_dir: Path) -> Path:
+    """Where bench.profile writes: the Hydra job's own folder (beside .hydra/ and the job's log); outside Hydra
+    (the GPU check calls jobs directly), a new folder under outputs/profiles."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if HydraConfig.initialized():
+        return Path(HydraConfig.get().runtime.output_dir) / "profile"
+    (outputs_dir / "profiles").mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=time.strftime("%Y-%m-%d_%H-%M-%S-"), dir=outputs_dir / "profiles"))
 
 
 def run_job(
@@ -166,12 +179,17 @@ def run_job(
         )
     try:
         device = resolve_device(cfg.device)
+        profile_to = profile_dir(outputs_dir) if cfg.bench.profile else None
         if peer is None:
-            outcome = stream_job(cfg, outputs_dir, device, console)
+            outcome = stream_job(cfg, outputs_dir, device, console, profile_to)
         else:
             from harness.peers.job import run_peer
 
-            outcome = run_peer(cfg, peer, choices, outputs_dir, device, console)
+            outcome = run_peer(cfg, peer, choices, outputs_dir, device, console, profile_to)
+        if profile_to is not None:
+            outcome.profile_dir = profile_to
+            outcome.tags["profile.dir"] = str(profile_to)
+            console.print(Text(f"profile: {profile_to} (open trace.json.gz in ui.perfetto.dev)"))
         if cfg.model.weights_note:
             outcome.tags["model.weights"] = cfg.model.weights_note
         if tracker is not None:
@@ -187,8 +205,11 @@ def run_job(
     return outcome.report
 
 
-def stream_job(cfg: Config, outputs_dir: Path, device: torch.device, console: Console) -> Outcome:
-    """layerbench's own runner: split, stream, measure, and compare with the floor and the references."""
+def stream_job(
+    cfg: Config, outputs_dir: Path, device: torch.device, console: Console, profile_to: Path | None = None
+) -> Outcome:
+    """layerbench's own runner: split, stream, measure, and compare with the floor and the references;
+    `profile_to`: one generation more there, under torch.profiler."""
     with VramMonitor(device, cfg.vram.cap_gib) as vram:
         streamer = build_streamer(cfg, outputs_dir, device, vram)
         own_links, plan = {}, None
@@ -204,6 +225,9 @@ def stream_job(cfg: Config, outputs_dir: Path, device: torch.device, console: Co
             for repeat in range(cfg.bench.repeats):
                 progress.reset(task, total=cfg.workload.max_new_tokens, description=f"generate {repeat + 1}")
                 gens.append(generate(streamer, cfg, on_token=lambda _: progress.advance(task)))
+            if profile_to is not None:
+                progress.reset(task, total=cfg.workload.max_new_tokens, description="profile")
+                record(lambda: generate(streamer, cfg, on_token=lambda _: progress.advance(task)), device, profile_to)
     vram.check()
     gen = gens[-1]
     report = RunReport().add(aggregate([generation_metrics(streamer, g) for g in gens]))
@@ -307,3 +331,6 @@ def log_run(tracker: Tracker, resolved: Mapping[str, Any], outcome: Outcome, lab
         if latencies:
             plot_token_latency(latencies, Path(tmp) / "token_latency.png", f"{label}: per-token latency")
             tracker.log_artifact(Path(tmp) / "token_latency.png")
+    if outcome.profile_dir is not None:
+        for path in sorted(outcome.profile_dir.iterdir()):
+            tracker.log_artifact(path, "profile")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import time
 from collections.abc import Mapping
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -20,13 +21,20 @@ from harness.job.run import Outcome
 from harness.job.streamer import batch_prompt_ids, check_context, eos_ids, load_model_config
 from harness.measurement.memory import peak_rss_bytes
 from harness.measurement.metrics import aggregate, device_clock, token_metrics
+from harness.measurement.profile import record
 from harness.measurement.run_report import RunReport
 from harness.measurement.vram import VramMonitor, estimate_need_bytes
 from harness.peers.base import LoadRequest, PeerSpec
 
 
 def run_peer(
-    cfg: Config, peer: PeerSpec, choices: Mapping[str, str], outputs_dir: Path, device: torch.device, console: Console
+    cfg: Config,
+    peer: PeerSpec,
+    choices: Mapping[str, str],
+    outputs_dir: Path,
+    device: torch.device,
+    console: Console,
+    profile_to: Path | None = None,
 ) -> Outcome:
     ckpt_dir = ensure_checkpoint(cfg.model, outputs_dir)
     config = load_model_config(ckpt_dir)
@@ -62,6 +70,10 @@ def run_peer(
                 run = timed_generate(model, prompts, gen_cfg, device, clock, on_token=lambda _: progress.advance(task))
                 if repeat >= cfg.bench.warmup:
                     runs.append(run)
+            if profile_to is not None:  # one generation more, in no metric (bench.profile)
+                progress.reset(task)
+                torch.manual_seed(cfg.workload.seed)
+                record(partial(timed_generate, model, prompts, gen_cfg, device, clock), device, profile_to)
         del model
         gc.collect()
     vram.check()

@@ -10,6 +10,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
+from harness.measurement.profile import stage_range
 from harness.measurement.timeline import StageClock
 from strategies.cache.base import LayerCache, LayerFiles
 from strategies.cache.files import read_layer_file
@@ -121,6 +122,10 @@ class LayerPipeline:
     def _fetch(self, name: str) -> DeviceLayer:
         """`name` on the device in its stored form: read by the cache, then copied (a table looked up on the
         host stays there). The copy is ours, not the codec's, so that transfer and decode are timed apart."""
+        with stage_range("load", name):
+            return self._load(name)
+
+    def _load(self, name: str) -> DeviceLayer:
         if name in self.resident:
             # A new dict: the runner clears the weights it is handed, which must not empty the resident set.
             return DeviceLayer(name, dict(self.resident[name]))
@@ -145,7 +150,8 @@ class LayerPipeline:
         if self.looks_up_on_host(layer.name):
             return layer
         d0 = self.clock.device()
-        layer.weights = dict(self.codec.decode(layer.name, layer.weights, self.device))
+        with stage_range("decode", layer.name):
+            layer.weights = dict(self.codec.decode(layer.name, layer.weights, self.device))
         layer.stamps["decode"] = (d0, self.clock.device())
         layer.bytes["decode"] = sum(t.nbytes for t in layer.weights.values())
         return layer

@@ -24,6 +24,7 @@ from transformers.masking_utils import create_causal_mask
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRMSNorm, LlamaRotaryEmbedding
 
 from harness.measurement.metrics import Clock
+from harness.measurement.profile import stage_range
 from harness.measurement.timeline import LayerEvent, StageClock, Timeline
 from harness.runner.pipeline import LayerPipeline
 from harness.runner.skeleton import run_with_weights
@@ -165,7 +166,8 @@ class LayerStreamingRunner:
     ) -> torch.Tensor:
         """`forward(module, layer.weights, ...)`, timed as the layer's compute; then its weights are released."""
         c0 = self.stages.device()
-        out = forward(module, layer.weights, *args, **kwargs)
+        with stage_range("compute", layer.name):
+            out = forward(module, layer.weights, *args, **kwargs)
         c1 = self.stages.device()
         layer.weights.clear()  # the last reference to this layer's device weights
         r1 = self.stages.device()
