@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import mmap
 from pathlib import Path
@@ -9,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from transformers import LlamaForCausalLM
 
 import strategies.cache.files as files_mod
 from harness.job.streamer import build_streamer, generate
@@ -46,25 +48,30 @@ def test_touching_pages_is_the_fallback_and_reads_the_same(make_cfg, monkeypatch
     assert populated.keys() == touched.keys() and all(torch.equal(populated[k], touched[k]) for k in populated)
 
 
+TIED = "+model.config_overrides.tie_word_embeddings=true"
+
+
 @pytest.mark.parametrize(
-    ("cache", "compression", "extra", "on_host"),
+    ("cache", "compression", "extra", "on_cpu", "on_cuda"),
     [
-        ("ram", "none", (), True),
-        ("ram", "4bit", (), True),
-        ("ram", "8bit", ("compression.compress_embeddings=true",), False),  # its rows would need decoding
-        ("disk", "none", (), False),  # nothing is held between passes: the table is read whole anyway
+        ("ram", "none", (), False, True),  # on a CPU the held table is on the device already
+        ("ram", "4bit", (), False, True),
+        ("ram", "8bit", ("compression.compress_embeddings=true",), False, False),  # its rows would need decoding
+        ("disk", "none", (), True, True),  # mapped, not read: a pass reads its rows' pages
+        ("disk", "4bit", (), True, True),
+        ("disk", "none", (TIED,), False, False),  # the tied lm_head reads the whole table anyway
     ],
 )
-def test_only_an_embedding_held_plain_on_the_host_is_looked_up_there(
-    make_cfg, cache: str, compression: str, extra: tuple[str, ...], on_host: bool
+def test_only_an_embedding_stored_plain_that_no_other_unit_reads_whole_is_looked_up_on_the_host(
+    make_cfg, cache: str, compression: str, extra: tuple[str, ...], on_cpu: bool, on_cuda: bool
 ) -> None:
     cfg = make_cfg(f"cache={cache}", f"compression={compression}", *extra)
     streamer = build_streamer(cfg, Path(cfg.paths.outputs), torch.device("cpu"))
     pipeline = streamer.pipeline
-    assert not pipeline.looks_up_on_host("embed")  # on a CPU the host is the device
+    assert pipeline.looks_up_on_host("embed") is on_cpu
     # The decision alone, as on a GPU machine; nothing here touches a device.
     pipeline.device = torch.device("cuda")
-    assert pipeline.looks_up_on_host("embed") is on_host
+    assert pipeline.looks_up_on_host("embed") is on_cuda
     assert not any(pipeline.looks_up_on_host(u) for u in streamer.layout.units if u != "embed")
     pipeline.resident["embed"] = {}  # a resident table is on the device already
     assert not pipeline.looks_up_on_host("embed")
@@ -72,7 +79,7 @@ def test_only_an_embedding_held_plain_on_the_host_is_looked_up_there(
 
 @pytest.mark.parametrize("cache", ["disk", "ram"])
 def test_tied_embeddings_are_read_once_per_pass(make_cfg, cache: str) -> None:
-    cfg = make_cfg(f"cache={cache}", "+model.config_overrides.tie_word_embeddings=true", "workload.max_new_tokens=3")
+    cfg = make_cfg(f"cache={cache}", TIED, "workload.max_new_tokens=3")
     streamer = build_streamer(cfg, Path(cfg.paths.outputs), torch.device("cpu"))
     layout = streamer.layout
     assert layout.readers("lm_head") == layout.readers("embed") == 2 and layout.readers("norm") == 1
@@ -86,6 +93,36 @@ def test_tied_embeddings_are_read_once_per_pass(make_cfg, cache: str) -> None:
     # The tensors, without each file's header; the shared file once.
     held = cache_impl.bytes_held
     assert held == 0 if cache == "disk" else every_file_once - 1024 * len(layout.units) < held < every_file_once
+
+
+def resident_fraction(path: Path) -> float:
+    """The share of the file's pages in the OS page cache (mincore over a fresh mapping, which faults nothing)."""
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) as mapping:
+        view = (ctypes.c_char * len(mapping)).from_buffer(mapping)
+        pages = -(-len(mapping) // mmap.PAGESIZE)
+        vector = ctypes.create_string_buffer(pages)
+        assert files_mod._LIBC.mincore(ctypes.addressof(view), len(mapping), vector) == 0
+        del view  # the mapping closes only once no buffer exports it
+        return sum(b & 1 for b in vector.raw) / pages
+
+
+def test_an_untied_table_read_every_pass_is_mapped_and_only_its_rows_are_read(make_cfg) -> None:
+    # A table of 32768 rows (8 MB) of which the tokenizer's ids use the first 1024: a whole read would show.
+    cfg = make_cfg("cache=disk", "cache.page_cache=cold", "+model.config_overrides.vocab_size=32768",
+                   "workload.max_new_tokens=4", "workload.stop_at_eos=false")
+    streamer = build_streamer(cfg, Path(cfg.paths.outputs), torch.device("cpu"))
+    layout, cache_impl = streamer.layout, streamer.pipeline.cache
+    assert streamer.config.vocab_size == 32768 and layout.readers("embed") == 1
+    before = cache_impl.bytes_read
+    gen = generate(streamer, cfg)
+    # Every other file once a pass (dropped from the page cache first); the table by the lookup's page faults.
+    table = layout.file_bytes("embed")
+    assert cache_impl.bytes_read - before == 4 * (layout.files_bytes(layout.units) - table)
+    assert resident_fraction(layout.file("embed")) < 0.1
+    assert resident_fraction(layout.file("layers.00")) == 1.0  # the check can see a file that was read
+    model = LlamaForCausalLM.from_pretrained(streamer.ckpt_dir, attn_implementation="sdpa").eval()
+    out = model.generate(torch.tensor([gen.prompt_ids]), max_new_tokens=4, do_sample=False, eos_token_id=None)
+    assert gen.generated_ids == out[0, len(gen.prompt_ids):].tolist()
 
 
 def test_a_cold_disk_run_is_held_against_a_plain_read_of_its_files(make_cfg) -> None:

@@ -59,7 +59,10 @@ def test_a_profiled_layerbench_run_traces_each_stage_on_its_own_thread_and_logs_
         assert threads[f"load {unit}"] == threads[f"decode {unit}"] and not threads[f"load {unit}"] & main, unit
         assert sum(1 for e in events if e.get("name") == f"compute {unit}") == 3
     ops = (folder / OPS_FILE).read_text()
-    assert ops.startswith("top 25 ops by self time on the host") and "aten::" in ops
+    stages = dict(line.split(maxsplit=1) for line in ops.splitlines()[1:4])
+    assert list(stages) == ["load", "decode", "compute"] and all(v.startswith("21 ") for v in stages.values())
+    top = ops.split("top 25 ops by self time on the host")[1]
+    assert "aten::" in top and "compute layers" not in top
 
 
 def test_a_profiled_peer_run_writes_its_ops(make_cfg: Callable[..., Config]) -> None:

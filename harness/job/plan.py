@@ -44,10 +44,10 @@ def make_plan(
     layout, pipeline = streamer.layout, streamer.pipeline
     resident = streamer.residency.units
     streamed = [u for u in layout.units if u not in resident]
-    stored = float(layout.files_bytes(streamed))  # a file shared by units is read once a pass
-    read = stored if pipeline.cache.rereads else 0.0
-    moved = [u for u in streamed if not pipeline.looks_up_on_host(u)]  # a table looked up on the host stays there
-    h2d = 0.0 if streamer.device.type == "cpu" else float(layout.files_bytes(moved))  # on a CPU, host is device
+    # A table looked up on the host stays there, and a rereading cache reads only its rows (left out: a few pages).
+    whole = [u for u in streamed if not pipeline.looks_up_on_host(u)]
+    read = float(layout.files_bytes(whole)) if pipeline.cache.rereads else 0.0  # a shared file: once a pass
+    h2d = 0.0 if streamer.device.type == "cpu" else float(layout.files_bytes(whole))  # on a CPU, host is device
     # Every unit decodes on every pass, the resident ones too (they stay in their stored form).
     decoded = float(decoded_bytes(streamer.config, layout.units))
     n_prompt = max(len(p) for p in streamer.prompts)

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import TypeVar
 
 import torch
+from torch.autograd.profiler_util import EventList
 from torch.profiler import ProfilerActivity, profile, record_function
 
 log = logging.getLogger(__name__)
@@ -29,6 +30,9 @@ TOP_OPS = 25
 # token over a 30-layer model's three stages), and torch's own "is a profiler on" flag does not see one
 # that records every thread.
 _recording = False
+
+
+STAGES = ("load", "decode", "compute")
 
 
 def stage_range(stage: str, unit: str) -> AbstractContextManager[object]:
@@ -66,11 +70,27 @@ def record(run: Callable[[], T], device: torch.device, out_dir: Path) -> T:
     finally:
         _recording = False
     prof.export_chrome_trace(str(out_dir / TRACE_FILE))
-    averages = prof.key_averages()
-    sorts = [("self time on the host", "self_cpu_time_total")]
-    if cuda:
-        sorts.insert(0, ("self time on the device", "self_device_time_total"))
-    tables = [f"top {TOP_OPS} ops by {what}\n{averages.table(sort_by=key, row_limit=TOP_OPS)}" for what, key in sorts]
-    (out_dir / OPS_FILE).write_text("\n".join(tables), encoding="utf-8")
+    (out_dir / OPS_FILE).write_text(summary(prof.key_averages(), cuda), encoding="utf-8")
     log.info("profiled generation (%.1f s) written to %s", time.perf_counter() - t0, out_dir)
     return result
+
+
+def summary(averages: EventList, cuda: bool) -> str:
+    """The stages' ranges summed (host time in them, the part outside any op: Python, and on CUDA the device
+    time of the kernels they launched), then the top ops (the ranges left out: they would crowd the ops out)."""
+    lines = ["stage    ranges   host total   host outside ops" + ("   device total" if cuda else "")]
+    for stage in STAGES:
+        ranges = [e for e in averages if e.key.startswith(f"{stage} ")]
+        row = (f"{stage:<8} {sum(e.count for e in ranges):>6} {_ms(e.cpu_time_total for e in ranges):>12}"
+               f" {_ms(e.self_cpu_time_total for e in ranges):>18}")
+        lines.append(row + (f" {_ms(e.device_time_total for e in ranges):>14}" if cuda else ""))
+    ops = EventList([e for e in averages if e.key.split(" ")[0] not in STAGES])
+    sorts = [("self time on the device", "self_device_time_total")] if cuda else []
+    sorts.append(("self time on the host", "self_cpu_time_total"))
+    for what, key in sorts:
+        lines += ["", f"top {TOP_OPS} ops by {what}", ops.table(sort_by=key, row_limit=TOP_OPS)]
+    return "\n".join(lines) + "\n"
+
+
+def _ms(microseconds: Iterable[float]) -> str:
+    return f"{sum(microseconds) / 1000:.1f} ms"

@@ -104,16 +104,19 @@ class LayerPipeline:
 
     def looks_up_on_host(self, name: str) -> bool:
         """Whether `name` stays on the host, where the runner gathers the rows a pass needs: the embedding, stored
-        plain, held by the cache for the whole run (cache=ram, pinned on CUDA), computing on another device.
-        Only the looked-up rows then cross to the device, not the table: Llama-3-8B's is 1.05 GB, a sixth of
-        what a 4-bit pass moves, for 8 rows."""
-        return (
-            name == LOOKUP_UNIT
-            and self.device.type != "cpu"
-            and not self.cache.rereads
-            and name not in self.resident
-            and self.codec.stores_plain(name)
-        )
+        plain and streamed (not resident). Only the looked-up rows then cross to the device, not the table:
+        Llama-3-8B's is 1.05 GB, a sixth of what a 4-bit pass moves, for 8 rows.
+
+        - A cache that holds it (cache=ram, pinned on CUDA): when the device is not the host.
+        - A cache that rereads every pass (cache=disk): on any device, when no other unit reads its file (a tied
+          lm_head needs the whole table). The file is mapped, not read (`LayerCache.lookup_table`): a pass reads
+          the pages of its rows, not the table.
+        """
+        if name != LOOKUP_UNIT or name in self.resident or not self.codec.stores_plain(name):
+            return False
+        if self.cache.rereads:
+            return self.cache.files.readers(name) == 1
+        return self.device.type != "cpu"
 
     def stream(self, names: Sequence[str]) -> Iterator[DeviceLayer]:
         """Device-ready layers for one pass, in `names` order."""
@@ -132,10 +135,11 @@ class LayerPipeline:
         clock = self.clock
         read_before = self.cache.bytes_read
         r0 = clock.host()
-        stored = self.cache.get(name)
+        lookup = self.looks_up_on_host(name)
+        stored = self.cache.lookup_table(name) if lookup else self.cache.get(name)
         r1 = clock.host()
         read = self.cache.bytes_read - read_before
-        if self.looks_up_on_host(name):
+        if lookup:
             # A new dict, as above: the cache keeps these tensors.
             return DeviceLayer(name, dict(stored), stamps={"read": (r0, r1)}, bytes={"read": read})
         h0 = clock.device()

@@ -25,8 +25,14 @@ class LayerCache(Protocol):
 
     # True: every pass reads each unit's file again (the bytes a pass moves over the disk link).
     rereads: bool
+    files: LayerFiles
 
     def get(self, name: str) -> dict[str, torch.Tensor]: ...
+
+    def lookup_table(self, name: str) -> dict[str, torch.Tensor]:
+        """`name`'s tensors for a pass that reads only a few rows of them (the embedding lookup), read no further
+        than the lookup touches: a rereading cache maps the file and reads nothing ahead."""
+        ...
 
     @property
     def bytes_held(self) -> int:

@@ -157,6 +157,13 @@ class FileLayout:
                 offset += math.prod(shape) * dtype.itemsize
         return cls(os.path.getsize(path) - offset, offset, tuple(tensors))
 
+    def views(self, data: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The tensors, as views of `data` (uint8, the data section's bytes from its start)."""
+        return {
+            key: data[offset : offset + math.prod(shape) * dtype.itemsize].view(dtype).view(shape)
+            for key, dtype, shape, offset in self.tensors
+        }
+
 
 def read_packed(path: Path, layout: FileLayout, out: torch.Tensor) -> dict[str, torch.Tensor]:
     """Read a layer file's data section straight into `out` (uint8, at least `layout.data_bytes`; pinned for
@@ -171,10 +178,20 @@ def read_packed(path: Path, layout: FileLayout, out: torch.Tensor) -> dict[str, 
             if not n:
                 raise EOFError(f"{path} ended {layout.data_bytes - done} bytes early: the split is damaged")
             done += n
-    return {
-        key: out[offset : offset + math.prod(shape) * dtype.itemsize].view(dtype).view(shape)
-        for key, dtype, shape, offset in layout.tensors
-    }
+    return layout.views(out)
+
+
+def map_unread(path: Path, layout: FileLayout) -> dict[str, torch.Tensor]:
+    """A layer file's tensors as views of a private mapping of it that reads nothing: each page is read when
+    first touched (safetensors' `load_file` reads every page as it maps). For a table of which a pass reads a
+    few rows."""
+    with open(path, "rb") as f:
+        mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)  # writable, as torch wants; never written
+    # Without it the kernel reads ahead around each fault: here (Linux 6.18, ext4) one row of a cold 8 MB table
+    # brought in all of it; with it, the row's 2 pages.
+    mapping.madvise(mmap.MADV_RANDOM)
+    # The tensor keeps the mapping alive; the file may close.
+    return layout.views(torch.frombuffer(mapping, dtype=torch.uint8, offset=layout.data_start, count=layout.data_bytes))
 
 
 class PinnedRing:

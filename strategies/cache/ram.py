@@ -35,6 +35,9 @@ class RamCache:
             self._held[path] = tensors
         return tensors
 
+    def lookup_table(self, name: str) -> dict[str, torch.Tensor]:
+        return self.get(name)  # read once whole anyway: its later passes look up in the held copy
+
     @property
     def bytes_held(self) -> int:
         return sum(t.nbytes for tensors in self._held.values() for t in tensors.values())
