@@ -59,8 +59,8 @@ class DiskCache:
         return tensors
 
     def lookup_table(self, name: str) -> dict[str, torch.Tensor]:
-        """The file mapped, not read: the lookup faults in the pages of its rows alone (Llama-3-8B: 16 KB of a
-        1.05 GB table for one token), which `bytes_read` leaves out. Cold: dropped and mapped afresh, as a read
+        """The file mapped, not read: the lookup faults in the pages of its rows alone (Llama-3-8B: a row is 8 KB
+        of a 1.05 GB table), which `bytes_read` leaves out. Cold: dropped and mapped afresh, as a read
         would be; warm: the mapping kept for it."""
         path = self.files.file(name)
         layout = self._layouts.get(path) or self._layouts.setdefault(path, FileLayout.of(path))

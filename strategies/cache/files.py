@@ -189,7 +189,8 @@ def map_unread(path: Path, layout: FileLayout) -> dict[str, torch.Tensor]:
         mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)  # writable, as torch wants; never written
     # Without it the kernel reads ahead around each fault: here (Linux 6.18, ext4) one row of a cold 8 MB table
     # brought in all of it; with it, the row's 2 pages.
-    mapping.madvise(mmap.MADV_RANDOM)
+    if hasattr(mmap, "MADV_RANDOM"):  # not on Windows
+        mapping.madvise(mmap.MADV_RANDOM)
     # The tensor keeps the mapping alive; the file may close.
     return layout.views(torch.frombuffer(mapping, dtype=torch.uint8, offset=layout.data_start, count=layout.data_bytes))
 
