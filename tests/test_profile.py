@@ -79,3 +79,17 @@ def test_stage_ranges_cost_nothing_unless_a_profile_records() -> None:
     from contextlib import nullcontext
 
     assert isinstance(stage_range("compute", "layers.0"), nullcontext)
+
+
+@pytest.mark.gpu
+def test_a_profiled_cuda_run_traces_kernels_and_copies_on_the_device(make_cfg: Callable[..., Config]) -> None:
+    cfg = make_cfg("device=cuda", "compression=4bit", "prefetch=on", "bench.profile=true",
+                   "workload.max_new_tokens=3", "workload.stop_at_eos=false")
+    report = run_job(cfg, {}, choices={"compression": "4bit", "prefetch": "on"}, overrides=[],
+                     console=Console(quiet=True))
+    assert report.new_tokens == 3
+    folder = max((Path(cfg.paths.outputs) / "profiles").iterdir(), key=lambda p: p.stat().st_mtime)
+    ops = (folder / OPS_FILE).read_text()
+    assert ops.splitlines()[0].endswith("device total") and "top 25 ops by self time on the device" in ops
+    categories = {e.get("cat") for e in trace_events(folder / TRACE_FILE)}
+    assert {"kernel", "gpu_memcpy"} <= categories, categories
