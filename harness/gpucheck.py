@@ -23,7 +23,10 @@ import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 # What the GPU image lacks, as (import name, distribution to install from the wheels).
@@ -98,6 +101,23 @@ def run_one(overrides: list[str]) -> dict[str, Any]:
     return {"status": "FINISHED", "metrics": report.metrics()}
 
 
+def untried_gains(device: torch.device, scratch: Path, size_bytes: int) -> dict[str, float | None]:
+    """What two unbuilt parts of the speed work would gain here, measured before building them: a cold read
+    with O_DIRECT against the buffered one the disk cache does, and decoding into a reused buffer against
+    allocating each decoded weight (CUDA only: bitsandbytes has no CPU kernel that decodes into a buffer)."""
+    from harness.probe.links import dequant_rates, direct_read_rates
+
+    buffered, direct = direct_read_rates(scratch, size_bytes)
+    gains: dict[str, float | None] = {
+        "cold_read_buffered_bytes_per_s": buffered, "cold_read_direct_bytes_per_s": direct,
+    }
+    if device.type == "cuda":
+        for reused, key in ((False, "allocated"), (True, "reused")):
+            rate8, rate4 = dequant_rates(device, repeats=3, into_reused=reused)
+            gains[f"dequant_8bit_{key}_bytes_per_s"], gains[f"dequant_4bit_{key}_bytes_per_s"] = rate8, rate4
+    return gains
+
+
 def slug(label: str) -> str:
     """A run's label as a folder name the device tool brings back (letters, digits, '-')."""
     return re.sub(r"[^A-Za-z0-9]+", "-", label).strip("-")
@@ -163,6 +183,7 @@ def run_check(
         torch.device(device), outputs / "probe", outputs / "probe", refresh=True, size_bytes=probe_mib << 20
     )
     summary["link_rates"] = asdict(rates)
+    summary["untried"] = untried_gains(torch.device(device), outputs / "probe", probe_mib << 20)
     summary["steps_s"]["probe"] = time.perf_counter() - t
     common = [
         f"model={model}", f"device={device}", f"paths.outputs={outputs}", f"workload.max_new_tokens={new_tokens}",

@@ -34,6 +34,11 @@ def test_every_step_and_the_table_on_the_tiny_model(tmp_path: Path, outputs_dir:
         (label for label, _ in gpucheck.RUNS), "FINISHED"
     )
     assert summary["warm_up"] == "FINISHED"
+    # The unbuilt parts' gains, measured first: O_DIRECT where the filesystem has it; out= decoding on CUDA only.
+    untried = summary["untried"]
+    direct = untried["cold_read_direct_bytes_per_s"]
+    assert untried["cold_read_buffered_bytes_per_s"] > 0 and (direct is None or direct > 0)
+    assert not any(key.startswith("dequant") for key in untried)
     saved = json.loads((out / "gpucheck.json").read_text())
     assert saved["runs"]["4bit, ram"]["metrics"]["tpot_s"] > 0
     table = (out / "gpucheck.md").read_text()

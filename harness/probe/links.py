@@ -229,7 +229,10 @@ def _h2d_rates(device: torch.device, size_bytes: int, repeats: int) -> tuple[flo
     return _rate(size_bytes, pinned_s), _rate(size_bytes, pageable_s)
 
 
-def _dequant_rates(device: torch.device, repeats: int) -> tuple[float, float]:
+def dequant_rates(device: torch.device, repeats: int, into_reused: bool = False) -> tuple[float, float]:
+    """8-bit and 4-bit decoded bytes per second. The codecs allocate each decoded weight, so the allocation is
+    part of the link; `into_reused`: decoded into one buffer instead (out=), what decoding into reused device
+    buffers would gain (the GPU check asks, before that is built)."""
     # Imported here: bitsandbytes takes seconds to import (and warns on CPU-only machines); the other links
     # and token_floor do not need it.
     import bitsandbytes.functional as bnbf
@@ -238,11 +241,52 @@ def _dequant_rates(device: torch.device, repeats: int) -> tuple[float, float]:
     decoded_bytes = weight.numel() * weight.element_size()
     codes8, state8 = bnbf.quantize_blockwise(weight, blocksize=CODEC_8BIT.blocksize)
     codes4, state4 = bnbf.quantize_4bit(weight, blocksize=CODEC_4BIT.blocksize, quant_type=CODEC_4BIT.quant_type)
+    out = torch.empty_like(weight) if into_reused else None
     del weight
-    # Without out=: the codecs allocate the decoded weight too, so the allocation is part of the link.
-    s8 = best_seconds(lambda: lambda: bnbf.dequantize_blockwise(codes8, state8), device, repeats)
-    s4 = best_seconds(lambda: lambda: bnbf.dequantize_4bit(codes4, state4), device, repeats)
+    s8 = best_seconds(lambda: lambda: bnbf.dequantize_blockwise(codes8, state8, out=out), device, repeats)
+    s4 = best_seconds(lambda: lambda: bnbf.dequantize_4bit(codes4, state4, out=out), device, repeats)
     return _rate(decoded_bytes, s8), _rate(decoded_bytes, s4)
+
+
+def direct_read_rates(scratch_dir: Path, size_bytes: int, repeats: int = 2) -> tuple[float, float | None]:
+    """A cold read of a `size_bytes` scratch file, buffered (as the disk cache reads) and with O_DIRECT (no page
+    cache, straight into page-aligned memory), in bytes per second; None where O_DIRECT is refused (tmpfs, not
+    Linux). The GPU check asks whether O_DIRECT would be the faster read, before it is built."""
+    scratch_dir.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix="probe-direct-", suffix=".bin", dir=scratch_dir)
+    os.close(fd)
+    path = Path(name)
+    # Anonymous memory is page-aligned, as O_DIRECT requires of the buffer, and so is every chunk's offset in it.
+    aligned = mmap.mmap(-1, _READ_CHUNK_BYTES)
+    buffer = memoryview(aligned)
+    try:
+        _write_scratch(path, size_bytes)
+
+        def cold() -> Callable[[], object]:
+            drop_page_cache(path)
+            return lambda: _read_all(path, buffer)
+
+        buffered = _rate(size_bytes, best_seconds(cold, torch.device("cpu"), repeats))
+        if not hasattr(os, "O_DIRECT"):
+            return buffered, None
+        try:
+            os.close(os.open(path, os.O_RDONLY | os.O_DIRECT))
+        except OSError:  # EINVAL: a filesystem without direct I/O
+            return buffered, None
+
+        def read_direct() -> None:
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+            try:
+                while os.readv(fd, [buffer]):
+                    pass
+            finally:
+                os.close(fd)
+
+        return buffered, _rate(size_bytes, best_seconds(lambda: read_direct, torch.device("cpu"), repeats))
+    finally:
+        buffer.release()
+        aligned.close()
+        path.unlink(missing_ok=True)
 
 
 def measure_link_rates(
@@ -260,7 +304,7 @@ def measure_link_rates(
     # Only CUDA has a separate memory to copy into that we can time; on CPU the "device" is host memory.
     if device.type == "cuda":
         h2d_pinned, h2d_pageable = _h2d_rates(device, size_bytes, repeats)
-    dequant_8bit, dequant_4bit = _dequant_rates(device, repeats)
+    dequant_8bit, dequant_4bit = dequant_rates(device, repeats)
     return LinkRates(
         disk_read_cold_bytes_per_s=cold,
         page_cache_bytes_per_s=warm,
