@@ -93,3 +93,10 @@ def test_a_profiled_cuda_run_traces_kernels_and_copies_on_the_device(make_cfg: C
     assert ops.splitlines()[0].endswith("device total") and "top 25 ops by self time on the device" in ops
     categories = {e.get("cat") for e in trace_events(folder / TRACE_FILE)}
     assert {"kernel", "gpu_memcpy"} <= categories, categories
+
+
+def test_a_job_that_fails_leaves_no_empty_profile_folder(make_cfg: Callable[..., Config], tmp_path: Path) -> None:
+    cfg = make_cfg("bench.profile=true", f"paths.outputs={tmp_path}", "model=local", f"model.path={tmp_path / 'none'}")
+    with pytest.raises(Exception, match="none"):
+        run_job(cfg, {}, choices={"model": "local"}, overrides=[], console=Console(quiet=True))
+    assert not any((tmp_path / "profiles").iterdir())

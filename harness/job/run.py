@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import logging
@@ -177,9 +178,9 @@ def run_job(
             tags={**environment_tags(outputs_dir), "hydra.overrides": " ".join(overrides)},
             parent_run_id=parent_run_id,
         )
+    profile_to = profile_dir(outputs_dir) if cfg.bench.profile else None
     try:
         device = resolve_device(cfg.device)
-        profile_to = profile_dir(outputs_dir) if cfg.bench.profile else None
         if peer is None:
             outcome = stream_job(cfg, outputs_dir, device, console, profile_to)
         else:
@@ -200,6 +201,9 @@ def run_job(
             # Interrupted (Ctrl-C, or SIGTERM through harness.__main__) is KILLED; anything else FAILED.
             status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
             tracker.end(status, reason=f"{type(exc).__name__}: {exc}".rstrip(": "))
+        if profile_to is not None:
+            with contextlib.suppress(OSError):  # only if empty: a job that failed after its profile keeps it
+                profile_to.rmdir()
         raise
     print_summary(console, choices, outcome.report, outcome.texts[0])
     return outcome.report

@@ -59,7 +59,6 @@ def record(run: Callable[[], T], device: torch.device, out_dir: Path) -> T:
     global _recording
     cuda = device.type == "cuda"
     activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]
-    out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     _recording = True
     try:
@@ -69,6 +68,7 @@ def record(run: Callable[[], T], device: torch.device, out_dir: Path) -> T:
                 torch.cuda.synchronize(device)  # the device's work in the trace, not only its launches
     finally:
         _recording = False
+    out_dir.mkdir(parents=True, exist_ok=True)  # only now: an interrupted profile leaves no empty folder
     prof.export_chrome_trace(str(out_dir / TRACE_FILE))
     (out_dir / OPS_FILE).write_text(summary(prof.key_averages(), cuda), encoding="utf-8")
     log.info("profiled generation (%.1f s) written to %s", time.perf_counter() - t0, out_dir)
