@@ -66,3 +66,13 @@ def test_only_runs_in_the_order_asked_and_a_split_goes_once_no_later_run_reads_i
         assert summary["runs"][label]["profile"] == str(kept)
         assert {p.name for p in kept.iterdir()} == {OPS_FILE, TRACE_FILE}
     assert not any((outputs / "profiles").iterdir())
+
+
+def test_a_failing_untried_measurement_is_recorded_not_fatal(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import harness.probe.links as links
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise OSError("no scratch space")
+
+    monkeypatch.setattr(links, "direct_read_rates", refuse)
+    assert gpucheck.untried_gains(torch.device("cpu"), tmp_path, 1 << 20) == {"failed": "OSError: no scratch space"}
