@@ -101,16 +101,19 @@ def run_one(overrides: list[str]) -> dict[str, Any]:
     return {"status": "FINISHED", "metrics": report.metrics()}
 
 
-def untried_gains(device: torch.device, scratch: Path, size_bytes: int) -> dict[str, float | str | None]:
+def untried_gains(
+    device: torch.device, scratch: Path, size_bytes: int, buffered_bytes_per_s: float
+) -> dict[str, float | str | None]:
     """What two unbuilt parts of the speed work would gain here, measured before building them: a cold read
-    with O_DIRECT against the buffered one the disk cache does, and decoding into a reused buffer against
-    allocating each decoded weight (CUDA only: bitsandbytes has no CPU kernel that decodes into a buffer)."""
-    from harness.probe.links import dequant_rates, direct_read_rates
+    with O_DIRECT against the buffered one the disk cache does (`buffered_bytes_per_s`: the probe's, just made
+    on a file of the same size), and decoding into a reused buffer against allocating each decoded weight
+    (CUDA only: bitsandbytes has no CPU kernel that decodes into a buffer)."""
+    from harness.probe.links import dequant_rates, direct_read_rate
 
     gains: dict[str, float | str | None] = {}
     try:
-        buffered, direct = direct_read_rates(scratch, size_bytes)
-        gains.update(cold_read_buffered_bytes_per_s=buffered, cold_read_direct_bytes_per_s=direct)
+        direct = direct_read_rate(scratch, size_bytes)
+        gains.update(cold_read_buffered_bytes_per_s=buffered_bytes_per_s, cold_read_direct_bytes_per_s=direct)
         if device.type == "cuda":
             for reused, key in ((False, "allocated"), (True, "reused")):
                 rate8, rate4 = dequant_rates(device, repeats=3, into_reused=reused)
@@ -186,7 +189,9 @@ def run_check(
         torch.device(device), outputs / "probe", outputs / "probe", refresh=True, size_bytes=probe_mib << 20
     )
     summary["link_rates"] = asdict(rates)
-    summary["untried"] = untried_gains(torch.device(device), outputs / "probe", probe_mib << 20)
+    summary["untried"] = untried_gains(
+        torch.device(device), outputs / "probe", probe_mib << 20, rates.disk_read_cold_bytes_per_s
+    )
     summary["steps_s"]["probe"] = time.perf_counter() - t
     common = [
         f"model={model}", f"device={device}", f"paths.outputs={outputs}", f"workload.max_new_tokens={new_tokens}",

@@ -74,5 +74,6 @@ def test_a_failing_untried_measurement_is_recorded_not_fatal(tmp_path: Path, mon
     def refuse(*args: object, **kwargs: object) -> None:
         raise OSError("no scratch space")
 
-    monkeypatch.setattr(links, "direct_read_rates", refuse)
-    assert gpucheck.untried_gains(torch.device("cpu"), tmp_path, 1 << 20) == {"failed": "OSError: no scratch space"}
+    monkeypatch.setattr(links, "direct_read_rate", refuse)
+    gains = gpucheck.untried_gains(torch.device("cpu"), tmp_path, 1 << 20, 1e9)
+    assert gains == {"failed": "OSError: no scratch space"}

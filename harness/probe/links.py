@@ -15,7 +15,7 @@ import mmap
 import os
 import re
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -179,13 +179,22 @@ def kept_mapping_rate(paths: Sequence[Path], repeats: int = 2) -> float:
     return _rate(total, seconds)
 
 
-def _disk_rates(scratch_dir: Path, size_bytes: int, repeats: int) -> tuple[float, float]:
+@contextlib.contextmanager
+def _scratch_file(scratch_dir: Path, size_bytes: int) -> Iterator[Path]:
+    """A `size_bytes` file of random bytes in `scratch_dir`, written and fsynced; deleted afterwards."""
     scratch_dir.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(prefix="probe-", suffix=".bin", dir=scratch_dir)
     os.close(fd)
     path = Path(name)
     try:
         _write_scratch(path, size_bytes)
+        yield path
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def _disk_rates(scratch_dir: Path, size_bytes: int, repeats: int) -> tuple[float, float]:
+    with _scratch_file(scratch_dir, size_bytes) as path:
         buffer = memoryview(bytearray(min(_READ_CHUNK_BYTES, size_bytes)))
         cpu = torch.device("cpu")
 
@@ -200,8 +209,6 @@ def _disk_rates(scratch_dir: Path, size_bytes: int, repeats: int) -> tuple[float
             raise RuntimeError(f"{path} reads back short of the {size_bytes} bytes written")
         cold_s = best_seconds(cold, cpu, repeats)
         warm = kept_mapping_rate([path], repeats)
-    finally:
-        path.unlink(missing_ok=True)
     cold_rate, warm_rate = _rate(size_bytes, cold_s), warm
     if cold_rate >= _COLD_LOOKS_WARM * warm_rate:
         logger.warning(
@@ -248,31 +255,20 @@ def dequant_rates(device: torch.device, repeats: int, into_reused: bool = False)
     return _rate(decoded_bytes, s8), _rate(decoded_bytes, s4)
 
 
-def direct_read_rates(scratch_dir: Path, size_bytes: int, repeats: int = 2) -> tuple[float, float | None]:
-    """A cold read of a `size_bytes` scratch file, buffered (as the disk cache reads) and with O_DIRECT (no page
-    cache, straight into page-aligned memory), in bytes per second; None where O_DIRECT is refused (tmpfs, not
-    Linux). The GPU check asks whether O_DIRECT would be the faster read, before it is built."""
-    scratch_dir.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix="probe-direct-", suffix=".bin", dir=scratch_dir)
-    os.close(fd)
-    path = Path(name)
-    # Anonymous memory is page-aligned, as O_DIRECT requires of the buffer, and so is every chunk's offset in it.
-    aligned = mmap.mmap(-1, _READ_CHUNK_BYTES)
-    buffer = memoryview(aligned)
-    try:
-        _write_scratch(path, size_bytes)
-
-        def cold() -> Callable[[], object]:
-            drop_page_cache(path)
-            return lambda: _read_all(path, buffer)
-
-        buffered = _rate(size_bytes, best_seconds(cold, torch.device("cpu"), repeats))
-        if not hasattr(os, "O_DIRECT"):
-            return buffered, None
+def direct_read_rate(scratch_dir: Path, size_bytes: int, repeats: int = 2) -> float | None:
+    """A cold read of a `size_bytes` scratch file with O_DIRECT (no page cache, straight into page-aligned memory),
+    in bytes per second, to hold against the probe's buffered cold read (`disk_read_cold_bytes_per_s`, the
+    disk cache's way) of a file of the same size; None where O_DIRECT is refused (tmpfs, not Linux). The GPU
+    check asks whether O_DIRECT would be the faster read, before it is built."""
+    if not hasattr(os, "O_DIRECT"):
+        return None
+    # Anonymous memory is page-aligned, as O_DIRECT requires of the buffer.
+    with _scratch_file(scratch_dir, size_bytes) as path, mmap.mmap(-1, _READ_CHUNK_BYTES) as aligned:
         try:
             os.close(os.open(path, os.O_RDONLY | os.O_DIRECT))
         except OSError:  # EINVAL: a filesystem without direct I/O
-            return buffered, None
+            return None
+        buffer = memoryview(aligned)
 
         def read_direct() -> None:
             fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
@@ -282,11 +278,10 @@ def direct_read_rates(scratch_dir: Path, size_bytes: int, repeats: int = 2) -> t
             finally:
                 os.close(fd)
 
-        return buffered, _rate(size_bytes, best_seconds(lambda: read_direct, torch.device("cpu"), repeats))
-    finally:
-        buffer.release()
-        aligned.close()
-        path.unlink(missing_ok=True)
+        try:
+            return _rate(size_bytes, best_seconds(lambda: read_direct, torch.device("cpu"), repeats))
+        finally:
+            buffer.release()  # the mapping closes only once nothing exports it
 
 
 def measure_link_rates(
