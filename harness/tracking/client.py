@@ -173,15 +173,13 @@ def _opened(open_store: Callable[[], Any], *, sqlite: bool, attempts: int = 5) -
     from alembic.util.exc import CommandError
     from sqlalchemy.exc import OperationalError
 
-    for attempt in range(attempts):
+    for _ in range(attempts - 1 if sqlite else 0):
         try:
             return open_store()
         except (OperationalError, CommandError) as exc:
-            if not sqlite or attempt == attempts - 1:
-                raise
             logger.warning("the MLflow store was being created by another program too (%s); trying again", exc)
             time.sleep(1.0)
-    raise AssertionError("unreachable")
+    return open_store()  # the last attempt (the only one for a server): its error is the caller's
 
 
 class RunTracker:

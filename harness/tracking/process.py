@@ -40,8 +40,6 @@ def _forwarded(method: str) -> Callable[..., None]:
 
 class TrackerProcess:
     def __init__(self, uri: str, experiment: str) -> None:
-        self.uri = uri
-        self.experiment = experiment
         self.run_id: str | None = None
         # This checkout (or site-packages) first on the child's path, whatever its working directory.
         path = os.pathsep.join(p for p in (str(Path(__file__).resolve().parents[2]), os.environ.get("PYTHONPATH")) if p)

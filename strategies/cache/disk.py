@@ -63,7 +63,7 @@ class DiskCache:
         of a 1.05 GB table), which `bytes_read` leaves out. Cold: dropped and mapped afresh, as a read
         would be; warm: the mapping kept for it."""
         path = self.files.file(name)
-        layout = self._layouts.get(path) or self._layouts.setdefault(path, FileLayout.of(path))
+        layout = self._layout(path)
         if self.cfg.page_cache == "cold":
             drop_page_cache(path)
             return map_unread(path, layout)
@@ -72,10 +72,16 @@ class DiskCache:
             tensors = self._mapped[path] = map_unread(path, layout)
         return tensors
 
+    def _layout(self, path: Path) -> FileLayout:
+        """Where the file's tensors lie, read from its header once per run."""
+        if path not in self._layouts:
+            self._layouts[path] = FileLayout.of(path)
+        return self._layouts[path]
+
     def _read_staged(self, path: Path, readers: int) -> dict[str, torch.Tensor]:
         if self.cfg.page_cache == "cold":
             drop_page_cache(path)
-        layout = self._layouts.get(path) or self._layouts.setdefault(path, FileLayout.of(path))
+        layout = self._layout(path)
         ring = self._ring if readers == 1 else self._own_slot.setdefault(path, PinnedRing(1, self.device))
         return read_packed(path, layout, ring.slot(layout.data_bytes))
 
