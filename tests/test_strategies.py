@@ -128,6 +128,67 @@ def test_split_file_decodes_like_in_memory_quantization(make_cfg, compression: s
         assert not torch.equal(from_file["mlp.up_proj.weight"], originals["mlp.up_proj.weight"])
 
 
+CODECS = [Blockwise8bitConfig(), Blockwise4bitConfig(), Blockwise4bitConfig(quant_type="fp4", double_quant=True)]
+CODEC_IDS = ["8bit", "4bit-nf4", "4bit-fp4-dq"]
+
+
+def encoded_layer(cfg: CompressionConfig, device: torch.device) -> tuple[object, dict[str, torch.Tensor]]:
+    """A codec and a small layer it encoded on `device`: two Linear weights and a norm."""
+    generator = torch.Generator().manual_seed(0)
+    weights = {
+        name: torch.randn(64, 256, generator=generator).to(torch.bfloat16)
+        for name in ("self_attn.q_proj.weight", "mlp.down_proj.weight")
+    }
+    weights["input_layernorm.weight"] = torch.ones(256, dtype=torch.bfloat16)
+    codec = strategies.build(cfg)
+    return codec, codec.encode("layers.00", {k: v.to(device) for k, v in weights.items()})
+
+
+def is_record(key: str) -> bool:
+    """The stored tensors that hold a weight's non-tensor state (JSON): ours for 8bit, bitsandbytes' for 4bit."""
+    return key.endswith(".qs.meta") or ".qs.quant_state." in key
+
+
+@pytest.mark.parametrize("cfg", CODECS, ids=CODEC_IDS)
+def test_decode_is_bitsandbytes_own_and_reads_each_record_once(cfg: CompressionConfig) -> None:
+    import bitsandbytes.functional as bnbf
+
+    codec, stored = encoded_layer(cfg, CPU)
+    first = codec.decode("layers.00", dict(stored), CPU)
+    for weight in ("self_attn.q_proj.weight", "mlp.down_proj.weight"):
+        codes = stored[weight + ".q"]
+        state = {k.removeprefix(weight + ".qs."): v for k, v in stored.items() if k.startswith(weight + ".qs.")}
+        if isinstance(cfg, Blockwise4bitConfig):  # bitsandbytes' own unpacking of what as_dict(packed=True) wrote
+            expected = bnbf.dequantize_4bit(codes, bnbf.QuantState.from_dict(state, CPU))
+        else:
+            quant_state = bnbf.QuantState(
+                absmax=state["absmax"], code=state["code"], blocksize=cfg.blocksize, dtype=torch.bfloat16
+            )
+            expected = bnbf.dequantize_blockwise(codes, quant_state)
+        assert torch.equal(first[weight], expected), weight
+    # Later decodes never read a record (on CUDA each read is a copy to the host that waits for the device): on
+    # the meta device they cannot be read at all.
+    unreadable = {k: v.to("meta") if is_record(k) else v for k, v in stored.items()}
+    assert sum(map(is_record, unreadable)) == 2
+    again = codec.decode("layers.00", unreadable, CPU)
+    assert again.keys() == first.keys() and all(torch.equal(again[k], first[k]) for k in first)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cfg", CODECS, ids=CODEC_IDS)
+def test_decode_on_cuda_issues_its_kernels_without_waiting_for_the_device(cfg: CompressionConfig) -> None:
+    """The prefetch worker decodes while the device still copies: a wait in decode serialises the two."""
+    cuda = torch.device("cuda")
+    codec, stored = encoded_layer(cfg, cuda)
+    first = codec.decode("layers.00", dict(stored), cuda)  # reads the records: waits, once per weight and run
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        again = codec.decode("layers.00", dict(stored), cuda)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert all(torch.equal(again[k], first[k]) for k in first)
+
+
 def test_compressed_layer_files_shrink(make_cfg) -> None:
     sizes = {}
     for compression in ("none", "8bit", "4bit"):

@@ -54,7 +54,13 @@ def group_stored(stored: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tenso
 class BlockwiseCodec:
     """The encode/decode walk over a layer that both bitsandbytes codecs share.
 
-    Subclasses say how one weight is quantized (codes plus named state tensors) and dequantized.
+    Subclasses say how one weight is quantized (codes plus named state tensors), how its record (the
+    non-tensor part of its state: dtype, shape, block size) is read, and how it is dequantized.
+
+    A codec decodes one split: each weight's record is read once, at its first decode, and kept by
+    (unit, weight). Reading it is the only host read of the stored bytes, and on CUDA a blocking
+    device-to-host copy: once per weight and pass, it made the prefetch worker wait for every layer's
+    copy and each dequantize before issuing the next (7 waits a layer), serialising copies and decodes.
     """
 
     cfg: Any  # a config with `compress_embeddings`
@@ -62,11 +68,17 @@ class BlockwiseCodec:
 
     def __init__(self, cfg: Any) -> None:
         self.cfg = cfg
+        self._records: dict[tuple[str, str], dict[str, Any]] = {}
 
     def quantize(self, weight: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         raise NotImplementedError
 
-    def dequantize(self, codes: torch.Tensor, state: dict[str, torch.Tensor], device: torch.device) -> torch.Tensor:
+    def read_record(self, state: dict[str, torch.Tensor]) -> dict[str, Any]:
+        """A weight's record, from its stored state (a host read: the record is a tensor in the file)."""
+        raise NotImplementedError
+
+    def dequantize(self, codes: torch.Tensor, state: dict[str, torch.Tensor], record: dict[str, Any]) -> torch.Tensor:
+        """The weight on `codes`' device, issued there without waiting for it (no host read)."""
         raise NotImplementedError
 
     def stores_plain(self, layer: str) -> bool:
@@ -89,5 +101,8 @@ class BlockwiseCodec:
         weights = dict(plain)
         for name, parts in compressed.items():
             codes = parts.pop("q")
-            weights[name] = self.dequantize(codes, parts, device)
+            record = self._records.get((layer, name))
+            if record is None:
+                record = self._records[(layer, name)] = self.read_record(parts)
+            weights[name] = self.dequantize(codes, parts, record)
         return weights

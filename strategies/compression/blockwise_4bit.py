@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import bitsandbytes.functional as bnbf
 import torch
+from bitsandbytes.utils import unpack_tensor_to_dict
 
 from strategies.compression.blockwise import BlockwiseCodec
 from strategies.compression.configs import Blockwise4bitConfig
@@ -33,5 +36,25 @@ class Blockwise4bit(BlockwiseCodec):
         # packed=True puts dtype, shape, blocksize and quant type in a uint8 tensor: no pickle needed.
         return codes, state.as_dict(packed=True)
 
-    def dequantize(self, codes: torch.Tensor, state: dict[str, torch.Tensor], device: torch.device) -> torch.Tensor:
-        return bnbf.dequantize_4bit(codes, bnbf.QuantState.from_dict(state, device))
+    def read_record(self, state: dict[str, torch.Tensor]) -> dict[str, Any]:
+        # bitsandbytes' packed record: the one `quant_state.bitsandbytes__<type>` entry `as_dict(packed=True)` wrote.
+        record = unpack_tensor_to_dict(next(t for key, t in state.items() if key.startswith("quant_state.")))
+        nested = None
+        if "nested_blocksize" in record:
+            nested = {"blocksize": record["nested_blocksize"], "dtype": getattr(torch, record["nested_dtype"])}
+        return {
+            "shape": torch.Size(record["shape"]),
+            "blocksize": record["blocksize"],
+            "quant_type": record["quant_type"],
+            "dtype": getattr(torch, record["dtype"]),
+            # A float, where QuantState.from_dict makes a device tensor of it: a host-to-device copy that waits.
+            "offset": record.get("nested_offset"),
+            "nested": nested,
+        }
+
+    def dequantize(self, codes: torch.Tensor, state: dict[str, torch.Tensor], record: dict[str, Any]) -> torch.Tensor:
+        # QuantState.from_dict's result, built from the kept record and the device tensors alone.
+        fields = dict(record)
+        if (nested := fields.pop("nested")) is not None:
+            fields["state2"] = bnbf.QuantState(absmax=state["nested_absmax"], code=state["nested_quant_map"], **nested)
+        return bnbf.dequantize_4bit(codes, bnbf.QuantState(absmax=state["absmax"], code=state["quant_map"], **fields))

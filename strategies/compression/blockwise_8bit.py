@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import bitsandbytes.functional as bnbf
 import torch
 
@@ -25,9 +27,10 @@ class Blockwise8bit(BlockwiseCodec):
         record = {"dtype": str(weight.dtype).removeprefix("torch."), "blocksize": self.cfg.blocksize}
         return codes, {"absmax": state.absmax, "code": state.code, "meta": pack_json(record)}
 
-    def dequantize(self, codes: torch.Tensor, state: dict[str, torch.Tensor], device: torch.device) -> torch.Tensor:
+    def read_record(self, state: dict[str, torch.Tensor]) -> dict[str, Any]:
         meta = unpack_json(state["meta"])
-        quant_state = bnbf.QuantState(
-            absmax=state["absmax"], code=state["code"], blocksize=meta["blocksize"], dtype=getattr(torch, meta["dtype"])
-        )
+        return {"blocksize": meta["blocksize"], "dtype": getattr(torch, meta["dtype"])}
+
+    def dequantize(self, codes: torch.Tensor, state: dict[str, torch.Tensor], record: dict[str, Any]) -> torch.Tensor:
+        quant_state = bnbf.QuantState(absmax=state["absmax"], code=state["code"], **record)
         return bnbf.dequantize_blockwise(codes, quant_state)
