@@ -24,6 +24,7 @@ from harness.job.run import run_job
 from harness.job.streamer import build_streamer, generate
 from harness.split.layout import unit_of
 from strategies.compression.configs import Blockwise4bitConfig, Blockwise8bitConfig, CompressionConfig
+from strategies.layer import DeviceLayer
 from strategies.prefetch.configs import PrefetchOnConfig
 from strategies.prefetch.on import INLINE_BELOW_S, PrefetchOn
 
@@ -187,6 +188,35 @@ def test_decode_on_cuda_issues_its_kernels_without_waiting_for_the_device(cfg: C
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert all(torch.equal(again[k], first[k]) for k in first)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("depth", [1, 2])
+def test_prefetch_on_cuda_holds_depth_plus_one_units_on_the_device(depth: int) -> None:
+    """Nothing in a CUDA load waits for the device, so without a bound the host would load a whole pass ahead of
+    a slow compute, each unit in new memory. Here each unit's compute is a long device sleep."""
+    cuda = torch.device("cuda")
+    mib = 1 << 20
+    stored_bytes, decoded_bytes = 32 * mib, 64 * mib
+
+    def fetch(name: str) -> DeviceLayer:
+        return DeviceLayer(name, {"w": torch.empty(stored_bytes, dtype=torch.uint8, device=cuda)})
+
+    def decode(layer: DeviceLayer) -> DeviceLayer:
+        layer.weights = {"w": torch.empty(decoded_bytes, dtype=torch.uint8, device=cuda)}
+        return layer
+
+    prefetcher = PrefetchOn(PrefetchOnConfig(depth=depth), cuda)
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    for layer in prefetcher.stream([f"l{i}" for i in range(12)], fetch, decode):
+        torch.cuda._sleep(20_000_000)  # milliseconds of device time, microseconds of the host's
+        layer.weights.clear()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    # depth + 1 units decoded, one more stored while it decodes (and one stored whose decode just finished).
+    assert peak <= (depth + 1) * decoded_bytes + 2 * stored_bytes, peak / mib
 
 
 def test_compressed_layer_files_shrink(make_cfg) -> None:

@@ -6,6 +6,12 @@ worker issues its host-to-device copies on a stream of its own and its decodes o
 so the next layer's copy never queues behind this one's decode; compute waits on an event
 for its own layer only, never for the whole device. On the CPU a unit that loads faster than a
 hand-over to the worker costs (`INLINE_BELOW_S`) is loaded in turn.
+
+On CUDA nothing in a load waits for the device, so the host could issue a whole pass before the
+device computes its first layer, each layer's memory newly allocated (the allocator reuses a block
+freed on another stream only once that stream is past it). The worker therefore starts a unit's load
+only once the compute `depth + 1` units back has finished: at most `depth + 1` units' weights are on
+the device, as the VRAM estimate counts, and the allocator reuses their blocks pass after pass.
 """
 
 from __future__ import annotations
@@ -43,13 +49,20 @@ class PrefetchOn:
         self._load_s: dict[str, float] = {}
 
     def _load(
-        self, fetch: Callable[[str], DeviceLayer], decode: Callable[[DeviceLayer], DeviceLayer], name: str
+        self,
+        fetch: Callable[[str], DeviceLayer],
+        decode: Callable[[DeviceLayer], DeviceLayer],
+        name: str,
+        freed: torch.cuda.Event | None = None,
     ) -> tuple[DeviceLayer, torch.cuda.Event | None]:
+        """`name` loaded; on CUDA, once `freed` (the compute `depth + 1` units back) has finished."""
         if self.copy_stream is None or self.decode_stream is None:
             t0 = time.perf_counter()
             layer = decode(fetch(name))
             self._load_s[name] = time.perf_counter() - t0
             return layer, None
+        if freed is not None:
+            freed.synchronize()  # this thread only: the main thread goes on issuing compute
         with torch.cuda.stream(self.copy_stream):
             fetched = fetch(name)
             copied = torch.cuda.Event()
@@ -79,6 +92,8 @@ class PrefetchOn:
         # Decided once a pass: a unit that loaded faster than a hand-over loads in turn (never on CUDA).
         inline = [self._load_s.get(name, math.inf) < INLINE_BELOW_S for name in names]
         pending: dict[int, Future] = {}
+        # CUDA: an event after each unit's compute, recorded once the consumer has issued it (asks for the next).
+        computed: dict[int, torch.cuda.Event] = {}
         submitted = 0
         if self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch")
@@ -88,7 +103,8 @@ class PrefetchOn:
             nonlocal submitted
             while submitted < len(names) and len(pending) < self.layers_ahead:
                 if not inline[submitted]:
-                    pending[submitted] = pool.submit(self._load, fetch, decode, names[submitted])
+                    freed = computed.get(submitted - self.layers_ahead - 1)
+                    pending[submitted] = pool.submit(self._load, fetch, decode, names[submitted], freed)
                 submitted += 1
 
         try:
@@ -97,6 +113,9 @@ class PrefetchOn:
                 layer, ready = self._load(fetch, decode, name) if inline[i] else pending.pop(i).result()
                 fill()  # the next `depth` worker loads now run while layer i computes
                 yield self._hand_over(layer, ready)
+                if ready is not None:
+                    computed[i] = torch.cuda.Event()
+                    computed[i].record(torch.cuda.current_stream(self.device))
         finally:
             for future in pending.values():  # a pass abandoned midway: nothing keeps loading for it
                 future.cancel()
