@@ -147,29 +147,21 @@ def test_local_model_without_path_is_refused(tmp_path: Path) -> None:
     assert proc.returncode != 0 and "model.path is required" in proc.stderr
 
 
-def test_multirun_is_one_parent_with_a_child_per_job(tmp_path: Path) -> None:
-    proc = harness(tmp_path, "cache=disk,ram", multirun=True)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    all_runs = runs(tmp_path)
-    parents = [r for r in all_runs if "mlflow.parentRunId" not in r.data.tags]
-    children = [r for r in all_runs if "mlflow.parentRunId" in r.data.tags]
-    assert len(parents) == 1 and len(children) == 2
-    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parents[0].info.run_id}
-    assert {c.data.params["cache"] for c in children} == {"disk", "ram"}
-    assert parents[0].info.status == "FINISHED"
-
-
-def test_failed_job_in_multirun_closes_the_parent(tmp_path: Path) -> None:
-    # The second job points at a checkpoint that does not exist.
-    proc = harness(tmp_path, "model=tiny,local", f"model.path={tmp_path / 'no-such-checkpoint'}", multirun=True)
+def test_multirun_is_one_parent_with_a_child_per_job_and_a_failed_job_fails_it(tmp_path: Path) -> None:
+    # One sweep for both (each sweep costs its imports and a store): the local jobs point at a checkpoint that does
+    # not exist, and fail before any heavy work; the tiny model's jobs run.
+    missing = tmp_path / "no-such-checkpoint"
+    proc = harness(tmp_path, "cache=disk,ram", "model=tiny,local", f"model.path={missing}", multirun=True)
     assert proc.returncode != 0
     all_runs = runs(tmp_path)
     parents = [r for r in all_runs if "mlflow.parentRunId" not in r.data.tags]
     children = [r for r in all_runs if "mlflow.parentRunId" in r.data.tags]
-    assert len(parents) == 1 and parents[0].info.status == "FAILED"
-    assert sorted(c.info.status for c in children) == ["FAILED", "FINISHED"]
-    failed = next(c for c in children if c.info.status == "FAILED")
-    assert failed.data.tags["failure_reason"]
+    assert len(parents) == 1 and len(children) == 4 and parents[0].info.status == "FAILED"
+    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parents[0].info.run_id}
+    finished = {c.data.params["cache"] for c in children if c.info.status == "FINISHED"}
+    failed = [c for c in children if c.info.status == "FAILED"]
+    assert finished == {"disk", "ram"} and len(failed) == 2
+    assert all(str(missing) in c.data.tags["failure_reason"] for c in failed), [c.data.tags for c in failed]
 
 
 def test_cap_failure_in_a_sweep_is_recorded_and_the_sweep_goes_on(tmp_path: Path) -> None:

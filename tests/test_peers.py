@@ -144,17 +144,6 @@ def test_peak_rss_is_the_jobs_own_after_a_reset() -> None:
     assert peak_rss_bytes() < before - (200 << 20)
 
 
-@pytest.mark.skipif(not HAS_AIRLLM, reason="the airllm extra is not installed")
-def test_airllm_runs_and_its_agreement_is_measured(make_cfg: Callable[..., Config]) -> None:
-    cfg = make_cfg("runner=airllm", "reference.enabled=true", "workload.max_new_tokens=3",
-                   "workload.stop_at_eos=false")
-    report = run_job(cfg, {}, choices={"model": "tiny", "runner": "airllm", **LAYERBENCH_DEFAULTS},
-                     overrides=["runner=airllm"], console=Console(quiet=True))
-    # Measured, not assumed (AirLLM was seen to diverge from the first token on a small Llama).
-    assert report.agreement_vs_transformers is not None and 0 <= report.agreement_vs_transformers <= 1
-    assert report.new_tokens == 3 and report.tpot_s > 0
-
-
 def test_peers_preset_is_one_sweep_and_the_report_puts_each_runner_beside_layerbench(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "harness", "+experiment=peers", f"paths.outputs={tmp_path}",
@@ -172,8 +161,11 @@ def test_peers_preset_is_one_sweep_and_the_report_puts_each_runner_beside_layerb
     for run in children:
         assert run.info.status == "FINISHED" and run.data.tags["mlflow.parentRunId"] == parent.info.run_id
         assert {"tpot_s", "ttft_s", "peak_rss_bytes", "agreement_vs_transformers"} <= set(run.data.metrics)
+        assert run.data.metrics["new_tokens"] == 3 and run.data.metrics["tpot_s"] > 0
         if run.data.params["runner"] != "airllm":
             assert run.data.metrics["agreement_vs_transformers"] == 1.0
+        else:  # measured, not assumed: AirLLM was seen to diverge from the first token on a small Llama
+            assert 0 <= run.data.metrics["agreement_vs_transformers"] <= 1
     if not HAS_AIRLLM:
         assert "skipped: runner=airllm needs airllm" in proc.stdout + proc.stderr
     out = subprocess.run(
