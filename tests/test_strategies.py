@@ -134,7 +134,8 @@ CODEC_IDS = ["8bit", "4bit-nf4", "4bit-fp4-dq"]
 
 
 def encoded_layer(cfg: CompressionConfig, device: torch.device) -> tuple[object, dict[str, torch.Tensor]]:
-    """A codec and a small layer it encoded on `device`: two Linear weights and a norm."""
+    """A codec and a small layer it encoded on `device`, every stored tensor there as after a layer file's copy
+    (bitsandbytes leaves its packed records on the host): two Linear weights and a norm."""
     generator = torch.Generator().manual_seed(0)
     weights = {
         name: torch.randn(64, 256, generator=generator).to(torch.bfloat16)
@@ -142,7 +143,8 @@ def encoded_layer(cfg: CompressionConfig, device: torch.device) -> tuple[object,
     }
     weights["input_layernorm.weight"] = torch.ones(256, dtype=torch.bfloat16)
     codec = strategies.build(cfg)
-    return codec, codec.encode("layers.00", {k: v.to(device) for k, v in weights.items()})
+    stored = codec.encode("layers.00", {k: v.to(device) for k, v in weights.items()})
+    return codec, {k: v.to(device) for k, v in stored.items()}
 
 
 def is_record(key: str) -> bool:
