@@ -7,7 +7,8 @@ OUTDIR/gpucheck.json and the table to OUTDIR/gpucheck.md. Steps: the gpu-marked 
 refresh, an untimed warm-up job on the tiny model, the 8B-geometry synthetic model generated on the
 GPU, cache=ram with compression none, 8bit and 4bit under the 4 GiB cap (prefetch off and on), and
 4bit cache=disk with a cold page cache, a few new tokens each; the prefetch runs of 8bit and 4bit also leave
-a torch.profiler trace and their top ops in OUTDIR/profiles/.
+a torch.profiler trace and their top ops in OUTDIR/profiles/. The probe step also times what a 4-bit layer's
+decode costs the prefetch worker with its copy in flight (`decode_waits`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -124,6 +126,74 @@ def untried_gains(
     return gains
 
 
+def decode_waits(device: torch.device, geometry: str = "llama3-8b", repeats: int = 3) -> dict[str, float]:
+    """The prefetch worker's host time to issue one decoder layer's 4-bit decode (default codec) while the layer's
+    copy is still in flight, two ways, best of `repeats`:
+
+    - `record_per_call`: each weight's quant-state record read from the device tensors every call, as
+      bitsandbytes' `QuantState.from_dict` does (the codecs' way until the record was kept): on CUDA each read
+      is a copy to the host that waits for the copy in flight and every decode before it;
+    - `record_kept`: the codec as it is, whose records were read once, before.
+
+    The copy in flight is the layer's stored bytes, host to device from pinned memory, on a stream of its own
+    that the decode stream waits for, as in prefetch=on. On the CPU nothing is in flight: both are host work."""
+    import bitsandbytes.functional as bnbf
+    import torch
+    from accelerate import init_empty_weights
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    from harness.checkpoints.generated import load_geometry
+    from strategies.compression.blockwise import group_stored
+    from strategies.compression.blockwise_4bit import Blockwise4bit
+    from strategies.compression.configs import Blockwise4bitConfig
+
+    with init_empty_weights():
+        layer = LlamaDecoderLayer(LlamaConfig(**load_geometry(geometry)), 0)
+    shapes = {name: p.shape for name, p in layer.named_parameters()}
+    codec = Blockwise4bit(Blockwise4bitConfig())
+    weights = {name: torch.randn(shape, dtype=torch.bfloat16, device=device) for name, shape in shapes.items()}
+    stored = {k: t.to(device) for k, t in codec.encode("layers.00", weights).items()}  # records too, as copied
+    del weights
+    codec.decode("layers.00", stored, device)  # reads the records, once, as a run's first pass does
+    cuda = device.type == "cuda"
+    in_flight = torch.empty(sum(t.nbytes for t in stored.values()), dtype=torch.uint8, pin_memory=cuda)
+    target = torch.empty_like(in_flight, device=device)
+    copy_stream, decode_stream = (torch.cuda.Stream(device), torch.cuda.Stream(device)) if cuda else (None, None)
+
+    def per_call() -> None:
+        for parts in group_stored(stored)[1].values():
+            codes = parts.pop("q")
+            bnbf.dequantize_4bit(codes, bnbf.QuantState.from_dict(parts, device))
+
+    def kept() -> None:
+        codec.decode("layers.00", stored, device)
+
+    def issue_seconds(decode: Callable[[], None]) -> float:
+        if not cuda:
+            t0 = time.perf_counter()
+            decode()
+            return time.perf_counter() - t0
+        torch.cuda.synchronize(device)
+        with torch.cuda.stream(copy_stream):
+            target.copy_(in_flight, non_blocking=True)
+            copied = torch.cuda.Event()
+            copied.record(copy_stream)
+        with torch.cuda.stream(decode_stream):
+            decode_stream.wait_event(copied)
+            t0 = time.perf_counter()
+            decode()
+            issued = time.perf_counter() - t0
+        torch.cuda.synchronize(device)
+        return issued
+
+    seconds = {}
+    for name, decode in (("record_per_call", per_call), ("record_kept", kept)):
+        seconds[f"decode_issue_{name}_s"] = min(issue_seconds(decode) for _ in range(repeats))
+    seconds["layer_stored_bytes"] = float(in_flight.numel())
+    return seconds
+
+
 def slug(label: str) -> str:
     """A run's label as a folder name the device tool brings back (letters, digits, '-')."""
     return re.sub(r"[^A-Za-z0-9]+", "-", label).strip("-")
@@ -192,6 +262,11 @@ def run_check(
     summary["untried"] = untried_gains(
         torch.device(device), outputs / "probe", probe_mib << 20, rates.disk_read_cold_bytes_per_s
     )
+    try:
+        summary["decode_waits"] = decode_waits(torch.device(device), "tiny" if model == "tiny" else "llama3-8b")
+    except Exception as exc:  # a measurement, never the end of the check
+        log.exception("measuring the decode's waits failed")
+        summary["decode_waits"] = {"failed": f"{type(exc).__name__}: {exc}"}
     summary["steps_s"]["probe"] = time.perf_counter() - t
     common = [
         f"model={model}", f"device={device}", f"paths.outputs={outputs}", f"workload.max_new_tokens={new_tokens}",

@@ -39,6 +39,9 @@ def test_every_step_and_the_table_on_the_tiny_model(tmp_path: Path, outputs_dir:
     direct = untried["cold_read_direct_bytes_per_s"]
     assert untried["cold_read_buffered_bytes_per_s"] > 0 and (direct is None or direct > 0)
     assert not any(key.startswith("dequant") for key in untried)
+    # The decode's issue time with records read every call and kept (a copy in flight to wait for on CUDA only).
+    waits = summary["decode_waits"]
+    assert waits["decode_issue_record_per_call_s"] > 0 and waits["decode_issue_record_kept_s"] > 0
     saved = json.loads((out / "gpucheck.json").read_text())
     assert saved["runs"]["4bit, ram"]["metrics"]["tpot_s"] > 0
     table = (out / "gpucheck.md").read_text()
