@@ -58,7 +58,9 @@ def test_only_runs_in_the_order_asked_and_a_split_goes_once_no_later_run_reads_i
         tmp_path / "out", device="cpu", model="tiny", new_tokens=2, outputs=outputs, tests=False, extra=[],
         probe_mib=16, only=("4bit, ram", "8bit, ram"),
     )
-    assert list(summary["runs"]) == ["4bit, ram", "4bit, ram, prefetch", "8bit, ram", "8bit, ram, prefetch"]
+    assert list(summary["runs"]) == [
+        "4bit, ram", "4bit, ram, prefetch", "4bit, ram, prefetch, resident", "8bit, ram", "8bit, ram, prefetch"
+    ]
     assert all(r["status"] == "FINISHED" for r in summary["runs"].values())
     # Each split went after its last run; the one made before stays.
     assert {p.name for p in (outputs / "splits").glob("*/*")} == {"none"}
