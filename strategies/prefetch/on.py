@@ -9,7 +9,7 @@ hand-over to the worker costs (`INLINE_BELOW_S`) is loaded in turn.
 
 On CUDA nothing in a load waits for the device, so the host could issue a whole pass before the
 device computes its first layer, each layer's memory newly allocated (the allocator reuses a block
-freed on another stream only once that stream is past it). The worker therefore starts a unit's load
+only once every stream that used it has passed that use). The worker therefore starts a unit's load
 only once the compute `depth + 1` units back has finished: at most `depth + 1` units' weights are on
 the device, as the VRAM estimate counts, and the allocator reuses their blocks pass after pass.
 """
