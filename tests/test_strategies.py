@@ -7,6 +7,7 @@ weights, so the only difference under test is where and how the codec runs.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import threading
@@ -190,6 +191,56 @@ def test_decode_on_cuda_issues_its_kernels_without_waiting_for_the_device(cfg: C
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert all(torch.equal(again[k], first[k]) for k in first)
+
+
+@pytest.mark.parametrize("depth", [1, 2, 3])
+def test_prefetch_on_cuda_starts_a_load_once_the_compute_depth_plus_one_back_is_done(
+    depth: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The CUDA branch's bookkeeping, run on the CPU with streams and events faked: which compute each load waits
+    for. (The gpu test below checks what that bound does to device memory.)"""
+    handed: list[str] = []  # units the consumer has issued compute for, in order
+    waits: dict[str, str | None] = {}  # unit loaded -> the unit whose compute its load waited for
+
+    class FakeStream:
+        def wait_event(self, event: object) -> None:
+            pass
+
+    compute = FakeStream()
+
+    class FakeEvent:
+        def __init__(self, **kwargs: object) -> None:
+            self.after: str | None = None
+
+        def record(self, stream: object = None) -> None:
+            if stream is compute:  # on the compute stream: marks the compute issued last
+                self.after = handed[-1]
+
+        def synchronize(self) -> None:
+            waits[loading.name] = self.after
+
+    loading = threading.local()
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device: FakeStream())
+    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: compute)
+    prefetcher = PrefetchOn(PrefetchOnConfig(depth=depth), torch.device("cuda"))
+    original = prefetcher._load
+
+    def load(fetch, decode, name, freed=None):  # noqa: ANN001, ANN202 (PrefetchOn._load's own signature)
+        loading.name = name
+        waits.setdefault(name, None)
+        return original(fetch, decode, name, freed)
+
+    monkeypatch.setattr(prefetcher, "_load", load)
+    names = [f"l{i}" for i in range(8)]
+    for _ in range(2):  # a second pass starts afresh: the first is over, its last token read back by the host
+        handed.clear()
+        waits.clear()
+        for layer in prefetcher.stream(names, lambda name: DeviceLayer(name, {}), lambda layer: layer):
+            handed.append(layer.name)
+        assert handed == names
+        assert waits == {name: (names[i - depth - 1] if i > depth else None) for i, name in enumerate(names)}
 
 
 @pytest.mark.gpu
