@@ -129,13 +129,12 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 def test_a_ray_sweep_logs_to_a_tracking_server_as_to_sqlite(server: str, ray_cluster: str, tmp_path: Path) -> None:
-    """Three jobs through hydra/launcher=ray on a running cluster, two at once, each in its own worker process
-    (the third would reuse one without max_calls=1);
+    """Four jobs through hydra/launcher=ray on a running cluster, two at once, each in its own worker process;
     every child, its metrics and artifacts under one FINISHED parent on the server."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_AUTH_MODE": "disabled", "RAY_DEDUP_LOGS": "0"}
     cmd = [sys.executable, "-m", "harness", "-m", "hydra/launcher=ray",
            f"+hydra.launcher.ray.init.address={ray_cluster}", "+hydra.launcher.ray.remote.max_calls=1",
-           "compression=none,8bit,4bit",
+           "cache=disk,ram", "compression=none,8bit",
            f"tracking.uri={server}", f"paths.outputs={tmp_path}", "workload.max_new_tokens=3", "probe.enabled=false",
            f"hydra.sweep.dir={tmp_path / 'sweep'}"]  # absolute: a cluster's workers start in their own folder
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -153,16 +152,16 @@ def test_a_ray_sweep_logs_to_a_tracking_server_as_to_sqlite(server: str, ray_clu
     runs = client.search_runs([client.get_experiment_by_name("layerbench").experiment_id])
     (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
-    assert parent.info.status == "FINISHED" and len(children) == 3
-    assert parent.data.tags["layerbench.jobs"] == "3" and parent.data.tags["layerbench.jobs_failed"] == "0"
+    assert parent.info.status == "FINISHED" and len(children) == 4
+    assert parent.data.tags["layerbench.jobs"] == "4" and parent.data.tags["layerbench.jobs_failed"] == "0"
     for run in children:
         assert run.info.status == "FINISHED" and "tpot_s" in run.data.metrics
         assert {"generation.json", "timeline.csv"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert sorted(r.info.run_name for r in children) == ["4bit", "8bit", "none"]
+    assert sorted(r.info.run_name for r in children) == ["disk·8bit", "disk·none", "ram·8bit", "ram·none"]
     spans = [(r.info.start_time, r.info.end_time) for r in children]
     at_once = max(sum(start <= t < end for start, end in spans) for t, _ in spans)
     assert at_once == 2, f"{at_once} jobs ran at once, not 2: {spans}"
-    assert len(set(re.findall(r"_run_job pid=(\d+)", output))) == 3, "each job in its own worker process"
+    assert len(set(re.findall(r"_run_job pid=(\d+)", output))) == 4, "each job in its own worker process"
     assert not (tmp_path / "mlflow.db").exists(), "nothing went to the local SQLite default"
 
 
