@@ -129,9 +129,9 @@ def untried_gains(
     return gains
 
 
-def decode_waits(device: torch.device, geometry: str = "llama3-8b", repeats: int = 3) -> dict[str, float]:
-    """The prefetch worker's host time to issue one decoder layer's 4-bit decode (default codec) while the layer's
-    copy is still in flight, two ways, best of `repeats`:
+def decode_waits(device: torch.device, model: str, repeats: int = 3) -> dict[str, float]:
+    """The prefetch worker's host time to issue one decoder layer's 4-bit decode (default codec; `model`'s geometry
+    and dtype) while the layer's copy is still in flight, two ways, best of `repeats`:
 
     - `record_per_call`: each weight's quant-state record read from the device tensors every call, as
       bitsandbytes' `QuantState.from_dict` does (the codecs' way until the record was kept): on CUDA each read
@@ -143,19 +143,22 @@ def decode_waits(device: torch.device, geometry: str = "llama3-8b", repeats: int
     import bitsandbytes.functional as bnbf
     import torch
     from accelerate import init_empty_weights
-    from transformers import LlamaConfig
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
-    from harness.checkpoints.generated import load_geometry
+    from harness.checkpoints.generated import llama_config_for
+    from harness.checkpoints.tokenizer import build_tokenizer
+    from harness.config import compose_config
+    from harness.measurement.vram import model_dtype
     from strategies.compression.blockwise import group_stored
     from strategies.compression.blockwise_4bit import Blockwise4bit
     from strategies.compression.configs import Blockwise4bitConfig
 
+    config = llama_config_for(compose_config([f"model={model}"]).model, len(build_tokenizer()))  # as generated
     with init_empty_weights():
-        layer = LlamaDecoderLayer(LlamaConfig(**load_geometry(geometry)), 0)
-    shapes = {name: p.shape for name, p in layer.named_parameters()}
+        layer = LlamaDecoderLayer(config, 0)
+    dtype = model_dtype(config)
     codec = Blockwise4bit(Blockwise4bitConfig())
-    weights = {name: torch.randn(shape, dtype=torch.bfloat16, device=device) for name, shape in shapes.items()}
+    weights = {name: torch.randn(p.shape, dtype=dtype, device=device) for name, p in layer.named_parameters()}
     stored = {k: t.to(device) for k, t in codec.encode("layers.00", weights).items()}  # records too, as copied
     del weights
     codec.decode("layers.00", stored, device)  # reads the records, once, as a run's first pass does
@@ -266,7 +269,7 @@ def run_check(
         torch.device(device), outputs / "probe", probe_mib << 20, rates.disk_read_cold_bytes_per_s
     )
     try:
-        summary["decode_waits"] = decode_waits(torch.device(device), "tiny" if model == "tiny" else "llama3-8b")
+        summary["decode_waits"] = decode_waits(torch.device(device), model)
     except Exception as exc:  # a measurement, never the end of the check
         log.exception("measuring the decode's waits failed")
         summary["decode_waits"] = {"failed": f"{type(exc).__name__}: {exc}"}
