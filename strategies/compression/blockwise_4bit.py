@@ -42,19 +42,23 @@ class Blockwise4bit(BlockwiseCodec):
         nested = None
         if "nested_blocksize" in record:
             nested = {"blocksize": record["nested_blocksize"], "dtype": getattr(torch, record["nested_dtype"])}
-        return {
+        fields = {
             "shape": torch.Size(record["shape"]),
             "blocksize": record["blocksize"],
             "quant_type": record["quant_type"],
             "dtype": getattr(torch, record["dtype"]),
             # A float, where QuantState.from_dict makes a device tensor of it: a host-to-device copy that waits.
             "offset": record.get("nested_offset"),
-            "nested": nested,
         }
+        return {"fields": fields, "nested": nested}
 
     def dequantize(self, codes: torch.Tensor, state: dict[str, torch.Tensor], record: dict[str, Any]) -> torch.Tensor:
         # QuantState.from_dict's result, built from the kept record and the device tensors alone.
-        fields = dict(record)
-        if (nested := fields.pop("nested")) is not None:
-            fields["state2"] = bnbf.QuantState(absmax=state["nested_absmax"], code=state["nested_quant_map"], **nested)
-        return bnbf.dequantize_4bit(codes, bnbf.QuantState(absmax=state["absmax"], code=state["quant_map"], **fields))
+        nested = record["nested"]
+        state2 = None if nested is None else bnbf.QuantState(
+            absmax=state["nested_absmax"], code=state["nested_quant_map"], **nested
+        )
+        fields = record["fields"]
+        return bnbf.dequantize_4bit(
+            codes, bnbf.QuantState(absmax=state["absmax"], code=state["quant_map"], state2=state2, **fields)
+        )
