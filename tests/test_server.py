@@ -135,7 +135,9 @@ def test_a_ray_sweep_logs_to_a_tracking_server_as_to_sqlite(server: str, ray_clu
     cmd = [sys.executable, "-m", "harness", "-m", "hydra/launcher=ray",
            f"+hydra.launcher.ray.init.address={ray_cluster}", "+hydra.launcher.ray.remote.max_calls=1",
            "cache=disk,ram", "compression=none,8bit",
-           f"tracking.uri={server}", f"paths.outputs={tmp_path}", "workload.max_new_tokens=3", "probe.enabled=false",
+           # 200 tokens, about 1 s a job: a run starts once its worker has imported, and a job of 3 tokens once
+           # ended before the other worker's began (76 ms apart), so the two-at-once check rested on import times.
+           f"tracking.uri={server}", f"paths.outputs={tmp_path}", "workload.max_new_tokens=200", "probe.enabled=false",
            f"hydra.sweep.dir={tmp_path / 'sweep'}"]  # absolute: a cluster's workers start in their own folder
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     # The parent's id reaches the jobs through Ray's runtime_env: the cluster's workers do not inherit the
