@@ -58,6 +58,8 @@ COLUMNS = (
     ("floor ratio", "floor_ratio"),
     ("peak VRAM (NVML)", "peak_vram_nvml_bytes"),
     ("peak VRAM (allocated)", "peak_vram_allocated_bytes"),
+    # Whether streamed weights reuse device memory: cudaMalloc calls a token after the first (item 2's slots).
+    ("cudaMalloc / token", "device_allocs_per_token"),
     ("layers resident", "resident_layers"),
     ("predicted (plan)", "plan_predicted_s"),
     ("read / h2d / decode / compute", None),

@@ -23,6 +23,7 @@ from transformers import GenerationConfig, LlamaForCausalLM
 import strategies
 from harness.job.run import run_job
 from harness.job.streamer import build_streamer, generate
+from harness.measurement.vram import DeviceAllocs
 from harness.split.layout import unit_of
 from strategies.compression.configs import Blockwise4bitConfig, Blockwise8bitConfig, CompressionConfig
 from strategies.layer import DeviceLayer
@@ -376,6 +377,26 @@ def test_combination_on_cuda(make_cfg, cache_: str, compression: str, prefetch: 
     for ours, ref in zip(gen.logits, out.logits, strict=True):
         ref = ref.float().cpu()
         assert (ours - ref).abs().max().item() <= LOGIT_TOLERANCE * max(ref.abs().max().item(), 1.0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("cache_", "compression", "prefetch"), [
+    ("ram", "4bit", "on"), ("ram", "none", "on"), ("disk", "8bit", "off"),
+], ids="-".join)
+def test_streamed_weights_reuse_device_memory_pass_after_pass(
+    make_cfg, cache_: str, compression: str, prefetch: str
+) -> None:
+    """Weights are not given new device memory each pass: after the prefill pass, the caching allocator hands
+    the blocks back, and fewer than one cudaMalloc a token remains (one per layer would be 6 a token here)."""
+    cfg = make_cfg(
+        "device=cuda", f"cache={cache_}", f"compression={compression}", f"prefetch={prefetch}",
+        f"workload.max_new_tokens={NEW_TOKENS}", "workload.stop_at_eos=false",
+    )
+    device = torch.device("cuda")
+    streamer = build_streamer(cfg, Path(cfg.paths.outputs), device)
+    allocs = DeviceAllocs(device)
+    generate(streamer, cfg, on_token=lambda _: allocs.token())
+    assert allocs.metrics()["device_allocs_per_token"] < 1, allocs.metrics()
 
 
 # --- what the options state about themselves (the job asks; it never compares option names)

@@ -21,7 +21,15 @@ import harness.measurement.vram as vram_mod
 from harness.checkpoints.generated import load_geometry
 from harness.job.run import run_job
 from harness.measurement.memory import PeakSampler, RssSampler
-from harness.measurement.vram import GIB, NvmlProbe, VramCapExceeded, VramMonitor, check_fits, estimate_need_bytes
+from harness.measurement.vram import (
+    GIB,
+    DeviceAllocs,
+    NvmlProbe,
+    VramCapExceeded,
+    VramMonitor,
+    check_fits,
+    estimate_need_bytes,
+)
 
 
 class FakeProbe:
@@ -83,6 +91,7 @@ def test_under_the_cap_the_probe_peak_is_logged(make_cfg, tmp_path, monkeypatch)
     metrics = run_job(cfg, {}, choices={"model": "tiny"}, overrides=[]).metrics()
     assert metrics["peak_vram_nvml_bytes"] == 300 << 20
     assert "peak_vram_allocated_bytes" not in metrics, "the allocator counters exist on CUDA only"
+    assert "device_allocs_per_token" not in metrics
     # Repeats: every metric gets a spread.
     assert "ttft_s_std" in metrics and "tpot_s_cv" in metrics
     client = MlflowClient(tracking_uri=uri)
@@ -201,3 +210,19 @@ def test_nvml_probe_maps_the_cuda_index_through_the_uuid(monkeypatch: pytest.Mon
     assert probe._handle == ("nvml", 2), "CUDA index 0 must not be taken for NVML index 0"
     assert probe.process_bytes() == 123 << 20
     assert NvmlProbe(torch.device("cuda", 1)).process_bytes() is None
+
+
+def test_device_allocations_are_counted_from_the_first_token_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The prefill pass's allocations are not counted; the later tokens' are, per token (the allocator faked)."""
+    stats = {"num_device_alloc": 40}
+    monkeypatch.setattr(torch.cuda, "memory_stats", lambda device: dict(stats))
+    allocs = DeviceAllocs(torch.device("cuda"))
+    allocs.token()  # the first token: the prefill pass's 40 are behind it
+    for _ in range(3):
+        stats["num_device_alloc"] += 2
+        allocs.token()
+    assert allocs.metrics() == {"device_allocs_per_token": 2.0}
+    one = DeviceAllocs(torch.device("cuda"))
+    one.token()
+    assert one.metrics() == {}, "one token has no later tokens to count over"
+    assert DeviceAllocs(torch.device("cpu")).metrics() == {}

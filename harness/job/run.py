@@ -39,7 +39,7 @@ from harness.measurement.run_report import RunReport
 from harness.measurement.summary import print_summary
 from harness.measurement.timeline import CROSSCHECK_TOLERANCE, per_pass, stage_metrics
 from harness.measurement.units import format_metric
-from harness.measurement.vram import VramMonitor
+from harness.measurement.vram import DeviceAllocs, VramMonitor
 from harness.probe.floor import LINKS
 from harness.runner.streaming import Generation
 from harness.tracking.client import RunTracker, config_params, default_tracking_uri
@@ -225,16 +225,23 @@ def stream_job(
             task = progress.add_task("generate", total=cfg.workload.max_new_tokens * cfg.bench.warmup)
             for _ in range(cfg.bench.warmup):
                 generate(streamer, cfg, on_token=lambda _: progress.advance(task))
-            gens = []
+            gens, measured = [], []
             for repeat in range(cfg.bench.repeats):
                 progress.reset(task, total=cfg.workload.max_new_tokens, description=f"generate {repeat + 1}")
-                gens.append(generate(streamer, cfg, on_token=lambda _: progress.advance(task)))
+                allocs = DeviceAllocs(device)
+
+                def on_token(_: int, allocs: DeviceAllocs = allocs) -> None:
+                    progress.advance(task)
+                    allocs.token()
+
+                gens.append(generate(streamer, cfg, on_token=on_token))
+                measured.append({**generation_metrics(streamer, gens[-1]), **allocs.metrics()})
             if profile_to is not None:
                 progress.reset(task, total=cfg.workload.max_new_tokens, description="profile")
                 record(lambda: generate(streamer, cfg, on_token=lambda _: progress.advance(task)), device, profile_to)
     vram.check()
     gen = gens[-1]
-    report = RunReport().add(aggregate([generation_metrics(streamer, g) for g in gens]))
+    report = RunReport().add(aggregate(measured))
     report.add(streamer.split_metrics())
     report.add(own_links)
     report.add(streamer.residency.metrics(streamer.config.num_hidden_layers))

@@ -106,6 +106,8 @@ class RunReport:
     peak_vram_reserved_bytes: float | None = figure()
     peak_vram_nvml_bytes: float | None = figure("peak VRAM (NVML)")
     cuda_context_bytes: float | None = figure()
+    # cudaMalloc calls after the first token, per token: whether streamed weights reuse device memory
+    device_allocs_per_token: float | None = figure()
 
     # --- the physical floor: each link's time for a token's bytes, the slowest one, and how far the run is
     floor_s: float | None = figure("floor per token (slowest link)")

@@ -156,6 +156,36 @@ class VramMonitor:
             raise VramCapExceeded(f"peak VRAM {peak / GIB:.2f} GiB (NVML) exceeded the cap {self.cap_bytes / GIB} GiB")
 
 
+class DeviceAllocs:
+    """The caching allocator's device allocations (its cudaMalloc calls) after a generation's first new token,
+    per later token: about 0 when the decode passes reuse the blocks the prefill pass took, and at least one
+    per streamed unit if layers were given new device memory each pass. Absent off CUDA.
+
+    Feed it the generation's `on_token`; read `metrics()` as soon as the generation returns.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.tokens = 0
+        self.at_first: int | None = None
+
+    def _count(self) -> int | None:
+        if self.device.type != "cuda":
+            return None
+        return torch.cuda.memory_stats(self.device).get("num_device_alloc")
+
+    def token(self) -> None:
+        self.tokens += 1
+        if self.tokens == 1:  # one stats read in the timed loop (tens of µs), not one per token
+            self.at_first = self._count()
+
+    def metrics(self) -> dict[str, float]:
+        now = self._count()
+        if self.at_first is None or now is None or self.tokens < 2:
+            return {}
+        return {"device_allocs_per_token": (now - self.at_first) / (self.tokens - 1)}
+
+
 def estimate_need_bytes(
     config: LlamaConfig, *, stored_fraction: float, layers_ahead: int, kv_layers: int, max_seq: int, batch: int = 1
 ) -> dict[str, int]:
