@@ -89,6 +89,22 @@ def run_gpu_tests(timeout_s: int = 180) -> str:
     return lines[-1] if lines else f"pytest exited {done.returncode} with no output: {done.stderr[-500:]}"
 
 
+class RefusedOverrides(ValueError):
+    pass
+
+
+def validate(overrides: list[str]) -> None:
+    """Compose and validate one run's configuration as `run_one` will; refuse it with the reason."""
+    from omegaconf import OmegaConf
+
+    from harness.config import compose_config
+
+    try:
+        OmegaConf.to_object(compose_config(overrides))
+    except Exception as exc:  # Hydra's and the schema's errors alike: the message names what is wrong
+        raise RefusedOverrides(f"{type(exc).__name__}: {exc}") from exc
+
+
 def run_one(overrides: list[str]) -> dict[str, Any]:
     """One job through the real config and job code, tracking off; its report, or why it failed."""
     from omegaconf import OmegaConf
@@ -248,6 +264,20 @@ def run_check(
 
     from harness.probe.store import load_or_measure
 
+    common = [
+        f"model={model}", f"device={device}", f"paths.outputs={outputs}", f"workload.max_new_tokens={new_tokens}",
+        "workload.prompt_tokens=8", "workload.stop_at_eos=false", "tracking.enabled=false",
+        "quality.enabled=false", "reference.enabled=false", f"probe.size_mib={probe_mib}",
+    ]
+    if device == "cuda" and model != "tiny":
+        common.append("model.generator_device=cuda")
+    # In the order asked for, so that what matters most runs first within a short lease.
+    picked = {label: (label, o) for word in only for label, o in RUNS if word in label}
+    runs = list(picked.values()) if only else list(RUNS)
+    # Every run's configuration, validated before the tests, the probe and the model's generation spend device
+    # time: a bad override or model would otherwise fail each run, or end the check, minutes in.
+    for _, overrides in runs:
+        validate([*common, *overrides, *extra])
     outdir.mkdir(parents=True, exist_ok=True)
     summary: dict[str, Any] = {"device": device, "model": model, "torch": torch.__version__, "steps_s": {}}
     if device == "cuda":
@@ -276,13 +306,6 @@ def run_check(
         log.exception("measuring the decode's waits failed")
         summary["decode_waits"] = {"failed": f"{type(exc).__name__}: {exc}"}
     summary["steps_s"]["probe"] = time.perf_counter() - t
-    common = [
-        f"model={model}", f"device={device}", f"paths.outputs={outputs}", f"workload.max_new_tokens={new_tokens}",
-        "workload.prompt_tokens=8", "workload.stop_at_eos=false", "tracking.enabled=false",
-        "quality.enabled=false", "reference.enabled=false", f"probe.size_mib={probe_mib}",
-    ]
-    if device == "cuda" and model != "tiny":
-        common.append("model.generator_device=cuda")
     def splits_now() -> set[Path]:
         return set((outputs / "splits").glob("*/*"))  # <splits>/<checkpoint>-<hash>/<codec key>
 
@@ -298,9 +321,6 @@ def run_check(
         shutil.rmtree(folder, ignore_errors=True)
     results: dict[str, dict[str, Any]] = {}
     made: dict[str, set[Path]] = {}  # compression -> the split folders this check made for it
-    # In the order asked for, so that what matters most runs first within a short lease.
-    picked = {label: (label, o) for word in only for label, o in RUNS if word in label}
-    runs = list(picked.values()) if only else list(RUNS)
     profiles = outputs / "profiles"
     for i, (label, overrides) in enumerate(runs):
         t = time.perf_counter()
@@ -347,6 +367,9 @@ def main(argv: list[str] | None = None) -> int:
         labels = "; ".join(label for label, _ in RUNS)
         print(f"error: --only {unknown[0]!r} is in no run's label: the runs are {labels}", file=sys.stderr)
         return 2
+    if args.outdir.exists() and not args.outdir.is_dir():
+        print(f"error: {args.outdir} is a file: OUTDIR is the folder the table and reports go to", file=sys.stderr)
+        return 2
     import torch
 
     if not torch.cuda.is_available():
@@ -355,12 +378,16 @@ def main(argv: list[str] | None = None) -> int:
     installed = install_missing(args.wheels)
     if installed:
         log.info("installed from %s: %s", args.wheels, ", ".join(installed))
-    summary = run_check(
-        args.outdir.resolve(), device="cuda", model=args.model, new_tokens=args.new_tokens,
-        outputs=args.outputs.resolve(), tests=not args.skip_tests, extra=args.overrides,
-        keep_splits=args.keep_splits,
-        only=tuple(args.only),
-    )
+    try:
+        summary = run_check(
+            args.outdir.resolve(), device="cuda", model=args.model, new_tokens=args.new_tokens,
+            outputs=args.outputs.resolve(), tests=not args.skip_tests, extra=args.overrides,
+            keep_splits=args.keep_splits,
+            only=tuple(args.only),
+        )
+    except RefusedOverrides as exc:
+        print(f"error: a run's configuration is refused, before any step: {exc}", file=sys.stderr)
+        return 2
     print((args.outdir / "gpucheck.md").read_text())
     return 0 if all(r["status"] == "FINISHED" for r in summary["runs"].values()) else 1
 

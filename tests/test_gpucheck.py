@@ -25,6 +25,28 @@ def test_a_run_asked_for_that_does_not_exist_is_refused_first(tmp_path: Path, ca
     assert not (tmp_path / "out").exists()
 
 
+def test_an_outdir_that_is_a_file_is_refused_first(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    (tmp_path / "out").write_text("a file")
+    assert gpucheck.main([str(tmp_path / "out")]) == 2
+    assert "is a file: OUTDIR is the folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("extra", "new_tokens", "names"), [
+    (["compression=3bit"], 2, "compression"),
+    (["prefetch=on", "prefetch.depth=0"], 2, "prefetch.depth=0"),
+    ([], 0, "max_new_tokens"),
+], ids=["group option", "value", "new tokens"])
+def test_a_bad_configuration_is_refused_before_any_step(
+    tmp_path: Path, outputs_dir: Path, extra: list[str], new_tokens: int, names: str
+) -> None:
+    with pytest.raises(gpucheck.RefusedOverrides, match=names):
+        gpucheck.run_check(
+            tmp_path / "out", device="cpu", model="tiny", new_tokens=new_tokens, outputs=outputs_dir, tests=False,
+            extra=extra, probe_mib=16,
+        )
+    assert not (tmp_path / "out").exists(), "refused before the tests, the probe and the first run"
+
+
 def test_every_step_and_the_table_on_the_tiny_model(tmp_path: Path, outputs_dir: Path) -> None:
     out = tmp_path / "out"
     summary = gpucheck.run_check(
