@@ -81,7 +81,7 @@ def test_a_missing_extra_names_it_and_a_sweep_skips_the_runner(
 @pytest.mark.parametrize("runner", ["transformers", "accelerate"])
 def test_peer_gives_transformers_greedy_tokens(runner: str, make_cfg: Callable[..., Config], tmp_path: Path) -> None:
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    cfg = make_cfg(f"runner={runner}", "reference.enabled=true", "workload.max_new_tokens=6",
+    cfg = make_cfg(f"runner={runner}", "reference.enabled=true", "workload.max_new_tokens=6", "bench.repeats=2",
                    "workload.stop_at_eos=false", "tracking.enabled=true", f"tracking.uri={uri}")
     choices = {"model": "tiny", "runner": runner, **LAYERBENCH_DEFAULTS}
     resolved = {"runner": {"name": runner}, "cache": {"name": "ram", "pin_memory": True}, "workload": {"seed": 0}}
@@ -101,6 +101,8 @@ def test_peer_gives_transformers_greedy_tokens(runner: str, make_cfg: Callable[.
     artifact = client.download_artifacts(run.info.run_id, "generation.json", str(tmp_path))
     generated = json.loads(Path(artifact).read_text())
     assert len(generated["generated_ids"]) == 6 and "token_latency_s" in run.data.metrics
+    # Both sides of tpot_ratio_vs_reference are means over bench.repeats, each with its spread.
+    assert {"tpot_s_std", "reference_tpot_s_std", "reference_ttft_s_cv"} <= set(run.data.metrics)
 
 
 def test_accelerate_offloads_every_layer_on_a_cpu_and_fills_a_gpu_up_to_the_budget(outputs_dir: Path) -> None:

@@ -87,13 +87,15 @@ def test_peak_over_the_cap_during_the_run_fails_it(make_cfg, tmp_path, monkeypat
 def test_under_the_cap_the_probe_peak_is_logged(make_cfg, tmp_path, monkeypatch) -> None:
     monkeypatch.setattr(vram_mod, "default_probe", lambda device: FakeProbe(100 << 20, 300 << 20))
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    cfg = make_cfg("tracking.enabled=true", f"tracking.uri={uri}", "workload.max_new_tokens=3", "bench.repeats=2")
+    cfg = make_cfg("tracking.enabled=true", f"tracking.uri={uri}", "workload.max_new_tokens=3", "bench.repeats=2",
+                   "reference.enabled=true")
     metrics = run_job(cfg, {}, choices={"model": "tiny"}, overrides=[]).metrics()
     assert metrics["peak_vram_nvml_bytes"] == 300 << 20
     assert "peak_vram_allocated_bytes" not in metrics, "the allocator counters exist on CUDA only"
     assert "device_allocs_per_token" not in metrics
     # Repeats: every metric gets a spread.
     assert "ttft_s_std" in metrics and "tpot_s_cv" in metrics
+    assert "reference_tpot_s_std" in metrics, "transformers' reference is timed as many times, for a ratio of means"
     client = MlflowClient(tracking_uri=uri)
     (run,) = client.search_runs([client.get_experiment_by_name("layerbench").experiment_id])
     arts = {a.path for a in client.list_artifacts(run.info.run_id)}

@@ -133,10 +133,13 @@ def reference_metrics(
     max_new_tokens: int,
     device: torch.device,
     clock: Clock,
+    repeats: int = 1,
 ) -> dict[str, float]:
     """transformers' resident generate on the same checkpoint and prompts (a batch padded the same way),
-    under the run's stopping rule (`stop`: its EOS ids, or none), timed the same way."""
-    ref_sequences, metrics = time_transformers_generate(ckpt_dir, prompts, max_new_tokens, stop, device, clock)
+    under the run's stopping rule (`stop`: its EOS ids, or none), timed the same way, `repeats` times."""
+    ref_sequences, metrics = time_transformers_generate(
+        ckpt_dir, prompts, max_new_tokens, stop, device, clock, repeats
+    )
     metrics["reference_tokens_match"] = float(ref_sequences == sequences)
     metrics["agreement_vs_transformers"] = agreement(sequences, ref_sequences)
     if tpot_s is not None and metrics.get("reference_tpot_s"):

@@ -15,7 +15,7 @@ from transformers import GenerationConfig, LlamaForCausalLM
 from transformers.generation.streamers import BaseStreamer
 
 from harness.config import WorkloadConfig
-from harness.measurement.metrics import Clock, token_metrics
+from harness.measurement.metrics import Clock, aggregate, token_metrics
 
 
 class _TokenTimes(BaseStreamer):
@@ -91,14 +91,19 @@ def time_transformers_generate(
     eos_token_ids: list[int],
     device: torch.device,
     clock: Clock,
+    repeats: int = 1,
 ) -> tuple[list[list[int]], dict[str, float]]:
-    """Greedy generate with the whole model resident; returns each sequence's tokens and `reference_*` metrics."""
+    """Greedy generate with the whole model resident; returns each sequence's tokens and `reference_*` metrics,
+    the mean over `repeats` generations (the run's own `bench.repeats`: a ratio of two means, not of a mean
+    and one sample)."""
     model = LlamaForCausalLM.from_pretrained(ckpt_dir, attn_implementation="sdpa").to(device).eval()
     # Warm-up, thrown away: first-call kernel selection and allocation are not generation speed.
     timed_generate(model, prompts, generation_config(2, []), device, clock)
-    sequences, start, times = timed_generate(
-        model, prompts, generation_config(max_new_tokens, eos_token_ids), device, clock
-    )
+    measured = []
+    for _ in range(repeats):
+        sequences, start, times = timed_generate(
+            model, prompts, generation_config(max_new_tokens, eos_token_ids), device, clock
+        )
+        measured.append(token_metrics(start, times))
     del model
-    metrics = token_metrics(start, times)
-    return sequences, {f"reference_{k}": v for k, v in metrics.items()}
+    return sequences, {f"reference_{k}": v for k, v in aggregate(measured).items()}

@@ -263,7 +263,7 @@ def stream_job(
         stop = eos_ids(streamer.config, streamer.tokenizer, streamer.ckpt_dir) if cfg.workload.stop_at_eos else []
         report.add(reference_metrics(
             streamer.ckpt_dir, stop, gen.prompts, gen.sequences, report.tpot_s,
-            cfg.workload.max_new_tokens, device, streamer.runner.clock,
+            cfg.workload.max_new_tokens, device, streamer.runner.clock, cfg.bench.repeats,
         ))
     if streamer.draft is not None:
         report.spec_draft_bytes = float(streamer.draft.bytes)

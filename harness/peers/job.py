@@ -85,7 +85,8 @@ def run_peer(
     sequences, _, times = runs[-1]
     if cfg.reference.enabled:
         report.add(reference_metrics(
-            ckpt_dir, stop, prompts, sequences, report.tpot_s, cfg.workload.max_new_tokens, device, clock
+            ckpt_dir, stop, prompts, sequences, report.tpot_s, cfg.workload.max_new_tokens, device, clock,
+            cfg.bench.repeats,
         ))
     texts = [tokenizer.decode(seq, skip_special_tokens=True) for seq in sequences]
     tags = {"device": str(device), "runner.work_dir": str(request.work_dir)}
