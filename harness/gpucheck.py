@@ -57,6 +57,8 @@ COLUMNS = (
     ("floor", "floor_s"),
     ("floor ratio", "floor_ratio"),
     ("peak VRAM (NVML)", "peak_vram_nvml_bytes"),
+    # The estimate the cap and residency were planned with: tightening it waits on this against the peaks.
+    ("VRAM estimate", "vram_estimate_bytes"),
     ("peak VRAM (allocated)", "peak_vram_allocated_bytes"),
     # Whether streamed weights reuse device memory: cudaMalloc calls a token after the first (item 2's slots).
     ("cudaMalloc / token", "device_allocs_per_token"),

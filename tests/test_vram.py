@@ -91,6 +91,8 @@ def test_under_the_cap_the_probe_peak_is_logged(make_cfg, tmp_path, monkeypatch)
                    "reference.enabled=true")
     metrics = run_job(cfg, {}, choices={"model": "tiny"}, overrides=[]).metrics()
     assert metrics["peak_vram_nvml_bytes"] == 300 << 20
+    # The context plus the tiny model's streaming estimate (a few MB): what the cap was checked against.
+    assert 100 << 20 < metrics["vram_estimate_bytes"] < (100 << 20) + (64 << 20)
     assert "peak_vram_allocated_bytes" not in metrics, "the allocator counters exist on CUDA only"
     assert "device_allocs_per_token" not in metrics
     # Repeats: every metric gets a spread.

@@ -143,6 +143,7 @@ class Streamer:
     residency: ResidencyPlan
     prompts: list[list[int]]  # the workload's prompt ids, tokenized once (one, or a batch)
     draft: Draft | None = None  # decoding=speculative's
+    need_bytes: int = 0  # what streaming holds on the device at once, estimated from the geometry (vram.py)
 
     @property
     def pipeline(self) -> LayerPipeline:
@@ -219,7 +220,7 @@ def build_streamer(
     runner = LayerStreamingRunner(config, units, pipeline, kv_policy, device, device_clock(device), stages)
     # What stays and what streams is the plan's to say (harness.job.plan), with the bytes and time it predicts.
     plan = ResidencyPlan(resident, resident_bytes, resident_load_s, residency.active)
-    return Streamer(ckpt_dir, config, tokenizer, layout, runner, device, stats, plan, prompts, draft)
+    return Streamer(ckpt_dir, config, tokenizer, layout, runner, device, stats, plan, prompts, draft, need["total"])
 
 
 def generate(

@@ -106,6 +106,8 @@ class RunReport:
     peak_vram_reserved_bytes: float | None = figure()
     peak_vram_nvml_bytes: float | None = figure("peak VRAM (NVML)")
     cuda_context_bytes: float | None = figure()
+    # The context, streaming's estimate from the geometry, the resident set and a draft: what the cap was held to
+    vram_estimate_bytes: float | None = figure()
     # cudaMalloc calls after the first token, per token: whether streamed weights reuse device memory
     device_allocs_per_token: float | None = figure()
 
