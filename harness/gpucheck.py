@@ -60,8 +60,10 @@ COLUMNS = (
     # The estimate the cap and residency were planned with: tightening it waits on this against the peaks.
     ("VRAM estimate", "vram_estimate_bytes"),
     ("peak VRAM (allocated)", "peak_vram_allocated_bytes"),
-    # Whether streamed weights reuse device memory: cudaMalloc calls a token after the first (item 2's slots).
+    # Whether streamed weights reuse device memory: cudaMalloc calls a token after the first (item 2's slots),
+    # and allocations that had to free every cached block under the cap first (each a device-wide wait).
     ("cudaMalloc / token", "device_allocs_per_token"),
+    ("alloc retries / token", "device_alloc_retries_per_token"),
     ("layers resident", "resident_layers"),
     ("predicted (plan)", "plan_predicted_s"),
     ("read / h2d / decode / compute", None),

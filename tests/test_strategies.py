@@ -397,6 +397,7 @@ def test_streamed_weights_reuse_device_memory_pass_after_pass(
     allocs = DeviceAllocs(device)
     generate(streamer, cfg, on_token=lambda _: allocs.token())
     assert allocs.metrics()["device_allocs_per_token"] < 1, allocs.metrics()
+    assert allocs.metrics()["device_alloc_retries_per_token"] == 0, "no cap here: nothing to free and retry"
 
 
 # --- what the options state about themselves (the job asks; it never compares option names)

@@ -218,14 +218,15 @@ def test_nvml_probe_maps_the_cuda_index_through_the_uuid(monkeypatch: pytest.Mon
 
 def test_device_allocations_are_counted_from_the_first_token_on(monkeypatch: pytest.MonkeyPatch) -> None:
     """The prefill pass's allocations are not counted; the later tokens' are, per token (the allocator faked)."""
-    stats = {"num_device_alloc": 40}
+    stats = {"num_device_alloc": 40, "num_alloc_retries": 1, "num_device_free": 7}
     monkeypatch.setattr(torch.cuda, "memory_stats", lambda device: dict(stats))
     allocs = DeviceAllocs(torch.device("cuda"))
-    allocs.token()  # the first token: the prefill pass's 40 are behind it
+    allocs.token()  # the first token: the prefill pass's 40 allocations and its retry are behind it
     for _ in range(3):
         stats["num_device_alloc"] += 2
+        stats["num_alloc_retries"] += 1
         allocs.token()
-    assert allocs.metrics() == {"device_allocs_per_token": 2.0}
+    assert allocs.metrics() == {"device_allocs_per_token": 2.0, "device_alloc_retries_per_token": 1.0}
     one = DeviceAllocs(torch.device("cuda"))
     one.token()
     assert one.metrics() == {}, "one token has no later tokens to count over"

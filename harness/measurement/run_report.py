@@ -110,6 +110,7 @@ class RunReport:
     vram_estimate_bytes: float | None = figure()
     # cudaMalloc calls after the first token, per token: whether streamed weights reuse device memory
     device_allocs_per_token: float | None = figure()
+    device_alloc_retries_per_token: float | None = figure()  # cached blocks all freed to fit one: a device wait
 
     # --- the physical floor: each link's time for a token's bytes, the slowest one, and how far the run is
     floor_s: float | None = figure("floor per token (slowest link)")

@@ -159,31 +159,40 @@ class VramMonitor:
 class DeviceAllocs:
     """The caching allocator's device allocations (its cudaMalloc calls) after a generation's first new token,
     per later token: about 0 when the decode passes reuse the blocks the prefill pass took, and at least one
-    per streamed unit if layers were given new device memory each pass. Absent off CUDA.
+    per streamed unit if layers were given new device memory each pass. Also its retries: an allocation that
+    found no free block under the cap, so the allocator freed every cached block (a device-wide wait) and
+    tried again. Absent off CUDA.
 
     Feed it the generation's `on_token`; read `metrics()` as soon as the generation returns.
     """
 
+    STATS = {"num_device_alloc": "device_allocs_per_token", "num_alloc_retries": "device_alloc_retries_per_token"}
+
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.tokens = 0
-        self.at_first: int | None = None
+        self.at_first: dict[str, int] = {}
 
-    def _count(self) -> int | None:
+    def _counts(self) -> dict[str, int]:
         if self.device.type != "cuda":
-            return None
-        return torch.cuda.memory_stats(self.device).get("num_device_alloc")
+            return {}
+        stats = torch.cuda.memory_stats(self.device)
+        return {key: stats[key] for key in self.STATS if key in stats}
 
     def token(self) -> None:
         self.tokens += 1
         if self.tokens == 1:  # one stats read in the timed loop (tens of µs), not one per token
-            self.at_first = self._count()
+            self.at_first = self._counts()
 
     def metrics(self) -> dict[str, float]:
-        now = self._count()
-        if self.at_first is None or now is None or self.tokens < 2:
+        if self.tokens < 2:
             return {}
-        return {"device_allocs_per_token": (now - self.at_first) / (self.tokens - 1)}
+        now = self._counts()
+        return {
+            name: (now[key] - self.at_first[key]) / (self.tokens - 1)
+            for key, name in self.STATS.items()
+            if key in now and key in self.at_first
+        }
 
 
 def estimate_need_bytes(
