@@ -363,7 +363,8 @@ def main(argv: list[str] | None = None) -> int:
                         "once no later run reads it, so the 8B's splits fit the GPU machine's disk)")
     parser.add_argument("--only", action="append", default=[], help="only the runs whose label holds this, in "
                         "the order given; repeatable (--only '4bit, ram' --only 8bit)")
-    parser.add_argument("overrides", nargs="*", help="more Hydra overrides for every run")
+    # default=[]: without one, argparse names this optional list among the arguments "required" when OUTDIR is missing
+    parser.add_argument("overrides", nargs="*", default=[], help="more Hydra overrides for every run")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
