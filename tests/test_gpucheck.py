@@ -10,6 +10,7 @@ import torch
 
 from harness import gpucheck
 from harness.measurement.profile import OPS_FILE, TRACE_FILE
+from harness.probe.gains import untried_gains
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
@@ -102,5 +103,5 @@ def test_a_failing_untried_measurement_is_recorded_not_fatal(tmp_path: Path, mon
         raise OSError("no scratch space")
 
     monkeypatch.setattr(links, "direct_read_rate", refuse)
-    gains = gpucheck.untried_gains(torch.device("cpu"), tmp_path, 1 << 20, 1e9)
+    gains = untried_gains(torch.device("cpu"), tmp_path, 1 << 20, 1e9)
     assert gains == {"failed": "OSError: no scratch space"}
