@@ -16,7 +16,7 @@ from rich.console import Console
 import strategies.prefetch.on
 from harness.config import Config
 from harness.job.run import run_job
-from harness.measurement.profile import OPS_FILE, TRACE_FILE, stage_range
+from harness.measurement.profile import OPS_FILE, TRACE_FILE, stage_range, stream_use, streams_table
 
 
 def trace_events(path: Path) -> list[dict]:
@@ -93,6 +93,35 @@ def test_a_profiled_cuda_run_traces_kernels_and_copies_on_the_device(make_cfg: C
     assert ops.splitlines()[0].endswith("device total") and "top 25 ops by self time on the device" in ops
     categories = {e.get("cat") for e in trace_events(folder / TRACE_FILE)}
     assert {"kernel", "gpu_memcpy"} <= categories, categories
+    # The streams' use, read back from the trace: prefetch=on copies on a stream of its own, kernels on others.
+    rows = stream_use({"traceEvents": trace_events(folder / TRACE_FILE)})
+    assert any(r["copy_bytes"] > 0 and r["kernel_us"] == 0 for r in rows), rows
+    assert len([r for r in rows if r["kernel_us"] > 0]) >= 2, "decode and compute on streams of their own"
+    assert "CUDA streams" in ops
+
+
+def test_each_streams_busy_time_copies_and_gaps_are_read_from_the_trace() -> None:
+    """A made-up trace (us): stream 7 computes 0-100 and 160-250 with an overlapping kernel at 90-120; stream 13
+    copies 2 MB at 0-200 and 1 MB at 230-260. Host events (no device category) are not a stream's."""
+    def event(cat: str, ts: float, dur: float, stream: int, **args: float) -> dict:
+        return {"ph": "X", "cat": cat, "name": cat, "ts": ts, "dur": dur, "tid": stream,
+                "args": {"stream": stream, **args}}
+
+    trace = {"traceEvents": [
+        event("kernel", 0, 100, 7), event("kernel", 90, 30, 7), event("kernel", 160, 90, 7),
+        event("gpu_memcpy", 0, 200, 13, bytes=2e6), event("gpu_memcpy", 230, 30, 13, bytes=1e6),
+        {"ph": "X", "cat": "cpu_op", "name": "aten::mm", "ts": 0, "dur": 400, "tid": 1},
+    ]}
+    seven, thirteen = stream_use(trace)
+    assert seven == {"stream": 7, "busy_us": 210, "share": 210 / 260, "kernel_us": 220, "copy_us": 0,
+                     "copy_bytes": 0.0, "gaps": 0, "gap_us": 0}  # 40 us idle: under GAP_US
+    assert thirteen == {"stream": 13, "busy_us": 230, "share": 230 / 260, "kernel_us": 0, "copy_us": 230,
+                        "copy_bytes": 3e6, "gaps": 0, "gap_us": 0}
+    wide = stream_use({"traceEvents": [event("kernel", 0, 10, 3), event("kernel", 100, 10, 3)]})
+    assert (wide[0]["gaps"], wide[0]["gap_us"]) == (1, 90)
+    table = streams_table([seven, thirteen])
+    assert "13" in table and "13.0 GB/s" in table and "81%" in table  # 3 MB in 230 us; 210 of 260 us busy
+    assert stream_use({"traceEvents": trace["traceEvents"][-1:]}) == [] and "no device work" in streams_table([])
 
 
 def test_a_job_that_fails_leaves_no_empty_profile_folder(make_cfg: Callable[..., Config], tmp_path: Path) -> None:

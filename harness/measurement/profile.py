@@ -8,6 +8,8 @@ that cost the most, by self time on the host and, on CUDA, on the device.
 
 from __future__ import annotations
 
+import gzip
+import json
 import logging
 import time
 from collections.abc import Callable, Iterable
@@ -26,6 +28,8 @@ TRACE_FILE = "trace.json.gz"
 OPS_FILE = "ops.txt"
 TOP_OPS = 25
 STAGES = ("load", "decode", "compute")  # the named ranges, one of each per unit and pass
+DEVICE_EVENTS = ("kernel", "gpu_memcpy", "gpu_memset")  # the trace's categories for work on a CUDA stream
+GAP_US = 50  # an idle stretch on a stream longer than this is a gap (a layer's copy on an H100 takes ~2,300 us)
 
 # Set only while `record` runs: a named range costs about 12 us even when no profiler records (about 1 ms a
 # token over a 30-layer model's three ranges a unit), and torch's own "is a profiler on" flag does not see
@@ -68,7 +72,10 @@ def record(run: Callable[[], T], device: torch.device, out_dir: Path) -> T:
         _recording = False
     out_dir.mkdir(parents=True, exist_ok=True)  # only now: an interrupted profile leaves no empty folder
     prof.export_chrome_trace(str(out_dir / TRACE_FILE))
-    (out_dir / OPS_FILE).write_text(summary(prof.key_averages(), cuda), encoding="utf-8")
+    text = summary(prof.key_averages(), cuda)
+    if cuda:  # the trace's device events: whether the copy stream ever stood idle
+        text += "\n" + streams_table(stream_use(json.loads(gzip.decompress((out_dir / TRACE_FILE).read_bytes()))))
+    (out_dir / OPS_FILE).write_text(text, encoding="utf-8")
     log.info("profiled generation (%.1f s) written to %s", time.perf_counter() - t0, out_dir)
     return result
 
@@ -92,3 +99,53 @@ def summary(averages: EventList, cuda: bool) -> str:
 
 def _ms(microseconds: Iterable[float]) -> str:
     return f"{sum(microseconds) / 1000:.1f} ms"
+
+
+def stream_use(trace: dict) -> list[dict[str, float]]:
+    """Per CUDA stream of a profiled generation, from its Chrome trace (times in us): how long the stream was busy
+    (kernels and copies merged where they overlap) within the span of all device work, its kernels' and its
+    copies' time, the bytes its copies moved, and its idle gaps over `GAP_US`. A copy stream busy for nearly the
+    whole span is at the floor; its gaps are where the copies waited on something else."""
+    by_stream: dict[int, list[dict]] = {}
+    for e in trace.get("traceEvents", []):
+        if e.get("ph") == "X" and e.get("cat") in DEVICE_EVENTS:
+            by_stream.setdefault(int(e.get("args", {}).get("stream", e.get("tid", -1))), []).append(e)
+    if not by_stream:
+        return []
+    every = [e for events in by_stream.values() for e in events]
+    span = max(e["ts"] + e["dur"] for e in every) - min(e["ts"] for e in every)
+    rows = []
+    for stream, events in sorted(by_stream.items()):
+        merged: list[list[float]] = []
+        for start, end in sorted((e["ts"], e["ts"] + e["dur"]) for e in events):
+            if merged and start <= merged[-1][1]:
+                merged[-1][1] = max(merged[-1][1], end)
+            else:
+                merged.append([start, end])
+        busy = sum(end - start for start, end in merged)
+        gaps = [later[0] - earlier[1] for earlier, later in zip(merged, merged[1:], strict=False)]
+        copies = [e for e in events if e["cat"] == "gpu_memcpy"]
+        long_gaps = [g for g in gaps if g > GAP_US]
+        rows.append({
+            "stream": stream, "busy_us": busy, "share": busy / span if span else 0.0,
+            "kernel_us": sum(e["dur"] for e in events if e["cat"] == "kernel"),
+            "copy_us": sum(e["dur"] for e in copies),
+            "copy_bytes": float(sum(e.get("args", {}).get("bytes", 0) for e in copies)),
+            "gaps": len(long_gaps), "gap_us": sum(long_gaps),
+        })
+    return rows
+
+
+def streams_table(rows: list[dict[str, float]]) -> str:
+    if not rows:
+        return "no device work in the trace\n"
+    lines = [f"CUDA streams (busy: kernels and copies merged; gaps: idle over {GAP_US} us)",
+             "stream        busy   share      kernels       copies     copied    copy rate   gaps (total)"]
+    for r in rows:
+        rate = f"{r['copy_bytes'] / r['copy_us'] / 1e3:.1f} GB/s" if r["copy_us"] else "–"
+        lines.append(
+            f"{int(r['stream']):<6} {_ms([r['busy_us']]):>11} {r['share']:>7.0%} {_ms([r['kernel_us']]):>12}"
+            f" {_ms([r['copy_us']]):>12} {r['copy_bytes'] / 1e9:>7.2f} GB {rate:>12}"
+            f"   {int(r['gaps'])} ({_ms([r['gap_us']])})"
+        )
+    return "\n".join(lines) + "\n"
