@@ -25,10 +25,7 @@ import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    pass
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 # What the GPU image lacks, as (import name, distribution to install from the wheels).
@@ -96,14 +93,16 @@ class RefusedOverrides(ValueError):
     pass
 
 
-def validate(overrides: list[str]) -> None:
-    """Compose and validate one run's configuration as `run_one` will; refuse it with the reason."""
+def composed(overrides: list[str]) -> tuple[Any, Any]:
+    """One run's configuration, composed and validated as the job takes it (the DictConfig and the Config);
+    refused with the reason."""
     from omegaconf import OmegaConf
 
     from harness.config import compose_config
 
     try:
-        OmegaConf.to_object(compose_config(overrides))
+        dcfg = compose_config(overrides)
+        return dcfg, OmegaConf.to_object(dcfg)
     except Exception as exc:  # Hydra's and the schema's errors alike: the message names what is wrong
         raise RefusedOverrides(f"{type(exc).__name__}: {exc}") from exc
 
@@ -112,11 +111,9 @@ def run_one(overrides: list[str]) -> dict[str, Any]:
     """One job through the real config and job code, tracking off; its report, or why it failed."""
     from omegaconf import OmegaConf
 
-    from harness.config import compose_config
     from harness.job.run import run_job
 
-    dcfg = compose_config(overrides)
-    cfg = OmegaConf.to_object(dcfg)
+    dcfg, cfg = composed(overrides)
     groups = ("model", "cache", "compression", "residency")
     choices = dict(o.split("=", 1) for o in overrides if o.split("=", 1)[0] in groups)
     try:
@@ -187,7 +184,7 @@ def run_check(
     # Every run's configuration, validated before the tests, the probe and the model's generation spend device
     # time: a bad override or model would otherwise fail each run, or end the check, minutes in.
     for _, overrides in runs:
-        validate([*common, *overrides, *extra])
+        composed([*common, *overrides, *extra])
     outdir.mkdir(parents=True, exist_ok=True)
     summary: dict[str, Any] = {"device": device, "model": model, "torch": torch.__version__, "steps_s": {}}
     if device == "cuda":
