@@ -246,12 +246,8 @@ def stream_job(
     report.add(own_links)
     report.add(streamer.residency.metrics(streamer.config.num_hidden_layers))
     report.add(vram.metrics())
-    if vram.enforced:
-        # The cap was checked against this before loading: beside the peaks, how close the estimate came.
-        draft_bytes = streamer.draft.bytes if streamer.draft is not None else 0
-        report.vram_estimate_bytes = float(
-            (vram.context_bytes or 0) + streamer.need_bytes + streamer.residency.bytes + draft_bytes
-        )
+    if vram.enforced:  # beside the peaks: how close the estimate the cap was checked against came
+        report.vram_estimate_bytes = float(streamer.planned_device_bytes)
     report.peak_rss_bytes = float(peak_rss_bytes())
     report.cache_bytes_held = float(streamer.pipeline.cache.bytes_held)
     tags: dict[str, str] = {}

@@ -143,7 +143,9 @@ class Streamer:
     residency: ResidencyPlan
     prompts: list[list[int]]  # the workload's prompt ids, tokenized once (one, or a batch)
     draft: Draft | None = None  # decoding=speculative's
-    need_bytes: int = 0  # what streaming holds on the device at once, estimated from the geometry (vram.py)
+    # What the device was planned to hold (the cap was checked against it): the CUDA context, streaming's estimate
+    # from the geometry (vram.py), a draft and the resident set.
+    planned_device_bytes: int = 0
 
     @property
     def pipeline(self) -> LayerPipeline:
@@ -220,7 +222,8 @@ def build_streamer(
     runner = LayerStreamingRunner(config, units, pipeline, kv_policy, device, device_clock(device), stages)
     # What stays and what streams is the plan's to say (harness.job.plan), with the bytes and time it predicts.
     plan = ResidencyPlan(resident, resident_bytes, resident_load_s, residency.active)
-    return Streamer(ckpt_dir, config, tokenizer, layout, runner, device, stats, plan, prompts, draft, need["total"])
+    planned = context_bytes + need["total"] + (draft.bytes if draft is not None else 0) + resident_bytes
+    return Streamer(ckpt_dir, config, tokenizer, layout, runner, device, stats, plan, prompts, draft, planned)
 
 
 def generate(
