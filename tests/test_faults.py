@@ -94,6 +94,26 @@ def test_a_stopped_job_closes_its_run_killed_with_the_reason(
     assert run.data.tags["failure_reason"] == reason
 
 
+def test_a_job_made_to_exit_closes_its_run_killed(
+    make_cfg: Callable[..., Config], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Ray worker whose sweep's driver is gone exits with SystemExit raised in its task: stopped from outside,
+    like SIGTERM, not failed (CI once saw one of two such jobs end FAILED, the other KILLED by the parent)."""
+    import harness.job.run as run_module
+
+    def exit_mid_run(*args: object, **kwargs: object) -> None:
+        raise SystemExit("the worker is exiting")
+
+    monkeypatch.setattr(run_module, "stream_job", exit_mid_run)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    cfg = make_cfg("tracking.enabled=true", f"tracking.uri={uri}", "probe.enabled=false")
+    with pytest.raises(SystemExit):
+        run_module.run_job(cfg, {}, choices={"model": "tiny"}, overrides=[])
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("layerbench").experiment_id])
+    assert run.info.status == "KILLED" and run.data.tags["failure_reason"] == "SystemExit: the worker is exiting"
+
+
 def test_schemas_are_no_options() -> None:
     from hydra.errors import MissingConfigException
 

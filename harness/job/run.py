@@ -198,8 +198,9 @@ def run_job(
             tracker.end("FINISHED")
     except BaseException as exc:
         if tracker is not None:
-            # Interrupted (Ctrl-C, or SIGTERM through harness.__main__) is KILLED; anything else FAILED.
-            status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
+            # Stopped from outside is KILLED: Ctrl-C, SIGTERM through harness.__main__, or the process made to exit
+            # (a Ray worker whose sweep's driver is gone raises SystemExit in its task). Anything else is FAILED.
+            status = "KILLED" if isinstance(exc, (KeyboardInterrupt, SystemExit)) else "FAILED"
             tracker.end(status, reason=f"{type(exc).__name__}: {exc}".rstrip(": "))
         if profile_to is not None:
             with contextlib.suppress(OSError):  # only if empty: a job that failed after its profile keeps it
