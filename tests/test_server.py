@@ -192,6 +192,7 @@ def test_sigterm_to_a_ray_sweep_ends_the_parent_and_its_running_jobs(ray_cluster
     (parent,) = [r for r in runs() if "mlflow.parentRunId" not in r.data.tags]
     children = [r for r in runs() if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     assert parent.info.status == "FAILED" and parent.data.tags["layerbench.jobs"] == "2"
-    assert [r.info.status for r in children] == ["KILLED", "KILLED"]
+    assert [r.info.status for r in children] == ["KILLED", "KILLED"], [
+        (r.info.status, r.data.tags.get(FAILURE_REASON_TAG)) for r in children]
     assert all(r.data.tags[FAILURE_REASON_TAG] == "the sweep was stopped before this job ended" for r in children)
     assert parent.data.tags[FAILURE_REASON_TAG] == "2 of 2 jobs failed"
