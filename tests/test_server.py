@@ -194,5 +194,8 @@ def test_sigterm_to_a_ray_sweep_ends_the_parent_and_its_running_jobs(ray_cluster
     assert parent.info.status == "FAILED" and parent.data.tags["layerbench.jobs"] == "2"
     assert [r.info.status for r in children] == ["KILLED", "KILLED"], [
         (r.info.status, r.data.tags.get(FAILURE_REASON_TAG)) for r in children]
-    assert all(r.data.tags[FAILURE_REASON_TAG] == "the sweep was stopped before this job ended" for r in children)
+    # Ended by the parent, or (a race CI met twice) by the job itself, its Ray worker made to exit: KILLED either way.
+    reasons = [r.data.tags[FAILURE_REASON_TAG] for r in children]
+    stopped = "the sweep was stopped before this job ended"
+    assert all(reason == stopped or reason.startswith("SystemExit") for reason in reasons), reasons
     assert parent.data.tags[FAILURE_REASON_TAG] == "2 of 2 jobs failed"
