@@ -82,7 +82,7 @@ def install_missing(wheels: Path) -> list[str]:
 def run_gpu_tests(timeout_s: int = 180) -> str:
     """The gpu-marked tests; returns pytest's closing line."""
     cmd = [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider",
-           "tests/test_probe.py", "tests/test_strategies.py"]
+           "tests/test_probe.py", "tests/test_strategies.py", "tests/test_profile.py"]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout_s)
     lines = [line for line in done.stdout.splitlines() if line.strip()]
     print(done.stdout[-4000:])

@@ -10,7 +10,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from mlflow import MlflowClient
 from rich.console import Console
 
 import strategies.prefetch.on
@@ -27,6 +26,8 @@ def test_a_profiled_layerbench_run_traces_each_stage_on_its_own_thread_and_logs_
     make_cfg: Callable[..., Config], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Every load on the worker (no unit is fast enough to load in turn): the trace must show the worker's thread.
+    from mlflow import MlflowClient  # here, not at the top: the GPU check runs this file's gpu test without MLflow
+
     monkeypatch.setattr(strategies.prefetch.on, "INLINE_BELOW_S", 0.0)
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     cfg = make_cfg("compression=8bit", "prefetch=on", "bench.profile=true", "workload.max_new_tokens=3",

@@ -74,7 +74,11 @@ def record(run: Callable[[], T], device: torch.device, out_dir: Path) -> T:
     prof.export_chrome_trace(str(out_dir / TRACE_FILE))
     text = summary(prof.key_averages(), cuda)
     if cuda:  # the trace's device events: whether the copy stream ever stood idle
-        text += "\n" + streams_table(stream_use(json.loads(gzip.decompress((out_dir / TRACE_FILE).read_bytes()))))
+        try:
+            text += "\n" + streams_table(stream_use(json.loads(gzip.decompress((out_dir / TRACE_FILE).read_bytes()))))
+        except Exception as exc:  # a trace shaped unlike torch's usual one costs this table, not the run
+            log.exception("reading the streams' use from the trace failed")
+            text += f"\nCUDA streams: not read from the trace ({type(exc).__name__}: {exc})\n"
     (out_dir / OPS_FILE).write_text(text, encoding="utf-8")
     log.info("profiled generation (%.1f s) written to %s", time.perf_counter() - t0, out_dir)
     return result
