@@ -7,6 +7,7 @@ import mmap
 import os
 import sys
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -82,6 +83,35 @@ def test_peak_over_the_cap_during_the_run_fails_it(make_cfg, tmp_path, monkeypat
     # 100 MB of context at start, then the process reads 4.5 GiB for the rest of the run.
     out = run_failing(make_cfg, tmp_path, monkeypatch, FakeProbe(100 << 20, int(4.5 * GIB)))
     assert "exceeded the cap" in out["reason"] and "4.50 GiB" in out["reason"]
+
+
+def test_building_a_generated_checkpoint_is_outside_the_cap_and_the_peaks(make_cfg, tmp_path, monkeypatch) -> None:
+    """The GPU machine draws the 8B geometry's weights on the device, 3.2 GB at once: no part of the run. While the
+    checkpoint is built the probe reads 4.5 GiB, over the cap; the run must neither fail nor log it."""
+    import harness.checkpoints.generated as generated
+
+    building, built = threading.Event(), threading.Event()
+    build = generated._build
+
+    def slow_build(model, out_dir) -> None:
+        building.set()
+        try:
+            build(model, out_dir)
+            time.sleep(0.05)  # ten of the sampler's 5 ms readings, were it running
+        finally:
+            building.clear()
+            built.set()
+
+    class Probe:
+        def process_bytes(self) -> int:
+            return int(4.5 * GIB) if building.is_set() else 300 << 20
+
+    monkeypatch.setattr(generated, "_build", slow_build)
+    monkeypatch.setattr(vram_mod, "default_probe", lambda device: Probe())
+    cfg = make_cfg(f"paths.outputs={tmp_path}", "workload.max_new_tokens=2")  # a fresh folder: built in this job
+    metrics = run_job(cfg, {}, choices={"model": "tiny"}, overrides=[]).metrics()
+    assert built.is_set()
+    assert metrics["peak_vram_nvml_bytes"] == 300 << 20
 
 
 def test_under_the_cap_the_probe_peak_is_logged(make_cfg, tmp_path, monkeypatch) -> None:

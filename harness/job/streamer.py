@@ -167,9 +167,11 @@ class Streamer:
 
 
 def build_streamer(
-    cfg: Config, outputs_dir: Path, device: torch.device, vram: VramMonitor | None = None
+    cfg: Config, outputs_dir: Path, device: torch.device, vram: VramMonitor | None = None,
+    ckpt_dir: Path | None = None,
 ) -> Streamer:
-    ckpt_dir = ensure_checkpoint(cfg.model, outputs_dir)
+    """`ckpt_dir`: the model's checkpoint, when the caller already made sure of it (`ensure_checkpoint`)."""
+    ckpt_dir = ckpt_dir or ensure_checkpoint(cfg.model, outputs_dir)
     config = load_model_config(ckpt_dir)
     tokenizer = AutoTokenizer.from_pretrained(ckpt_dir)
     prompts = batch_prompt_ids(tokenizer, cfg.workload)
