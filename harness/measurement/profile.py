@@ -62,10 +62,10 @@ def record(run: Callable[[], T], device: torch.device, out_dir: Path) -> T:
     global _recording
     cuda = device.type == "cuda"
     if cuda:
-        # Kineto leaves CUPTI attached after the profile unless TEARDOWN_CUPTI=1, and every later kernel launch in
-        # the process then pays its callbacks: on an H100 the next job's 4-bit prefetch run took 0.167 s a token
-        # against 0.095 s. A sweep (or the GPU check) runs its jobs in one process. No CUDA graph runs here, the
-        # case torch itself turns teardown off for. A value the user set is kept.
+        # Kineto leaves CUPTI attached after the profile unless TEARDOWN_CUPTI=1, and later kernel launches in the
+        # process keep paying for it (PyTorch issue #144455: training 10-20% slower after a profile). A sweep, and
+        # the GPU check, run their jobs in one process. No CUDA graph runs here, the one case torch turns teardown
+        # off for. A value the user set is kept.
         os.environ.setdefault("TEARDOWN_CUPTI", "1")
     activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]
     t0 = time.perf_counter()
