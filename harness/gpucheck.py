@@ -63,6 +63,10 @@ COLUMNS = (
     ("layers resident", "resident_layers"),
     ("predicted (plan)", "plan_predicted_s"),
     ("read / h2d / decode / compute", None),
+    # The 4-bit prefetch run's per token swung 0.095-0.177 s from job to job on an H100, all of it in compute,
+    # with copies steady at link rate: the host issuing compute near compute's own time says launches set the pace.
+    ("compute / token", "stage_compute_s"),
+    ("compute issue (host) / token", "compute_issue_s"),
 )
 
 log = logging.getLogger("harness.gpucheck")
@@ -268,7 +272,9 @@ def main(argv: list[str] | None = None) -> int:
                         "the order given; repeatable (--only '4bit, ram' --only 8bit)")
     # default=[]: without one, argparse names this optional list among the arguments "required" when OUTDIR is missing
     parser.add_argument("overrides", nargs="*", default=[], help="more Hydra overrides for every run")
-    args = parser.parse_args(argv)
+    # Intermixed: overrides may come after --only too (`OUT --only '4bit, ram' bench.profile=true`); plain parsing
+    # took them for --only's and refused them as unrecognized, on a GPU machine where each try costs lease time.
+    args = parser.parse_intermixed_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     if unknown := [word for word in args.only if not any(word in label for label, _ in RUNS)]:

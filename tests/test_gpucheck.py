@@ -32,6 +32,25 @@ def test_an_outdir_that_is_a_file_is_refused_first(tmp_path: Path, capsys: pytes
     assert "is a file: OUTDIR is the folder" in capsys.readouterr().err
 
 
+def test_overrides_may_follow_the_options(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On the H100, `OUT --skip-tests --only '4bit, ram, prefetch' bench.profile=true` was refused as unrecognized."""
+    seen: dict = {}
+
+    def fake_check(outdir: Path, **kwargs) -> dict:
+        seen.update(kwargs)
+        outdir.mkdir(parents=True)
+        (outdir / "gpucheck.md").write_text("table")
+        return {"runs": {}}
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(gpucheck, "install_missing", lambda wheels: [])
+    monkeypatch.setattr(gpucheck, "run_check", fake_check)
+    argv = [str(tmp_path / "out"), "workload.batch_size=2", "--skip-tests", "--only", "4bit, ram", "bench.profile=true"]
+    assert gpucheck.main(argv) == 0
+    assert seen["extra"] == ["workload.batch_size=2", "bench.profile=true"]
+    assert seen["only"] == ("4bit, ram",) and seen["tests"] is False
+
+
 @pytest.mark.parametrize(("extra", "new_tokens", "names"), [
     (["compression=3bit"], 2, "compression"),
     (["prefetch=on", "prefetch.depth=0"], 2, "prefetch.depth=0"),
