@@ -51,6 +51,8 @@ class RunReport:
     stage_decode_s: float | None = figure()
     stage_compute_s: float | None = figure()
     stage_release_s: float | None = figure()
+    # Host seconds a pass took to issue its compute: on CUDA, near stage_compute_s when launches set the pace.
+    compute_issue_s: float | None = figure()
     stage_read_share: float | None = figure()
     stage_h2d_share: float | None = figure()
     stage_decode_share: float | None = figure()

@@ -61,6 +61,9 @@ class LayerEvent:
     unit: str
     stamps: dict[str, tuple[Stamp, Stamp]] = field(default_factory=dict)
     bytes: dict[str, int] = field(default_factory=dict)
+    # Host seconds the compute took to issue. On CUDA, near the compute's own (device) time means the host, not the
+    # device, set the layer's pace: its kernels ran as fast as they were launched.
+    issue_s: float = 0.0
 
 
 @dataclass
@@ -79,6 +82,7 @@ class Timeline:
                 row[f"{stage}_s"] = end - start
             for stage in LOAD_STAGES:
                 row[f"{stage}_bytes"] = e.bytes.get(stage, 0)
+            row["compute_issue_s"] = e.issue_s
             rows.append(row)
         return rows
 
@@ -106,10 +110,12 @@ def stage_metrics(rows: Sequence[dict], walls: Sequence[float], overlapped: bool
     totals = {stage: sum(r[f"{stage}_s"] for r in decode) for stage in STAGES}
     all_s = sum(totals.values())
     metrics: dict[str, float] = {}
+    decode_passes = max(1, len({r["pass_index"] for r in decode}))
     for stage, seconds in totals.items():
-        metrics[f"stage_{stage}_s"] = seconds / max(1, len({r["pass_index"] for r in decode}))
+        metrics[f"stage_{stage}_s"] = seconds / decode_passes
         if all_s > 0:
             metrics[f"stage_{stage}_share"] = seconds / all_s
+    metrics["compute_issue_s"] = sum(r["compute_issue_s"] for r in decode) / decode_passes
     for stage in LOAD_STAGES:
         moved = sum(r[f"{stage}_bytes"] for r in rows)
         spent = sum(r[f"{stage}_s"] for r in rows if r[f"{stage}_bytes"] > 0)

@@ -165,14 +165,16 @@ class LayerStreamingRunner:
         self, layer: DeviceLayer, forward: Callable[..., torch.Tensor], module: nn.Module, *args: Any, **kwargs: Any
     ) -> torch.Tensor:
         """`forward(module, layer.weights, ...)`, timed as the layer's compute; then its weights are released."""
+        h0 = self.stages.host()
         c0 = self.stages.device()
         with stage_range("compute", layer.name):
             out = forward(module, layer.weights, *args, **kwargs)
         c1 = self.stages.device()
+        issue_s = self.stages.host() - h0
         layer.weights.clear()  # the last reference to this layer's device weights
         r1 = self.stages.device()
         stamps = {**layer.stamps, "compute": (c0, c1), "release": (c1, r1)}
-        self.timeline.events.append(LayerEvent(self.passes, layer.name, stamps, layer.bytes))
+        self.timeline.events.append(LayerEvent(self.passes, layer.name, stamps, layer.bytes, issue_s))
         return out
 
     @torch.inference_mode()
@@ -198,11 +200,15 @@ class LayerStreamingRunner:
         layers = self.pipeline.stream(self.units)
 
         hidden = self._run(next(layers), embed_rows, self.embed, input_ids)  # [batch, q, hidden]
+        h0 = self.stages.host()
         p0 = self.stages.device()
         position_embeddings = self.rotary(hidden, position_ids)  # (cos, sin): [batch, q, head_dim] each
         mask = causal_mask(self.config, hidden, attention_mask, cache, position_ids)
         # Compute that belongs to no layer's weights; timed so a pass's stages still add up to its wall time.
-        self.timeline.events.append(LayerEvent(self.passes, "rope+mask", {"compute": (p0, self.stages.device())}))
+        p1 = self.stages.device()
+        self.timeline.events.append(
+            LayerEvent(self.passes, "rope+mask", {"compute": (p0, p1)}, issue_s=self.stages.host() - h0)
+        )
         for decoder, layer in zip(self.layers, islice(layers, len(self.layers)), strict=True):
             hidden = self._run(
                 layer,
