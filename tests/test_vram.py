@@ -214,6 +214,26 @@ def test_vram_monitor_peak_counts_context_and_last_reading(monkeypatch: pytest.M
     monitor.check()
 
 
+@pytest.mark.parametrize(("asked", "applied"), [
+    (True, ["expandable_segments:True"]), (False, ["expandable_segments:False"]), (None, []),
+])
+def test_the_allocators_segments_are_set_as_asked_before_the_cache_is_emptied(
+    monkeypatch: pytest.MonkeyPatch, asked: bool | None, applied: list[str]
+) -> None:
+    """CUDA faked: the setting reaches the allocator first (the cache emptied after it), and null leaves it be."""
+    calls: list[str] = []
+    monkeypatch.setattr(vram_mod, "default_probe", lambda device: None)
+    monkeypatch.setattr(torch.cuda, "init", lambda: None)
+    monkeypatch.setattr(torch.cuda.memory, "_set_allocator_settings", calls.append)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: calls.append("empty_cache"))
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device: None)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(total_memory=80 * GIB))
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda fraction, device: None)
+    with VramMonitor(torch.device("cuda", 0), cap_gib=4, expandable_segments=asked):
+        pass
+    assert calls == [*applied, "empty_cache"]
+
+
 # NVML's numbering: four GPUs, and this process holds memory on NVML's index 2 only.
 NVML_UUIDS = [uuid.UUID(int=n) for n in (0xA0, 0xA1, 0xA2, 0xA3)]
 

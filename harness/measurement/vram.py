@@ -80,9 +80,12 @@ class VramMonitor:
     sampler catches the process's true peak, which the allocator's counters miss.
     """
 
-    def __init__(self, device: torch.device, cap_gib: float, interval_s: float = 0.005) -> None:
+    def __init__(
+        self, device: torch.device, cap_gib: float, interval_s: float = 0.005, expandable_segments: bool | None = None
+    ) -> None:
         self.device = device
         self.cap_bytes = int(cap_gib * GIB)
+        self.expandable_segments = expandable_segments
         self.interval_s = interval_s
         self.context_bytes: int | None = None
         self.probe: MemoryProbe | None = None
@@ -106,6 +109,12 @@ class VramMonitor:
     def __enter__(self) -> VramMonitor:
         if self.active:
             torch.cuda.init()  # the context exists before we measure it
+            if self.expandable_segments is not None:
+                # Before the cache is emptied: the blocks this job takes come from segments of the kind it asked for.
+                try:
+                    torch.cuda.memory._set_allocator_settings(f"expandable_segments:{self.expandable_segments}")
+                except (AttributeError, RuntimeError) as exc:  # a private API: a torch without it runs as before
+                    log.warning("vram.expandable_segments=%s not applied (%s)", self.expandable_segments, exc)
             # Blocks an earlier job of this process left in the caching allocator are not context: on an H100, a
             # 4-bit job run after a bf16 one in the same process measured 3.6 GiB of "context" and was refused.
             torch.cuda.empty_cache()
