@@ -40,6 +40,12 @@ RUNS = (
     ("4bit, ram, prefetch", ["cache=ram", "compression=4bit", "prefetch=on"]),
     # The fastest the cap allows: what fits stays on the device (residency), the rest streams from RAM, overlapped.
     ("4bit, ram, prefetch, resident", ["cache=ram", "compression=4bit", "prefetch=on", "residency=auto"]),
+    # With fixed segments this one failed under the cap (32 MiB asked, 1.72 GiB reserved but unallocated); the
+    # allocator's expandable segments (vram.expandable_segments, on by default) are meant to fix it. The next row
+    # is the A/B of that default, in the same process.
+    ("4bit, ram, prefetch, depth 2", ["cache=ram", "compression=4bit", "prefetch=on", "prefetch.depth=2"]),
+    ("4bit, ram, prefetch, fixed segments",
+     ["cache=ram", "compression=4bit", "prefetch=on", "vram.expandable_segments=false"]),
     ("4bit, disk, cold", ["cache=disk", "compression=4bit", "cache.page_cache=cold"]),
     # The residency headline: most of the 8B's 4-bit layers fit the 4 GiB cap beside streaming the rest.
     ("4bit, disk, cold, resident", ["cache=disk", "compression=4bit", "cache.page_cache=cold", "residency=auto"]),
