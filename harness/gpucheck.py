@@ -73,6 +73,8 @@ COLUMNS = (
     # with copies steady at link rate: the host issuing compute near compute's own time says launches set the pace.
     ("compute / token", "stage_compute_s"),
     ("compute issue (host) / token", "compute_issue_s"),
+    # The loads' Python, on the prefetch worker, shares the GIL with the compute's.
+    ("load issue (host) / token", "load_issue_s"),
 )
 
 log = logging.getLogger("harness.gpucheck")

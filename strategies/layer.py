@@ -18,3 +18,5 @@ class DeviceLayer:
     weights: dict[str, Any]  # tensor name in the unit's module -> torch.Tensor on the device
     stamps: dict[str, tuple[Stamp, Stamp]] = field(default_factory=dict)
     bytes: dict[str, int] = field(default_factory=dict)
+    # Host seconds its fetch and decode took to issue, on whichever thread ran them (waits for room excluded).
+    load_issue_s: float = 0.0

@@ -52,19 +52,21 @@ def rows_of(passes: list[list[dict[str, float]]]) -> list[dict]:
             for stage in LOAD_STAGES:
                 row[f"{stage}_bytes"] = int(stages.get(f"{stage}_bytes", 0))
             row["compute_issue_s"] = stages.get("issue", 0.0)
+            row["load_issue_s"] = stages.get("load_issue", 0.0)
             rows.append(row)
     return rows
 
 
 def test_stage_shares_bandwidth_and_crosscheck() -> None:
     unit = {"read": 0.2, "h2d": 0.1, "decode": 0.1, "compute": 0.5, "release": 0.1, "read_bytes": 100, "h2d_bytes": 50,
-            "issue": 0.25}
+            "issue": 0.25, "load_issue": 0.125}
     rows = rows_of([[unit, unit]] * 3)  # prefill + 2 decode passes, 1.0 s per unit
     assert per_pass(rows, "read_bytes") == [200, 200, 200]
     m = stage_metrics(rows, walls=[2.0, 2.0, 2.2], overlapped=False)
     assert m["stage_compute_share"] == pytest.approx(0.5) and m["stage_read_share"] == pytest.approx(0.2)
     assert m["stage_compute_s"] == pytest.approx(1.0)  # per decode pass
     assert m["compute_issue_s"] == pytest.approx(0.5)  # the host's part of it, per decode pass
+    assert m["load_issue_s"] == pytest.approx(0.25)
     assert m["read_bandwidth_bytes_per_s"] == pytest.approx(100 / 0.2)
     assert m["crosscheck_residual"] == pytest.approx(0.2 / 2.2)  # the worst pass: 10% of its time untimed
     assert "overlap_efficiency" not in m

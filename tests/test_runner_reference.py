@@ -119,12 +119,16 @@ def test_sampling_is_seeded(make_cfg) -> None:
     assert tokens("workload.top_p=0.0001", "workload.seed=3") == greedy
 
 
-def test_each_units_compute_issue_time_encloses_its_compute_on_the_cpu(make_cfg) -> None:
-    """The host's issue time is stamped around the compute's own stamps; on the CPU (synchronous) it can only be
-    the longer. On CUDA the two part when kernels run ahead of the host, which is what the figure is for."""
-    cfg = make_cfg("workload.max_new_tokens=3", "workload.stop_at_eos=false")
+@pytest.mark.parametrize("prefetch", ["off", "on"])
+def test_each_units_issue_times_enclose_its_stages_on_the_cpu(make_cfg, prefetch: str) -> None:
+    """The host's issue times are stamped around the stages' own stamps; on the CPU (synchronous) they can only be
+    the longer. On CUDA they part when the device runs behind the host, which is what the figures are for."""
+    cfg = make_cfg("workload.max_new_tokens=3", "workload.stop_at_eos=false", "compression=4bit", "cache=disk",
+                   f"prefetch={prefetch}")
     streamer = build_streamer(cfg, Path(cfg.paths.outputs), torch.device("cpu"))
     rows = generate(streamer, cfg).timeline.rows(streamer.runner.stages)
     computed = [r for r in rows if r["compute_s"] > 0]
     assert {"embed", "rope+mask", "lm_head"} <= {r["unit"] for r in computed}, sorted({r["unit"] for r in computed})
     assert all(r["compute_issue_s"] >= r["compute_s"] for r in computed), computed
+    layers = [r for r in rows if r["unit"].startswith("layers.")]
+    assert layers and all(r["load_issue_s"] >= r["read_s"] + r["decode_s"] > 0 for r in layers), layers

@@ -53,6 +53,8 @@ class RunReport:
     stage_release_s: float | None = figure()
     # Host seconds a pass took to issue its compute: on CUDA, near stage_compute_s when launches set the pace.
     compute_issue_s: float | None = figure()
+    # The same for the loads (fetch and decode), on the prefetch worker when prefetch is on.
+    load_issue_s: float | None = figure()
     stage_read_share: float | None = figure()
     stage_h2d_share: float | None = figure()
     stage_decode_share: float | None = figure()

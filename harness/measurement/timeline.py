@@ -63,7 +63,10 @@ class LayerEvent:
     bytes: dict[str, int] = field(default_factory=dict)
     # Host seconds the compute took to issue. On CUDA, near the compute's own (device) time means the host, not the
     # device, set the layer's pace: its kernels ran as fast as they were launched.
-    issue_s: float = 0.0
+    compute_issue_s: float = 0.0
+    # Host seconds the load (fetch and decode) took to issue. With prefetch on it runs on the worker thread: the two
+    # threads' Python shares one GIL, so their sum near a pass's time says the host, not the device, is the limit.
+    load_issue_s: float = 0.0
 
 
 @dataclass
@@ -82,7 +85,8 @@ class Timeline:
                 row[f"{stage}_s"] = end - start
             for stage in LOAD_STAGES:
                 row[f"{stage}_bytes"] = e.bytes.get(stage, 0)
-            row["compute_issue_s"] = e.issue_s
+            row["compute_issue_s"] = e.compute_issue_s
+            row["load_issue_s"] = e.load_issue_s
             rows.append(row)
         return rows
 
@@ -115,7 +119,8 @@ def stage_metrics(rows: Sequence[dict], walls: Sequence[float], overlapped: bool
         metrics[f"stage_{stage}_s"] = seconds / decode_passes
         if all_s > 0:
             metrics[f"stage_{stage}_share"] = seconds / all_s
-    metrics["compute_issue_s"] = sum(r["compute_issue_s"] for r in decode) / decode_passes
+    for issued in ("compute_issue_s", "load_issue_s"):
+        metrics[issued] = sum(r[issued] for r in decode) / decode_passes
     for stage in LOAD_STAGES:
         moved = sum(r[f"{stage}_bytes"] for r in rows)
         spent = sum(r[f"{stage}_s"] for r in rows if r[f"{stage}_bytes"] > 0)

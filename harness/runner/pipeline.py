@@ -125,8 +125,11 @@ class LayerPipeline:
     def _fetch(self, name: str) -> DeviceLayer:
         """`name` on the device in its stored form: read by the cache, then copied (a table looked up on the
         host stays there). The copy is ours, not the codec's, so that transfer and decode are timed apart."""
+        t0 = self.clock.host()
         with stage_range("load", name):
-            return self._load(name)
+            layer = self._load(name)
+        layer.load_issue_s += self.clock.host() - t0
+        return layer
 
     def _load(self, name: str) -> DeviceLayer:
         if name in self.resident:
@@ -153,9 +156,11 @@ class LayerPipeline:
         """A fetched layer's weights, decoded on the device in place of its stored form."""
         if self.looks_up_on_host(layer.name):
             return layer
+        t0 = self.clock.host()
         d0 = self.clock.device()
         with stage_range("decode", layer.name):
             layer.weights = dict(self.codec.decode(layer.name, layer.weights, self.device))
         layer.stamps["decode"] = (d0, self.clock.device())
         layer.bytes["decode"] = sum(t.nbytes for t in layer.weights.values())
+        layer.load_issue_s += self.clock.host() - t0
         return layer

@@ -174,7 +174,10 @@ class LayerStreamingRunner:
         layer.weights.clear()  # the last reference to this layer's device weights
         r1 = self.stages.device()
         stamps = {**layer.stamps, "compute": (c0, c1), "release": (c1, r1)}
-        self.timeline.events.append(LayerEvent(self.passes, layer.name, stamps, layer.bytes, issue_s))
+        self.timeline.events.append(
+            LayerEvent(self.passes, layer.name, stamps, layer.bytes, compute_issue_s=issue_s,
+                       load_issue_s=layer.load_issue_s)
+        )
         return out
 
     @torch.inference_mode()
@@ -207,7 +210,7 @@ class LayerStreamingRunner:
         # Compute that belongs to no layer's weights; timed so a pass's stages still add up to its wall time.
         p1 = self.stages.device()
         self.timeline.events.append(
-            LayerEvent(self.passes, "rope+mask", {"compute": (p0, p1)}, issue_s=self.stages.host() - h0)
+            LayerEvent(self.passes, "rope+mask", {"compute": (p0, p1)}, compute_issue_s=self.stages.host() - h0)
         )
         for decoder, layer in zip(self.layers, islice(layers, len(self.layers)), strict=True):
             hidden = self._run(
