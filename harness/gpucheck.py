@@ -119,13 +119,14 @@ def composed(overrides: list[str]) -> tuple[Any, Any]:
         raise RefusedOverrides(f"{type(exc).__name__}: {exc}") from exc
 
 
-def run_one(overrides: list[str]) -> dict[str, Any]:
-    """One job through the real config and job code, tracking off; its report, or why it failed."""
+def run_one(overrides: list[str], configured: tuple[Any, Any] | None = None) -> dict[str, Any]:
+    """One job through the real config and job code, tracking off; its report, or why it failed. `configured`:
+    `composed(overrides)`, when the caller already has it."""
     from omegaconf import OmegaConf
 
     from harness.job.run import run_job
 
-    dcfg, cfg = composed(overrides)
+    dcfg, cfg = configured or composed(overrides)
     groups = ("model", "cache", "compression", "residency")
     choices = dict(o.split("=", 1) for o in overrides if o.split("=", 1)[0] in groups)
     try:
@@ -195,8 +196,10 @@ def run_check(
     runs = list(picked.values()) if only else list(RUNS)
     # Every run's configuration, validated before the tests, the probe and the model's generation spend device
     # time: a bad override or model would otherwise fail each run, or end the check, minutes in.
-    for _, overrides in runs:
-        composed([*common, *overrides, *extra])
+    # Composed once: each run takes the configuration validated here.
+    full = {label: [*common, *overrides, *(["bench.profile=true"] if label in PROFILED else []), *extra]
+            for label, overrides in runs}
+    configured = {label: composed(overrides) for label, overrides in full.items()}
     outdir.mkdir(parents=True, exist_ok=True)
     summary: dict[str, Any] = {"device": device, "model": model, "torch": torch.__version__, "steps_s": {}}
     if device == "cuda":
@@ -243,9 +246,8 @@ def run_check(
     profiles = outputs / "profiles"
     for i, (label, overrides) in enumerate(runs):
         t = time.perf_counter()
-        profiled = ["bench.profile=true"] if label in PROFILED else []
         before = set(profiles.glob("*"))
-        results[label] = run_one([*common, *overrides, *profiled, *extra])
+        results[label] = run_one(full[label], configured[label])
         summary["steps_s"][label] = time.perf_counter() - t
         for folder in set(profiles.glob("*")) - before:  # one, from this run: kept beside the table
             kept = outdir / "profiles" / slug(label)
