@@ -6,10 +6,10 @@ omegaconf, antlr4-python3-runtime). MLflow may be absent: every run's report goe
 OUTDIR/gpucheck.json and the table to OUTDIR/gpucheck.md. Steps: the gpu-marked tests, a probe
 refresh, an untimed warm-up job on the tiny model, the 8B-geometry synthetic model generated on the
 GPU, cache=ram with compression none, 8bit and 4bit under the 4 GiB cap (prefetch off and on; 4bit
-also with residency=auto), and 4bit cache=disk with a cold page cache (also with residency=auto), a
-few new tokens each. The prefetch runs of 8bit and 4bit also leave a torch.profiler trace and their
-top ops in OUTDIR/profiles/; the probe step also times what a 4-bit layer's decode costs the
-prefetch worker with its copy in flight (`decode_waits`).
+also with residency=auto, with prefetch depth 2, and with fixed allocator segments), and 4bit
+cache=disk with a cold page cache (also with residency=auto), a few new tokens each. The prefetch runs
+of 8bit and 4bit also leave a torch.profiler trace and their top ops in OUTDIR/profiles/; the probe step
+also times what a 4-bit layer's decode costs the prefetch worker with its copy in flight (`decode_waits`).
 """
 
 from __future__ import annotations
