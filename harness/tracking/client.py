@@ -167,8 +167,9 @@ def _opened(open_store: Callable[[], Any], *, sqlite: bool, attempts: int = 5) -
 
     Our processes take turns through the lock beside the database, but another program (`mlflow ui`, a
     notebook's client) can be creating the same new store's tables at the same moment: then the loser's
-    migration fails ("table ... already exists", "Online migration expected to match one row"). The store
-    is whole once the winner is done, so the call is made again.
+    migration fails ("table ... already exists", "Online migration expected to match one row"), or reads a
+    table the winner has not migrated yet (AttributeError: a column MLflow's trace-analytics step looks up,
+    seen in CI as `dimension_attributes`). The store is whole once the winner is done, so the call is made again.
     """
     from alembic.util.exc import CommandError
     from sqlalchemy.exc import OperationalError
@@ -176,7 +177,7 @@ def _opened(open_store: Callable[[], Any], *, sqlite: bool, attempts: int = 5) -
     for _ in range(attempts - 1 if sqlite else 0):
         try:
             return open_store()
-        except (OperationalError, CommandError) as exc:
+        except (OperationalError, CommandError, AttributeError) as exc:
             logger.warning("the MLflow store was being created by another program too (%s); trying again", exc)
             time.sleep(1.0)
     return open_store()  # the last attempt (the only one for a server): its error is the caller's
