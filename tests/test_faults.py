@@ -17,6 +17,7 @@ from mlflow import MlflowClient
 from sqlalchemy.exc import OperationalError
 
 from harness.config import Config
+from harness.files import exclusive_lock
 from harness.job.streamer import build_streamer
 from harness.peers.base import PEERS
 from harness.tracking.process import ORPHANED
@@ -67,18 +68,25 @@ def test_a_stopped_job_closes_its_run_killed_with_the_reason(
     proc = subprocess.Popen(
         cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
     )
-    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    db = tmp_path / "mlflow.db"
+    client = None
     deadline = time.monotonic() + 300
     running = []
     while not running and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.5)
+        if client is None and db.exists():
+            # Opened once the job has made the store, through the lock it makes it under: MlflowClient opens the
+            # store as it is built, and built first it created the tables while the job did (CI saw the job exit 1).
+            with exclusive_lock(db.with_name(db.name + ".lock")):
+                client = MlflowClient(f"sqlite:///{db}")
         try:
-            experiment = client.get_experiment_by_name("layerbench") if (tmp_path / "mlflow.db").exists() else None
+            experiment = client.get_experiment_by_name("layerbench") if client is not None else None
         except (OperationalError, CommandError):  # this client met the job creating the store's tables
             continue
         if experiment is not None:
             running = client.search_runs([experiment.experiment_id], "attributes.status = 'RUNNING'")
-    assert running, f"the job never started its run: {proc.poll()=}"
+    early = proc.communicate(timeout=60)[1][-3000:] if not running and proc.poll() is not None else ""
+    assert running, f"the job never started its run: {proc.poll()=}\n{early}"
     time.sleep(2)  # into the generation
     if group:
         os.killpg(proc.pid, sig)
