@@ -156,9 +156,12 @@ class VramConfig:
     # 8B at 4-bit, prefetch depth 2, failed on an H100 asking for 32 MiB with 1.72 GiB reserved but unallocated.
     # null: as the environment (PYTORCH_ALLOC_CONF) set it.
     expandable_segments: bool | None = True
+    # How often a background thread reads the process's device memory from NVML for the peak (CUDA only).
+    sample_interval_s: float = 0.005
 
     def __post_init__(self) -> None:
         check_positive("vram.cap_gib", self.cap_gib)
+        check_positive("vram.sample_interval_s", self.sample_interval_s)
 
 
 @dataclass

@@ -6,8 +6,9 @@ omegaconf, antlr4-python3-runtime). MLflow may be absent: every run's report goe
 OUTDIR/gpucheck.json and the table to OUTDIR/gpucheck.md. Steps: the gpu-marked tests, a probe
 refresh, an untimed warm-up job on the tiny model, the 8B-geometry synthetic model generated on the
 GPU, cache=ram with compression none, 8bit and 4bit under the 4 GiB cap (prefetch off and on; 4bit
-also with residency=auto, with prefetch depth 2, and with fixed allocator segments), and 4bit
-cache=disk with a cold page cache (also with residency=auto), a few new tokens each. The prefetch runs
+also with residency=auto, with prefetch depth 2, with fixed allocator segments, and with NVML read every
+50 ms instead of 5), and 4bit cache=disk with a cold page cache (also with residency=auto), a few new
+tokens each. The prefetch runs
 of 8bit and 4bit also leave a torch.profiler trace and their top ops in OUTDIR/profiles/; the probe step
 also times what a 4-bit layer's decode costs the prefetch worker with its copy in flight (`decode_waits`).
 """
@@ -46,6 +47,11 @@ RUNS = (
     ("4bit, ram, prefetch, depth 2", ["cache=ram", "compression=4bit", "prefetch=on", "prefetch.depth=2"]),
     ("4bit, ram, prefetch, fixed segments",
      ["cache=ram", "compression=4bit", "prefetch=on", "vram.expandable_segments=false"]),
+    # The VRAM peak sampler reads NVML's process list every 5 ms on a thread of its own, through the driver that
+    # takes the compute's launches: the same run with readings every 50 ms, in the same process, says whether
+    # they slow those launches (the 4-bit swing is in the compute).
+    ("4bit, ram, prefetch, NVML every 50 ms",
+     ["cache=ram", "compression=4bit", "prefetch=on", "vram.sample_interval_s=0.05"]),
     ("4bit, disk, cold", ["cache=disk", "compression=4bit", "cache.page_cache=cold"]),
     # The residency headline: most of the 8B's 4-bit layers fit the 4 GiB cap beside streaming the rest.
     ("4bit, disk, cold, resident", ["cache=disk", "compression=4bit", "cache.page_cache=cold", "residency=auto"]),
@@ -75,6 +81,8 @@ COLUMNS = (
     ("compute issue (host) / token", "compute_issue_s"),
     # The loads' Python, on the prefetch worker, shares the GIL with the compute's.
     ("load issue (host) / token", "load_issue_s"),
+    ("NVML reading (mean)", "nvml_read_s"),
+    ("NVML reading (slowest)", "nvml_read_max_s"),
 )
 
 log = logging.getLogger("harness.gpucheck")

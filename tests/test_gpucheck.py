@@ -102,7 +102,8 @@ def test_only_runs_in_the_order_asked_and_a_split_goes_once_no_later_run_reads_i
     )
     assert list(summary["runs"]) == [
         "4bit, ram", "4bit, ram, prefetch", "4bit, ram, prefetch, resident", "4bit, ram, prefetch, depth 2",
-        "4bit, ram, prefetch, fixed segments", "8bit, ram", "8bit, ram, prefetch",
+        "4bit, ram, prefetch, fixed segments", "4bit, ram, prefetch, NVML every 50 ms", "8bit, ram",
+        "8bit, ram, prefetch",
     ]
     assert all(r["status"] == "FINISHED" for r in summary["runs"].values())
     # Each split went after its last run; the one made before stays.

@@ -121,6 +121,7 @@ def test_under_the_cap_the_probe_peak_is_logged(make_cfg, tmp_path, monkeypatch)
                    "reference.enabled=true")
     metrics = run_job(cfg, {}, choices={"model": "tiny"}, overrides=[]).metrics()
     assert metrics["peak_vram_nvml_bytes"] == 300 << 20
+    assert metrics["nvml_read_max_s"] >= metrics["nvml_read_s"] >= 0
     # The context plus the tiny model's streaming estimate (a few MB): what the cap was checked against.
     assert 100 << 20 < metrics["vram_estimate_bytes"] < (100 << 20) + (64 << 20)
     assert "peak_vram_allocated_bytes" not in metrics, "the allocator counters exist on CUDA only"
@@ -210,8 +211,40 @@ def test_vram_monitor_peak_counts_context_and_last_reading(monkeypatch: pytest.M
     monkeypatch.setattr(vram_mod, "default_probe", lambda device: FakeProbe(100 << 20, 300 << 20))
     with VramMonitor(torch.device("cpu"), cap_gib=4, interval_s=3600) as monitor:
         pass
-    assert monitor.metrics() == {"peak_vram_nvml_bytes": float(300 << 20), "cuda_context_bytes": float(100 << 20)}
+    metrics = monitor.metrics()
+    timing = {name: metrics.pop(name) for name in ("nvml_read_s", "nvml_read_max_s")}
+    assert metrics == {"peak_vram_nvml_bytes": float(300 << 20), "cuda_context_bytes": float(100 << 20)}
+    assert 0 <= timing["nvml_read_s"] <= timing["nvml_read_max_s"]
     monitor.check()
+
+
+def test_the_samplers_own_reading_time_is_reported(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A slow NVML reading is host (and driver) time beside the run's: its mean and slowest are reported. Readings
+    here: the context, the sampler's first, then the last on exit (an interval longer than the block)."""
+    slow_s = 0.05
+
+    class SlowSecondReading(FakeProbe):
+        def process_bytes(self) -> int:
+            self.calls = getattr(self, "calls", 0) + 1
+            if self.calls == 2:
+                time.sleep(slow_s)
+            return super().process_bytes()
+
+    monkeypatch.setattr(vram_mod, "default_probe", lambda device: SlowSecondReading(100 << 20))
+    with VramMonitor(torch.device("cpu"), cap_gib=4, interval_s=3600) as monitor:
+        pass
+    metrics = monitor.metrics()
+    assert metrics["nvml_read_max_s"] >= slow_s
+    # Two sampler readings, one of them slow: the mean is about half the slowest, not the slowest itself.
+    assert slow_s / 2 <= metrics["nvml_read_s"] < metrics["nvml_read_max_s"]
+
+
+def test_the_vram_section_configures_the_monitor(make_cfg) -> None:
+    cfg = make_cfg("vram.cap_gib=3", "vram.sample_interval_s=0.05", "vram.expandable_segments=false")
+    monitor = VramMonitor.from_config(torch.device("cpu"), cfg.vram)
+    assert (monitor.cap_bytes, monitor.interval_s, monitor.expandable_segments) == (3 * GIB, 0.05, False)
+    with pytest.raises(Exception, match=r"vram.sample_interval_s=0.0 is not valid: it must be > 0"):
+        make_cfg("vram.sample_interval_s=0")
 
 
 @pytest.mark.parametrize(("asked", "applied"), [

@@ -220,7 +220,7 @@ def stream_job(
     # 8B geometry's weights are drawn on the device, 3.2 GB at once for its embedding, and its first job's peak
     # read 4.00 GB (of the 4 GiB cap) against 3.03 GB for the same job once the checkpoint existed.
     ckpt_dir = ensure_checkpoint(cfg.model, outputs_dir)
-    with VramMonitor(device, cfg.vram.cap_gib, expandable_segments=cfg.vram.expandable_segments) as vram:
+    with VramMonitor.from_config(device, cfg.vram) as vram:
         streamer = build_streamer(cfg, outputs_dir, device, vram, ckpt_dir)
         own_links, plan = {}, None
         if cfg.probe.enabled:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import resource
 import threading
+import time
 from collections.abc import Callable
 from types import TracebackType
 
@@ -50,6 +51,8 @@ class PeakSampler:
     ``read`` returns bytes, or None when there is nothing to read yet (a reading left out). The first
     reading (on entry) is ``start_bytes``, and a last one is taken on exit, so even a block shorter than
     one interval has a peak. An exception from ``read`` in the thread stops sampling and is raised on exit.
+    Each reading's own time is kept too (``read_mean_s``, ``read_max_s``): a slow reading is time the
+    measured work may share its host, and on CUDA its driver, with.
     """
 
     def __init__(self, read: Callable[[], int | None], interval_s: float = 0.01, name: str = "peak-sampler") -> None:
@@ -61,6 +64,9 @@ class PeakSampler:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._error: Exception | None = None
+        self.reads = 0
+        self.read_total_s = 0.0
+        self.read_max_s = 0.0
 
     @property
     def peak_delta_bytes(self) -> int | None:
@@ -69,8 +75,22 @@ class PeakSampler:
             return None
         return self.peak_bytes - self.start_bytes
 
+    @property
+    def read_mean_s(self) -> float | None:
+        return self.read_total_s / self.reads if self.reads else None
+
+    def _timed_read(self) -> int | None:
+        t0 = time.perf_counter()
+        try:
+            return self.read()
+        finally:
+            elapsed = time.perf_counter() - t0
+            self.reads += 1
+            self.read_total_s += elapsed
+            self.read_max_s = max(self.read_max_s, elapsed)
+
     def sample(self) -> None:
-        value = self.read()
+        value = self._timed_read()
         if value is not None:
             self.peak_bytes = value if self.peak_bytes is None else max(self.peak_bytes, value)
 
@@ -85,7 +105,7 @@ class PeakSampler:
     def start(self) -> PeakSampler:
         if self._thread is not None:
             raise RuntimeError(f"{self.name} is already running")
-        self.start_bytes = self.peak_bytes = self.read()
+        self.start_bytes = self.peak_bytes = self._timed_read()
         self._stop.clear()
         self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
         self._thread.start()

@@ -110,6 +110,10 @@ class RunReport:
     peak_vram_reserved_bytes: float | None = figure()
     peak_vram_nvml_bytes: float | None = figure("peak VRAM (NVML)")
     cuda_context_bytes: float | None = figure()
+    # Host seconds one reading of the peak sampler took (mean, slowest): NVML's process list, every
+    # vram.sample_interval_s, on a thread beside the run's, and through the same driver as its launches.
+    nvml_read_s: float | None = figure()
+    nvml_read_max_s: float | None = figure()
     # The context, streaming's estimate from the geometry, the resident set and a draft: what the cap was held to
     vram_estimate_bytes: float | None = figure()
     # cudaMalloc calls after the first token, per token: whether streamed weights reuse device memory

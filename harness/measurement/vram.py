@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import os
 from types import TracebackType
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from accelerate import init_empty_weights
@@ -17,6 +17,9 @@ from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
 from harness.measurement.memory import PeakSampler
+
+if TYPE_CHECKING:
+    from harness.config import VramConfig
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +94,10 @@ class VramMonitor:
         self.probe: MemoryProbe | None = None
         self._sampler: PeakSampler | None = None
 
+    @classmethod
+    def from_config(cls, device: torch.device, cfg: VramConfig) -> VramMonitor:
+        return cls(device, cfg.cap_gib, cfg.sample_interval_s, expandable_segments=cfg.expandable_segments)
+
     @property
     def active(self) -> bool:
         return self.device.type == "cuda"
@@ -156,6 +163,9 @@ class VramMonitor:
             out["peak_vram_nvml_bytes"] = float(self.nvml_peak_bytes)
         if self.context_bytes is not None:
             out["cuda_context_bytes"] = float(self.context_bytes)
+        if self._sampler is not None and self._sampler.read_mean_s is not None:
+            out["nvml_read_s"] = self._sampler.read_mean_s
+            out["nvml_read_max_s"] = self._sampler.read_max_s
         return out
 
     def check(self) -> None:

@@ -47,7 +47,7 @@ def run_peer(
         cfg.workload.max_new_tokens, stop, use_cache=choices.get("kv_cache") != "none", workload=cfg.workload
     )
     clock = device_clock(device)
-    with VramMonitor(device, cfg.vram.cap_gib, expandable_segments=cfg.vram.expandable_segments) as vram:
+    with VramMonitor.from_config(device, cfg.vram) as vram:
         budget = None
         if vram.enforced:
             # What the weights may take: the cap, less the CUDA context, the KV cache at the full length
