@@ -32,6 +32,7 @@ from harness.job.comparisons import (
 from harness.job.plan import make_plan
 from harness.job.streamer import Streamer, build_streamer, eos_ids, generate
 from harness.measurement.environment import environment_tags
+from harness.measurement.hostload import HostLoad
 from harness.measurement.memory import peak_rss_bytes, reset_peak_rss
 from harness.measurement.metrics import aggregate, inter_token_latencies, token_metrics
 from harness.measurement.plots import plot_pass, plot_token_latency
@@ -240,8 +241,9 @@ def stream_job(
                     progress.advance(task)
                     allocs.token()
 
+                host = HostLoad()
                 gens.append(generate(streamer, cfg, on_token=on_token))
-                measured.append({**generation_metrics(streamer, gens[-1]), **allocs.metrics()})
+                measured.append({**generation_metrics(streamer, gens[-1]), **allocs.metrics(), **host.metrics()})
             if profile_to is not None:
                 progress.reset(task, total=cfg.workload.max_new_tokens, description="profile")
                 record(lambda: generate(streamer, cfg, on_token=lambda _: progress.advance(task)), device, profile_to)

@@ -120,6 +120,12 @@ class RunReport:
     device_allocs_per_token: float | None = figure()
     device_alloc_retries_per_token: float | None = figure()  # cached blocks all freed to fit one: a device wait
 
+    # --- the host while the generation ran: this process's CPU seconds per second (the prefetch worker's and the
+    # samplers' included), the hypervisor's steal, and the time the cgroup's CPU quota held the process back
+    process_cpu_share: float | None = figure()
+    host_steal_share: float | None = figure()
+    cpu_throttled_share: float | None = figure()
+
     # --- the physical floor: each link's time for a token's bytes, the slowest one, and how far the run is
     floor_s: float | None = figure("floor per token (slowest link)")
     floor_ratio: float | None = figure("per-token time / floor")

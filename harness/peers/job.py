@@ -19,6 +19,7 @@ from harness.job.comparisons import reference_metrics
 from harness.job.reference import generation_config, timed_generate
 from harness.job.run import Outcome
 from harness.job.streamer import batch_prompt_ids, check_context, eos_ids, load_model_config
+from harness.measurement.hostload import HostLoad
 from harness.measurement.memory import peak_rss_bytes
 from harness.measurement.metrics import aggregate, device_clock, token_metrics
 from harness.measurement.profile import record
@@ -67,9 +68,10 @@ def run_peer(
             for repeat in range(cfg.bench.warmup + cfg.bench.repeats):
                 progress.reset(task)
                 torch.manual_seed(cfg.workload.seed)
+                host = HostLoad()
                 run = timed_generate(model, prompts, gen_cfg, device, clock, on_token=lambda _: progress.advance(task))
                 if repeat >= cfg.bench.warmup:
-                    runs.append(run)
+                    runs.append((run, host.metrics()))
             if profile_to is not None:  # one generation more, in no metric (bench.profile)
                 progress.reset(task)
                 torch.manual_seed(cfg.workload.seed)
@@ -77,12 +79,14 @@ def run_peer(
         del model
         gc.collect()
     vram.check()
-    report = RunReport().add(aggregate([token_metrics(start_s, times, seqs) for seqs, start_s, times in runs]))
+    report = RunReport().add(
+        aggregate([{**token_metrics(start_s, times, seqs), **host} for (seqs, start_s, times), host in runs])
+    )
     report.prompt_tokens = float(len(prompts[0]))
     report.load_s = load_s
     report.add(vram.metrics())
     report.peak_rss_bytes = float(peak_rss_bytes())
-    sequences, _, times = runs[-1]
+    sequences, _, times = runs[-1][0]
     if cfg.reference.enabled:
         report.add(reference_metrics(
             ckpt_dir, stop, prompts, sequences, report.tpot_s, cfg.workload.max_new_tokens, device, clock,

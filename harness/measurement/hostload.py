@@ -1,0 +1,85 @@
+"""What the host did while a generation ran: this process's CPU use, the hypervisor's steal and the cgroup's
+CPU throttling, from the operating system's own counters (psutil, and the cgroup's cpu.stat).
+
+On a GPU the host issues every copy, decode and kernel: a host slowed by a CPU quota or by a busy hypervisor
+slows the token, and the compute's issue time (`compute_issue_s`) alone cannot say which. On an H100 the
+8B's 4-bit prefetch run swung 0.095-0.177 s a token from job to job, all of it in the compute's issue.
+Each figure is absent where its counter is (no cgroup CPU controller, say), never 0.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import psutil
+
+CGROUP = Path("/sys/fs/cgroup")
+# cgroup v2 counts the throttled time in microseconds; v1's cpu controller in nanoseconds.
+THROTTLED = (("cpu.stat", "throttled_usec", 1e-6), ("cpu/cpu.stat", "throttled_time", 1e-9))
+
+
+def throttled_s(cgroup: Path = CGROUP) -> float | None:
+    """Seconds this cgroup's tasks were held back by its CPU quota, since it began; None without a counter."""
+    for name, key, unit in THROTTLED:
+        try:
+            for line in (cgroup / name).read_text().splitlines():
+                name, _, value = line.partition(" ")
+                if name == key:
+                    return int(value) * unit
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+def cpu_quota_cores(cgroup: Path = CGROUP) -> float | None:
+    """The cores' worth of CPU time this cgroup may use (its CFS quota over its period); None without a quota."""
+    try:  # v2: "max 100000" (no quota) or "<quota> <period>"
+        quota, _, period = (cgroup / "cpu.max").read_text().partition(" ")
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        pass
+    try:  # v1: a quota of -1 is none
+        quota_us = int((cgroup / "cpu" / "cpu.cfs_quota_us").read_text())
+        period_us = int((cgroup / "cpu" / "cpu.cfs_period_us").read_text())
+    except (OSError, ValueError):
+        return None
+    return None if quota_us < 0 else quota_us / period_us
+
+
+def _steal_and_total() -> tuple[float, float]:
+    t = psutil.cpu_times()
+    # Linux counts guest time inside user and nice too: summing every field would count it twice.
+    total = sum(t) - getattr(t, "guest", 0.0) - getattr(t, "guest_nice", 0.0)
+    return getattr(t, "steal", 0.0), total
+
+
+class HostLoad:
+    """Counters read when made and again by `metrics()`: the generation in between is what they describe."""
+
+    def __init__(self, cgroup: Path = CGROUP) -> None:
+        self.cgroup = cgroup
+        self._wall = time.perf_counter()
+        self._cpu = self._process_cpu_s()
+        self._steal, self._total = _steal_and_total()
+        self._throttled = throttled_s(cgroup)
+
+    @staticmethod
+    def _process_cpu_s() -> float:
+        times = os.times()  # every thread of the process: the prefetch worker's and the samplers' too
+        return times.user + times.system
+
+    def metrics(self) -> dict[str, float]:
+        wall = time.perf_counter() - self._wall
+        out: dict[str, float] = {}
+        if wall > 0:
+            # 1.0: one core busy the whole time. A thread spinning in a device wait counts as busy.
+            out["process_cpu_share"] = (self._process_cpu_s() - self._cpu) / wall
+        steal, total = _steal_and_total()
+        if total > self._total:
+            out["host_steal_share"] = (steal - self._steal) / (total - self._total)
+        throttled = throttled_s(self.cgroup)
+        if throttled is not None and self._throttled is not None and wall > 0:
+            out["cpu_throttled_share"] = (throttled - self._throttled) / wall
+        return out

@@ -1,0 +1,84 @@
+"""The host's load over a generation: this process's CPU use, the hypervisor's steal, the cgroup's throttling."""
+
+from __future__ import annotations
+
+import time
+from collections import namedtuple
+from pathlib import Path
+
+import pytest
+
+import harness.measurement.hostload as hostload
+from harness.measurement.hostload import HostLoad, cpu_quota_cores, throttled_s
+
+# psutil's Linux fields: guest time is already inside user (and guest_nice inside nice).
+CpuTimes = namedtuple("CpuTimes", "user nice system idle iowait irq softirq steal guest guest_nice")
+
+
+def test_process_cpu_share_tells_a_busy_generation_from_a_waiting_one() -> None:
+    busy = HostLoad()
+    end = time.perf_counter() + 0.3
+    while time.perf_counter() < end:
+        pass
+    busy_share = busy.metrics()["process_cpu_share"]
+    waiting = HostLoad()
+    time.sleep(0.3)
+    waiting_share = waiting.metrics()["process_cpu_share"]
+    # One thread spinning: about one core (a shared 2-core machine may take some of it); sleeping: about none.
+    assert busy_share > 0.5 > waiting_share, (busy_share, waiting_share)
+
+
+def test_steal_is_its_share_of_the_machines_time_without_counting_guests_twice(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    readings = iter([
+        CpuTimes(100, 0, 50, 800, 0, 0, 0, 50, 30, 0),
+        # 100 s more in all: 60 user (of it 20 guest), 20 idle, 20 steal.
+        CpuTimes(160, 0, 50, 820, 0, 0, 0, 70, 50, 0),
+    ])
+    monkeypatch.setattr(hostload.psutil, "cpu_times", lambda: next(readings))
+    load = HostLoad(cgroup=Path("/nonexistent"))
+    assert load.metrics()["host_steal_share"] == pytest.approx(0.2)
+
+
+def write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+@pytest.mark.parametrize(("files", "quota"), [
+    # cgroup v2: microseconds, and a quota of two cores
+    ({"cpu.stat": "usage_usec 5\nthrottled_usec {t}\n", "cpu.max": "200000 100000\n"}, 2.0),
+    # cgroup v1's cpu controller: nanoseconds, and a quota of half a core
+    ({"cpu/cpu.stat": "nr_periods 3\nthrottled_time {t}\n", "cpu/cpu.cfs_quota_us": "50000\n",
+      "cpu/cpu.cfs_period_us": "100000\n"}, 0.5),
+])
+def test_throttling_and_the_quota_are_read_from_either_cgroup_version(
+    tmp_path: Path, files: dict[str, str], quota: float
+) -> None:
+    unit = 1e-6 if "cpu.max" in files else 1e-9
+
+    def counter(seconds: float) -> None:
+        for name, text in files.items():
+            write(tmp_path / name, text.format(t=round(seconds / unit)))
+
+    counter(1.0)
+    assert throttled_s(tmp_path) == pytest.approx(1.0)
+    assert cpu_quota_cores(tmp_path) == quota
+    load = HostLoad(cgroup=tmp_path)
+    time.sleep(0.2)
+    counter(1.1)  # held back 0.1 s of the window
+    share = load.metrics()["cpu_throttled_share"]
+    assert 0.1 / 0.4 < share <= 0.1 / 0.2, share
+
+
+def test_no_quota_and_no_counter_leave_the_figures_out(tmp_path: Path) -> None:
+    write(tmp_path / "cpu.max", "max 100000\n")
+    write(tmp_path / "cpu.stat", "usage_usec 5\n")  # v2 without the cpu controller's throttling
+    assert cpu_quota_cores(tmp_path) is None
+    assert throttled_s(tmp_path) is None
+    assert "cpu_throttled_share" not in HostLoad(cgroup=tmp_path).metrics()
+    write(tmp_path / "cpu" / "cpu.cfs_quota_us", "-1\n")
+    write(tmp_path / "cpu" / "cpu.cfs_period_us", "100000\n")
+    (tmp_path / "cpu.max").unlink()
+    assert cpu_quota_cores(tmp_path) is None
