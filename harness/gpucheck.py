@@ -6,9 +6,9 @@ omegaconf, antlr4-python3-runtime). MLflow may be absent: every run's report goe
 OUTDIR/gpucheck.json and the table to OUTDIR/gpucheck.md. Steps: the gpu-marked tests, a probe
 refresh, an untimed warm-up job on the tiny model, the 8B-geometry synthetic model generated on the
 GPU, cache=ram with compression none, 8bit and 4bit under the 4 GiB cap (prefetch off and on; 4bit
-also with residency=auto, with prefetch depth 2, with fixed allocator segments, and with NVML read every
-50 ms instead of 5), and 4bit cache=disk with a cold page cache (also with residency=auto), a few new
-tokens each. The prefetch runs
+also with residency=auto, with prefetch depth 2, with fixed allocator segments, with NVML read every
+50 ms instead of 5, and with the prefetch worker sleeping, not spinning, in its waits), and 4bit
+cache=disk with a cold page cache (also with residency=auto), a few new tokens each. The prefetch runs
 of 8bit and 4bit also leave a torch.profiler trace and their top ops in OUTDIR/profiles/; the probe step
 also times what a 4-bit layer's decode costs the prefetch worker with its copy in flight (`decode_waits`).
 """
@@ -19,6 +19,7 @@ import argparse
 import importlib.util
 import json
 import logging
+import os
 import re
 import shutil
 import subprocess
@@ -52,6 +53,9 @@ RUNS = (
     # they slow those launches (the 4-bit swing is in the compute).
     ("4bit, ram, prefetch, NVML every 50 ms",
      ["cache=ram", "compression=4bit", "prefetch=on", "vram.sample_interval_s=0.05"]),
+    # The prefetch worker spins on a core while it waits for the device (CUDA's default); here it sleeps instead.
+    ("4bit, ram, prefetch, blocking wait",
+     ["cache=ram", "compression=4bit", "prefetch=on", "prefetch.blocking_wait=true"]),
     ("4bit, disk, cold", ["cache=disk", "compression=4bit", "cache.page_cache=cold"]),
     # The residency headline: most of the 8B's 4-bit layers fit the 4 GiB cap beside streaming the rest.
     ("4bit, disk, cold, resident", ["cache=disk", "compression=4bit", "cache.page_cache=cold", "residency=auto"]),
@@ -83,7 +87,13 @@ COLUMNS = (
     ("load issue (host) / token", "load_issue_s"),
     ("NVML reading (mean)", "nvml_read_s"),
     ("NVML reading (slowest)", "nvml_read_max_s"),
+    # A host held back (a CPU quota, a busy hypervisor) issues slowly: the process's CPU use, steal and throttling.
+    ("host: CPU / steal / throttled", None),
 )
+SHARES = {
+    "read / h2d / decode / compute": [f"stage_{s}_share" for s in ("read", "h2d", "decode", "compute")],
+    "host: CPU / steal / throttled": ["process_cpu_share", "host_steal_share", "cpu_throttled_share"],
+}
 
 log = logging.getLogger("harness.gpucheck")
 
@@ -162,9 +172,9 @@ def table(results: dict[str, dict[str, Any]], header: str) -> str:
     for label, result in results.items():
         m = result.get("metrics", {})
         cells = []
-        for _, name in COLUMNS:
+        for column, name in COLUMNS:
             if name is None:
-                shares = [m.get(f"stage_{s}_share") for s in ("read", "h2d", "decode", "compute")]
+                shares = [m.get(share) for share in SHARES[column]]
                 cells.append(" / ".join(ABSENT if v is None else f"{v:.0%}" for v in shares))
             else:
                 cells.append(format_metric(name, m.get(name)))
@@ -189,6 +199,7 @@ def run_check(
     """Every step; writes gpucheck.json and gpucheck.md into `outdir` as it goes, so a timeout keeps what ran."""
     import torch
 
+    from harness.measurement.hostload import cpu_quota_cores
     from harness.probe.gains import decode_waits, untried_gains
     from harness.probe.store import load_or_measure
 
@@ -209,7 +220,10 @@ def run_check(
             for label, overrides in runs}
     configured = {label: composed(overrides) for label, overrides in full.items()}
     outdir.mkdir(parents=True, exist_ok=True)
-    summary: dict[str, Any] = {"device": device, "model": model, "torch": torch.__version__, "steps_s": {}}
+    summary: dict[str, Any] = {
+        "device": device, "model": model, "torch": torch.__version__, "steps_s": {},
+        "host": {"cpus": len(os.sched_getaffinity(0)), "cpu_quota_cores": cpu_quota_cores()},
+    }
     if device == "cuda":
         summary["gpu"] = torch.cuda.get_device_name(0)
 

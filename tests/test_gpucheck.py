@@ -90,6 +90,12 @@ def test_every_step_and_the_table_on_the_tiny_model(tmp_path: Path, outputs_dir:
     assert table.count("| FINISHED |") == len(gpucheck.RUNS)
     assert "| 4bit, disk, cold |" in table and "floor ratio" in table
     assert "peak VRAM" in table and "–" in table, "no VRAM on the CPU: absent, not 0"
+    # The host's load beside each run (the CPU share measured; throttling where the cgroup counts it), and its
+    # cores and quota once.
+    host_cell = table.splitlines()[4].split(" | ")[1 + [c for c, _ in gpucheck.COLUMNS].index(
+        "host: CPU / steal / throttled")]
+    assert host_cell.split(" / ")[0].endswith("%"), host_cell
+    assert summary["host"]["cpus"] >= 1 and "cpu_quota_cores" in summary["host"]
 
 
 def test_only_runs_in_the_order_asked_and_a_split_goes_once_no_later_run_reads_it(tmp_path: Path) -> None:
@@ -102,8 +108,8 @@ def test_only_runs_in_the_order_asked_and_a_split_goes_once_no_later_run_reads_i
     )
     assert list(summary["runs"]) == [
         "4bit, ram", "4bit, ram, prefetch", "4bit, ram, prefetch, resident", "4bit, ram, prefetch, depth 2",
-        "4bit, ram, prefetch, fixed segments", "4bit, ram, prefetch, NVML every 50 ms", "8bit, ram",
-        "8bit, ram, prefetch",
+        "4bit, ram, prefetch, fixed segments", "4bit, ram, prefetch, NVML every 50 ms",
+        "4bit, ram, prefetch, blocking wait", "8bit, ram", "8bit, ram, prefetch",
     ]
     assert all(r["status"] == "FINISHED" for r in summary["runs"].values())
     # Each split went after its last run; the one made before stays.

@@ -194,14 +194,16 @@ def test_decode_on_cuda_issues_its_kernels_without_waiting_for_the_device(cfg: C
     assert all(torch.equal(again[k], first[k]) for k in first)
 
 
-@pytest.mark.parametrize("depth", [1, 2, 3])
+@pytest.mark.parametrize(("depth", "blocking_wait"), [(1, False), (2, False), (3, False), (1, True)])
 def test_prefetch_on_cuda_starts_a_load_once_the_compute_depth_plus_one_back_is_done(
-    depth: int, monkeypatch: pytest.MonkeyPatch
+    depth: int, blocking_wait: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The CUDA branch's bookkeeping, run on the CPU with streams and events faked: which compute each load waits
-    for. (The gpu test below checks what that bound does to device memory.)"""
+    for, and whether it spins or sleeps there (prefetch.blocking_wait). (The gpu test below checks what that bound
+    does to device memory.)"""
     handed: list[str] = []  # units the consumer has issued compute for, in order
     waits: dict[str, str | None] = {}  # unit loaded -> the unit whose compute its load waited for
+    sleeps: list[bool] = []  # per wait: whether its event was made to block rather than spin
 
     class FakeStream:
         def wait_event(self, event: object) -> None:
@@ -212,6 +214,7 @@ def test_prefetch_on_cuda_starts_a_load_once_the_compute_depth_plus_one_back_is_
     class FakeEvent:
         def __init__(self, **kwargs: object) -> None:
             self.after: str | None = None
+            self.blocking = kwargs.get("blocking", False)  # torch.cuda.Event's own default
 
         def record(self, stream: object = None) -> None:
             if stream is compute:  # on the compute stream: marks the compute issued last
@@ -219,13 +222,14 @@ def test_prefetch_on_cuda_starts_a_load_once_the_compute_depth_plus_one_back_is_
 
         def synchronize(self) -> None:
             waits[loading.name] = self.after
+            sleeps.append(self.blocking)
 
     loading = threading.local()
     monkeypatch.setattr(torch.cuda, "Stream", lambda device: FakeStream())
     monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
     monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: compute)
-    prefetcher = PrefetchOn(PrefetchOnConfig(depth=depth), torch.device("cuda"))
+    prefetcher = PrefetchOn(PrefetchOnConfig(depth=depth, blocking_wait=blocking_wait), torch.device("cuda"))
     original = prefetcher._load
 
     def load(fetch, decode, name, freed=None):  # noqa: ANN001, ANN202 (PrefetchOn._load's own signature)
@@ -242,6 +246,7 @@ def test_prefetch_on_cuda_starts_a_load_once_the_compute_depth_plus_one_back_is_
             handed.append(layer.name)
         assert handed == names
         assert waits == {name: (names[i - depth - 1] if i > depth else None) for i, name in enumerate(names)}
+    assert sleeps and set(sleeps) == {blocking_wait}
 
 
 @pytest.mark.gpu

@@ -114,7 +114,7 @@ class PrefetchOn:
                 fill()  # the next `depth` worker loads now run while layer i computes
                 yield self._hand_over(layer, ready)
                 if ready is not None:
-                    computed[i] = torch.cuda.Event()
+                    computed[i] = torch.cuda.Event(blocking=self.cfg.blocking_wait)
                     computed[i].record(torch.cuda.current_stream(self.device))
         finally:
             for future in pending.values():  # a pass abandoned midway: nothing keeps loading for it
