@@ -21,6 +21,7 @@ import yaml
 from hydra.core.utils import JobReturn, JobStatus
 from omegaconf import OmegaConf
 
+from harness.measurement import environment
 from harness.measurement.environment import environment_tags
 from harness.tracking.client import RunTracker, default_tracking_uri, flatten
 from harness.tracking.sweep import MlflowSweepCallback, parent_run_id_for_job
@@ -167,6 +168,14 @@ def test_environment_tags(tmp_path: Path) -> None:
         assert value.lower() not in ("none", "null", "0"), key
     if "git.commit" in tags:
         assert tags["git.dirty"] in ("true", "false")
+
+
+@pytest.mark.parametrize(("quota", "tag"), [(1.5, "1.5"), (4.0, "4"), (None, None)])
+def test_a_cpu_quota_is_tagged_and_none_is_left_out(
+    monkeypatch: pytest.MonkeyPatch, quota: float | None, tag: str | None
+) -> None:
+    monkeypatch.setattr(environment, "cpu_quota_cores", lambda: quota)
+    assert environment.environment_tags().get("hw.cpu_quota_cores") == tag
 
 
 def test_parent_run_id_outside_hydra_is_none() -> None:

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import psutil
 
+from harness.measurement.hostload import cpu_quota_cores
+
 logger = logging.getLogger(__name__)
 
 _GIT_TIMEOUT_S = 0.5
@@ -82,6 +84,10 @@ def _cpu_tags() -> dict[str, str]:
         count = psutil.cpu_count()
     if count:
         tags["hw.cpu_count"] = str(count)
+    # A CFS quota caps the cores' worth of time, whatever the affinity allows: absent when there is none.
+    quota = cpu_quota_cores()
+    if quota is not None:
+        tags["hw.cpu_quota_cores"] = f"{quota:g}"
     return tags
 
 
