@@ -12,9 +12,11 @@ import torch
 from safetensors.torch import load_file
 from transformers import LlamaForCausalLM
 
+import harness.runner.pipeline as pipeline_mod
 import strategies.cache.files as files_mod
+import strategies.cache.ram as ram_mod
 from harness.job.streamer import build_streamer, generate
-from harness.runner.pipeline import packed_span, unpack
+from harness.runner.pipeline import PackedLayout, copy_to
 from strategies.cache.files import FileLayout, PinnedRing, make_resident, read_layer_file, read_packed
 
 
@@ -159,21 +161,69 @@ def test_a_packed_read_holds_the_files_tensors_in_one_buffer(make_cfg, compressi
             assert t.dtype == expected[key].dtype and torch.equal(t, expected[key]), f"{unit}: {key}"
             assert t.untyped_storage().data_ptr() == buffer.data_ptr(), f"{unit}: {key} is not a view of the slot"
         # What the pipeline copies to the device: the span, in one piece, and views of the copy.
-        host, starts = packed_span(packed)
-        assert host.numel() == file_layout.data_bytes
-        copy = host.clone()
-        moved = unpack(copy, packed, starts)
-        assert all(torch.equal(moved[k], expected[k]) for k in expected)
-        assert all(t.untyped_storage().data_ptr() == copy.data_ptr() for t in moved.values())
+        packing = PackedLayout.of(packed)
+        assert packing.span(packed).numel() == packing.nbytes == file_layout.data_bytes
+        moved = copy_to(packed, torch.device("cpu"), packing)
+        assert moved.keys() == expected.keys()
+        for key, t in moved.items():
+            assert t.dtype == expected[key].dtype and torch.equal(t, expected[key]), f"{unit}: {key}"
+        assert len({t.untyped_storage().data_ptr() for t in moved.values()}) == 1, "one buffer, one transfer"
+        assert next(iter(moved.values())).untyped_storage().data_ptr() != buffer.data_ptr(), "a copy, not the slot"
+        # The next pass reads the same file into another slot: the layout fits it, and its span is that slot's.
+        other = torch.zeros(file_layout.data_bytes + 64, dtype=torch.uint8)
+        again = read_packed(path, file_layout, other[64:])
+        assert packing.fits(again)
+        assert packing.span(again).data_ptr() == other.data_ptr() + 64 + file_layout.data_bytes - packing.nbytes
+        assert all(torch.equal(t, expected[k]) for k, t in copy_to(again, torch.device("cpu"), packing).items())
 
 
 def test_tensors_of_separate_buffers_are_not_taken_for_a_packed_layer() -> None:
     a, b = torch.ones(4), torch.zeros(4)
-    assert packed_span({"a": a, "b": b}) is None
+    assert PackedLayout.of({"a": a, "b": b}) is None
     buffer = torch.zeros(64, dtype=torch.uint8)
-    assert packed_span({"a": buffer[0:16].view(torch.float32), "b": buffer[17:19]}) is not None
+    packed = {"a": buffer[0:16].view(torch.float32), "b": buffer[17:19]}
+    assert PackedLayout.of(packed) is not None
     # A float32 view 19 bytes into the span would be misaligned in a copy of the span alone.
-    assert packed_span({"a": buffer[1:17], "b": buffer[20:28].view(torch.float32)}) is None
+    assert PackedLayout.of({"a": buffer[1:17], "b": buffer[20:28].view(torch.float32)}) is None
+    # A later read that is not laid out alike is not taken for one that is.
+    layout = PackedLayout.of(packed)
+    assert not layout.fits({"a": a, "b": b}), "separate buffers"
+    assert not layout.fits({"b": packed["b"], "a": packed["a"]}), "other order"
+    assert not layout.fits({"a": buffer[0:16].view(torch.float32), "b": buffer[18:20]}), "moved within the buffer"
+
+
+@pytest.mark.parametrize("cache", ["ram", "disk"])
+def test_layers_copied_as_on_cuda_generate_as_the_mapped_path(make_cfg, monkeypatch, cache: str) -> None:
+    """The device copy as CUDA makes it (one transfer of the packed span, viewed by the layout found at the unit's
+    first copy), made on the CPU: cache=ram holds each file packed in one buffer (pinned on CUDA), cache=disk reads
+    each pass into another of two staging slots, which the layout must follow. Tokens and logits are those of the
+    mapped path, which the reference matrix checks."""
+    cfg = make_cfg(f"cache={cache}", "compression=4bit", "prefetch=on", "workload.max_new_tokens=4",
+                   "workload.stop_at_eos=false")
+    mapped = generate(build_streamer(cfg, Path(cfg.paths.outputs), torch.device("cpu")), cfg, keep_logits=True)
+    streamer = build_streamer(cfg, Path(cfg.paths.outputs), torch.device("cpu"))
+    # What a CUDA device gets, but not pinned: pinning needs CUDA.
+    if cache == "disk":
+        streamer.pipeline.cache._ring = PinnedRing(2, torch.device("cpu"))
+    else:
+        def read_packed_unpinned(path: Path, page_cache: str, pin: bool = False) -> dict[str, torch.Tensor]:
+            layout = FileLayout.of(path)
+            return read_packed(path, layout, torch.empty(layout.data_bytes, dtype=torch.uint8))
+
+        monkeypatch.setattr(ram_mod, "read_layer_file", read_packed_unpinned)
+    copies: list[str] = []
+
+    def copy_always(stored, device, layout=None):  # noqa: ANN001, ANN202 (to_device's own signature)
+        copies.append("packed" if layout is not None else "per tensor")
+        return pipeline_mod.copy_to(stored, device, layout)
+
+    monkeypatch.setattr(pipeline_mod, "to_device", copy_always)
+    copied = generate(streamer, cfg, keep_logits=True)
+    assert copied.generated_ids == mapped.generated_ids
+    assert all(torch.equal(a, b) for a, b in zip(copied.logits, mapped.logits, strict=True))
+    assert "packed" in copies
+    layouts = streamer.pipeline._layouts
+    assert all(layouts[f"layers.{i:02d}"] is not None for i in range(streamer.config.num_hidden_layers))
 
 
 def test_the_ring_hands_out_its_slots_in_turn_and_grows_them() -> None:

@@ -28,7 +28,7 @@ from harness.split.layout import unit_of
 from strategies.compression.configs import Blockwise4bitConfig, Blockwise8bitConfig, CompressionConfig
 from strategies.layer import DeviceLayer
 from strategies.prefetch.configs import PrefetchOnConfig
-from strategies.prefetch.on import INLINE_BELOW_S, PrefetchOn
+from strategies.prefetch.on import INLINE_BELOW_S, PrefetchOn, _in_use_on
 
 NEW_TOKENS = 12
 PROMPT = "The history of computing began with"
@@ -247,6 +247,28 @@ def test_prefetch_on_cuda_starts_a_load_once_the_compute_depth_plus_one_back_is_
         assert handed == names
         assert waits == {name: (names[i - depth - 1] if i > depth else None) for i, name in enumerate(names)}
     assert sleeps and set(sleeps) == {blocking_wait}
+
+
+def test_a_layer_is_marked_in_use_on_a_stream_once_per_device_allocation() -> None:
+    """record_stream is per allocation (the allocator's block), so a packed layer's views need one call, not one
+    each: CUDA tensors faked, as the CPU has none."""
+    marked: list[int] = []
+
+    class FakeCudaTensor:
+        def __init__(self, block: int, is_cuda: bool = True) -> None:
+            self.block, self.is_cuda = block, is_cuda
+
+        def untyped_storage(self) -> object:
+            return type("Storage", (), {"data_ptr": lambda _: self.block})()
+
+        def record_stream(self, stream: object) -> None:
+            marked.append(self.block)
+
+    views = {f"packed.{i}": FakeCudaTensor(0x1000) for i in range(30)}  # a 4-bit layer's stored tensors
+    decoded = {f"w{i}": FakeCudaTensor(0x2000 + i) for i in range(7)}  # dequantized, each its own allocation
+    table = {"on_host": FakeCudaTensor(0x3000, is_cuda=False)}  # a table looked up on the host: never marked
+    _in_use_on(object(), DeviceLayer("layers.00", {**views, **decoded, **table}))
+    assert sorted(marked) == [0x1000, *(0x2000 + i for i in range(7))]
 
 
 @pytest.mark.gpu

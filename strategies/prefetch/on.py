@@ -123,7 +123,14 @@ class PrefetchOn:
 
 def _in_use_on(stream: torch.cuda.Stream, layer: DeviceLayer) -> None:
     """Mark `layer`'s device tensors as read on `stream`: they were allocated on another stream, and without
-    this the allocator could hand their memory to the next prefetch while `stream` still reads them."""
+    this the allocator could hand their memory to the next prefetch while `stream` still reads them.
+
+    Once per allocation, not per tensor: the allocator tracks blocks, and a packed layer's 30 tensors (4-bit) are
+    views of one. Each call is an op on the worker, whose Python shares the GIL with the compute's."""
+    marked: set[int] = set()
     for t in layer.weights.values():
         if t.is_cuda:  # not a table left on the host for its rows (the pipeline's `looks_up_on_host`)
-            t.record_stream(stream)
+            block = t.untyped_storage().data_ptr()
+            if block not in marked:
+                marked.add(block)
+                t.record_stream(stream)
