@@ -22,11 +22,11 @@ THROTTLED = (("cpu.stat", "throttled_usec", 1e-6), ("cpu/cpu.stat", "throttled_t
 
 def throttled_s(cgroup: Path = CGROUP) -> float | None:
     """Seconds this cgroup's tasks were held back by its CPU quota, since it began; None without a counter."""
-    for name, key, unit in THROTTLED:
+    for file, key, unit in THROTTLED:
         try:
-            for line in (cgroup / name).read_text().splitlines():
-                name, _, value = line.partition(" ")
-                if name == key:
+            for line in (cgroup / file).read_text().splitlines():
+                field, _, value = line.partition(" ")
+                if field == key:
                     return int(value) * unit
         except (OSError, ValueError):
             continue
