@@ -72,6 +72,7 @@ def test_every_step_and_the_table_on_the_tiny_model(tmp_path: Path, outputs_dir:
     summary = gpucheck.run_check(
         out, device="cpu", model="tiny", new_tokens=2, outputs=outputs_dir, tests=False, extra=[], probe_mib=16
     )
+    # The default runs, every one finished; the diagnostic A/Bs only when asked for (`--only`).
     assert {label: r["status"] for label, r in summary["runs"].items()} == dict.fromkeys(
         (label for label, _ in gpucheck.RUNS), "FINISHED"
     )
