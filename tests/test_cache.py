@@ -200,7 +200,9 @@ def test_layers_copied_as_on_cuda_generate_as_the_mapped_path(make_cfg, monkeypa
     mapped path, which the reference matrix checks."""
     cfg = make_cfg(f"cache={cache}", "compression=4bit", "prefetch=on", "workload.max_new_tokens=4",
                    "workload.stop_at_eos=false")
-    mapped = generate(build_streamer(cfg, Path(cfg.paths.outputs), torch.device("cpu")), cfg, keep_logits=True)
+    on_the_cpu = build_streamer(cfg, Path(cfg.paths.outputs), torch.device("cpu"))
+    mapped = generate(on_the_cpu, cfg, keep_logits=True)
+    assert on_the_cpu.pipeline._layouts == {}, "nothing is copied on the CPU: no layout is looked for"
     streamer = build_streamer(cfg, Path(cfg.paths.outputs), torch.device("cpu"))
     # What a CUDA device gets, but not pinned: pinning needs CUDA.
     if cache == "disk":
@@ -213,7 +215,8 @@ def test_layers_copied_as_on_cuda_generate_as_the_mapped_path(make_cfg, monkeypa
         monkeypatch.setattr(ram_mod, "read_layer_file", read_packed_unpinned)
     copies: list[str] = []
 
-    def copy_always(stored, device, layout=None):  # noqa: ANN001, ANN202 (to_device's own signature)
+    def copy_always(stored, device, layout_of):  # noqa: ANN001, ANN202 (to_device's own signature)
+        layout = layout_of(stored)
         copies.append("packed" if layout is not None else "per tensor")
         return pipeline_mod.copy_to(stored, device, layout)
 

@@ -6,8 +6,9 @@ and the runner knows nothing of any of them.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
@@ -99,17 +100,19 @@ class PackedLayout:
 
 
 def to_device(
-    stored: dict[str, torch.Tensor], device: torch.device, layout: PackedLayout | None = None
+    stored: dict[str, torch.Tensor],
+    device: torch.device,
+    layout_of: Callable[[dict[str, torch.Tensor]], PackedLayout | None] = PackedLayout.of,
 ) -> dict[str, torch.Tensor]:
     """A unit's host tensors on `device`, asynchronously where the host memory is pinned.
 
-    A packed layer (`layout`, its `PackedLayout`) moves in one copy and comes back as views of one device buffer:
-    one transfer per layer instead of one per tensor (a 4-bit layer has 30). Already on `device` (the CPU computing
-    on mapped files): as is.
+    A packed layer (one whose `layout_of` is a `PackedLayout`) moves in one copy and comes back as views of one
+    device buffer: one transfer per layer instead of one per tensor (a 4-bit layer has 30). Already on `device`
+    (the CPU computing on mapped files): as is, its layout never looked for.
     """
     if all(t.device == device for t in stored.values()):
         return dict(stored)
-    return copy_to(stored, device, layout)
+    return copy_to(stored, device, layout_of(stored))
 
 
 def copy_to(
@@ -209,7 +212,7 @@ class LayerPipeline:
             # A new dict, as above: the cache keeps these tensors.
             return DeviceLayer(name, dict(stored), stamps={"read": (r0, r1)}, bytes={"read": read})
         h0 = clock.device()
-        on_device = to_device(stored, self.device, self._layout(name, stored))
+        on_device = to_device(stored, self.device, partial(self._layout, name))
         h1 = clock.device()
         moved = sum(t.nbytes for t in stored.values() if t.device != self.device)
         stamps = {"read": (r0, r1), "h2d": (h0, h1)}
