@@ -94,6 +94,8 @@ COLUMNS = (
     ("NVML reading (slowest)", "nvml_read_max_s"),
     # A host held back (a CPU quota, a busy hypervisor) issues slowly: the process's CPU use, steal and throttling.
     ("host: CPU / steal / throttled", None),
+    # The host's own speed: a fixed Python loop timed at each token (a slowed vCPU shows here, not as steal).
+    ("host loop", "host_loop_s"),
 )
 SHARES = {
     "read / h2d / decode / compute": [f"stage_{s}_share" for s in ("read", "h2d", "decode", "compute")],

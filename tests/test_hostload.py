@@ -82,3 +82,14 @@ def test_no_quota_and_no_counter_leave_the_figures_out(tmp_path: Path) -> None:
     write(tmp_path / "cpu" / "cpu.cfs_period_us", "100000\n")
     (tmp_path / "cpu.max").unlink()
     assert cpu_quota_cores(tmp_path) is None
+
+
+def test_the_loop_timed_at_each_token_gives_its_median(monkeypatch: pytest.MonkeyPatch) -> None:
+    load = HostLoad()
+    assert "host_loop_s" not in load.metrics(), "no token, no reading"
+    readings = iter([1e-5, 9e-5, 2e-5])  # one token's loop slowed by a neighbour: the median keeps the usual speed
+    monkeypatch.setattr(hostload, "loop_s", lambda: next(readings))
+    for _ in range(3):
+        load.token()
+    assert load.metrics()["host_loop_s"] == 2e-5
+

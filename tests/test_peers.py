@@ -165,6 +165,7 @@ def test_peers_preset_is_one_sweep_and_the_report_puts_each_runner_beside_layerb
         assert {"tpot_s", "ttft_s", "peak_rss_bytes", "agreement_vs_transformers"} <= set(run.data.metrics)
         # Every runner's host load is measured alike: what its generation asked of the CPU beside its latency.
         assert run.data.metrics["process_cpu_share"] > 0 and "host_steal_share" in run.data.metrics
+        assert run.data.metrics["host_loop_s"] > 0
         assert run.data.metrics["new_tokens"] == 3 and run.data.metrics["tpot_s"] > 0
         if run.data.params["runner"] != "airllm":
             assert run.data.metrics["agreement_vs_transformers"] == 1.0

@@ -235,13 +235,13 @@ def stream_job(
             gens, measured = [], []
             for repeat in range(cfg.bench.repeats):
                 progress.reset(task, total=cfg.workload.max_new_tokens, description=f"generate {repeat + 1}")
-                allocs = DeviceAllocs(device)
+                allocs, host = DeviceAllocs(device), HostLoad()
 
-                def on_token(_: int, allocs: DeviceAllocs = allocs) -> None:
+                def on_token(_: int, allocs: DeviceAllocs = allocs, host: HostLoad = host) -> None:
                     progress.advance(task)
                     allocs.token()
+                    host.token()
 
-                host = HostLoad()
                 gens.append(generate(streamer, cfg, on_token=on_token))
                 measured.append({**generation_metrics(streamer, gens[-1]), **allocs.metrics(), **host.metrics()})
             if profile_to is not None:

@@ -1,5 +1,6 @@
 """What the host did while a generation ran: this process's CPU use, the hypervisor's steal and the cgroup's
-CPU throttling, from the operating system's own counters (psutil, and the cgroup's cpu.stat).
+CPU throttling, from the operating system's own counters (psutil, and the cgroup's cpu.stat), and how fast
+its CPU ran this process's Python, timed at each new token.
 
 On a GPU the host issues every copy, decode and kernel: a host slowed by a CPU quota or by a busy hypervisor
 slows the token, and the compute's issue time (`compute_issue_s`) alone cannot say which. On an H100 the
@@ -10,6 +11,7 @@ Each figure is absent where its counter is (no cgroup CPU controller, say), neve
 from __future__ import annotations
 
 import os
+import statistics
 import time
 from pathlib import Path
 
@@ -48,6 +50,21 @@ def cpu_quota_cores(cgroup: Path = CGROUP) -> float | None:
     return None if quota_us < 0 else quota_us / period_us
 
 
+# A fixed pure-Python loop: 16-40 us on this project's 2-core machine, about 1% of the tiny model's per-token time
+# at most and far less of a real model's (it runs between tokens, inside the timed span).
+LOOP_ITERATIONS = 1000
+
+
+def loop_s() -> float:
+    """Seconds the fixed loop took: a vCPU slowed by its neighbours (a busy sibling core, the host's clocks) shows
+    here though it steals nothing. On this machine, SmolLM2 from RAM, seven jobs in one process, three generations
+    each: those whose median loop took 24-26 us ran at 44-51 ms a token, those at 34-42 us at 55-72 ms, with the
+    same code and options throughout."""
+    t0 = time.perf_counter()
+    sum(range(LOOP_ITERATIONS))
+    return time.perf_counter() - t0
+
+
 def _steal_and_total() -> tuple[float, float]:
     t = psutil.cpu_times()
     # Linux counts guest time inside user and nice too: summing every field would count it twice.
@@ -64,6 +81,11 @@ class HostLoad:
         self._cpu = self._process_cpu_s()
         self._steal, self._total = _steal_and_total()
         self._throttled = throttled_s(cgroup)
+        self._loops: list[float] = []
+
+    def token(self) -> None:
+        """At each new token: the fixed loop's time."""
+        self._loops.append(loop_s())
 
     @staticmethod
     def _process_cpu_s() -> float:
@@ -82,4 +104,6 @@ class HostLoad:
         throttled = throttled_s(self.cgroup)
         if throttled is not None and self._throttled is not None and wall > 0:
             out["cpu_throttled_share"] = (throttled - self._throttled) / wall
+        if self._loops:
+            out["host_loop_s"] = statistics.median(self._loops)
         return out

@@ -125,6 +125,9 @@ class RunReport:
     process_cpu_share: float | None = figure()
     host_steal_share: float | None = figure()
     cpu_throttled_share: float | None = figure()
+    # A fixed pure-Python loop timed at each new token (median): the host's speed for this process's own work, which
+    # a vCPU slowed by its neighbours loses without any steal to show for it.
+    host_loop_s: float | None = figure()
 
     # --- the physical floor: each link's time for a token's bytes, the slowest one, and how far the run is
     floor_s: float | None = figure("floor per token (slowest link)")

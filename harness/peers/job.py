@@ -69,7 +69,12 @@ def run_peer(
                 progress.reset(task)
                 torch.manual_seed(cfg.workload.seed)
                 host = HostLoad()
-                run = timed_generate(model, prompts, gen_cfg, device, clock, on_token=lambda _: progress.advance(task))
+
+                def on_token(_: int, host: HostLoad = host) -> None:
+                    progress.advance(task)
+                    host.token()
+
+                run = timed_generate(model, prompts, gen_cfg, device, clock, on_token=on_token)
                 if repeat >= cfg.bench.warmup:
                     runs.append((run, host.metrics()))
             if profile_to is not None:  # one generation more, in no metric (bench.profile)
