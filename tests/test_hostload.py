@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 import harness.measurement.hostload as hostload
-from harness.measurement.hostload import HostLoad, cpu_quota_cores, throttled_s
+from harness.measurement.hostload import HostLoad, cpu_quota_cores, speed_warning, throttled_s
 
 # psutil's Linux fields: guest time is already inside user (and guest_nice inside nice).
 CpuTimes = namedtuple("CpuTimes", "user nice system idle iowait irq softirq steal guest guest_nice")
@@ -93,3 +93,34 @@ def test_the_loop_timed_at_each_token_gives_its_median(monkeypatch: pytest.Monke
         load.token()
     assert load.metrics()["host_loop_s"] == 2e-5
 
+
+
+def test_a_host_speed_change_between_the_run_and_its_reference_is_named() -> None:
+    assert speed_warning(30e-6, 27e-6) is None, "within the tolerance"
+    assert speed_warning(None, 27e-6) is None and speed_warning(30e-6, None) is None, "nothing to compare"
+    warning = speed_warning(36e-6, 24e-6)
+    assert "0.67x the speed" in warning and "36 us against 24 us" in warning and "tpot_ratio_vs_reference" in warning
+
+
+def test_a_job_whose_host_slowed_against_its_reference_is_tagged(make_cfg, tmp_path: Path, monkeypatch) -> None:
+    """The run's generations on a host at half the speed of the reference's (the fixed loop faked on each side):
+    the same-job ratio is tagged as skewed, with both loops' times."""
+    from mlflow import MlflowClient
+
+    import harness.job.reference as reference_mod
+    from harness.job.run import run_job
+
+    class FastHost(HostLoad):
+        def token(self) -> None:
+            self._loops.append(20e-6)
+
+    monkeypatch.setattr(hostload, "loop_s", lambda: 40e-6)
+    monkeypatch.setattr(reference_mod, "HostLoad", FastHost)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    cfg = make_cfg("reference.enabled=true", "tracking.enabled=true", f"tracking.uri={uri}",
+                   "workload.max_new_tokens=3")
+    report = run_job(cfg, {}, choices={}, overrides=[])
+    assert (report.host_loop_s, report.reference_host_loop_s) == (40e-6, 20e-6)
+    client = MlflowClient(tracking_uri=uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("layerbench").experiment_id])
+    assert "0.50x the speed" in run.data.tags["warning.host_speed"]

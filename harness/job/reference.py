@@ -15,6 +15,7 @@ from transformers import GenerationConfig, LlamaForCausalLM
 from transformers.generation.streamers import BaseStreamer
 
 from harness.config import WorkloadConfig
+from harness.measurement.hostload import HostLoad
 from harness.measurement.metrics import Clock, aggregate, token_metrics
 
 
@@ -101,9 +102,11 @@ def time_transformers_generate(
     timed_generate(model, prompts, generation_config(2, []), device, clock)
     measured = []
     for _ in range(repeats):
+        host = HostLoad()  # the loop timed at each token, as in the run's own generations
         sequences, start, times = timed_generate(
-            model, prompts, generation_config(max_new_tokens, eos_token_ids), device, clock
+            model, prompts, generation_config(max_new_tokens, eos_token_ids), device, clock,
+            on_token=lambda _, host=host: host.token(),
         )
-        measured.append(token_metrics(start, times))
+        measured.append({**token_metrics(start, times), "host_loop_s": host.metrics()["host_loop_s"]})
     del model
     return sequences, {f"reference_{k}": v for k, v in aggregate(measured).items()}

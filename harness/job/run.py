@@ -32,7 +32,7 @@ from harness.job.comparisons import (
 from harness.job.plan import make_plan
 from harness.job.streamer import Streamer, build_streamer, eos_ids, generate
 from harness.measurement.environment import environment_tags
-from harness.measurement.hostload import HostLoad
+from harness.measurement.hostload import HostLoad, speed_warning
 from harness.measurement.memory import peak_rss_bytes, reset_peak_rss
 from harness.measurement.metrics import aggregate, inter_token_latencies, token_metrics
 from harness.measurement.plots import plot_pass, plot_token_latency
@@ -344,6 +344,9 @@ def log_run(tracker: Tracker, resolved: Mapping[str, Any], outcome: Outcome, lab
             "of the uncompressed checkpoint"
         )
         log.warning(tags["warning.agreement"])
+    if skew := speed_warning(report.host_loop_s, report.reference_host_loop_s):
+        tags["warning.host_speed"] = skew
+        log.warning(skew)
     tracker.set_tags(tags)
     with tempfile.TemporaryDirectory() as tmp:
         # Titled with the run's label: side by side in MLflow's compare view, plots name their run.

@@ -65,6 +65,22 @@ def loop_s() -> float:
     return time.perf_counter() - t0
 
 
+# Above this, a job's generations and transformers' reference ran on a host of different speeds (the fast and slow
+# states of this machine differ by about 1.5x; the median of ten loops varies by a few percent within one).
+HOST_SPEED_TOLERANCE = 0.2
+
+
+def speed_warning(loop: float | None, reference_loop: float | None) -> str | None:
+    """Why a same-job ratio to the reference is not to be trusted, when the host's speed changed between them."""
+    if not loop or not reference_loop or abs(loop / reference_loop - 1) <= HOST_SPEED_TOLERANCE:
+        return None
+    return (
+        f"the host ran this job's generations at {reference_loop / loop:.2f}x the speed it ran transformers' "
+        f"reference at (a fixed loop: {loop * 1e6:.0f} us against {reference_loop * 1e6:.0f} us): "
+        "tpot_ratio_vs_reference is skewed by the machine, not the code"
+    )
+
+
 def _steal_and_total() -> tuple[float, float]:
     t = psutil.cpu_times()
     # Linux counts guest time inside user and nice too: summing every field would count it twice.

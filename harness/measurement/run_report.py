@@ -149,6 +149,8 @@ class RunReport:
     reference_decode_tokens_per_s: float | None = figure()
     reference_new_tokens: float | None = figure()
     reference_tokens_match: float | None = figure()
+    # The fixed loop during the reference's generations: beside host_loop_s, whether the host ran both at one speed.
+    reference_host_loop_s: float | None = figure()
     # Greedy tokens equal to transformers' on the uncompressed checkpoint, position by position (1.0: all).
     agreement_vs_transformers: float | None = figure("tokens agreeing with transformers")
     tpot_ratio_vs_reference: float | None = figure("per-token time vs transformers")
