@@ -175,6 +175,11 @@ def test_a_packed_read_holds_the_files_tensors_in_one_buffer(make_cfg, compressi
         assert packing.fits(again)
         assert packing.span(again).data_ptr() == other.data_ptr() + 64 + file_layout.data_bytes - packing.nbytes
         assert all(torch.equal(t, expected[k]) for k, t in copy_to(again, torch.device("cpu"), packing).items())
+        # A copy that does not start its buffer (8 bytes in: aligned for every dtype) is viewed where it lies.
+        larger = torch.zeros(packing.copy_size() + 8, dtype=torch.uint8)
+        larger[8 : 8 + packing.nbytes] = packing.span(again)
+        inside = packing.views_of(larger[8:])
+        assert all(torch.equal(inside[k], expected[k]) for k in expected), f"{unit}: viewed from the buffer's start"
 
 
 def test_tensors_of_separate_buffers_are_not_taken_for_a_packed_layer() -> None:

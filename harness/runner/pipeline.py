@@ -95,8 +95,15 @@ class PackedLayout:
 
     def views_of(self, buffer: torch.Tensor) -> dict[str, torch.Tensor]:
         """The tensors as views of `buffer`, a uint8 copy of the span `copy_size()` long."""
-        typed = {dtype: buffer.view(dtype) for dtype in self.dtypes}
-        return {key: typed[dtype].as_strided(shape, stride, offset) for key, dtype, offset, shape, stride in self.views}
+        # as_strided counts its offset from the storage's start, not the view's: where `buffer` starts is added.
+        typed = {}
+        for dtype in self.dtypes:
+            view = buffer.view(dtype)
+            typed[dtype] = (view, view.storage_offset())
+        return {
+            key: typed[dtype][0].as_strided(shape, stride, typed[dtype][1] + offset)
+            for key, dtype, offset, shape, stride in self.views
+        }
 
 
 def to_device(
