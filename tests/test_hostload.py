@@ -1,4 +1,5 @@
-"""The host's load over a generation: this process's CPU use, the hypervisor's steal, the cgroup's throttling."""
+"""The host's load over a generation: this process's CPU use, the hypervisor's steal, the cgroup's throttling, and
+the host's own speed (a fixed loop timed at each token) beside transformers' reference."""
 
 from __future__ import annotations
 
@@ -92,7 +93,6 @@ def test_the_loop_timed_at_each_token_gives_its_median(monkeypatch: pytest.Monke
     for _ in range(3):
         load.token()
     assert load.metrics()["host_loop_s"] == 2e-5
-
 
 
 def test_a_host_speed_change_between_the_run_and_its_reference_is_named() -> None:

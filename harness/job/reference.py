@@ -107,6 +107,7 @@ def time_transformers_generate(
             model, prompts, generation_config(max_new_tokens, eos_token_ids), device, clock,
             on_token=lambda _, host=host: host.token(),
         )
-        measured.append({**token_metrics(start, times), "host_loop_s": host.metrics()["host_loop_s"]})
+        loop = host.metrics().get("host_loop_s")  # absent only for a generation of no token
+        measured.append({**token_metrics(start, times), **({} if loop is None else {"host_loop_s": loop})})
     del model
     return sequences, {f"reference_{k}": v for k, v in aggregate(measured).items()}
