@@ -189,9 +189,15 @@ class RunnerConfig:
     # In a sweep: a runner whose optional extra is not installed, or that cannot run the chosen strategy
     # options, is skipped with a message instead of failing the sweep (conf/experiment/peers.yaml sets it).
     skip_unavailable: bool = False
+    # layerbench on CUDA: each decoder layer's one-token step replayed as a CUDA graph, on transformers' StaticCache
+    # (harness/runner/graphs.py). Costs one more decoded layer of device memory; captured at the first decode pass,
+    # so measure with bench.warmup >= 1.
+    cuda_graph: bool = False
 
     def __post_init__(self) -> None:
         check_choice("runner.name", self.name, RUNNERS)
+        if self.cuda_graph and self.name != "layerbench":
+            raise ValueError(f"runner.cuda_graph=true is layerbench's: runner={self.name} has no such option")
 
 
 @dataclass
@@ -252,6 +258,11 @@ class Config:
             )
         if self.decoding.name == "speculative" and self.workload.batch_size > 1:
             raise ValueError("decoding=speculative decodes one sequence: it needs workload.batch_size=1")
+        if self.runner.cuda_graph and (self.kv_cache.name != "device" or self.decoding.name != "greedy"):
+            raise ValueError(
+                "runner.cuda_graph=true replays one-token steps on a static cache on the device: it needs kv_cache="
+                f"device and decoding=greedy (got kv_cache={self.kv_cache.name}, decoding={self.decoding.name})"
+            )
 
     def uncompressed(self) -> Config:
         """The same model and workload with the weights as the checkpoint stores them, streamed the

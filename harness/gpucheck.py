@@ -8,8 +8,9 @@ refresh, an untimed warm-up job on the tiny model, the 8B-geometry synthetic mod
 GPU, cache=ram with compression none, 8bit and 4bit under the 4 GiB cap (prefetch off and on; 4bit
 also with residency=auto), and 4bit cache=disk with a cold page cache (also with residency=auto), a
 few new tokens each. `--only` also reaches the diagnostic runs, 4-bit from RAM with prefetch varied one
-way each: prefetch depth 2, fixed allocator segments, NVML read every 50 ms instead of 5, and the
-prefetch worker sleeping, not spinning, in its waits. The prefetch runs
+way each: prefetch depth 2, fixed allocator segments, NVML read every 50 ms instead of 5, the
+prefetch worker sleeping, not spinning, in its waits, and each decoder layer's decode step as a CUDA
+graph (runner.cuda_graph). The prefetch runs
 of 8bit and 4bit also leave a torch.profiler trace and their top ops in OUTDIR/profiles/; the probe step
 also times what a 4-bit layer's decode costs the prefetch worker with its copy in flight (`decode_waits`).
 """
@@ -64,6 +65,10 @@ DIAGNOSTIC_RUNS = (
     # The prefetch worker spins on a core while it waits for the device (CUDA's default); here it sleeps instead.
     ("4bit, ram, prefetch, blocking wait",
      ["cache=ram", "compression=4bit", "prefetch=on", "prefetch.blocking_wait=true"]),
+    # Each decoder layer's one-token step as a CUDA graph: one launch for its 55 eager ops. Captured at the first
+    # decode pass, so after a warm-up generation (the graphs and the static cache outlive it).
+    ("4bit, ram, prefetch, cuda graph",
+     ["cache=ram", "compression=4bit", "prefetch=on", "runner.cuda_graph=true", "bench.warmup=1"]),
 )
 # Runs that also leave a torch.profiler trace and their top ops (bench.profile) in OUTDIR/profiles/<run>: why
 # copies, decodes and compute overlap no better with prefetch on is the open question.
@@ -82,6 +87,7 @@ COLUMNS = (
     ("cudaMalloc / token", "device_allocs_per_token"),
     ("alloc retries / token", "device_alloc_retries_per_token"),
     ("layers resident", "resident_layers"),
+    ("layers as CUDA graphs", "graph_layers"),
     ("predicted (plan)", "plan_predicted_s"),
     ("read / h2d / decode / compute", None),
     # The 4-bit prefetch run's per token swung 0.095-0.177 s from job to job on an H100, all of it in compute,
@@ -119,7 +125,7 @@ def install_missing(wheels: Path) -> list[str]:
 def run_gpu_tests(timeout_s: int = 180) -> str:
     """The gpu-marked tests; returns pytest's closing line."""
     cmd = [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider",
-           "tests/test_probe.py", "tests/test_strategies.py", "tests/test_profile.py"]
+           "tests/test_probe.py", "tests/test_strategies.py", "tests/test_profile.py", "tests/test_graphs.py"]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout_s)
     lines = [line for line in done.stdout.splitlines() if line.strip()]
     print(done.stdout[-4000:])

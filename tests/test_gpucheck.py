@@ -110,8 +110,10 @@ def test_only_runs_in_the_order_asked_and_a_split_goes_once_no_later_run_reads_i
     assert list(summary["runs"]) == [
         "4bit, ram", "4bit, ram, prefetch", "4bit, ram, prefetch, resident", "4bit, ram, prefetch, depth 2",
         "4bit, ram, prefetch, fixed segments", "4bit, ram, prefetch, NVML every 50 ms",
-        "4bit, ram, prefetch, blocking wait", "8bit, ram", "8bit, ram, prefetch",
+        "4bit, ram, prefetch, blocking wait", "4bit, ram, prefetch, cuda graph", "8bit, ram", "8bit, ram, prefetch",
     ]
+    graph = summary["runs"].pop("4bit, ram, prefetch, cuda graph")  # CUDA graphs need CUDA: refused, and said why
+    assert graph["status"] == "FAILED" and "runner.cuda_graph=true needs a CUDA device" in graph["reason"]
     assert all(r["status"] == "FINISHED" for r in summary["runs"].values())
     # Each split went after its last run; the one made before stays.
     assert {p.name for p in (outputs / "splits").glob("*/*")} == {"none"}

@@ -220,6 +220,8 @@ def stream_job(
     # Before the cap and the peaks: building a generated checkpoint is no part of the run. On the GPU machine the
     # 8B geometry's weights are drawn on the device, 3.2 GB at once for its embedding, and its first job's peak
     # read 4.00 GB (of the 4 GiB cap) against 3.03 GB for the same job once the checkpoint existed.
+    if cfg.runner.cuda_graph and device.type != "cuda":
+        raise ValueError(f"runner.cuda_graph=true needs a CUDA device: this run's is {device} (device={cfg.device})")
     ckpt_dir = ensure_checkpoint(cfg.model, outputs_dir)
     with VramMonitor.from_config(device, cfg.vram) as vram:
         streamer = build_streamer(cfg, outputs_dir, device, vram, ckpt_dir)
@@ -292,6 +294,10 @@ def stream_job(
     })
     if streamer.residency.units:
         tags["residency.units"] = " ".join(streamer.residency.units)
+    if (graphs := streamer.runner.graphs) is not None:
+        report.graph_layers = float(len(graphs.graphs))
+        if graphs.failed is not None:
+            tags["warning.cuda_graph"] = graphs.failed
     if report.floor_s is not None:
         tags["floor.limiting"] = max(LINKS, key=lambda link: getattr(report, f"floor_{link}_s"))
     residual = report.crosscheck_residual

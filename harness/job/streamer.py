@@ -23,6 +23,7 @@ from harness.config import Config, WorkloadConfig
 from harness.measurement.metrics import device_clock
 from harness.measurement.timeline import StageClock
 from harness.measurement.vram import GIB, VramMonitor, check_fits, estimate_need_bytes
+from harness.runner.graphs import DecodeGraphs
 from harness.runner.pipeline import LayerPipeline
 from harness.runner.speculative import speculative_generate
 from harness.runner.streaming import Generation, LayerStreamingRunner, Sampler
@@ -189,6 +190,7 @@ def build_streamer(
         kv_layers=kv_policy.layers_on_device(config.num_hidden_layers),
         max_seq=longest + cfg.workload.max_new_tokens,
         batch=cfg.workload.batch_size,
+        static_layers=int(cfg.runner.cuda_graph),
     )
     context_bytes = (vram.context_bytes or 0) if vram is not None else 0
     if vram is not None and vram.enforced:
@@ -221,7 +223,8 @@ def build_streamer(
     start = time.perf_counter()
     resident_bytes = pipeline.keep_resident(layout, resident)
     resident_load_s = time.perf_counter() - start
-    runner = LayerStreamingRunner(config, units, pipeline, kv_policy, device, device_clock(device), stages)
+    graphs = DecodeGraphs() if cfg.runner.cuda_graph else None
+    runner = LayerStreamingRunner(config, units, pipeline, kv_policy, device, device_clock(device), stages, graphs)
     # What stays and what streams is the plan's to say (harness.job.plan), with the bytes and time it predicts.
     plan = ResidencyPlan(resident, resident_bytes, resident_load_s, residency.active)
     planned = context_bytes + need["total"] + (draft.bytes if draft is not None else 0) + resident_bytes

@@ -72,6 +72,10 @@ class RunReport:
     crosscheck_residual: float | None = figure()
     overlap_efficiency: float | None = figure()
 
+    # runner.cuda_graph: decoder layers replayed as CUDA graphs at the run's end; 0 when a capture failed (the
+    # reason in the warning.cuda_graph tag), the run then eager throughout
+    graph_layers: float | None = figure("decoder layers replayed as CUDA graphs")
+
     # --- the split
     split_s: float | None = figure("split")
     split_files_written: float | None = figure()

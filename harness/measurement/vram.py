@@ -215,20 +215,28 @@ class DeviceAllocs:
 
 
 def estimate_need_bytes(
-    config: LlamaConfig, *, stored_fraction: float, layers_ahead: int, kv_layers: int, max_seq: int, batch: int = 1
+    config: LlamaConfig,
+    *,
+    stored_fraction: float,
+    layers_ahead: int,
+    kv_layers: int,
+    max_seq: int,
+    batch: int = 1,
+    static_layers: int = 0,
 ) -> dict[str, int]:
     """What a run must hold on the device at once, from the geometry alone (before anything is loaded).
 
     Weights: the largest unit decoded, once for the layer computing and once per layer loaded ahead
     (`layers_ahead`, the prefetcher's), plus its stored (encoded) form while it decodes
-    (`stored_fraction`, the codec's). KV: `kv_layers` layers' keys and values (the KV policy's) at
+    (`stored_fraction`, the codec's), plus `static_layers` decoder layers held throughout (the decode graphs'
+    static copy, runner.cuda_graph). KV: `kv_layers` layers' keys and values (the KV policy's) at
     the longest sequence. Activations: a few hidden-state copies and the MLP's intermediate over the
     sequence, plus fp32 logits; KV and activations once per sequence of the batch.
     """
     dtype = model_dtype(config)
     layer_bytes = decoder_layer_bytes(config)
     largest = max(layer_bytes, config.vocab_size * config.hidden_size * dtype.itemsize)
-    weights = int(largest * (1 + layers_ahead) + largest * stored_fraction)
+    weights = int(largest * (1 + layers_ahead) + largest * stored_fraction) + static_layers * layer_bytes
     kv = 2 * kv_layers * config.num_key_value_heads * config.head_dim * max_seq * dtype.itemsize * batch
     activations = (6 * config.hidden_size + 2 * config.intermediate_size) * max_seq * dtype.itemsize * batch
     activations += config.vocab_size * 4 * batch

@@ -26,6 +26,7 @@ from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRMS
 from harness.measurement.metrics import Clock
 from harness.measurement.profile import stage_range
 from harness.measurement.timeline import LayerEvent, StageClock, Timeline
+from harness.runner.graphs import DecodeGraphs
 from harness.runner.pipeline import LayerPipeline
 from harness.runner.skeleton import run_with_weights
 from strategies.kv_cache.base import KVCachePolicy
@@ -141,6 +142,7 @@ class LayerStreamingRunner:
         device: torch.device,
         clock: Clock,
         stages: StageClock,
+        graphs: DecodeGraphs | None = None,
     ) -> None:
         if len(units) != config.num_hidden_layers + 3:
             raise ValueError(f"expected embed, {config.num_hidden_layers} layers, norm, lm_head; got {units}")
@@ -151,6 +153,8 @@ class LayerStreamingRunner:
         self.device = device
         self.clock = clock  # token times: syncs the device, so a reading means the token exists
         self.stages = stages
+        # runner.cuda_graph: decode passes' layers replayed as CUDA graphs, on a static cache it keeps.
+        self.graphs = graphs
         self.timeline = Timeline()
         self.passes = 0
         with init_empty_weights():
@@ -212,10 +216,14 @@ class LayerStreamingRunner:
         self.timeline.events.append(
             LayerEvent(self.passes, "rope+mask", {"compute": (p0, p1)}, compute_issue_s=self.stages.host() - h0)
         )
-        for decoder, layer in zip(self.layers, islice(layers, len(self.layers)), strict=True):
+        graphed = self.graphs is not None and cache is not None and self.graphs.takes(hidden, mask)
+        if graphed:
+            self.graphs.begin_pass(hidden, position_embeddings, mask, position_ids)
+            graphed = self.graphs.failed is None
+        for index, (decoder, layer) in enumerate(zip(self.layers, islice(layers, len(self.layers)), strict=True)):
             hidden = self._run(
                 layer,
-                forward_decoder,
+                self.graphs.step(index, cache) if graphed else forward_decoder,
                 decoder,
                 hidden,
                 mask=mask,
@@ -258,8 +266,11 @@ class LayerStreamingRunner:
         prompts = [list(p) for p in prompts]
         result = Generation(prompt_ids=prompts[0], start_s=self.clock(), timeline=self.timeline, prompts=prompts)
         result.sequences = [[] for _ in prompts]
-        cache = self.kv_policy.new_cache(self.config, self.device)
         width = max(len(p) for p in prompts)
+        if self.graphs is not None:  # one static cache for every generation: the graphs keep its addresses
+            cache = self.graphs.new_cache(self.config, len(prompts), width + max_new_tokens)
+        else:
+            cache = self.kv_policy.new_cache(self.config, self.device)
         # Padding ids are never attended to; any id will do.
         ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts], device=self.device)  # [batch, seq]
         mask = None
@@ -289,7 +300,7 @@ class LayerStreamingRunner:
             step_input = ids[:, -1:] if cache is not None else ids
         result.generated_ids = result.sequences[0]
         if cache is not None:
-            result.kv_cache_tokens = cache.get_seq_length()
+            result.kv_cache_tokens = int(cache.get_seq_length())  # a static cache's is a device tensor
             result.kv_cache_bytes = sum(
                 t.nbytes for layer in cache.layers for t in (layer.keys, layer.values) if t is not None
             )

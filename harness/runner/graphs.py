@@ -1,0 +1,158 @@
+"""runner.cuda_graph: each decoder layer's one-token step replayed as a CUDA graph (item 3's option).
+
+Eager, a decode step of transformers' LlamaDecoderLayer is 55 ops, each launched by the host: on an H100 the
+8B's 4-bit prefetch run swung 0.095-0.177 s a token from job to job, all of it in the compute's issue, with the
+compute stream idle between kernels. A graph replays a layer's kernels in one launch.
+
+A graph replays fixed addresses, so a decode pass runs on static buffers: the hidden state (each layer's output
+written back over its input), cos/sin, the positions and the mask (copied in once a pass), one decoder layer's
+weights, and transformers' StaticCache, whose layers keep their keys and values at fixed addresses and advance
+their own position on the device. Each layer's weights are copied into the static ones before its replay: 9
+device-to-device copies and a replay for 55 eager launches, at the price of moving one decoded layer on the
+device each time (the 8B's 436 MB, about 0.3 ms at an H100's bandwidth). Decoding straight into the static
+buffers (bitsandbytes' `out=`) would save that copy; it is not done. Each layer has its graph (its cache
+layer differs); all share one memory pool. A layer runs eagerly at the first decode pass, on the same buffers,
+and its graph is captured then. The prefill, and any pass of more than one token, runs eagerly as always.
+
+A capture that fails (an op that cannot be captured, in some version of transformers) turns graphs off for the
+run with the reason in `failed`, and the run goes on eagerly: a finding, not a failed run.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Protocol
+
+import torch
+from torch import nn
+from transformers import Cache, PreTrainedConfig, StaticCache
+
+log = logging.getLogger(__name__)
+
+
+class Replay(Protocol):
+    def capture(self, step: Callable[[], None]) -> None:
+        """Record `step` (it does not run)."""
+        ...
+
+    def replay(self) -> None:
+        ...
+
+
+class CudaGraphReplay:
+    """`step` as a CUDA graph: captured on a side stream, replayed on the current one."""
+
+    def __init__(self, pool: object) -> None:
+        self.graph = torch.cuda.CUDAGraph()
+        self.pool = pool
+
+    def capture(self, step: Callable[[], None]) -> None:
+        # thread_local: the prefetch worker goes on issuing copies and decodes while the main thread captures.
+        with torch.cuda.graph(self.graph, pool=self.pool, capture_error_mode="thread_local"):
+            step()
+
+    def replay(self) -> None:
+        self.graph.replay()
+
+
+class DecodeGraphs:
+    """The decode passes' static buffers and each decoder layer's graph."""
+
+    def __init__(self, make_replay: Callable[[object], Replay] | None = None) -> None:
+        self.pool: object = None
+        self.make_replay = make_replay or CudaGraphReplay
+        self.graphs: dict[int, Replay] = {}
+        self.failed: str | None = None
+        self._inputs: dict[str, torch.Tensor] = {}
+        self._weights: dict[str, torch.Tensor] = {}
+        self._cache: StaticCache | None = None
+        self._cache_shape: tuple[int, int] | None = None
+
+    def new_cache(self, config: PreTrainedConfig, batch: int, max_len: int) -> Cache:
+        """The run's StaticCache, emptied: one for every generation, since each graph keeps its layer's addresses.
+        A generation of another batch or length gets a new one, and the graphs are captured again."""
+        if self._cache is None or self._cache_shape != (batch, max_len):
+            self._cache, self._cache_shape = StaticCache(config=config, max_cache_len=max_len), (batch, max_len)
+            self.graphs.clear()
+            self._inputs.clear()
+        else:
+            with torch.inference_mode():  # its tensors were made in the runner's passes, which run in inference mode
+                self._cache.reset()
+        return self._cache
+
+    def takes(self, hidden: torch.Tensor, mask: torch.Tensor | None) -> bool:
+        """Whether this pass runs on graphs: one new token a sequence, a mask to copy, no failure so far."""
+        return self.failed is None and hidden.shape[1] == 1 and isinstance(mask, torch.Tensor)
+
+    def begin_pass(
+        self,
+        hidden: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        mask: torch.Tensor,
+        position_ids: torch.Tensor,
+    ) -> None:
+        """This pass's inputs into the static buffers (made at the first decode pass)."""
+        cos, sin = position_embeddings
+        inputs = {"hidden": hidden, "cos": cos, "sin": sin, "mask": mask, "positions": position_ids}
+        for name, value in inputs.items():
+            static = self._inputs.get(name)
+            if static is None or static.shape != value.shape or static.dtype != value.dtype:
+                if self.graphs:  # a captured graph reads the old buffer: it cannot follow a new one
+                    self._fail(f"the decode pass's {name} changed shape or dtype")
+                    return
+                static = self._inputs[name] = torch.empty_like(value)
+            static.copy_(value)
+
+    @property
+    def hidden(self) -> torch.Tensor:
+        return self._inputs["hidden"]
+
+    def step(self, index: int, cache: Cache) -> Callable[..., torch.Tensor]:
+        """The runner's forward for decoder layer `index` this pass: (module, weights, ...) -> the hidden state."""
+
+        def run(decoder: nn.Module, weights: dict[str, torch.Tensor], *_: object, **__: object) -> torch.Tensor:
+            from harness.runner.streaming import forward_decoder  # the runner's module imports this one
+
+            static_weights = self._static_weights(weights)
+
+            def layer_step() -> None:
+                self.hidden.copy_(forward_decoder(
+                    decoder, dict(static_weights), self.hidden, mask=self._inputs["mask"],
+                    position_ids=self._inputs["positions"], cache=cache,
+                    position_embeddings=(self._inputs["cos"], self._inputs["sin"]),
+                ))
+
+            graph = self.graphs.get(index)
+            if graph is not None and self.failed is None:
+                graph.replay()
+                return self.hidden
+            layer_step()  # this pass's result, eagerly, on the same buffers; then the graph for the next passes
+            if self.failed is None:
+                self._capture(index, layer_step)
+            return self.hidden
+
+        return run
+
+    def _static_weights(self, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if not self._weights:
+            self._weights = {name: torch.empty_like(t) for name, t in weights.items()}
+        for name, t in weights.items():
+            self._weights[name].copy_(t)
+        return self._weights
+
+    def _capture(self, index: int, layer_step: Callable[[], None]) -> None:
+        if self.pool is None and torch.cuda.is_available():
+            self.pool = torch.cuda.graph_pool_handle()
+        graph = self.make_replay(self.pool)
+        try:
+            graph.capture(layer_step)
+        except Exception as exc:  # the run goes on eagerly: what could not be captured is the finding
+            self._fail(f"capturing layer {index}: {type(exc).__name__}: {exc}")
+            return
+        self.graphs[index] = graph
+
+    def _fail(self, reason: str) -> None:
+        self.failed = reason
+        self.graphs.clear()
+        log.warning("runner.cuda_graph off for the rest of the run: %s", reason)
