@@ -217,11 +217,11 @@ def stream_job(
 ) -> Outcome:
     """layerbench's own runner: split, stream, measure, and compare with the floor and the references;
     `profile_to`: one generation more there, under torch.profiler."""
+    if cfg.runner.cuda_graph and device.type != "cuda":
+        raise ValueError(f"runner.cuda_graph=true needs a CUDA device: this run's is {device} (device={cfg.device})")
     # Before the cap and the peaks: building a generated checkpoint is no part of the run. On the GPU machine the
     # 8B geometry's weights are drawn on the device, 3.2 GB at once for its embedding, and its first job's peak
     # read 4.00 GB (of the 4 GiB cap) against 3.03 GB for the same job once the checkpoint existed.
-    if cfg.runner.cuda_graph and device.type != "cuda":
-        raise ValueError(f"runner.cuda_graph=true needs a CUDA device: this run's is {device} (device={cfg.device})")
     ckpt_dir = ensure_checkpoint(cfg.model, outputs_dir)
     with VramMonitor.from_config(device, cfg.vram) as vram:
         streamer = build_streamer(cfg, outputs_dir, device, vram, ckpt_dir)
