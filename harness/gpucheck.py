@@ -65,7 +65,7 @@ DIAGNOSTIC_RUNS = (
     # The prefetch worker spins on a core while it waits for the device (CUDA's default); here it sleeps instead.
     ("4bit, ram, prefetch, blocking wait",
      ["cache=ram", "compression=4bit", "prefetch=on", "prefetch.blocking_wait=true"]),
-    # Each decoder layer's one-token step as a CUDA graph: one launch for its 55 eager ops. Captured at the first
+    # Each decoder layer's one-token step as a CUDA graph: one replay for its 55 eager ops. Captured at the first
     # decode pass, so after a warm-up generation (the graphs and the static cache outlive it).
     ("4bit, ram, prefetch, cuda graph",
      ["cache=ram", "compression=4bit", "prefetch=on", "runner.cuda_graph=true", "bench.warmup=1"]),

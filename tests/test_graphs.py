@@ -14,6 +14,7 @@ from transformers import GenerationConfig, LlamaForCausalLM
 from harness.job.run import run_job
 from harness.job.streamer import build_streamer, generate
 from harness.runner.graphs import CudaGraphReplay, DecodeGraphs
+from harness.runner.streaming import forward_decoder
 
 NEW_TOKENS = 8
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2}  # as the reference matrix's, relative to the largest logit
@@ -51,7 +52,7 @@ def test_decode_passes_replay_each_layers_step_as_transformers_static_generate(m
     cfg = make_cfg("runner.cuda_graph=true", f"workload.max_new_tokens={NEW_TOKENS}", "workload.stop_at_eos=false",
                    *extra)
     streamer = build_streamer(cfg, Path(cfg.paths.outputs), torch.device("cpu"))
-    graphs = streamer.runner.graphs = DecodeGraphs(make_replay=RerunReplay)
+    graphs = streamer.runner.graphs = DecodeGraphs(forward_decoder, make_replay=RerunReplay)
     first = generate(streamer, cfg, keep_logits=True)
     layers = streamer.config.num_hidden_layers
     assert graphs.failed is None and sorted(graphs.graphs) == list(range(layers))
@@ -78,7 +79,7 @@ def test_a_capture_that_fails_leaves_the_run_eager_with_the_reason(make_cfg) -> 
 
     cfg = make_cfg("runner.cuda_graph=true", f"workload.max_new_tokens={NEW_TOKENS}", "workload.stop_at_eos=false")
     streamer = build_streamer(cfg, Path(cfg.paths.outputs), torch.device("cpu"))
-    graphs = streamer.runner.graphs = DecodeGraphs(make_replay=Refused)
+    graphs = streamer.runner.graphs = DecodeGraphs(forward_decoder, make_replay=Refused)
     graphed = generate(streamer, cfg, keep_logits=True)
     assert graphs.graphs == {} and "capturing layer 0: RuntimeError: operation not permitted" in graphs.failed
     plain = make_cfg(f"workload.max_new_tokens={NEW_TOKENS}", "workload.stop_at_eos=false")
@@ -89,7 +90,7 @@ def test_a_capture_that_fails_leaves_the_run_eager_with_the_reason(make_cfg) -> 
 def test_another_length_gets_a_new_cache_and_new_graphs(make_cfg) -> None:
     cfg = make_cfg("runner.cuda_graph=true", "workload.max_new_tokens=4", "workload.stop_at_eos=false")
     streamer = build_streamer(cfg, Path(cfg.paths.outputs), torch.device("cpu"))
-    graphs = streamer.runner.graphs = DecodeGraphs(make_replay=RerunReplay)
+    graphs = streamer.runner.graphs = DecodeGraphs(forward_decoder, make_replay=RerunReplay)
     generate(streamer, cfg)
     cache, captured = graphs._cache, dict(graphs.graphs)
     cfg.workload.max_new_tokens = 6
@@ -127,7 +128,7 @@ def test_cuda_graphs_replay_as_the_eager_static_cache_run(make_cfg, prefetch: st
     runs = {}
     for replay in (RerunReplay, CudaGraphReplay):
         streamer = build_streamer(cfg, Path(cfg.paths.outputs), cuda)
-        graphs = streamer.runner.graphs = DecodeGraphs(make_replay=replay)
+        graphs = streamer.runner.graphs = DecodeGraphs(forward_decoder, make_replay=replay)
         generate(streamer, cfg)  # the captures
         runs[replay] = generate(streamer, cfg, keep_logits=True)
         assert graphs.failed is None, graphs.failed

@@ -26,7 +26,7 @@ from harness.measurement.vram import GIB, VramMonitor, check_fits, estimate_need
 from harness.runner.graphs import DecodeGraphs
 from harness.runner.pipeline import LayerPipeline
 from harness.runner.speculative import speculative_generate
-from harness.runner.streaming import Generation, LayerStreamingRunner, Sampler
+from harness.runner.streaming import Generation, LayerStreamingRunner, Sampler, forward_decoder
 from harness.split.layout import SplitLayout
 from harness.split.writer import SplitStats, ensure_split
 
@@ -223,7 +223,7 @@ def build_streamer(
     start = time.perf_counter()
     resident_bytes = pipeline.keep_resident(layout, resident)
     resident_load_s = time.perf_counter() - start
-    graphs = DecodeGraphs() if cfg.runner.cuda_graph else None
+    graphs = DecodeGraphs(forward_decoder) if cfg.runner.cuda_graph else None
     runner = LayerStreamingRunner(config, units, pipeline, kv_policy, device, device_clock(device), stages, graphs)
     # What stays and what streams is the plan's to say (harness.job.plan), with the bytes and time it predicts.
     plan = ResidencyPlan(resident, resident_bytes, resident_load_s, residency.active)

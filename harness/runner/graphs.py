@@ -1,18 +1,20 @@
 """runner.cuda_graph: each decoder layer's one-token step replayed as a CUDA graph (item 3's option).
 
-Eager, a decode step of transformers' LlamaDecoderLayer is 55 ops, each launched by the host: on an H100 the
-8B's 4-bit prefetch run swung 0.095-0.177 s a token from job to job, all of it in the compute's issue, with the
-compute stream idle between kernels. A graph replays a layer's kernels in one launch.
+Eager, a decode step of transformers' LlamaDecoderLayer is 55 aten ops (views included; counted with a dispatch
+mode on the CPU), each issued by the host: on an H100 the 8B's 4-bit prefetch run swung 0.095-0.177 s a token
+from job to job, all of it in the compute's issue, with the compute stream idle between kernels. A graph replays
+a layer's kernels in one launch.
 
 A graph replays fixed addresses, so a decode pass runs on static buffers: the hidden state (each layer's output
 written back over its input), cos/sin, the positions and the mask (copied in once a pass), one decoder layer's
 weights, and transformers' StaticCache, whose layers keep their keys and values at fixed addresses and advance
 their own position on the device. Each layer's weights are copied into the static ones before its replay: 9
-device-to-device copies and a replay for 55 eager launches, at the price of moving one decoded layer on the
-device each time (the 8B's 436 MB, about 0.3 ms at an H100's bandwidth). Decoding straight into the static
-buffers (bitsandbytes' `out=`) would save that copy; it is not done. Each layer has its graph (its cache
-layer differs); all share one memory pool. A layer runs eagerly at the first decode pass, on the same buffers,
-and its graph is captured then. The prefill, and any pass of more than one token, runs eagerly as always.
+device-to-device copies and a replay for the 55 ops, at the price of moving one decoded layer on the device each
+time (the 8B's 436 MB, `decoder_layer_bytes`: about 0.29 ms read and written at the 3.0 TB/s an H100 of the GPU
+machines was seen to copy at). Decoding straight into the static buffers (bitsandbytes' `out=`) would save that
+copy; it is not done. Each layer has its graph (its cache layer differs, and its skeleton's `layer_idx` names
+it); all share one memory pool. A layer runs eagerly at the first decode pass, on the same buffers, and its graph
+is captured then. The prefill, and any pass of more than one token, runs eagerly as always.
 
 A capture that fails (an op that cannot be captured, in some version of transformers) turns graphs off for the
 run with the reason in `failed`, and the run goes on eagerly: a finding, not a failed run.
@@ -59,7 +61,11 @@ class CudaGraphReplay:
 class DecodeGraphs:
     """The decode passes' static buffers and each decoder layer's graph."""
 
-    def __init__(self, make_replay: Callable[[object], Replay] | None = None) -> None:
+    def __init__(
+        self, forward: Callable[..., torch.Tensor], make_replay: Callable[[object], Replay] | None = None
+    ) -> None:
+        """`forward`: the runner's eager decoder-layer forward, which each graph captures."""
+        self._forward = forward
         self.pool: object = None
         self.make_replay = make_replay or CudaGraphReplay
         self.graphs: dict[int, Replay] = {}
@@ -108,38 +114,34 @@ class DecodeGraphs:
     def hidden(self) -> torch.Tensor:
         return self._inputs["hidden"]
 
-    def step(self, index: int, cache: Cache) -> Callable[..., torch.Tensor]:
-        """The runner's forward for decoder layer `index` this pass: (module, weights, ...) -> the hidden state."""
-
-        def run(decoder: nn.Module, weights: dict[str, torch.Tensor], *_: object, **__: object) -> torch.Tensor:
-            from harness.runner.streaming import forward_decoder  # the runner's module imports this one
-
-            static_weights = self._static_weights(weights)
-
-            def layer_step() -> None:
-                self.hidden.copy_(forward_decoder(
-                    decoder, dict(static_weights), self.hidden, mask=self._inputs["mask"],
-                    position_ids=self._inputs["positions"], cache=cache,
-                    position_embeddings=(self._inputs["cos"], self._inputs["sin"]),
-                ))
-
-            graph = self.graphs.get(index)
-            if graph is not None and self.failed is None:
-                graph.replay()
-                return self.hidden
-            layer_step()  # this pass's result, eagerly, on the same buffers; then the graph for the next passes
-            if self.failed is None:
-                self._capture(index, layer_step)
+    def forward(
+        self, decoder: nn.Module, weights: dict[str, torch.Tensor], *_: object, cache: Cache, **__: object
+    ) -> torch.Tensor:
+        """A decoder layer's step this pass, in place of the eager forward (same arguments; the inputs are the
+        static ones `begin_pass` filled): its graph replayed, or, the first time, run eagerly and captured."""
+        self._static_weights(weights)
+        index = decoder.self_attn.layer_idx  # which cache layer, and so which graph
+        graph = self.graphs.get(index)
+        if graph is not None:
+            graph.replay()
             return self.hidden
 
-        return run
+        def step() -> None:
+            self.hidden.copy_(self._forward(
+                decoder, self._weights, self.hidden, mask=self._inputs["mask"], position_ids=self._inputs["positions"],
+                cache=cache, position_embeddings=(self._inputs["cos"], self._inputs["sin"]),
+            ))
 
-    def _static_weights(self, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        step()  # this pass's result, eagerly, on the same buffers; then the graph for the next passes
+        if self.failed is None:
+            self._capture(index, step)
+        return self.hidden
+
+    def _static_weights(self, weights: dict[str, torch.Tensor]) -> None:
         if not self._weights:
             self._weights = {name: torch.empty_like(t) for name, t in weights.items()}
         for name, t in weights.items():
             self._weights[name].copy_(t)
-        return self._weights
 
     def _capture(self, index: int, layer_step: Callable[[], None]) -> None:
         if self.pool is None and torch.cuda.is_available():

@@ -220,10 +220,11 @@ class LayerStreamingRunner:
         if graphed:
             self.graphs.begin_pass(hidden, position_embeddings, mask, position_ids)
             graphed = self.graphs.failed is None
-        for index, (decoder, layer) in enumerate(zip(self.layers, islice(layers, len(self.layers)), strict=True)):
+        forward = self.graphs.forward if graphed else forward_decoder
+        for decoder, layer in zip(self.layers, islice(layers, len(self.layers)), strict=True):
             hidden = self._run(
                 layer,
-                self.graphs.step(index, cache) if graphed else forward_decoder,
+                forward,
                 decoder,
                 hidden,
                 mask=mask,
