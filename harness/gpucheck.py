@@ -21,7 +21,6 @@ import argparse
 import importlib.util
 import json
 import logging
-import os
 import re
 import shutil
 import subprocess
@@ -70,6 +69,7 @@ DIAGNOSTIC_RUNS = (
     ("4bit, ram, prefetch, cuda graph",
      ["cache=ram", "compression=4bit", "prefetch=on", "runner.cuda_graph=true", "bench.warmup=1"]),
 )
+ALL_RUNS = RUNS + DIAGNOSTIC_RUNS
 # Runs that also leave a torch.profiler trace and their top ops (bench.profile) in OUTDIR/profiles/<run>: why
 # copies, decodes and compute overlap no better with prefetch on is the open question.
 PROFILED = ("8bit, ram, prefetch", "4bit, ram, prefetch")
@@ -89,7 +89,7 @@ COLUMNS = (
     ("layers resident", "resident_layers"),
     ("layers as CUDA graphs", "graph_layers"),
     ("predicted (plan)", "plan_predicted_s"),
-    ("read / h2d / decode / compute", None),
+    ("read / h2d / decode / compute", tuple(f"stage_{s}_share" for s in ("read", "h2d", "decode", "compute"))),
     # The 4-bit prefetch run's per token swung 0.095-0.177 s from job to job on an H100, all of it in compute,
     # with copies steady at link rate: the host issuing compute near compute's own time says launches set the pace.
     ("compute / token", "stage_compute_s"),
@@ -99,14 +99,10 @@ COLUMNS = (
     ("NVML reading (mean)", "nvml_read_s"),
     ("NVML reading (slowest)", "nvml_read_max_s"),
     # A host held back (a CPU quota, a busy hypervisor) issues slowly: the process's CPU use, steal and throttling.
-    ("host: CPU / steal / throttled", None),
+    ("host: CPU / steal / throttled", ("process_cpu_share", "host_steal_share", "cpu_throttled_share")),
     # The host's own speed: a fixed Python loop timed at each token (a slowed vCPU shows here, not as steal).
     ("host loop", "host_loop_s"),
 )
-SHARES = {
-    "read / h2d / decode / compute": [f"stage_{s}_share" for s in ("read", "h2d", "decode", "compute")],
-    "host: CPU / steal / throttled": ["process_cpu_share", "host_steal_share", "cpu_throttled_share"],
-}
 
 log = logging.getLogger("harness.gpucheck")
 
@@ -185,10 +181,9 @@ def table(results: dict[str, dict[str, Any]], header: str) -> str:
     for label, result in results.items():
         m = result.get("metrics", {})
         cells = []
-        for column, name in COLUMNS:
-            if name is None:
-                shares = [m.get(share) for share in SHARES[column]]
-                cells.append(" / ".join(ABSENT if v is None else f"{v:.0%}" for v in shares))
+        for _, name in COLUMNS:
+            if isinstance(name, tuple):  # shares side by side
+                cells.append(" / ".join(ABSENT if m.get(n) is None else f"{m[n]:.0%}" for n in name))
             else:
                 cells.append(format_metric(name, m.get(name)))
         status = result["status"] if result["status"] == "FINISHED" else f"{result['status']}: {result['reason']}"
@@ -212,7 +207,7 @@ def run_check(
     """Every step; writes gpucheck.json and gpucheck.md into `outdir` as it goes, so a timeout keeps what ran."""
     import torch
 
-    from harness.measurement.hostload import cpu_quota_cores
+    from harness.measurement.environment import environment_tags
     from harness.probe.gains import decode_waits, untried_gains
     from harness.probe.store import load_or_measure
 
@@ -224,7 +219,7 @@ def run_check(
     if device == "cuda" and model != "tiny":
         common.append("model.generator_device=cuda")
     # In the order asked for, so that what matters most runs first within a short lease.
-    picked = {label: (label, o) for word in only for label, o in RUNS + DIAGNOSTIC_RUNS if word in label}
+    picked = {label: (label, o) for word in only for label, o in ALL_RUNS if word in label}
     runs = list(picked.values()) if only else list(RUNS)
     # Every run's configuration, validated before the tests, the probe and the model's generation spend device
     # time: a bad override or model would otherwise fail each run, or end the check, minutes in.
@@ -233,9 +228,11 @@ def run_check(
             for label, overrides in runs}
     configured = {label: composed(overrides) for label, overrides in full.items()}
     outdir.mkdir(parents=True, exist_ok=True)
+    tags = environment_tags()  # the cores this process may use and their CPU quota, as a run's MLflow tags say them
+    quota = tags.get("hw.cpu_quota_cores")
     summary: dict[str, Any] = {
         "device": device, "model": model, "torch": torch.__version__, "steps_s": {},
-        "host": {"cpus": len(os.sched_getaffinity(0)), "cpu_quota_cores": cpu_quota_cores()},
+        "host": {"cpus": int(tags["hw.cpu_count"]), "cpu_quota_cores": None if quota is None else float(quota)},
     }
     if device == "cuda":
         summary["gpu"] = torch.cuda.get_device_name(0)
@@ -322,8 +319,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_intermixed_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-    if unknown := [word for word in args.only if not any(word in label for label, _ in RUNS + DIAGNOSTIC_RUNS)]:
-        labels = "; ".join(label for label, _ in RUNS + DIAGNOSTIC_RUNS)
+    if unknown := [word for word in args.only if not any(word in label for label, _ in ALL_RUNS)]:
+        labels = "; ".join(label for label, _ in ALL_RUNS)
         print(f"error: --only {unknown[0]!r} is in no run's label: the runs are {labels}", file=sys.stderr)
         return 2
     if args.outdir.exists() and not args.outdir.is_dir():
