@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import GenerationConfig, LlamaForCausalLM
+from test_runner_reference import TOLERANCE, reference_generate
 
 from harness.job.run import run_job
 from harness.job.streamer import build_streamer, generate
@@ -17,7 +17,6 @@ from harness.runner.graphs import CudaGraphReplay, DecodeGraphs
 from harness.runner.streaming import forward_decoder
 
 NEW_TOKENS = 8
-TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2}  # as the reference matrix's, relative to the largest logit
 
 
 class RerunReplay:
@@ -33,18 +32,6 @@ class RerunReplay:
     def replay(self) -> None:
         self.replays += 1
         self.step()
-
-
-def static_reference(ckpt: Path, prompt_ids: list[int]) -> tuple[list[int], list[torch.Tensor]]:
-    """transformers' own generate on its static cache: the same masked attention over the cache's full length."""
-    model = LlamaForCausalLM.from_pretrained(ckpt, attn_implementation="sdpa").eval()
-    gen_cfg = GenerationConfig(
-        max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None, pad_token_id=0, output_logits=True,
-        return_dict_in_generate=True, cache_implementation="static",
-    )
-    model.generation_config = gen_cfg
-    out = model.generate(torch.tensor([prompt_ids]), generation_config=gen_cfg)
-    return out.sequences[0, len(prompt_ids):].tolist(), [step.float() for step in out.logits]
 
 
 @pytest.mark.parametrize("extra", [[], ["model.dtype=float32"], ["prefetch=on", "compression=4bit", "cache=disk"]])
@@ -64,7 +51,7 @@ def test_decode_passes_replay_each_layers_step_as_transformers_static_generate(m
     assert [g.replays for g in graphs.graphs.values()] == [2 * NEW_TOKENS - 3] * layers
     if "compression=4bit" in extra:  # lossy: transformers' reference would run the uncompressed weights
         return
-    ref_ids, ref_logits = static_reference(streamer.ckpt_dir, first.prompt_ids)
+    ref_ids, ref_logits = reference_generate(streamer.ckpt_dir, first.prompt_ids, NEW_TOKENS, "static")
     assert first.generated_ids == ref_ids
     dtype = torch.float32 if "model.dtype=float32" in extra else torch.bfloat16
     for step, (ours, ref) in enumerate(zip(first.logits, ref_logits, strict=True)):

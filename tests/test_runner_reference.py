@@ -37,12 +37,15 @@ VARIANTS = {
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
 
 
-def reference_generate(ckpt: Path, prompt_ids: list[int], new_tokens: int) -> tuple[list[int], list[torch.Tensor]]:
+def reference_generate(
+    ckpt: Path, prompt_ids: list[int], new_tokens: int, cache_implementation: str | None = None
+) -> tuple[list[int], list[torch.Tensor]]:
+    """transformers' greedy generate; `cache_implementation="static"`: on its static cache (runner.cuda_graph's)."""
     model = LlamaForCausalLM.from_pretrained(ckpt, attn_implementation="sdpa").eval()
     # No EOS: both sides must produce exactly `new_tokens` tokens.
     gen_cfg = GenerationConfig(
         max_new_tokens=new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0,
-        output_logits=True, return_dict_in_generate=True,
+        output_logits=True, return_dict_in_generate=True, cache_implementation=cache_implementation,
     )
     model.generation_config = gen_cfg  # else generate() takes the EOS ids of generation_config.json
     out = model.generate(
