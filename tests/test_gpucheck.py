@@ -135,3 +135,15 @@ def test_a_failing_untried_measurement_is_recorded_not_fatal(tmp_path: Path, mon
     monkeypatch.setattr(links, "direct_read_rate", refuse)
     gains = untried_gains(torch.device("cpu"), tmp_path, 1 << 20, 1e9)
     assert gains == {"failed": "OSError: no scratch space"}
+
+
+def test_hung_gpu_tests_are_reported_not_fatal(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    """A test that hangs must not end the check before its runs: the lease's minutes are for the table."""
+    import subprocess
+
+    def hang(cmd: list[str], **kwargs: object) -> None:
+        raise subprocess.TimeoutExpired(cmd, kwargs["timeout"], output=b"tests/test_graphs.py ..")
+
+    monkeypatch.setattr(gpucheck.subprocess, "run", hang)
+    assert gpucheck.run_gpu_tests(timeout_s=7) == "the gpu tests did not finish in 7 s (killed)"
+    assert "tests/test_graphs.py .." in capsys.readouterr().out
