@@ -68,6 +68,10 @@ DIAGNOSTIC_RUNS = (
     # decode pass, so after a warm-up generation (the graphs and the static cache outlive it).
     ("4bit, ram, prefetch, cuda graph",
      ["cache=ram", "compression=4bit", "prefetch=on", "runner.cuda_graph=true", "bench.warmup=1"]),
+    # Both host-side cures at once: the graphs cut the compute's issue, the sleeping worker frees its core.
+    ("4bit, ram, prefetch, cuda graph, blocking wait",
+     ["cache=ram", "compression=4bit", "prefetch=on", "runner.cuda_graph=true", "bench.warmup=1",
+      "prefetch.blocking_wait=true"]),
 )
 ALL_RUNS = RUNS + DIAGNOSTIC_RUNS
 # Runs that also leave a torch.profiler trace and their top ops (bench.profile) in OUTDIR/profiles/<run>: why
@@ -169,6 +173,24 @@ def run_one(overrides: list[str], configured: tuple[Any, Any] | None = None) -> 
     return {"status": "FINISHED", "metrics": report.metrics()}
 
 
+def picked_runs(only: tuple[str, ...], repeat: int = 1) -> list[tuple[str, list[str]]]:
+    """The runs `--only` names, in the order asked (a word picks the runs whose label holds it, `=label` that run
+    alone), or the default runs; `repeat` rounds of them, round-robin, so that a swing of the machine meets every
+    run alike (rounds after the first are labelled `label #k`)."""
+    def takes(word: str, label: str) -> bool:
+        return word[1:] == label if word.startswith("=") else word in label
+
+    picked = {label: overrides for word in only for label, overrides in ALL_RUNS if takes(word, label)}
+    runs = list(picked.items()) if only else list(RUNS)
+    return [(label if k == 1 else f"{label} #{k}", overrides)
+            for k in range(1, repeat + 1) for label, overrides in runs]
+
+
+def unknown_words(only: list[str]) -> list[str]:
+    """The `--only` words that pick no run."""
+    return [word for word in only if not picked_runs((word,))]
+
+
 def slug(label: str) -> str:
     """A run's label as a folder name the device tool brings back (letters, digits, '-')."""
     return re.sub(r"[^A-Za-z0-9]+", "-", label).strip("-")
@@ -208,6 +230,7 @@ def run_check(
     probe_mib: int = 256,
     keep_splits: bool = False,
     only: tuple[str, ...] = (),
+    repeat: int = 1,
 ) -> dict[str, Any]:
     """Every step; writes gpucheck.json and gpucheck.md into `outdir` as it goes, so a timeout keeps what ran."""
     import torch
@@ -224,12 +247,11 @@ def run_check(
     if device == "cuda" and model != "tiny":
         common.append("model.generator_device=cuda")
     # In the order asked for, so that what matters most runs first within a short lease.
-    picked = {label: (label, o) for word in only for label, o in ALL_RUNS if word in label}
-    runs = list(picked.values()) if only else list(RUNS)
+    runs = picked_runs(only, repeat)
     # Every run's configuration, validated before the tests, the probe and the model's generation spend device
     # time: a bad override or model would otherwise fail each run, or end the check, minutes in.
     # Composed once: each run takes the configuration validated here.
-    full = {label: [*common, *overrides, *(["bench.profile=true"] if label in PROFILED else []), *extra]
+    full = {label: [*common, *overrides, *(["bench.profile=true"] if label in PROFILED else []), *extra]  # round 1
             for label, overrides in runs}
     configured = {label: composed(overrides) for label, overrides in full.items()}
     outdir.mkdir(parents=True, exist_ok=True)
@@ -316,7 +338,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep-splits", action="store_true", help="keep each split (by default one is deleted "
                         "once no later run reads it, so the 8B's splits fit the GPU machine's disk)")
     parser.add_argument("--only", action="append", default=[], help="only the runs whose label holds this, in "
-                        "the order given; repeatable (--only '4bit, ram' --only 8bit)")
+                        "the order given, or `=LABEL` that run alone; repeatable (--only '4bit, ram' --only 8bit)")
+    parser.add_argument("--repeat", type=int, default=1, help="rounds of the runs, round-robin (a swing of the "
+                        "machine then meets each run alike); rounds after the first are labelled 'LABEL #k'")
     # default=[]: without one, argparse names this optional list among the arguments "required" when OUTDIR is missing
     parser.add_argument("overrides", nargs="*", default=[], help="more Hydra overrides for every run")
     # Intermixed: overrides may come after --only too (`OUT --only '4bit, ram' bench.profile=true`); plain parsing
@@ -324,9 +348,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_intermixed_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-    if unknown := [word for word in args.only if not any(word in label for label, _ in ALL_RUNS)]:
+    if unknown := unknown_words(args.only):
         labels = "; ".join(label for label, _ in ALL_RUNS)
-        print(f"error: --only {unknown[0]!r} is in no run's label: the runs are {labels}", file=sys.stderr)
+        print(f"error: --only {unknown[0]!r} picks no run (a word in a label, or =LABEL): the runs are {labels}",
+              file=sys.stderr)
+        return 2
+    if args.repeat < 1:
+        print(f"error: --repeat {args.repeat}: the rounds of the runs must be 1 or more", file=sys.stderr)
         return 2
     if args.outdir.exists() and not args.outdir.is_dir():
         print(f"error: {args.outdir} is a file: OUTDIR is the folder the table and reports go to", file=sys.stderr)
@@ -344,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
             args.outdir.resolve(), device="cuda", model=args.model, new_tokens=args.new_tokens,
             outputs=args.outputs.resolve(), tests=not args.skip_tests, extra=args.overrides,
             keep_splits=args.keep_splits,
-            only=tuple(args.only),
+            only=tuple(args.only), repeat=args.repeat,
         )
     except RefusedOverrides as exc:
         print(f"error: a run's configuration is refused, before any step: {exc}", file=sys.stderr)

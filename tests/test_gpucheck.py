@@ -22,8 +22,23 @@ def test_refuses_clearly_without_cuda(tmp_path: Path, capsys: pytest.CaptureFixt
 
 def test_a_run_asked_for_that_does_not_exist_is_refused_first(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert gpucheck.main([str(tmp_path / "out"), "--only", "4bit, ram", "--only", "16bit"]) == 2
-    assert "--only '16bit' is in no run's label: the runs are bf16, ram;" in capsys.readouterr().err
+    assert "--only '16bit' picks no run (a word in a label, or =LABEL): the runs are bf16, ram;" in (
+        capsys.readouterr().err
+    )
+    assert gpucheck.main([str(tmp_path / "out"), "--only", "=4bit, ram, prefetch, depth"]) == 2  # not a whole label
+    assert "--only '=4bit, ram, prefetch, depth' picks no run" in capsys.readouterr().err
+    assert gpucheck.main([str(tmp_path / "out"), "--only", "4bit, ram", "--repeat", "0"]) == 2
+    assert "--repeat 0: the rounds of the runs must be 1 or more" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_an_exact_label_picks_that_run_alone_and_rounds_go_round_robin() -> None:
+    runs = gpucheck.picked_runs(("=4bit, ram, prefetch", "cuda graph"), repeat=2)
+    graph = "4bit, ram, prefetch, cuda graph"
+    labels = ["4bit, ram, prefetch", graph, f"{graph}, blocking wait"]
+    assert [label for label, _ in runs] == [*labels, *(f"{label} #2" for label in labels)]
+    assert runs[0][1] == runs[3][1] == dict(gpucheck.ALL_RUNS)["4bit, ram, prefetch"]
+    assert [label for label, _ in gpucheck.picked_runs(())] == [label for label, _ in gpucheck.RUNS]
 
 
 def test_an_outdir_that_is_a_file_is_refused_first(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -110,10 +125,12 @@ def test_only_runs_in_the_order_asked_and_a_split_goes_once_no_later_run_reads_i
     assert list(summary["runs"]) == [
         "4bit, ram", "4bit, ram, prefetch", "4bit, ram, prefetch, resident", "4bit, ram, prefetch, depth 2",
         "4bit, ram, prefetch, fixed segments", "4bit, ram, prefetch, NVML every 50 ms",
-        "4bit, ram, prefetch, blocking wait", "4bit, ram, prefetch, cuda graph", "8bit, ram", "8bit, ram, prefetch",
+        "4bit, ram, prefetch, blocking wait", "4bit, ram, prefetch, cuda graph",
+        "4bit, ram, prefetch, cuda graph, blocking wait", "8bit, ram", "8bit, ram, prefetch",
     ]
-    graph = summary["runs"].pop("4bit, ram, prefetch, cuda graph")  # CUDA graphs need CUDA: refused, and said why
-    assert graph["status"] == "FAILED" and "runner.cuda_graph=true needs a CUDA device" in graph["reason"]
+    for label in ("4bit, ram, prefetch, cuda graph", "4bit, ram, prefetch, cuda graph, blocking wait"):
+        graph = summary["runs"].pop(label)  # CUDA graphs need CUDA: refused, and said why
+        assert graph["status"] == "FAILED" and "runner.cuda_graph=true needs a CUDA device" in graph["reason"]
     assert all(r["status"] == "FINISHED" for r in summary["runs"].values())
     # Each split went after its last run; the one made before stays.
     assert {p.name for p in (outputs / "splits").glob("*/*")} == {"none"}
@@ -147,3 +164,14 @@ def test_hung_gpu_tests_are_reported_not_fatal(monkeypatch: pytest.MonkeyPatch, 
     monkeypatch.setattr(gpucheck.subprocess, "run", hang)
     assert gpucheck.run_gpu_tests(timeout_s=7) == "the gpu tests did not finish in 7 s (killed)"
     assert "tests/test_graphs.py .." in capsys.readouterr().out
+
+
+def test_later_rounds_run_again_without_the_profiler(tmp_path: Path) -> None:
+    summary = gpucheck.run_check(
+        tmp_path / "out", device="cpu", model="tiny", new_tokens=2, outputs=tmp_path / "outputs", tests=False,
+        extra=[], probe_mib=16, only=("=4bit, ram, prefetch",), repeat=2,
+    )
+    first, second = summary["runs"]["4bit, ram, prefetch"], summary["runs"]["4bit, ram, prefetch #2"]
+    assert first["status"] == second["status"] == "FINISHED"
+    assert "profile" in first and "profile" not in second  # the profiled generation costs lease time once
+    assert "| 4bit, ram, prefetch #2 |" in (tmp_path / "out" / "gpucheck.md").read_text()
