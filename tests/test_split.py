@@ -91,17 +91,20 @@ def test_corrupted_file_is_named_and_rewritten(
     ckpt: Path, config: LlamaConfig, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     layout, _ = ensure_split(ckpt, config, codec(), tmp_path)
-    victim = layout.file("layers.01")
-    original = victim.read_bytes()
-    data = bytearray(original)
-    data[-10] ^= 0xFF  # one byte of weight data: same size, wrong checksum
-    victim.write_bytes(bytes(data))
+    # Two files, hashed on different threads: each is named and rewritten, and only they are.
+    victims = [layout.file("layers.01"), layout.file("lm_head")]
+    originals = [victim.read_bytes() for victim in victims]
+    for victim, original in zip(victims, originals, strict=True):
+        data = bytearray(original)
+        data[-10] ^= 0xFF  # one byte of weight data: same size, wrong checksum
+        victim.write_bytes(bytes(data))
 
     with caplog.at_level(logging.WARNING, logger="harness.split.writer"):
         _, stats = ensure_split(ckpt, config, codec(), tmp_path)
-    assert "layers.01.safetensors" in caplog.text and "checksum" in caplog.text
-    assert stats.files_written == 1
-    assert victim.read_bytes() == original
+    for name in ("layers.01.safetensors", "lm_head.safetensors"):
+        assert f"{name} fails its checksum" in caplog.text
+    assert stats.files_written == 2
+    assert [victim.read_bytes() for victim in victims] == originals
 
 
 def test_valid_split_is_reused_without_reading_the_source(

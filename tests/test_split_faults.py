@@ -213,7 +213,7 @@ def test_fast_path_reads_no_weights(
 ) -> None:
     ensure_split(ckpt, config, codec(), tmp_path)
 
-    def no_hash(path: Path, chunk_bytes: int = 0) -> str:
+    def no_hash(path: Path) -> str:
         raise AssertionError(f"{path} was hashed with verify=false")
 
     monkeypatch.setattr(split_mod, "sha256_file", no_hash)

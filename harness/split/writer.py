@@ -17,6 +17,7 @@ import shutil
 import time
 from collections import defaultdict
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,12 +74,17 @@ def source_fingerprint(ckpt_dir: Path) -> str:
     return h.hexdigest()
 
 
-def sha256_file(path: Path, chunk_bytes: int = 16 << 20) -> str:
-    h = hashlib.sha256()
+def sha256_file(path: Path) -> str:
     with open(path, "rb") as f:
-        while chunk := f.read(chunk_bytes):
-            h.update(chunk)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _hash_workers(files: int) -> int:
+    """Threads to hash a split's files with: hashlib releases the GIL on large buffers, so each core hashes a
+    file (on 2 cores a reused 1B-geometry split, 2.5 GB, verified in 0.97 s against 1.85 s one file at a time);
+    at most 8, so that a cold read from a disk is not split among more readers than it serves well."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(files, cores, 8))
 
 
 def check_checkpoint_tensors(ckpt_dir: Path, config: LlamaConfig) -> dict[str, str]:
@@ -134,16 +140,22 @@ def _valid_files(split_dir: Path, records: dict[str, dict[str, Any]], verify: bo
     """
     valid = set()
     for unit, rec in records.items():
-        path = split_dir / rec["file"]
         try:
-            check_split_file(path, rec)
+            check_split_file(split_dir / rec["file"], rec)
         except CorruptFileError as e:
             log.warning("split file %s; rewriting it", e)
             continue
-        if verify and sha256_file(path) != rec["sha256"]:
-            log.warning("split file %s fails its checksum (corrupted or edited); rewriting it", path)
-            continue
         valid.add(unit)
+    if not verify or not valid:
+        return valid
+    units = sorted(valid)
+    with ThreadPoolExecutor(_hash_workers(len(units))) as pool:
+        digests = pool.map(sha256_file, [split_dir / records[u]["file"] for u in units])
+        for unit, digest in zip(units, digests, strict=True):
+            if digest != records[unit]["sha256"]:
+                log.warning("split file %s fails its checksum (corrupted or edited); rewriting it",
+                            split_dir / records[unit]["file"])
+                valid.discard(unit)
     return valid
 
 
