@@ -22,7 +22,7 @@ def test_refuses_clearly_without_cuda(tmp_path: Path, capsys: pytest.CaptureFixt
 
 def test_a_run_asked_for_that_does_not_exist_is_refused_first(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert gpucheck.main([str(tmp_path / "out"), "--only", "4bit, ram", "--only", "16bit"]) == 2
-    assert "--only '16bit' picks no run (a word in a label, or =LABEL): the runs are bf16, ram;" in (
+    assert "--only '16bit' picks no run (a word in a label, or =LABEL): the runs are bf16, ram, prefetch;" in (
         capsys.readouterr().err
     )
     assert gpucheck.main([str(tmp_path / "out"), "--only", "=4bit, ram, prefetch, depth"]) == 2  # not a whole label
@@ -126,7 +126,7 @@ def test_only_runs_in_the_order_asked_and_a_split_goes_once_no_later_run_reads_i
         "4bit, ram", "4bit, ram, prefetch", "4bit, ram, prefetch, resident", "4bit, ram, prefetch, depth 2",
         "4bit, ram, prefetch, fixed segments", "4bit, ram, prefetch, NVML every 50 ms",
         "4bit, ram, prefetch, blocking wait", "4bit, ram, prefetch, cuda graph",
-        "4bit, ram, prefetch, cuda graph, blocking wait", "8bit, ram", "8bit, ram, prefetch",
+        "4bit, ram, prefetch, cuda graph, blocking wait", "8bit, ram, prefetch", "8bit, ram",
     ]
     for label in ("4bit, ram, prefetch, cuda graph", "4bit, ram, prefetch, cuda graph, blocking wait"):
         graph = summary["runs"].pop(label)  # CUDA graphs need CUDA: refused, and said why
