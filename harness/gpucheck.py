@@ -262,7 +262,8 @@ def run_check(
     # Every run's configuration, validated before the tests, the probe and the model's generation spend device
     # time: a bad override or model would otherwise fail each run, or end the check, minutes in.
     # Composed once: each run takes the configuration validated here.
-    full = {label: [*common, *overrides, *(["bench.profile=true"] if label in PROFILED else []), *extra]  # round 1
+    # PROFILED names round 1's labels: later rounds (`label #2`, ...) run without the profiler's extra generation.
+    full = {label: [*common, *overrides, *(["bench.profile=true"] if label in PROFILED else []), *extra]
             for label, overrides in runs}
     configured = {label: composed(overrides) for label, overrides in full.items()}
     outdir.mkdir(parents=True, exist_ok=True)
