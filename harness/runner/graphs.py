@@ -91,18 +91,17 @@ class DecodeGraphs:
                 self._cache.reset()
         return self._cache
 
-    def takes(self, hidden: torch.Tensor, mask: torch.Tensor | None) -> bool:
-        """Whether this pass runs on graphs: one new token a sequence, a mask to copy, no failure so far."""
-        return self.failed is None and hidden.shape[1] == 1 and isinstance(mask, torch.Tensor)
-
     def begin_pass(
         self,
         hidden: torch.Tensor,
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
-        mask: torch.Tensor,
+        mask: torch.Tensor | None,
         position_ids: torch.Tensor,
-    ) -> None:
-        """This pass's inputs into the static buffers (made at the first decode pass)."""
+    ) -> bool:
+        """Whether this pass runs on graphs (one new token a sequence, a mask to copy, no failure so far); if so,
+        its inputs go into the static buffers (made at the first decode pass)."""
+        if self.failed is not None or hidden.shape[1] != 1 or not isinstance(mask, torch.Tensor):
+            return False
         cos, sin = position_embeddings
         inputs = {"hidden": hidden, "cos": cos, "sin": sin, "mask": mask, "positions": position_ids}
         for name, value in inputs.items():
@@ -110,9 +109,10 @@ class DecodeGraphs:
             if static is None or static.shape != value.shape or static.dtype != value.dtype:
                 if self.graphs:  # a captured graph reads the old buffer: it cannot follow a new one
                     self._fail(f"the decode pass's {name} changed shape or dtype")
-                    return
+                    return False
                 static = self._inputs[name] = torch.empty_like(value)
             static.copy_(value)
+        return True
 
     @property
     def hidden(self) -> torch.Tensor:

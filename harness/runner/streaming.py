@@ -216,10 +216,11 @@ class LayerStreamingRunner:
         self.timeline.events.append(
             LayerEvent(self.passes, "rope+mask", {"compute": (p0, p1)}, compute_issue_s=self.stages.host() - h0)
         )
-        graphed = self.graphs is not None and cache is not None and self.graphs.takes(hidden, mask)
-        if graphed:
-            self.graphs.begin_pass(hidden, position_embeddings, mask, position_ids)
-            graphed = self.graphs.failed is None
+        graphed = (
+            self.graphs is not None
+            and cache is not None
+            and self.graphs.begin_pass(hidden, position_embeddings, mask, position_ids)
+        )
         forward = self.graphs.forward if graphed else forward_decoder
         for decoder, layer in zip(self.layers, islice(layers, len(self.layers)), strict=True):
             hidden = self._run(
