@@ -62,6 +62,14 @@ def environment_tags(outputs_dir: Path | str | None = None) -> dict[str, str]:
     return {key: value.strip() for key, value in tags.items() if value is not None and value.strip()}
 
 
+def usable_cores() -> int | None:
+    """The cores this process may use (cgroups/taskset), which is what timings and thread pools depend on; psutil
+    has no affinity on macOS, where the machine's logical cores are the best answer. None when unknown."""
+    if hasattr(psutil.Process, "cpu_affinity"):
+        return len(psutil.Process().cpu_affinity()) or None
+    return psutil.cpu_count()
+
+
 def _cpu_tags() -> dict[str, str]:
     tags: dict[str, str] = {}
     model = ""
@@ -76,13 +84,7 @@ def _cpu_tags() -> dict[str, str]:
     except OSError:
         pass
     tags["hw.cpu"] = model or platform.processor() or platform.machine()
-    # The cores this process may use (cgroups/taskset), which is what the timings depend on;
-    # psutil has no affinity on macOS, where the machine's logical cores are the best answer.
-    if hasattr(psutil.Process, "cpu_affinity"):
-        count = len(psutil.Process().cpu_affinity())
-    else:
-        count = psutil.cpu_count()
-    if count:
+    if count := usable_cores():
         tags["hw.cpu_count"] = str(count)
     # A CFS quota caps the cores' worth of time, whatever the affinity allows: absent when there is none.
     quota = cpu_quota_cores()

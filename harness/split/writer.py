@@ -33,6 +33,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from harness import __version__
 from harness.checkpoints.local import checkpoint_tensor_index
 from harness.files import exclusive_lock, write_atomic
+from harness.measurement.environment import usable_cores
 from harness.measurement.memory import RssSampler
 from harness.split.integrity import CorruptFileError, check_split_file, tensor_bytes, tensor_shapes
 from harness.split.layout import MANIFEST, SplitLayout, unit_names, unit_of
@@ -83,8 +84,7 @@ def _hash_workers(files: int) -> int:
     """Threads to hash a split's files with: hashlib releases the GIL on large buffers, so each core hashes a
     file (on 2 cores a reused 1B-geometry split, 2.5 GB, verified in 0.97 s against 1.85 s one file at a time);
     at most 8, so that a cold read from a disk is not split among more readers than it serves well."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, min(files, cores, 8))
+    return max(1, min(files, usable_cores() or 1, 8))
 
 
 def check_checkpoint_tensors(ckpt_dir: Path, config: LlamaConfig) -> dict[str, str]:
