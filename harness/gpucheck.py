@@ -56,15 +56,15 @@ DIAGNOSTIC_RUNS = (
     # and 1.06x with prefetch on. Out of the default check, whose nine runs were estimated at 5.0 minutes with them.
     ("bf16, ram", ["cache=ram", "compression=none"]),
     ("8bit, ram", ["cache=ram", "compression=8bit"]),
-    # With fixed segments this one failed under the cap (32 MiB asked, 1.72 GiB reserved but unallocated); the
-    # allocator's expandable segments (vram.expandable_segments, on by default) are meant to fix it. The next row
-    # is the A/B of that default, in the same process.
+    # With fixed segments this one failed under the cap (32 MiB asked, 1.72 GiB reserved but unallocated); with the
+    # allocator's expandable segments (vram.expandable_segments, on by default) it fits: 3.71 GB by NVML, third
+    # run. The next row is the A/B of that default, in the same process.
     ("4bit, ram, prefetch, depth 2", ["cache=ram", "compression=4bit", "prefetch=on", "prefetch.depth=2"]),
     ("4bit, ram, prefetch, fixed segments",
      ["cache=ram", "compression=4bit", "prefetch=on", "vram.expandable_segments=false"]),
     # The VRAM peak sampler reads NVML's process list every 5 ms on a thread of its own, through the driver that
-    # takes the compute's launches: the same run with readings every 50 ms, in the same process, says whether
-    # they slow those launches (the 4-bit swing is in the compute).
+    # takes the compute's launches: the same run with readings every 50 ms, in the same process. Third run: no,
+    # they do not make the 4-bit swing (1.15-1.50x at 50 ms against 1.12-1.65x at 5).
     ("4bit, ram, prefetch, NVML every 50 ms",
      ["cache=ram", "compression=4bit", "prefetch=on", "vram.sample_interval_s=0.05"]),
     # The prefetch worker spins on a core while it waits for the device (CUDA's default); here it sleeps instead.
@@ -80,8 +80,8 @@ DIAGNOSTIC_RUNS = (
       "prefetch.blocking_wait=true"]),
 )
 ALL_RUNS = RUNS + DIAGNOSTIC_RUNS
-# Runs that also leave a torch.profiler trace and their top ops (bench.profile) in OUTDIR/profiles/<run>: why
-# copies, decodes and compute overlap no better with prefetch on is the open question.
+# Runs that also leave a torch.profiler trace and their top ops (bench.profile) in OUTDIR/profiles/<run>: where the
+# host's time goes beside the copies (third run: the eager 4-bit compute's issue set the pace).
 PROFILED = ("8bit, ram, prefetch", "4bit, ram, prefetch")
 COLUMNS = (
     ("TTFT", "ttft_s"),
