@@ -190,7 +190,7 @@ class RunnerConfig:
     # options, is skipped with a message instead of failing the sweep (conf/experiment/peers.yaml sets it).
     skip_unavailable: bool = False
     # layerbench on CUDA: each decoder layer's one-token step replayed as a CUDA graph, on transformers' StaticCache
-    # (harness/runner/graphs.py). Costs one more decoded layer of device memory; captured at the first decode pass,
+    # (harness/streaming/graphs.py). Costs one more decoded layer of device memory; captured at the first decode pass,
     # so measure with bench.warmup >= 1.
     cuda_graph: bool = False
 

@@ -17,7 +17,7 @@ from harness.job.reference import generation_config, timed_generate
 from harness.job.run import run_job
 from harness.job.streamer import batch_prompt_ids, build_streamer, generate
 from harness.measurement.metrics import device_clock
-from harness.runner.streaming import Sampler
+from harness.streaming.model import Sampler
 
 CPU = torch.device("cpu")
 PROMPTS = "[The history of computing began with,A short one,Once upon a time a machine learned to read and write]"

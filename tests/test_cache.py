@@ -12,11 +12,11 @@ import torch
 from safetensors.torch import load_file
 from transformers import LlamaForCausalLM
 
-import harness.runner.pipeline as pipeline_mod
+import harness.streaming.pipeline as pipeline_mod
 import strategies.cache.files as files_mod
 import strategies.cache.ram as ram_mod
 from harness.job.streamer import build_streamer, generate
-from harness.runner.pipeline import PackedLayout, copy_to
+from harness.streaming.pipeline import PackedLayout, copy_to
 from strategies.cache.files import FileLayout, PinnedRing, make_resident, read_layer_file, read_packed
 
 

@@ -13,8 +13,8 @@ from test_runner_reference import TOLERANCE, reference_generate
 
 from harness.job.run import run_job
 from harness.job.streamer import build_streamer, generate
-from harness.runner.graphs import CudaGraphReplay, DecodeGraphs
-from harness.runner.streaming import forward_decoder
+from harness.streaming.graphs import CudaGraphReplay, DecodeGraphs
+from harness.streaming.model import forward_decoder
 
 NEW_TOKENS = 8
 

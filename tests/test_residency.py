@@ -77,7 +77,7 @@ def test_a_forced_count_that_cannot_fit_is_refused_before_anything_loads(
     make_cfg: Callable[..., Config], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     loaded = []
-    monkeypatch.setattr("harness.runner.pipeline.LayerPipeline.keep_resident", lambda *a: loaded.append(a) or 0)
+    monkeypatch.setattr("harness.streaming.pipeline.LayerPipeline.keep_resident", lambda *a: loaded.append(a) or 0)
     cfg = make_cfg("residency=auto", "residency.layers=4", "vram.cap_gib=0.001")
     with pytest.raises(ValueError, match=r"residency.layers=4 needs .* under vram.cap_gib"):
         build_streamer(cfg, Path(cfg.paths.outputs), CPU)

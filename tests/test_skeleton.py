@@ -9,7 +9,7 @@ import torch
 from accelerate import init_empty_weights
 from torch import nn
 
-from harness.runner.skeleton import run_with_weights
+from harness.streaming.skeleton import run_with_weights
 
 
 def skeleton() -> nn.Module:

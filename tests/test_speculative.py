@@ -17,8 +17,8 @@ from harness.config import Config
 from harness.job.run import run_job
 from harness.job.streamer import build_streamer, generate, prompt_ids
 from harness.peers.base import RunnerUnavailable
-from harness.runner.speculative import speculative_generate
-from harness.runner.streaming import Sampler
+from harness.streaming.model import Sampler
+from harness.streaming.speculative import speculative_generate
 
 CPU = torch.device("cpu")
 FP32 = ("model.dtype=float32", "workload.max_new_tokens=12", "workload.stop_at_eos=false")

@@ -21,7 +21,7 @@ from harness.measurement.units import format_metric
 from harness.probe.floor import Floor, token_floor
 from harness.probe.links import LinkRates, kept_mapping_rate, plain_read_rate
 from harness.probe.store import load_or_measure, load_or_measure_head_compute_s, load_or_measure_layer_compute_s
-from harness.runner.streaming import Generation
+from harness.streaming.model import Generation
 
 
 def link_floor(

@@ -21,9 +21,9 @@ from harness.config import Config, ModelConfig, conf_dir
 from harness.measurement.metrics import device_clock
 from harness.measurement.timeline import StageClock
 from harness.measurement.vram import GIB, decoded_bytes
-from harness.runner.pipeline import LayerPipeline
-from harness.runner.streaming import LayerStreamingRunner
 from harness.split.writer import ensure_split
+from harness.streaming.model import StreamingModel
+from harness.streaming.pipeline import LayerPipeline
 from strategies.cache.configs import DiskCacheConfig
 from strategies.compression.configs import Blockwise4bitConfig, NoCompressionConfig
 from strategies.kv_cache.configs import DeviceKVCacheConfig
@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Draft:
-    runner: LayerStreamingRunner
+    runner: StreamingModel
     name: str  # the model option, or "<target> 4bit"
     bytes: int  # what it holds on the device
     decoded_once: bool
@@ -93,6 +93,6 @@ def build_draft(
     )
     held = pipeline.keep_resident(layout, units, decode_with=codec if decoded_once else None)
     kv = strategies.build(DeviceKVCacheConfig())
-    runner = LayerStreamingRunner(config, units, pipeline, kv, device, device_clock(device), stages)
+    runner = StreamingModel(config, units, pipeline, kv, device, device_clock(device), stages)
     log.info("draft %s resident, %s (%.3g GB)", name, "dequantized once" if decoded_once else "stored", held / 1e9)
     return Draft(runner, name, held, decoded_once)

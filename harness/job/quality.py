@@ -16,13 +16,13 @@ import torch
 import torch.nn.functional as F
 
 from harness.checkpoints.tokenizer import CORPUS_PATH
-from harness.runner.streaming import LayerStreamingRunner
+from harness.streaming.model import StreamingModel
 
 # name -> file: `corpus` trains the embedded tokenizer; `essay` is prose it never saw.
 TEXTS = {"corpus": CORPUS_PATH, "essay": Path(__file__).resolve().parents[1] / "data" / "essay.txt"}
 
 
-def teacher_forced_logits(runner: LayerStreamingRunner, ids: list[int]) -> torch.Tensor:
+def teacher_forced_logits(runner: StreamingModel, ids: list[int]) -> torch.Tensor:
     """[seq] token ids -> [seq, vocab] float32 logits, one pass, no KV cache."""
     return runner.forward(torch.tensor([ids], device=runner.device), cache=None, all_positions=True)[0].cpu()
 
@@ -40,8 +40,8 @@ def _agreement_and_kl(ours: torch.Tensor, ref: torch.Tensor) -> tuple[torch.Tens
 
 
 def quality_metrics(
-    runner: LayerStreamingRunner,
-    reference: LayerStreamingRunner,
+    runner: StreamingModel,
+    reference: StreamingModel,
     run_ids: list[int],
     texts: Mapping[str, list[int]],
 ) -> dict[str, float]:

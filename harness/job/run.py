@@ -43,7 +43,7 @@ from harness.measurement.timeline import CROSSCHECK_TOLERANCE, per_pass, stage_m
 from harness.measurement.units import format_metric
 from harness.measurement.vram import DeviceAllocs, VramMonitor
 from harness.probe.floor import LINKS
-from harness.runner.streaming import Generation
+from harness.streaming.model import Generation
 from harness.tracking.client import RunTracker, config_params, default_tracking_uri
 from harness.tracking.process import Tracker
 

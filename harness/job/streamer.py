@@ -23,12 +23,12 @@ from harness.config import Config, WorkloadConfig
 from harness.measurement.metrics import device_clock
 from harness.measurement.timeline import StageClock
 from harness.measurement.vram import GIB, VramMonitor, check_fits, estimate_need_bytes
-from harness.runner.graphs import DecodeGraphs
-from harness.runner.pipeline import LayerPipeline
-from harness.runner.speculative import speculative_generate
-from harness.runner.streaming import Generation, LayerStreamingRunner, Sampler, forward_decoder
 from harness.split.layout import SplitLayout
 from harness.split.writer import SplitStats, ensure_split
+from harness.streaming.graphs import DecodeGraphs
+from harness.streaming.model import Generation, Sampler, StreamingModel, forward_decoder
+from harness.streaming.pipeline import LayerPipeline
+from harness.streaming.speculative import speculative_generate
 
 if TYPE_CHECKING:
     from harness.job.draft import Draft
@@ -138,7 +138,7 @@ class Streamer:
     config: LlamaConfig
     tokenizer: PreTrainedTokenizerBase
     layout: SplitLayout
-    runner: LayerStreamingRunner
+    runner: StreamingModel
     device: torch.device
     split_stats: SplitStats
     residency: ResidencyPlan
@@ -224,7 +224,7 @@ def build_streamer(
     resident_bytes = pipeline.keep_resident(layout, resident)
     resident_load_s = time.perf_counter() - start
     graphs = DecodeGraphs(forward_decoder) if cfg.runner.cuda_graph else None
-    runner = LayerStreamingRunner(config, units, pipeline, kv_policy, device, device_clock(device), stages, graphs)
+    runner = StreamingModel(config, units, pipeline, kv_policy, device, device_clock(device), stages, graphs)
     # What stays and what streams is the plan's to say (harness.job.plan), with the bytes and time it predicts.
     plan = ResidencyPlan(resident, resident_bytes, resident_load_s, residency.active)
     planned = context_bytes + need["total"] + (draft.bytes if draft is not None else 0) + resident_bytes
@@ -248,7 +248,7 @@ def generate(
     )
 
 
-def fresh_runner(streamer: Streamer) -> LayerStreamingRunner:
+def fresh_runner(streamer: Streamer) -> StreamingModel:
     """A runner on the same pipeline with its own timeline, so extra passes do not count as the run's."""
     r = streamer.runner
-    return LayerStreamingRunner(r.config, r.units, r.pipeline, r.kv_policy, r.device, r.clock, r.stages)
+    return StreamingModel(r.config, r.units, r.pipeline, r.kv_policy, r.device, r.clock, r.stages)

@@ -48,7 +48,7 @@ def measure_layer_compute_s(
     from transformers.cache_utils import DynamicCache
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
 
-    from harness.runner.streaming import causal_mask, forward_decoder
+    from harness.streaming.model import causal_mask, forward_decoder
 
     check_positive("seq_len", seq_len)
     device = indexed_device(device)
@@ -101,7 +101,7 @@ def measure_head_compute_s(config: LlamaConfig, device: torch.device, dtype: tor
     from torch import nn
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-    from harness.runner.streaming import forward_unit
+    from harness.streaming.model import forward_unit
 
     device = indexed_device(device)
     with init_empty_weights():

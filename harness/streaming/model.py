@@ -1,4 +1,4 @@
-"""The layer-streaming Llama-3 runner.
+"""The layer-streaming Llama-3 model.
 
 The model is never resident: transformers' own modules (embedding, LlamaDecoderLayer,
 RMSNorm, lm_head) are built once as weightless skeletons on the meta device, and each
@@ -26,9 +26,9 @@ from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRMS
 from harness.measurement.metrics import Clock
 from harness.measurement.profile import stage_range
 from harness.measurement.timeline import LayerEvent, StageClock, Timeline
-from harness.runner.graphs import DecodeGraphs
-from harness.runner.pipeline import LayerPipeline
-from harness.runner.skeleton import run_with_weights
+from harness.streaming.graphs import DecodeGraphs
+from harness.streaming.pipeline import LayerPipeline
+from harness.streaming.skeleton import run_with_weights
 from strategies.kv_cache.base import KVCachePolicy
 from strategies.layer import DeviceLayer
 
@@ -132,7 +132,7 @@ def forward_decoder(
     )
 
 
-class LayerStreamingRunner:
+class StreamingModel:
     def __init__(
         self,
         config: LlamaConfig,

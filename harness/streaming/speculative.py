@@ -13,7 +13,7 @@ import torch
 from transformers import Cache
 
 from harness.measurement.timeline import Timeline
-from harness.runner.streaming import Generation, LayerStreamingRunner
+from harness.streaming.model import Generation, StreamingModel
 
 
 @dataclass
@@ -48,8 +48,8 @@ def _argmax(logits: torch.Tensor) -> list[int]:
 
 
 def speculative_generate(
-    target: LayerStreamingRunner,
-    draft: LayerStreamingRunner,
+    target: StreamingModel,
+    draft: StreamingModel,
     prompt_ids: Sequence[int],
     max_new_tokens: int,
     k: int,

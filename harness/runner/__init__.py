@@ -1,1 +1,0 @@
-"""The layer-streaming runner and the strategy pipeline that feeds it."""

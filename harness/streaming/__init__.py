@@ -1,0 +1,1 @@
+"""The layer-streaming model and the strategy pipeline that feeds it."""
