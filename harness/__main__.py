@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import os
 import signal
@@ -17,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import strategies
 from harness.config import conf_dir, register_configs
+from harness.extras import install_line, installed
 
 
 @hydra.main(version_base="1.3", config_path=conf_dir(), config_name="config")
@@ -77,10 +77,9 @@ def missing_launcher(argv: list[str]) -> str | None:
     would only list the launchers it has, after the sweep's parent run exists)."""
     if not any(arg.lstrip("+") == "hydra/launcher=ray" for arg in argv):
         return None
-    if importlib.util.find_spec("hydra_plugins.hydra_ray_launcher") is not None:
+    if installed("hydra_plugins.hydra_ray_launcher"):
         return None
-    return ("hydra/launcher=ray needs Hydra's Ray launcher: pip install 'layerbench[ray]' "
-            "(or pip install -e '.[ray]' in a checkout)")
+    return f"hydra/launcher=ray needs Hydra's Ray launcher: {install_line('ray')}"
 
 
 if __name__ == "__main__":

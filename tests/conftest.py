@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -9,6 +10,28 @@ from omegaconf import OmegaConf
 from transformers import LlamaConfig
 
 from harness.config import Config, compose_config
+from harness.extras import installed
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--require-extras", action="store_true",
+        help="fail, instead of skipping, a test marked `extra` whose module or program is missing (CI's second "
+             "stage, after installing every extra)",
+    )
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """`@pytest.mark.extra(module=..., program=..., install=...)`: the test needs an optional extra; without it the
+    test skips, naming the line that installs it."""
+    for mark in item.iter_markers("extra"):
+        module, program = mark.kwargs.get("module"), mark.kwargs.get("program")
+        if (module is None or installed(module)) and (program is None or shutil.which(program)):
+            continue
+        reason = f"needs {module or program}: {mark.kwargs['install']}"
+        if item.config.getoption("--require-extras"):
+            pytest.fail(f"{reason} (--require-extras: every extra should be installed here)", pytrace=False)
+        pytest.skip(reason)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

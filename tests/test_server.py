@@ -3,7 +3,6 @@ the sweep's jobs run by Ray (hydra/launcher=ray); an unreachable server fails in
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
 import shutil
@@ -23,6 +22,8 @@ from mlflow import MlflowClient
 from harness.tracking.client import FAILURE_REASON_TAG, RunTracker, TrackingServerUnreachable
 
 ROOT = Path(__file__).resolve().parents[1]
+NEEDS_RAY = pytest.mark.extra(module="hydra_plugins.hydra_ray_launcher", install="pip install -e '.[ray]'")
+NEEDS_POSTGRES = pytest.mark.extra(program="initdb", install="apt-get install postgresql (its initdb on PATH)")
 
 
 def free_port() -> int:
@@ -38,10 +39,6 @@ def postgres() -> Iterator[str]:
     initdb refuses to run as root, and CI runs as root: there the server runs as `nobody`, in a folder under
     /tmp that nobody may enter (pytest's own tmp folders are the owner's alone).
     """
-    if shutil.which("initdb") is None:
-        if os.environ.get("CI"):
-            pytest.fail("PostgreSQL's initdb is not on PATH")
-        pytest.skip("needs PostgreSQL's binaries (initdb, pg_ctl)")
     as_user = ["runuser", "-u", "nobody", "--"] if os.geteuid() == 0 else []
     folder = Path(tempfile.mkdtemp(prefix="layerbench-pg-", dir="/tmp"))
     if as_user:
@@ -99,10 +96,6 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A Ray cluster of one node with 2 CPUs, started apart from the sweep (`ray start --head`), as on a cluster
     whose workers never see the sweep's environment; stopped at the end. Token authentication is off on this
     loopback-only cluster."""
-    if importlib.util.find_spec("hydra_plugins.hydra_ray_launcher") is None:
-        if os.environ.get("CI"):
-            pytest.fail("the ray extra is not installed: .ci/run installs '.[test,airllm,ray]'")
-        pytest.skip("needs the ray extra: pip install -e '.[ray]'")
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("LAYERBENCH_")}
     env.update(PYTHONPATH=str(ROOT), RAY_AUTH_MODE="disabled")
@@ -128,6 +121,8 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
+@NEEDS_RAY
+@NEEDS_POSTGRES
 def test_a_ray_sweep_logs_to_a_tracking_server_as_to_sqlite(server: str, ray_cluster: str, tmp_path: Path) -> None:
     """Four jobs through hydra/launcher=ray on a running cluster, two at once, each in its own worker process;
     every child, its metrics and artifacts under one FINISHED parent on the server."""
@@ -167,6 +162,7 @@ def test_a_ray_sweep_logs_to_a_tracking_server_as_to_sqlite(server: str, ray_clu
     assert not (tmp_path / "mlflow.db").exists(), "nothing went to the local SQLite default"
 
 
+@NEEDS_RAY
 def test_sigterm_to_a_ray_sweep_ends_the_parent_and_its_running_jobs(ray_cluster: str, tmp_path: Path) -> None:
     """Ray's driver would abort on SIGTERM and leave every run RUNNING; the jobs die with the driver, unable to
     end their own runs: the parent ends them KILLED and itself FAILED, with the reasons."""

