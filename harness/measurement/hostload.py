@@ -3,9 +3,9 @@ CPU throttling, from the operating system's own counters (psutil, and the cgroup
 its CPU ran this process's Python, timed at each new token.
 
 On a GPU the host issues every copy, decode and kernel: a host slowed by a CPU quota or by a busy hypervisor
-slows the token, and the compute's issue time (`compute_issue_s`) alone cannot say which. On an H100 the
-8B's 4-bit prefetch run swung 0.095-0.177 s a token from job to job, all of it in the compute's issue.
-Each figure is absent where its counter is (no cgroup CPU controller, say), never 0.
+slows the token, and the compute's issue time (`compute_issue_s`) alone cannot say which; these figures tell
+the causes apart (docs/findings.md has what they showed). Each figure is absent where its counter is (no cgroup
+CPU controller, say), never 0.
 """
 
 from __future__ import annotations
@@ -50,25 +50,21 @@ def cpu_quota_cores(cgroup: Path = CGROUP) -> float | None:
     return None if quota_us < 0 else quota_us / period_us
 
 
-# A fixed pure-Python loop: 16-40 us on this project's 2-core machine, about 1% of the tiny model's per-token time
-# at most and far less of a real model's (it runs between tokens, inside the timed span).
+# A fixed pure-Python loop, tens of microseconds: small beside even the tiny model's per-token time and far smaller
+# beside a real model's (it runs between tokens, inside the timed span).
 LOOP_ITERATIONS = 1000
 
 
 def loop_s() -> float:
     """Seconds the fixed loop took: a vCPU slowed by its neighbours (a busy sibling core, the host's clocks) shows
-    here though it steals nothing. On this machine, SmolLM2 from RAM, same code and options throughout: in one run of
-    seven jobs, generations whose median loop took 24-26 us ran at 44-51 ms a token and those at 34-42 us at 55-72
-    ms; over 18 more generations the loop and the per-token time correlated at 0.77, not one to one. The thread's
-    CPU time for the loop rose with its wall time (0.86-0.92 of it throughout): the CPU ran slower, it was not taken
-    away."""
+    here though it steals nothing, and its per-token time slows with it."""
     t0 = time.perf_counter()
     sum(range(LOOP_ITERATIONS))
     return time.perf_counter() - t0
 
 
-# Above this, a job's generations and transformers' reference ran on a host of different speeds (the fast and slow
-# states of this machine differ by about 1.5x; the median of ten loops varies by a few percent within one).
+# Above this, a job's generations and transformers' reference ran on a host of different speeds: well above the
+# median loop's spread within one state of the host, well below the gap between its fast and slow states.
 HOST_SPEED_TOLERANCE = 0.2
 
 

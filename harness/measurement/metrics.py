@@ -1,4 +1,4 @@
-"""Timing and the metric arithmetic of DESIGN.md, kept free of I/O so it can run on a fake clock."""
+"""Timing and the metric arithmetic of docs/metrics.md, kept free of I/O so it can run on a fake clock."""
 
 from __future__ import annotations
 

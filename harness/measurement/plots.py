@@ -1,6 +1,6 @@
 """PNG artifacts: one pass's timeline (stages per layer, overlap visible) and per-token latency.
 
-matplotlib is imported when a plot is drawn, not with the job (about a second here), and drawn on
+matplotlib is imported when a plot is drawn, not with the job (its import takes about a second), and drawn on
 an Agg canvas of its own: no pyplot global state, no display needed on CI or a GPU box.
 """
 

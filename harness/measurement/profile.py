@@ -30,10 +30,10 @@ OPS_FILE = "ops.txt"
 TOP_OPS = 25
 STAGES = ("load", "decode", "compute")  # the named ranges, one of each per unit and pass
 DEVICE_EVENTS = ("kernel", "gpu_memcpy", "gpu_memset")  # the trace's categories for work on a CUDA stream
-GAP_US = 50  # an idle stretch on a stream longer than this is a gap (a layer's copy on an H100 takes ~2,300 us)
+GAP_US = 50  # an idle stretch on a stream longer than this is a gap (a streamed layer's copy takes milliseconds)
 
-# Set only while `record` runs: a named range costs about 12 us even when no profiler records (about 1 ms a
-# token over a 30-layer model's three ranges a unit), and torch's own "is a profiler on" flag does not see
+# Set only while `record` runs: a named range costs microseconds even when no profiler records (three ranges a
+# unit add up over a pass), and torch's own "is a profiler on" flag does not see
 # one that records every thread.
 _recording = False
 

@@ -26,7 +26,7 @@ def figure(label: str = "") -> Any:
 
 @dataclass
 class RunReport:
-    # --- tokens (DESIGN.md's definitions; the mean over repeats)
+    # --- tokens (docs/metrics.md's definitions; the mean over repeats)
     ttft_s: float | None = figure("time to first token")
     tpot_s: float | None = figure("per-token latency (mean)")
     token_latency_p50_s: float | None = figure("per-token latency p50")

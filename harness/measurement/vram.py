@@ -122,8 +122,8 @@ class VramMonitor:
                     torch.cuda.memory._set_allocator_settings(f"expandable_segments:{self.expandable_segments}")
                 except (AttributeError, RuntimeError) as exc:  # a private API: a torch without it runs as before
                     log.warning("vram.expandable_segments=%s not applied (%s)", self.expandable_segments, exc)
-            # Blocks an earlier job of this process left in the caching allocator are not context: on an H100, a
-            # 4-bit job run after a bf16 one in the same process measured 3.6 GiB of "context" and was refused.
+            # Blocks an earlier job of this process left in the caching allocator are not context: counted as such,
+            # they would shrink a later job's allocator cap, or refuse the job.
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(self.device)
         self.probe = default_probe(self.device)

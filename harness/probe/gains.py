@@ -18,10 +18,10 @@ log = logging.getLogger(__name__)
 def untried_gains(
     device: torch.device, scratch: Path, size_bytes: int, buffered_bytes_per_s: float
 ) -> dict[str, float | str | None]:
-    """What two unbuilt parts of the speed work would gain here, measured before building them: a cold read
-    with O_DIRECT against the buffered one the disk cache does (`buffered_bytes_per_s`: the probe's, just made
-    on a file of the same size), and decoding into a reused buffer against allocating each decoded weight
-    (CUDA only: bitsandbytes has no CPU kernel that decodes into a buffer)."""
+    """What two options the streaming path does not take would gain here, so that neither is built unless it
+    pays: a cold read with O_DIRECT against the buffered one the disk cache does (`buffered_bytes_per_s`: the
+    probe's, just made on a file of the same size), and decoding into a reused buffer against allocating each
+    decoded weight (CUDA only: bitsandbytes has no CPU kernel that decodes into a buffer)."""
     from harness.probe.links import dequant_rates, direct_read_rate
 
     gains: dict[str, float | str | None] = {}
@@ -43,9 +43,9 @@ def decode_waits(device: torch.device, model: str, repeats: int = 3) -> dict[str
     and dtype) while the layer's copy is still in flight, two ways, best of `repeats`:
 
     - `record_per_call`: each weight's quant-state record read from the device tensors every call, as
-      bitsandbytes' `QuantState.from_dict` does (the codecs' way until the record was kept): on CUDA each read
-      is a copy to the host that waits for the copy in flight and every decode before it;
-    - `record_kept`: the codec as it is, whose records were read once, before.
+      bitsandbytes' `QuantState.from_dict` does: on CUDA each read is a copy to the host that waits for the copy
+      in flight and every decode before it;
+    - `record_kept`: the codec's way, each record read once, before the timed calls.
 
     The copy in flight is the layer's stored bytes, host to device from pinned memory, on a stream of its own
     that the decode stream waits for, as in prefetch=on. On the CPU nothing is in flight: both are host work."""

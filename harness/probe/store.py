@@ -150,8 +150,8 @@ def load_or_measure_layer_compute_s(
 ) -> float:
     """`measure_layer_compute_s`, cached beside the link rates per host, device, geometry, dtype and seq_len.
 
-    Measured once, the floor stays put between runs; re-measured in every run, it moved by about 15%
-    on a shared CPU, and that noise went straight into every floor ratio.
+    Measured once, the floor stays put between runs; re-measured in every run, a shared host's noise would go
+    straight into every floor ratio.
     """
     geometry = {
         key: getattr(config, key)

@@ -1,27 +1,22 @@
-"""runner.cuda_graph: each decoder layer's one-token step replayed as a CUDA graph (item 3's option).
+"""runner.cuda_graph: each decoder layer's one-token step replayed as a CUDA graph.
 
-Eager, a decode step of transformers' LlamaDecoderLayer is 55 aten ops (views included; counted with a dispatch
-mode on the CPU), each issued by the host: on an H100 the 8B's 4-bit prefetch run swung 0.095-0.177 s a token
-from job to job, all of it in the compute's issue, with the compute stream idle between kernels. A graph replays
-a layer's kernels in one launch.
+Eager, a decode step of transformers' LlamaDecoderLayer is 55 aten ops (views included), each issued by the host,
+so a slow or contended host leaves the compute stream idle between kernels and sets the token's pace. A graph
+replays a layer's kernels in one launch, taking that issue off the host (docs/findings.md has the figures).
 
 A graph replays fixed addresses, so a decode pass runs on static buffers: the hidden state (each layer's output
 written back over its input), cos/sin, the positions and the mask (copied in once a pass), one decoder layer's
 weights, and transformers' StaticCache, whose layers keep their keys and values at fixed addresses and advance
 their own position on the device. Each layer's weights are copied into the static ones before its replay: 9
 device-to-device copies and a replay for the 55 ops, at the price of moving one decoded layer on the device each
-time (the 8B's 436 MB, `decoder_layer_bytes`: about 0.29 ms read and written at the 3.0 TB/s an H100 of the GPU
-machines was seen to copy at). Decoding straight into the static buffers (bitsandbytes' `out=`) would save that
-copy; it is not done. Each layer has its graph (its cache layer differs, and its skeleton's `layer_idx` names
-it); all share one memory pool. A layer runs eagerly at the first decode pass, on the same buffers, and its graph
-is captured then. The prefill, and any pass of more than one token, runs eagerly as always.
+time (`decoder_layer_bytes`, a fraction of a millisecond at device-memory bandwidth). Decoding straight into the
+static buffers (bitsandbytes' `out=`) would save that copy; it is not done. Each layer has its graph (its cache
+layer differs, and its skeleton's `layer_idx` names it); all share one memory pool. A layer runs eagerly at the
+first decode pass, on the same buffers, and its graph is captured then. The prefill, and any pass of more than one
+token, runs eagerly as always.
 
 A capture that fails (an op that cannot be captured, in some version of transformers) turns graphs off for the
 run with the reason in `failed`, and the run goes on eagerly: a finding, not a failed run.
-
-Measured on an H100 (torch 2.11, transformers 5.17), the 8B's 4-bit prefetch run from RAM: the host's time
-issuing a token's compute fell from 0.057-0.120 s to 0.012-0.018 s, and the run held 1.05-1.10x its copy floor
-in 7 of 7 jobs, against 1.07-1.65x eager in 14.
 """
 
 from __future__ import annotations

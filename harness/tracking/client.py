@@ -168,8 +168,8 @@ def _opened(open_store: Callable[[], Any], *, sqlite: bool, attempts: int = 5) -
     Our processes take turns through the lock beside the database, but another program (`mlflow ui`, a
     notebook's client) can be creating the same new store's tables at the same moment: then the loser's
     migration fails ("table ... already exists", "Online migration expected to match one row"), or reads a
-    table the winner has not migrated yet (AttributeError: a column MLflow's trace-analytics step looks up,
-    seen in CI as `dimension_attributes`). The store is whole once the winner is done, so the call is made again.
+    table the winner has not migrated yet (AttributeError: a column MLflow's trace-analytics step looks up, such
+    as `dimension_attributes`). The store is whole once the winner is done, so the call is made again.
     """
     from alembic.util.exc import CommandError
     from sqlalchemy.exc import OperationalError

@@ -1,10 +1,10 @@
 """A job's MLflow run, tracked from a process of its own so that MLflow's start overlaps the job's.
 
-Importing mlflow and opening its SQLAlchemy store take about 4 s here; importing the modeling code of
-transformers takes about as long. A single `python -m harness` did one after the other. Started first,
-this process opens the store on the other core while the job imports and builds, and the job waits for
-it only at `start`, when the run must exist. A sweep's jobs keep an in-process `RunTracker`: their
-driver has imported mlflow already, and a process per job would start it again each time.
+Importing mlflow and opening its SQLAlchemy store take seconds, about as long as importing the modeling
+code of transformers; in one process they would run one after the other. Started first, this process opens
+the store on another core while the job imports and builds, and the job waits for it only at `start`, when
+the run must exist. A sweep's jobs keep an in-process `RunTracker`: their driver has imported mlflow
+already, and a process per job would start it again each time.
 
 `TrackerProcess` has `RunTracker`'s methods. Each call waits for the child's answer, so an artifact's
 file may be deleted as soon as the call returns, and an error surfaces where the call was made. When the
@@ -136,5 +136,5 @@ if __name__ == "__main__":
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
     _serve(sys.stdin.buffer, answers)
     # Every call was answered and the run is ended; the interpreter's teardown of mlflow and SQLAlchemy
-    # (about 1 s here) would only keep the job waiting in `close`.
+    # (about a second) would only keep the job waiting in `close`.
     os._exit(0)

@@ -59,8 +59,8 @@ class BlockwiseCodec:
 
     A codec decodes one split: each weight's record is read once, at its first decode, and kept by
     (unit, weight). Reading it is the only host read of the stored bytes, and on CUDA a blocking
-    device-to-host copy: once per weight and pass, it made the prefetch worker wait for every layer's
-    copy and each dequantize before issuing the next (7 waits a layer), serialising copies and decodes.
+    device-to-host copy: read once per weight and pass, it would make the prefetch worker wait for each
+    layer's copy and every dequantize before it, serialising copies and decodes.
     """
 
     cfg: Any  # a config with `compress_embeddings`
