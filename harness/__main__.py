@@ -14,8 +14,7 @@ from hydra.types import RunMode
 from hydra.utils import to_absolute_path
 from omegaconf import DictConfig, OmegaConf
 
-import strategies
-from harness.config import conf_dir, register_configs
+from harness.config import GROUPS, conf_dir, register_configs
 from harness.extras import install_line, installed
 
 
@@ -38,10 +37,9 @@ def main(dcfg: DictConfig) -> None:
     try:
         # Imported here so `--help` and config errors answer before torch and transformers load.
         from harness.job.run import run_job
-        from harness.tracking.sweep import job_run_name, parent_run_id_for_job, sweep_keys_for_job
+        from harness.sweep import job_run_name, parent_run_id_for_job, sweep_keys_for_job
 
-        groups = ("model", "runner", "decoding", *strategies.FAMILIES)
-        choices = {group: hydra_cfg.runtime.choices[group] for group in groups}
+        choices = {group: hydra_cfg.runtime.choices[group] for group in GROUPS}
         overrides = list(hydra_cfg.overrides.task)
         run_job(
             cfg,
@@ -49,7 +47,7 @@ def main(dcfg: DictConfig) -> None:
             choices=choices,
             overrides=overrides,
             parent_run_id=parent_run_id_for_job(),
-            run_name=job_run_name(overrides, groups, sweep_keys_for_job()),
+            run_name=job_run_name(overrides, GROUPS, sweep_keys_for_job()),
             tracker=tracker,
         )
     finally:

@@ -8,6 +8,7 @@ a config (``--help``, ``--cfg job``, a bad value) answers before any heavy libra
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -27,8 +28,16 @@ MODEL_SOURCES = ("generated", "local", "gguf")
 DTYPES = ("bfloat16", "float16", "float32")
 DEVICES = ("auto", "cpu", "cuda")
 DECODINGS = ("greedy", "speculative")
-# What generates: layerbench's streaming runner, or a peer measured with the same ruler (harness/peers/).
+# What generates: layerbench's streaming runner, or a peer measured with the same ruler (harness/runners/).
 RUNNERS = ("layerbench", "transformers", "accelerate", "airllm")
+# The groups whose option a runner may or may not run (`Runner.supports`).
+OPTION_GROUPS = ("decoding", *strategies.FAMILIES)
+# Every config group a job's choices name: its params, its run name, the report's configuration columns.
+GROUPS = ("model", "runner", *OPTION_GROUPS)
+
+
+class RunnerUnavailable(RuntimeError):
+    """The runner cannot run here (an optional extra is missing) or cannot run these options."""
 
 
 @dataclass
@@ -152,9 +161,8 @@ class VramConfig:
     # The story's GPU: 4 GiB. Applies on CUDA only.
     cap_gib: float = 4.0
     # The caching allocator's expandable segments (CUDA only): each stream's memory one segment that grows and
-    # shrinks page by page, so memory one stream freed can serve another under the cap. With fixed segments, the
-    # 8B at 4-bit, prefetch depth 2, failed on an H100 asking for 32 MiB with 1.72 GiB reserved but unallocated.
-    # null: as the environment (PYTORCH_ALLOC_CONF) set it.
+    # shrinks page by page, so memory one stream freed can serve another under the cap (fixed segments can strand
+    # reserved memory that no other stream may use). null: as the environment (PYTORCH_ALLOC_CONF) set it.
     expandable_segments: bool | None = True
     # How often a background thread reads the process's device memory from NVML for the peak (CUDA only).
     sample_interval_s: float = 0.005
@@ -186,6 +194,8 @@ class ReferenceConfig:
 @dataclass
 class RunnerConfig:
     name: str = "layerbench"
+    # The Runner class that generates (harness/runners/); each conf/runner/ option names its own.
+    _target_: str = "harness.runners.layerbench.runner.LayerbenchRunner"
     # In a sweep: a runner whose optional extra is not installed, or that cannot run the chosen strategy
     # options, is skipped with a message instead of failing the sweep (conf/experiment/peers.yaml sets it).
     skip_unavailable: bool = False
@@ -212,6 +222,11 @@ class DecodingConfig:
     def __post_init__(self) -> None:
         check_choice("decoding.name", self.name, DECODINGS)
         check_positive("decoding.k", self.k)
+
+    @property
+    def drafts(self) -> bool:
+        """Whether a draft model proposes tokens for the target to verify (speculative decoding)."""
+        return self.name == "speculative"
 
 
 @dataclass
@@ -252,11 +267,11 @@ class Config:
 
     def __post_init__(self) -> None:
         check_choice("device", self.device, DEVICES)
-        if self.decoding.name == "speculative" and self.workload.do_sample:
+        if self.decoding.drafts and self.workload.do_sample:
             raise ValueError(
                 "decoding=speculative verifies greedy tokens: it needs workload.do_sample=false"
             )
-        if self.decoding.name == "speculative" and self.workload.batch_size > 1:
+        if self.decoding.drafts and self.workload.batch_size > 1:
             raise ValueError("decoding=speculative decodes one sequence: it needs workload.batch_size=1")
         if self.runner.cuda_graph and (self.kv_cache.name != "device" or self.decoding.name != "greedy"):
             raise ValueError(
@@ -273,12 +288,51 @@ class Config:
             residency=NoResidencyConfig(), decoding=DecodingConfig(),
         )
 
+    def runner_options(self, supports: Mapping[str, Sequence[str]] | None, explicit: set[str]) -> dict[str, Any]:
+        """The option, by group, that a runner runs: with `supports` None (it runs every option), this config's;
+        else, for each group it has a counterpart for, the option the command line chose (`explicit`) if it is
+        among `supports[group]`, else its own default, `supports[group][0]`. A group it has no counterpart for is
+        absent. Refused by name, with RunnerUnavailable, where the command line chose what it cannot run."""
+        if supports is None:
+            return {group: getattr(self, group) for group in OPTION_GROUPS}
+        runner, options = self.runner.name, {}
+        for group in OPTION_GROUPS:
+            chosen, allowed = getattr(self, group).name, supports.get(group)
+            if allowed is None:
+                if group in explicit:
+                    raise RunnerUnavailable(
+                        f"runner={runner} has no {group} strategy: {group}={chosen} does not apply to it; "
+                        f"drop {group}={chosen}, or run it with runner=layerbench"
+                    )
+                continue
+            if group in explicit and chosen not in allowed:
+                raise RunnerUnavailable(
+                    f"runner={runner} cannot run {group}={chosen}: it supports {group}={'|'.join(allowed)}; "
+                    "use one of those, or runner=layerbench"
+                )
+            options[group] = option_config(group, chosen if group in explicit else allowed[0])
+        return options
+
+
+def option_config(group: str, name: str) -> Any:
+    """A group's option config by its name, with its defaults."""
+    if group == "decoding":
+        return DecodingConfig(name=name)
+    return strategies.option_configs()[group][name]()
+
+
+def explicit_groups(overrides: Sequence[str]) -> set[str]:
+    """The option groups a command line (or a sweep) chose, from Hydra's task overrides; `decoding` always: a
+    runner's own default may replace how the weights travel, never which tokens come out."""
+    keys = {o.lstrip("+~").split("=", 1)[0] for o in overrides if "=" in o}
+    return {"decoding"} | {group for group in OPTION_GROUPS if group in keys}
+
 
 def register_configs() -> None:
     """Store the schema in Hydra's ConfigStore; conf/ yaml files extend these by name."""
     cs = ConfigStore.instance()
-    # Under schema/, not beside the options in their groups: a schema is no option (`compression=base_none`
-    # used to run, and every group's option list showed them).
+    # Under schema/, not beside the options in their groups: a schema is no option (else `compression=base_none`
+    # would run, and every group's option list would show the schemas).
     cs.store(name="base_config", node=Config)  # the primary config's schema: no group, no option
     cs.store(group="schema", name="model", node=ModelConfig)
     cs.store(group="schema", name="runner", node=RunnerConfig)

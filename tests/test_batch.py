@@ -13,11 +13,12 @@ from rich.console import Console
 from transformers import LlamaForCausalLM
 
 from harness.config import Config
-from harness.job.reference import generation_config, timed_generate
 from harness.job.run import run_job
-from harness.job.streamer import batch_prompt_ids, build_streamer, generate
 from harness.measurement.metrics import device_clock
+from harness.runners.hf import generation_config, timed_generate
+from harness.runners.layerbench.setup import build_setup, generate
 from harness.streaming.model import Sampler
+from harness.workload import batch_prompt_ids
 
 CPU = torch.device("cpu")
 PROMPTS = "[The history of computing began with,A short one,Once upon a time a machine learned to read and write]"
@@ -37,18 +38,18 @@ def test_each_sequence_of_a_batch_decodes_as_it_would_alone_and_as_transformers_
     # argmax (seen with 4-bit weights here: a 0.11 logit difference against a 0.06 margin). Exact in fp32.
     common = ("model.dtype=float32", "workload.max_new_tokens=6", "workload.stop_at_eos=false", *options)
     cfg = make_cfg(*common, "workload.batch_size=3", f"workload.prompts={PROMPTS}")
-    streamer = build_streamer(cfg, Path(cfg.paths.outputs), CPU)
-    batch = generate(streamer, cfg)
-    prompts = batch_prompt_ids(streamer.tokenizer, cfg.workload)
+    setup = build_setup(cfg, Path(cfg.paths.outputs), CPU)
+    batch = generate(setup, cfg)
+    prompts = batch_prompt_ids(setup.tokenizer, cfg.workload)
     assert len({len(p) for p in prompts}) == 3, "different lengths: the batch is left-padded"
     assert batch.prompts == prompts and len(batch.sequences) == 3 and batch.generated_ids == batch.sequences[0]
     sampler = Sampler(False, 1.0, 1.0, 0, CPU)
     for prompt, sequence in zip(prompts, batch.sequences, strict=True):
-        alone = streamer.runner.generate(prompt, 6, sampler)
+        alone = setup.model.generate(prompt, 6, sampler)
         assert sequence == alone.generated_ids
     if "compression=none" in options or not any(o.startswith("compression") for o in options):
         # transformers' batched generate with the same left padding, on the same weights.
-        model = LlamaForCausalLM.from_pretrained(streamer.ckpt_dir, attn_implementation="sdpa").eval()
+        model = LlamaForCausalLM.from_pretrained(setup.ckpt_dir, attn_implementation="sdpa").eval()
         reference, _, _ = timed_generate(model, prompts, generation_config(6, []), CPU, device_clock(CPU))
         assert batch.sequences == reference
 
@@ -56,11 +57,11 @@ def test_each_sequence_of_a_batch_decodes_as_it_would_alone_and_as_transformers_
 def test_a_sequence_ends_at_its_own_eos_and_the_batch_when_all_have(make_cfg: Callable[..., Config]) -> None:
     cfg = make_cfg("workload.max_new_tokens=8", "workload.stop_at_eos=false", "workload.batch_size=3",
                    f"workload.prompts={PROMPTS}")
-    streamer = build_streamer(cfg, Path(cfg.paths.outputs), CPU)
-    free = generate(streamer, cfg).sequences
+    setup = build_setup(cfg, Path(cfg.paths.outputs), CPU)
+    free = generate(setup, cfg).sequences
     eos = free[1][2]  # the middle sequence's third token ends it; the others end at its first occurrence, if any
     sampler = Sampler(False, 1.0, 1.0, 0, CPU)
-    stopped = streamer.runner.generate_batch(batch_prompt_ids(streamer.tokenizer, cfg.workload), 8, sampler, [eos])
+    stopped = setup.model.generate_batch(batch_prompt_ids(setup.tokenizer, cfg.workload), 8, sampler, [eos])
 
     def cut(sequence: list[int]) -> list[int]:
         return sequence[: sequence.index(eos) + 1] if eos in sequence else sequence
@@ -76,8 +77,8 @@ def test_batch_prompts_are_validated_and_default_to_cuts_of_the_shipped_text(mak
     with pytest.raises(ValueError, match="workload.batch_size=0"):
         make_cfg("workload.batch_size=0")
     cfg = make_cfg("workload.batch_size=4", "workload.prompt_tokens=12")
-    streamer = build_streamer(cfg, Path(cfg.paths.outputs), CPU)
-    prompts = batch_prompt_ids(streamer.tokenizer, cfg.workload)
+    setup = build_setup(cfg, Path(cfg.paths.outputs), CPU)
+    prompts = batch_prompt_ids(setup.tokenizer, cfg.workload)
     assert len(prompts) == 4 and {len(p) for p in prompts} == {12} and len({tuple(p) for p in prompts}) == 4
 
 

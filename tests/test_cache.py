@@ -15,7 +15,7 @@ from transformers import LlamaForCausalLM
 import harness.streaming.pipeline as pipeline_mod
 import strategies.cache.files as files_mod
 import strategies.cache.ram as ram_mod
-from harness.job.streamer import build_streamer, generate
+from harness.runners.layerbench.setup import build_setup, generate
 from harness.streaming.pipeline import PackedLayout, copy_to
 from strategies.cache.files import FileLayout, PinnedRing, make_resident, read_layer_file, read_packed
 
@@ -32,9 +32,9 @@ def _file_mappings() -> list[tuple[int, int, str]]:
 
 def test_a_layer_is_read_without_a_copy(make_cfg) -> None:
     cfg = make_cfg()
-    layout = build_streamer(cfg, Path(cfg.paths.outputs), torch.device("cpu")).layout
+    layout = build_setup(cfg, Path(cfg.paths.outputs), torch.device("cpu")).layout
     path = layout.file("layers.00")
-    tensors = read_layer_file(path, "warm")
+    tensors = read_layer_file(path, cold=False)
     mappings = _file_mappings()
     for name, t in tensors.items():
         owners = [file for lo, hi, file in mappings if lo <= t.data_ptr() < hi]
@@ -43,10 +43,10 @@ def test_a_layer_is_read_without_a_copy(make_cfg) -> None:
 
 def test_touching_pages_is_the_fallback_and_reads_the_same(make_cfg, monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = make_cfg()
-    layout = build_streamer(cfg, Path(cfg.paths.outputs), torch.device("cpu")).layout
-    populated = read_layer_file(layout.file("layers.01"), "cold")
+    layout = build_setup(cfg, Path(cfg.paths.outputs), torch.device("cpu")).layout
+    populated = read_layer_file(layout.file("layers.01"), cold=True)
     monkeypatch.setattr(files_mod._populate, "works", False)
-    touched = read_layer_file(layout.file("layers.01"), "cold")
+    touched = read_layer_file(layout.file("layers.01"), cold=True)
     assert populated.keys() == touched.keys() and all(torch.equal(populated[k], touched[k]) for k in populated)
 
 
@@ -68,13 +68,13 @@ def test_only_an_embedding_stored_plain_that_no_other_unit_reads_whole_is_looked
     make_cfg, cache: str, compression: str, extra: tuple[str, ...], on_cpu: bool, on_cuda: bool
 ) -> None:
     cfg = make_cfg(f"cache={cache}", f"compression={compression}", *extra)
-    streamer = build_streamer(cfg, Path(cfg.paths.outputs), torch.device("cpu"))
-    pipeline = streamer.pipeline
+    setup = build_setup(cfg, Path(cfg.paths.outputs), torch.device("cpu"))
+    pipeline = setup.pipeline
     assert pipeline.looks_up_on_host("embed") is on_cpu
     # The decision alone, as on a GPU machine; nothing here touches a device.
     pipeline.device = torch.device("cuda")
     assert pipeline.looks_up_on_host("embed") is on_cuda
-    assert not any(pipeline.looks_up_on_host(u) for u in streamer.layout.units if u != "embed")
+    assert not any(pipeline.looks_up_on_host(u) for u in setup.layout.units if u != "embed")
     pipeline.resident["embed"] = {}  # a resident table is on the device already
     assert not pipeline.looks_up_on_host("embed")
 
@@ -82,13 +82,13 @@ def test_only_an_embedding_stored_plain_that_no_other_unit_reads_whole_is_looked
 @pytest.mark.parametrize("cache", ["disk", "ram"])
 def test_tied_embeddings_are_read_once_per_pass(make_cfg, cache: str) -> None:
     cfg = make_cfg(f"cache={cache}", TIED, "workload.max_new_tokens=3")
-    streamer = build_streamer(cfg, Path(cfg.paths.outputs), torch.device("cpu"))
-    layout = streamer.layout
+    setup = build_setup(cfg, Path(cfg.paths.outputs), torch.device("cpu"))
+    layout = setup.layout
     assert layout.readers("lm_head") == layout.readers("embed") == 2 and layout.readers("norm") == 1
     every_file_once = sum(layout.file_bytes(u) for u in layout.units if u != "lm_head")
-    cache_impl = streamer.pipeline.cache
+    cache_impl = setup.pipeline.cache
     before = cache_impl.bytes_read
-    generate(streamer, cfg)
+    generate(setup, cfg)
     first_pass = every_file_once
     later_passes = every_file_once if cache == "disk" else 0
     assert cache_impl.bytes_read - before == first_pass + 2 * later_passes
@@ -112,17 +112,17 @@ def test_an_untied_table_read_every_pass_is_mapped_and_only_its_rows_are_read(ma
     # A table of 32768 rows (8 MB) of which the tokenizer's ids use the first 1024: a whole read would show.
     cfg = make_cfg("cache=disk", "cache.page_cache=cold", "+model.config_overrides.vocab_size=32768",
                    "workload.max_new_tokens=4", "workload.stop_at_eos=false")
-    streamer = build_streamer(cfg, Path(cfg.paths.outputs), torch.device("cpu"))
-    layout, cache_impl = streamer.layout, streamer.pipeline.cache
-    assert streamer.config.vocab_size == 32768 and layout.readers("embed") == 1
+    setup = build_setup(cfg, Path(cfg.paths.outputs), torch.device("cpu"))
+    layout, cache_impl = setup.layout, setup.pipeline.cache
+    assert setup.config.vocab_size == 32768 and layout.readers("embed") == 1
     before = cache_impl.bytes_read
-    gen = generate(streamer, cfg)
+    gen = generate(setup, cfg)
     # Every other file once a pass (dropped from the page cache first); the table by the lookup's page faults.
     table = layout.file_bytes("embed")
     assert cache_impl.bytes_read - before == 4 * (layout.files_bytes(layout.units) - table)
     assert resident_fraction(layout.file("embed")) < 0.1
     assert resident_fraction(layout.file("layers.00")) == 1.0  # the check can see a file that was read
-    model = LlamaForCausalLM.from_pretrained(streamer.ckpt_dir, attn_implementation="sdpa").eval()
+    model = LlamaForCausalLM.from_pretrained(setup.ckpt_dir, attn_implementation="sdpa").eval()
     out = model.generate(torch.tensor([gen.prompt_ids]), max_new_tokens=4, do_sample=False, eos_token_id=None)
     assert gen.generated_ids == out[0, len(gen.prompt_ids):].tolist()
 
@@ -149,7 +149,7 @@ def test_a_cold_disk_run_is_held_against_a_plain_read_of_its_files(make_cfg) -> 
 @pytest.mark.parametrize("compression", ["none", "8bit", "4bit"])
 def test_a_packed_read_holds_the_files_tensors_in_one_buffer(make_cfg, compression: str) -> None:
     cfg = make_cfg(f"compression={compression}")
-    layout = build_streamer(cfg, Path(cfg.paths.outputs), torch.device("cpu")).layout
+    layout = build_setup(cfg, Path(cfg.paths.outputs), torch.device("cpu")).layout
     for unit in layout.units:
         path = layout.file(unit)
         expected = load_file(path)
@@ -205,15 +205,15 @@ def test_layers_copied_as_on_cuda_generate_as_the_mapped_path(make_cfg, monkeypa
     mapped path, which the reference matrix checks."""
     cfg = make_cfg(f"cache={cache}", "compression=4bit", "prefetch=on", "workload.max_new_tokens=4",
                    "workload.stop_at_eos=false")
-    on_the_cpu = build_streamer(cfg, Path(cfg.paths.outputs), torch.device("cpu"))
+    on_the_cpu = build_setup(cfg, Path(cfg.paths.outputs), torch.device("cpu"))
     mapped = generate(on_the_cpu, cfg, keep_logits=True)
     assert on_the_cpu.pipeline._layouts == {}, "nothing is copied on the CPU: no layout is looked for"
-    streamer = build_streamer(cfg, Path(cfg.paths.outputs), torch.device("cpu"))
+    setup = build_setup(cfg, Path(cfg.paths.outputs), torch.device("cpu"))
     # What a CUDA device gets, but not pinned: pinning needs CUDA.
     if cache == "disk":
-        streamer.pipeline.cache._ring = PinnedRing(2, torch.device("cpu"))
+        setup.pipeline.cache._ring = PinnedRing(2, torch.device("cpu"))
     else:
-        def read_packed_unpinned(path: Path, page_cache: str, pin: bool = False) -> dict[str, torch.Tensor]:
+        def read_packed_unpinned(path: Path, cold: bool, pin: bool = False) -> dict[str, torch.Tensor]:
             layout = FileLayout.of(path)
             return read_packed(path, layout, torch.empty(layout.data_bytes, dtype=torch.uint8))
 
@@ -226,12 +226,12 @@ def test_layers_copied_as_on_cuda_generate_as_the_mapped_path(make_cfg, monkeypa
         return pipeline_mod.copy_to(stored, device, layout)
 
     monkeypatch.setattr(pipeline_mod, "to_device", copy_always)
-    copied = generate(streamer, cfg, keep_logits=True)
+    copied = generate(setup, cfg, keep_logits=True)
     assert copied.generated_ids == mapped.generated_ids
     assert all(torch.equal(a, b) for a, b in zip(copied.logits, mapped.logits, strict=True))
     assert "packed" in copies
-    layouts = streamer.pipeline._layouts
-    assert all(layouts[f"layers.{i:02d}"] is not None for i in range(streamer.config.num_hidden_layers))
+    layouts = setup.pipeline._layouts
+    assert all(layouts[f"layers.{i:02d}"] is not None for i in range(setup.config.num_hidden_layers))
 
 
 def test_the_ring_hands_out_its_slots_in_turn_and_grows_them() -> None:
@@ -249,21 +249,21 @@ def test_disk_cache_through_staging_slots_generates_as_the_mapped_path(make_cfg,
     same tokens and logits as the mapped path, which the reference matrix checks against transformers."""
     cfg = make_cfg("cache=disk", "compression=4bit", f"prefetch={prefetch}", "workload.max_new_tokens=4",
                    "+model.config_overrides.tie_word_embeddings=true", "workload.stop_at_eos=false")
-    mapped = generate(build_streamer(cfg, Path(cfg.paths.outputs), torch.device("cpu")), cfg, keep_logits=True)
-    streamer = build_streamer(cfg, Path(cfg.paths.outputs), torch.device("cpu"))
-    cache = streamer.pipeline.cache
+    mapped = generate(build_setup(cfg, Path(cfg.paths.outputs), torch.device("cpu")), cfg, keep_logits=True)
+    setup = build_setup(cfg, Path(cfg.paths.outputs), torch.device("cpu"))
+    cache = setup.pipeline.cache
     cache._ring = PinnedRing(2, torch.device("cpu"))  # what a CUDA device gets; pinning is off on the CPU
-    staged = generate(streamer, cfg, keep_logits=True)
+    staged = generate(setup, cfg, keep_logits=True)
     assert staged.generated_ids == mapped.generated_ids
     assert all(torch.equal(a, b) for a, b in zip(staged.logits, mapped.logits, strict=True))
-    assert set(cache._own_slot) == {streamer.layout.file("embed")}, "the tied file has its own slot"
-    assert 0 < cache.bytes_held <= 2 * max(streamer.layout.file_bytes(u) for u in streamer.layout.units) + \
-        streamer.layout.file_bytes("embed")
+    assert set(cache._own_slot) == {setup.layout.file("embed")}, "the tied file has its own slot"
+    assert 0 < cache.bytes_held <= 2 * max(setup.layout.file_bytes(u) for u in setup.layout.units) + \
+        setup.layout.file_bytes("embed")
 
 
 def test_a_kept_mapping_is_scanned_and_populated_only_where_pages_are_missing(make_cfg, monkeypatch) -> None:
     cfg = make_cfg("cache=disk")
-    path = build_streamer(cfg, Path(cfg.paths.outputs), torch.device("cpu")).layout.file("layers.00")
+    path = build_setup(cfg, Path(cfg.paths.outputs), torch.device("cpu")).layout.file("layers.00")
     files_mod.drop_page_cache(path)
     # A plain mapping of the cold file (safetensors' own load reads the pages in as it maps them).
     with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) as mapped:

@@ -18,8 +18,8 @@ from sqlalchemy.exc import OperationalError
 
 from harness.config import Config
 from harness.files import exclusive_lock
-from harness.job.streamer import build_streamer
-from harness.peers.base import PEERS
+from harness.job.run import run_job
+from harness.runners.layerbench.setup import build_setup
 from harness.tracking.process import ORPHANED
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,19 +32,11 @@ def test_a_workload_longer_than_the_models_positions_is_refused_before_the_split
     # The tiny model has 2,048 positions; the split root is fresh, so a split would show as files.
     cfg = make_cfg(f"runner={runner}", "workload.max_new_tokens=100000", f"split.dir={tmp_path / 'splits'}")
     with pytest.raises(ValueError, match=r"over model 'tiny''s maximum of 2048 .*workload.max_new_tokens <= 20\d\d"):
-        if runner == "layerbench":
-            build_streamer(cfg, Path(cfg.paths.outputs), torch.device("cpu"))
-        else:
-            from rich.console import Console
-
-            from harness.peers.job import run_peer
-
-            run_peer(cfg, PEERS[runner], {"kv_cache": "device"}, Path(cfg.paths.outputs), torch.device("cpu"),
-                     Console(quiet=True))
+        run_job(cfg, {}, choices={"runner": runner}, overrides=[f"runner={runner}"])
     assert not (tmp_path / "splits").exists()
     long_prompt = make_cfg("workload.prompt_tokens=2040", "workload.max_new_tokens=9", f"split.dir={tmp_path / 's'}")
     with pytest.raises(ValueError, match=r"the prompt \(2040 tokens\)"):
-        build_streamer(long_prompt, Path(long_prompt.paths.outputs), torch.device("cpu"))
+        build_setup(long_prompt, Path(long_prompt.paths.outputs), torch.device("cpu"))
 
 
 @pytest.mark.parametrize(
@@ -112,7 +104,7 @@ def test_a_job_made_to_exit_closes_its_run_killed(
     def exit_mid_run(*args: object, **kwargs: object) -> None:
         raise SystemExit("the worker is exiting")
 
-    monkeypatch.setattr(run_module, "stream_job", exit_mid_run)
+    monkeypatch.setattr(run_module, "measure", exit_mid_run)
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     cfg = make_cfg("tracking.enabled=true", f"tracking.uri={uri}", "probe.enabled=false")
     with pytest.raises(SystemExit):

@@ -12,7 +12,7 @@ import torch
 from test_runner_reference import TOLERANCE, reference_generate
 
 from harness.job.run import run_job
-from harness.job.streamer import build_streamer, generate
+from harness.runners.layerbench.setup import build_setup, generate
 from harness.streaming.graphs import CudaGraphReplay, DecodeGraphs
 from harness.streaming.model import forward_decoder
 
@@ -38,20 +38,20 @@ class RerunReplay:
 def test_decode_passes_replay_each_layers_step_as_transformers_static_generate(make_cfg, extra: list[str]) -> None:
     cfg = make_cfg("runner.cuda_graph=true", f"workload.max_new_tokens={NEW_TOKENS}", "workload.stop_at_eos=false",
                    *extra)
-    streamer = build_streamer(cfg, Path(cfg.paths.outputs), torch.device("cpu"))
-    graphs = streamer.runner.graphs = DecodeGraphs(forward_decoder, make_replay=RerunReplay)
-    first = generate(streamer, cfg, keep_logits=True)
-    layers = streamer.config.num_hidden_layers
+    setup = build_setup(cfg, Path(cfg.paths.outputs), torch.device("cpu"))
+    graphs = setup.model.graphs = DecodeGraphs(forward_decoder, make_replay=RerunReplay)
+    first = generate(setup, cfg, keep_logits=True)
+    layers = setup.config.num_hidden_layers
     assert graphs.failed is None and sorted(graphs.graphs) == list(range(layers))
     # The first decode pass ran eagerly and captured; the other passes replayed.
     assert [g.replays for g in graphs.graphs.values()] == [NEW_TOKENS - 2] * layers
-    again = generate(streamer, cfg, keep_logits=True)  # the same cache, reset: the graphs replay from its start
+    again = generate(setup, cfg, keep_logits=True)  # the same cache, reset: the graphs replay from its start
     assert again.generated_ids == first.generated_ids
     assert all(torch.equal(a, b) for a, b in zip(again.logits, first.logits, strict=True))
     assert [g.replays for g in graphs.graphs.values()] == [2 * NEW_TOKENS - 3] * layers
     if "compression=4bit" in extra:  # lossy: transformers' reference would run the uncompressed weights
         return
-    ref_ids, ref_logits = reference_generate(streamer.ckpt_dir, first.prompt_ids, NEW_TOKENS, "static")
+    ref_ids, ref_logits = reference_generate(setup.ckpt_dir, first.prompt_ids, NEW_TOKENS, "static")
     assert first.generated_ids == ref_ids
     dtype = torch.float32 if "model.dtype=float32" in extra else torch.bfloat16
     for step, (ours, ref) in enumerate(zip(first.logits, ref_logits, strict=True)):
@@ -65,23 +65,23 @@ def test_a_capture_that_fails_leaves_the_run_eager_with_the_reason(make_cfg) -> 
             raise RuntimeError("operation not permitted when stream is capturing")
 
     cfg = make_cfg("runner.cuda_graph=true", f"workload.max_new_tokens={NEW_TOKENS}", "workload.stop_at_eos=false")
-    streamer = build_streamer(cfg, Path(cfg.paths.outputs), torch.device("cpu"))
-    graphs = streamer.runner.graphs = DecodeGraphs(forward_decoder, make_replay=Refused)
-    graphed = generate(streamer, cfg, keep_logits=True)
+    setup = build_setup(cfg, Path(cfg.paths.outputs), torch.device("cpu"))
+    graphs = setup.model.graphs = DecodeGraphs(forward_decoder, make_replay=Refused)
+    graphed = generate(setup, cfg, keep_logits=True)
     assert graphs.graphs == {} and "capturing layer 0: RuntimeError: operation not permitted" in graphs.failed
     plain = make_cfg(f"workload.max_new_tokens={NEW_TOKENS}", "workload.stop_at_eos=false")
-    eager = generate(build_streamer(plain, Path(plain.paths.outputs), torch.device("cpu")), plain, keep_logits=True)
+    eager = generate(build_setup(plain, Path(plain.paths.outputs), torch.device("cpu")), plain, keep_logits=True)
     assert graphed.generated_ids == eager.generated_ids
 
 
 def test_another_length_gets_a_new_cache_and_new_graphs(make_cfg) -> None:
     cfg = make_cfg("runner.cuda_graph=true", "workload.max_new_tokens=4", "workload.stop_at_eos=false")
-    streamer = build_streamer(cfg, Path(cfg.paths.outputs), torch.device("cpu"))
-    graphs = streamer.runner.graphs = DecodeGraphs(forward_decoder, make_replay=RerunReplay)
-    generate(streamer, cfg)
+    setup = build_setup(cfg, Path(cfg.paths.outputs), torch.device("cpu"))
+    graphs = setup.model.graphs = DecodeGraphs(forward_decoder, make_replay=RerunReplay)
+    generate(setup, cfg)
     cache, captured = graphs._cache, dict(graphs.graphs)
     cfg.workload.max_new_tokens = 6
-    generate(streamer, cfg)
+    generate(setup, cfg)
     assert graphs._cache is not cache, "a longer generation needs a longer static cache"
     assert all(graphs.graphs[i] is not captured[i] for i in captured), "graphs of the old cache are dropped"
 
@@ -114,10 +114,10 @@ def test_cuda_graphs_replay_as_the_eager_static_cache_run(make_cfg, prefetch: st
                    f"workload.max_new_tokens={NEW_TOKENS}", "workload.stop_at_eos=false")
     runs = {}
     for replay in (RerunReplay, CudaGraphReplay):
-        streamer = build_streamer(cfg, Path(cfg.paths.outputs), cuda)
-        graphs = streamer.runner.graphs = DecodeGraphs(forward_decoder, make_replay=replay)
-        generate(streamer, cfg)  # the captures
-        runs[replay] = generate(streamer, cfg, keep_logits=True)
+        setup = build_setup(cfg, Path(cfg.paths.outputs), cuda)
+        graphs = setup.model.graphs = DecodeGraphs(forward_decoder, make_replay=replay)
+        generate(setup, cfg)  # the captures
+        runs[replay] = generate(setup, cfg, keep_logits=True)
         assert graphs.failed is None, graphs.failed
     ours, stand_in = runs[CudaGraphReplay], runs[RerunReplay]
     assert ours.generated_ids == stand_in.generated_ids

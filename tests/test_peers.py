@@ -17,44 +17,63 @@ from rich.console import Console
 from transformers import LlamaConfig
 
 from harness.checkpoints.generated import ensure_checkpoint
-from harness.config import Config
+from harness.config import OPTION_GROUPS, Config, RunnerUnavailable, explicit_groups
 from harness.job.run import run_job
 from harness.measurement.memory import peak_rss_bytes, reset_peak_rss
 from harness.measurement.vram import VramCapExceeded
-from harness.peers.base import PEERS, LoadRequest, RunnerUnavailable, explicit_families
-from harness.peers.offload import offload_device_map
-from harness.peers.resident import ResidentPeer, checkpoint_bytes
+from harness.runners.accelerate import AccelerateRunner, offload_device_map
+from harness.runners.airllm import AirLLMRunner
+from harness.runners.base import Runner
+from harness.runners.hf import LoadRequest
+from harness.runners.layerbench.runner import LayerbenchRunner
+from harness.runners.transformers import TransformersRunner, checkpoint_bytes
+from strategies.cache.configs import DiskCacheConfig, RamCacheConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 LAYERBENCH_DEFAULTS = {"cache": "ram", "compression": "none", "prefetch": "off", "kv_cache": "device"}
+CACHES = {"disk": DiskCacheConfig(), "ram": RamCacheConfig()}
 
 
-def test_a_peer_runs_its_own_way_unless_told_and_refuses_by_name_what_it_cannot_do() -> None:
-    accelerate, airllm, resident = PEERS["accelerate"], PEERS["airllm"], PEERS["transformers"]
+def names(runner: type[Runner], cfg: Config, overrides: list[str]) -> dict[str, str]:
+    """The option, by group, that `runner` runs for `cfg` chosen by `overrides`, by name."""
+    return {group: option.name for group, option in runner.check(cfg, explicit_groups(overrides)).items()}
+
+
+def test_a_peer_runs_its_own_way_unless_told_and_refuses_by_name_what_it_cannot_do(
+    make_cfg: Callable[..., Config],
+) -> None:
+    defaults = make_cfg()  # layerbench's defaults: cache=ram, compression=none, prefetch=off, kv_cache=device
     # Nothing chosen on the command line: each peer's own way, not layerbench's defaults.
-    assert accelerate.choices(LAYERBENCH_DEFAULTS, set()) == {"cache": "disk", "compression": "none",
-                                                              "prefetch": "off", "kv_cache": "device"}
-    assert airllm.choices(LAYERBENCH_DEFAULTS, set())["prefetch"] == "on"
-    # A family the peer has no counterpart for is not among its options (nor, so, its params).
-    assert "cache" not in resident.choices(LAYERBENCH_DEFAULTS, set())
+    assert names(AccelerateRunner, defaults, []) == {
+        "decoding": "greedy", "cache": "disk", "compression": "none", "prefetch": "off", "kv_cache": "device"}
+    assert names(AirLLMRunner, defaults, [])["prefetch"] == "on"
+    # A group the peer has no counterpart for is not among its options (nor, so, its params).
+    assert "cache" not in names(TransformersRunner, defaults, [])
+    # layerbench runs every option as configured: the config's own option objects.
+    assert LayerbenchRunner.check(defaults, set()) == {g: getattr(defaults, g) for g in OPTION_GROUPS}
     # Chosen and honoured.
-    assert accelerate.choices({**LAYERBENCH_DEFAULTS, "cache": "ram"}, {"cache"})["cache"] == "ram"
-    assert airllm.choices({**LAYERBENCH_DEFAULTS, "compression": "4bit"}, {"compression"})["compression"] == "4bit"
+    assert names(AccelerateRunner, make_cfg("cache=ram"), ["cache=ram"])["cache"] == "ram"
+    assert names(AirLLMRunner, make_cfg("compression=4bit"), ["compression=4bit"])["compression"] == "4bit"
     # Chosen and impossible: refused, naming the runner and the option.
-    with pytest.raises(RunnerUnavailable, match=r"runner=transformers has no cache strategy.*cache=disk"):
-        resident.choices({**LAYERBENCH_DEFAULTS, "cache": "disk"}, {"cache"})
-    with pytest.raises(RunnerUnavailable, match=r"runner=airllm cannot run kv_cache=offload.*device\|none"):
-        airllm.choices({**LAYERBENCH_DEFAULTS, "kv_cache": "offload"}, {"kv_cache"})
-    with pytest.raises(RunnerUnavailable, match=r"runner=accelerate cannot run compression=4bit"):
-        accelerate.choices({**LAYERBENCH_DEFAULTS, "compression": "4bit"}, {"compression"})
-    with pytest.raises(RunnerUnavailable, match=r"runner=accelerate cannot run prefetch=on"):
-        accelerate.choices({**LAYERBENCH_DEFAULTS, "prefetch": "on"}, {"prefetch"})
+    cases = [
+        (TransformersRunner, "transformers", ["cache=disk"], r"runner=transformers has no cache strategy.*cache=disk"),
+        (AirLLMRunner, "airllm", ["kv_cache=offload"], r"runner=airllm cannot run kv_cache=offload.*device\|none"),
+        (AccelerateRunner, "accelerate", ["compression=4bit"], r"runner=accelerate cannot run compression=4bit"),
+        (AccelerateRunner, "accelerate", ["prefetch=on"], r"runner=accelerate cannot run prefetch=on"),
+    ]
+    for runner, name, chosen, match in cases:
+        with pytest.raises(RunnerUnavailable, match=match):
+            runner.check(make_cfg(f"runner={name}", *chosen), explicit_groups(chosen))
+    # Decoding counts as chosen even where a preset, not the command line, chose it: which tokens come out is
+    # never left to a runner's default.
+    with pytest.raises(RunnerUnavailable, match=r"runner=transformers cannot run decoding=speculative: it supports"):
+        TransformersRunner.check(make_cfg("runner=transformers", "decoding=speculative"), explicit_groups([]))
 
 
-def test_explicit_families_come_from_the_overrides() -> None:
-    assert explicit_families(["runner=accelerate", "cache=ram", "+kv_cache=none", "workload.prompt=a=b"]) == {
-        "cache", "kv_cache"}
-    assert explicit_families(["cache.page_cache=cold"]) == set()
+def test_explicit_groups_come_from_the_overrides() -> None:
+    assert explicit_groups(["runner=accelerate", "cache=ram", "+kv_cache=none", "workload.prompt=a=b"]) == {
+        "cache", "kv_cache", "decoding"}
+    assert explicit_groups(["cache.page_cache=cold"]) == {"decoding"}
 
 
 def test_a_missing_extra_names_it_and_a_sweep_skips_the_runner(
@@ -64,7 +83,7 @@ def test_a_missing_extra_names_it_and_a_sweep_skips_the_runner(
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "airllm" else real_find_spec(
         name, *a))
     with pytest.raises(RunnerUnavailable, match=r"pip install 'layerbench\[airllm\]'"):
-        PEERS["airllm"].check_installed()
+        AirLLMRunner.check(make_cfg("runner=airllm"), set())
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     tracked = ("tracking.enabled=true", f"tracking.uri={uri}", "runner=airllm")
     with pytest.raises(RunnerUnavailable, match="layerbench\\[airllm\\]"):
@@ -112,7 +131,7 @@ def test_accelerate_offloads_every_layer_on_a_cpu_and_fills_a_gpu_up_to_the_budg
     layers = [f"model.layers.{i}" for i in range(config.num_hidden_layers)]
 
     def request(device: str, cache: str, budget: int | None) -> LoadRequest:
-        return LoadRequest(ckpt, torch.device(device), {"cache": cache}, budget, outputs_dir / "offload")
+        return LoadRequest(ckpt, torch.device(device), {"cache": CACHES[cache]}, budget, outputs_dir / "offload")
 
     cpu = offload_device_map(config, request("cpu", "disk", None))
     assert {cpu[name] for name in layers} == {"disk"} and cpu["model.embed_tokens"] == cpu["lm_head"] == "cpu"
@@ -126,13 +145,17 @@ def test_accelerate_offloads_every_layer_on_a_cpu_and_fills_a_gpu_up_to_the_budg
         offload_device_map(config, request("cuda:0", "disk", 1024))
 
 
-def test_transformers_is_refused_before_loading_when_the_cap_cannot_hold_it(outputs_dir: Path) -> None:
+def test_transformers_is_refused_before_loading_when_the_cap_cannot_hold_it(
+    make_cfg: Callable[..., Config], outputs_dir: Path
+) -> None:
     from harness.config import ModelConfig
 
     ckpt = ensure_checkpoint(ModelConfig(name="tiny", geometry="tiny"), outputs_dir)
-    small = LoadRequest(ckpt, torch.device("cpu"), {}, checkpoint_bytes(ckpt) - 1, outputs_dir / "x")
+    cpu = torch.device("cpu")
+    small = LoadRequest(ckpt, cpu, {}, checkpoint_bytes(ckpt) - 1, outputs_dir / "x")
+    runner = TransformersRunner(make_cfg("runner=transformers"), {}, cpu, outputs_dir)
     with pytest.raises(VramCapExceeded, match=r"runner=transformers holds the whole model.*runner=accelerate"):
-        ResidentPeer().load(small)
+        runner.load_model(small)
 
 
 def test_peak_rss_is_the_jobs_own_after_a_reset() -> None:

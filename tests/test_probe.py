@@ -194,7 +194,7 @@ def test_floor_is_the_slowest_link_not_the_sum() -> None:
         compute_s=0.25,
         rates=_rates(),
         page_cache="cold",
-        dequant_codec="8bit",
+        dequant_bits=8,
     )
     assert isinstance(floor, Floor)
     assert floor.per_link_s == pytest.approx(
@@ -231,7 +231,7 @@ def test_floor_h2d_and_dequant_rates() -> None:
     assert h2d.limiting == "h2d" and h2d.floor_s == pytest.approx(0.5)  # pinned, not pageable
     pageable_only = token_floor(h2d_bytes=10e9, dequant_bytes=0, rates=_rates(h2d_pinned_bytes_per_s=None), **common)
     assert pageable_only.floor_s == pytest.approx(2.0)
-    four = token_floor(h2d_bytes=0, dequant_bytes=50e9, rates=_rates(), dequant_codec="4bit", **common)
+    four = token_floor(h2d_bytes=0, dequant_bytes=50e9, rates=_rates(), dequant_bits=4, **common)
     assert four.limiting == "dequant" and four.floor_s == pytest.approx(1.0)
 
 
@@ -240,10 +240,10 @@ def test_floor_rejects_bytes_on_a_missing_link_or_an_unnamed_codec() -> None:
     common = dict(disk_bytes=0, host_bytes=0, compute_s=0.0, page_cache="warm")
     with pytest.raises(ValueError, match="h2d"):
         token_floor(h2d_bytes=1e6, dequant_bytes=0, rates=cpu, **common)
-    with pytest.raises(ValueError, match="dequant_codec"):
+    with pytest.raises(ValueError, match="dequant_bits"):
         token_floor(h2d_bytes=0, dequant_bytes=1e6, rates=cpu, **common)
-    with pytest.raises(ValueError, match="dequant_codec"):
-        token_floor(h2d_bytes=0, dequant_bytes=1e6, rates=cpu, dequant_codec="2bit", **common)
+    with pytest.raises(ValueError, match="dequant_bits"):
+        token_floor(h2d_bytes=0, dequant_bytes=1e6, rates=cpu, dequant_bits=2, **common)
 
 
 # ---------------------------------------------------------------- CLI

@@ -6,17 +6,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from harness.job.quality import quality_metrics, text_ids
-from harness.job.streamer import build_streamer, fresh_runner, generate
+from harness.runners.layerbench.quality import quality_metrics, text_ids
+from harness.runners.layerbench.setup import build_setup, fresh_model, generate
 from strategies.cache.files import read_layer_file
 
 
 def test_quality_of_a_model_against_itself_is_perfect(make_cfg) -> None:
     cfg = make_cfg("workload.max_new_tokens=6")
-    streamer = build_streamer(cfg, Path(cfg.paths.outputs), torch.device("cpu"))
-    gen = generate(streamer, cfg)
+    setup = build_setup(cfg, Path(cfg.paths.outputs), torch.device("cpu"))
+    gen = generate(setup, cfg)
     ids = gen.prompt_ids + gen.generated_ids
-    m = quality_metrics(fresh_runner(streamer), fresh_runner(streamer), ids, text_ids(streamer.tokenizer, 48))
+    m = quality_metrics(fresh_model(setup), fresh_model(setup), ids, text_ids(setup.tokenizer, 48))
     assert m["quality_top1_agreement"] == 1.0
     assert m["quality_kl_mean"] == pytest.approx(0.0, abs=1e-6)
     assert m["quality_ppl"] == m["quality_ppl_reference"]
@@ -25,12 +25,12 @@ def test_quality_of_a_model_against_itself_is_perfect(make_cfg) -> None:
 @pytest.mark.parametrize(("compression", "min_agreement"), [("8bit", 0.9), ("4bit", 0.5)])
 def test_compression_costs_show(make_cfg, compression: str, min_agreement: float) -> None:
     plain_cfg = make_cfg("workload.max_new_tokens=16", "workload.stop_at_eos=false")
-    plain = build_streamer(plain_cfg, Path(plain_cfg.paths.outputs), torch.device("cpu"))
+    plain = build_setup(plain_cfg, Path(plain_cfg.paths.outputs), torch.device("cpu"))
     cfg = make_cfg(f"compression={compression}")
-    lossy = build_streamer(cfg, Path(cfg.paths.outputs), torch.device("cpu"))
+    lossy = build_setup(cfg, Path(cfg.paths.outputs), torch.device("cpu"))
     gen = generate(plain, plain_cfg)
     ids = gen.prompt_ids + gen.generated_ids
-    m = quality_metrics(fresh_runner(lossy), fresh_runner(plain), ids, text_ids(plain.tokenizer, 64))
+    m = quality_metrics(fresh_model(lossy), fresh_model(plain), ids, text_ids(plain.tokenizer, 64))
     assert min_agreement <= m["quality_top1_agreement"] <= 1.0
     assert m["quality_kl_mean"] > 0, "a lossy codec cannot be free"
     assert m["quality_ppl"] != m["quality_ppl_reference"]
@@ -38,7 +38,7 @@ def test_compression_costs_show(make_cfg, compression: str, min_agreement: float
 
 def test_cold_page_cache_drops_the_file_before_reading(make_cfg, monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = make_cfg()
-    layout = build_streamer(cfg, Path(cfg.paths.outputs), torch.device("cpu")).layout
+    layout = build_setup(cfg, Path(cfg.paths.outputs), torch.device("cpu")).layout
     advised = []
     real = os.posix_fadvise
 
@@ -47,9 +47,9 @@ def test_cold_page_cache_drops_the_file_before_reading(make_cfg, monkeypatch: py
         real(fd, offset, length, advice)
 
     monkeypatch.setattr(os, "posix_fadvise", recording_fadvise)
-    warm = read_layer_file(layout.file("layers.00"), "warm")
+    warm = read_layer_file(layout.file("layers.00"), cold=False)
     assert advised == []
-    cold = read_layer_file(layout.file("layers.00"), "cold")
+    cold = read_layer_file(layout.file("layers.00"), cold=True)
     assert advised == [os.POSIX_FADV_DONTNEED]
     assert warm.keys() == cold.keys() and all(torch.equal(warm[k], cold[k]) for k in warm)
     with pytest.raises(ValueError, match="cache.page_cache='tepid'"):
@@ -58,12 +58,12 @@ def test_cold_page_cache_drops_the_file_before_reading(make_cfg, monkeypatch: py
 
 def test_quality_covers_both_texts_and_says_how_many_positions(make_cfg) -> None:
     cfg = make_cfg("compression=4bit")
-    lossy = build_streamer(cfg, Path(cfg.paths.outputs), torch.device("cpu"))
-    plain = build_streamer(cfg.uncompressed(), Path(cfg.paths.outputs), torch.device("cpu"))
+    lossy = build_setup(cfg, Path(cfg.paths.outputs), torch.device("cpu"))
+    plain = build_setup(cfg.uncompressed(), Path(cfg.paths.outputs), torch.device("cpu"))
     texts = text_ids(plain.tokenizer, 40)
     assert list(texts) == ["corpus", "essay"] and all(len(ids) == 40 for ids in texts.values())
     run_ids = texts["essay"][:7]
-    m = quality_metrics(fresh_runner(lossy), fresh_runner(plain), run_ids, texts)
+    m = quality_metrics(fresh_model(lossy), fresh_model(plain), run_ids, texts)
     assert m["quality_positions"] == 80 and m["quality_run_positions"] == 7
     assert m["quality_text_tokens"] == m["quality_essay_tokens"] == 40
     assert m["quality_ppl_essay"] != m["quality_ppl_essay_reference"]

@@ -12,8 +12,9 @@ import torch
 import harness.measurement.vram as vram_mod
 from harness.config import Config
 from harness.job.run import run_job
-from harness.job.streamer import build_streamer, generate, prompt_ids
 from harness.measurement.vram import GIB, estimate_need_bytes
+from harness.runners.layerbench.setup import build_setup, generate
+from harness.workload import prompt_ids
 from strategies.residency.auto import AutoResidency, placed
 from strategies.residency.configs import AutoResidencyConfig
 
@@ -51,24 +52,24 @@ def test_resident_layers_give_the_same_tokens_and_are_not_read_again(
     cache: str, compression: str, make_cfg: Callable[..., Config]
 ) -> None:
     common = (f"cache={cache}", f"compression={compression}", "workload.max_new_tokens=5", "workload.stop_at_eos=false")
-    plain = build_streamer(make_cfg(*common), Path(make_cfg().paths.outputs), CPU)
+    plain = build_setup(make_cfg(*common), Path(make_cfg().paths.outputs), CPU)
     expected = generate(plain, make_cfg(*common), keep_logits=True)
     for extra in (("residency=auto", "residency.layers=2"), ("residency=auto", "vram.cap_gib=1")):
         cfg = make_cfg(*common, *extra)
-        streamer = build_streamer(cfg, Path(cfg.paths.outputs), CPU)
-        got = generate(streamer, cfg, keep_logits=True)
+        setup = build_setup(cfg, Path(cfg.paths.outputs), CPU)
+        got = generate(setup, cfg, keep_logits=True)
         assert got.generated_ids == expected.generated_ids, extra
         assert all(torch.equal(a, b) for a, b in zip(got.logits, expected.logits, strict=True))
-        resident = streamer.residency.units
-        assert len(resident) >= 2 and set(resident) <= set(streamer.pipeline.resident)
+        resident = setup.residency.units
+        assert len(resident) >= 2 and set(resident) <= set(setup.pipeline.resident)
         # The streaming cache never reads a resident unit: per pass, their bytes are gone from the reads.
-        layout = streamer.layout
-        rows = got.timeline.rows(streamer.runner.stages)
+        layout = setup.layout
+        rows = got.timeline.rows(setup.model.stages)
         assert all(row["read_bytes"] == 0 for row in rows if row["unit"] in resident)
         if cache == "disk":
             read = sum(row["read_bytes"] for row in rows if row["pass_index"] == 1)
             # The untied embedding is looked up in its mapping, not read (test_cache).
-            whole = [u for u in layout.units if u not in resident and not streamer.pipeline.looks_up_on_host(u)]
+            whole = [u for u in layout.units if u not in resident and not setup.pipeline.looks_up_on_host(u)]
             assert whole == [u for u in layout.units if u not in resident and u != "embed"]
             assert read == sum(layout.file_bytes(u) for u in whole)
 
@@ -80,7 +81,7 @@ def test_a_forced_count_that_cannot_fit_is_refused_before_anything_loads(
     monkeypatch.setattr("harness.streaming.pipeline.LayerPipeline.keep_resident", lambda *a: loaded.append(a) or 0)
     cfg = make_cfg("residency=auto", "residency.layers=4", "vram.cap_gib=0.001")
     with pytest.raises(ValueError, match=r"residency.layers=4 needs .* under vram.cap_gib"):
-        build_streamer(cfg, Path(cfg.paths.outputs), CPU)
+        build_setup(cfg, Path(cfg.paths.outputs), CPU)
     assert not loaded
 
 
@@ -99,7 +100,7 @@ def test_the_fitted_count_fills_the_cap_and_never_exceeds_it(
     context = 1 << 20
     monkeypatch.setattr(vram_mod, "default_probe", lambda device: FakeProbe(context))
     base = make_cfg("workload.max_new_tokens=3")
-    plain = build_streamer(base, Path(base.paths.outputs), CPU)
+    plain = build_setup(base, Path(base.paths.outputs), CPU)
     layer_bytes = plain.layout.file_bytes("layers.00")
     need = estimate_need_bytes(plain.config, stored_fraction=plain.pipeline.codec.stored_fraction,
                                layers_ahead=0, kv_layers=4,
@@ -114,15 +115,15 @@ def test_the_fitted_count_fills_the_cap_and_never_exceeds_it(
 
 @pytest.mark.parametrize("cache", ["disk", "ram"])
 def test_the_plan_predicts_the_bytes_a_pass_reads_and_a_time(cache: str, make_cfg: Callable[..., Config]) -> None:
-    from harness.job.plan import make_plan
+    from harness.runners.layerbench.plan import make_plan
 
     for extra in ((), ("residency=auto", "residency.layers=3")):
         cfg = make_cfg(f"cache={cache}", "workload.max_new_tokens=3", *extra)
-        streamer = build_streamer(cfg, Path(cfg.paths.outputs), CPU)
-        plan = make_plan(streamer, cfg, Path(cfg.paths.outputs))
-        gen = generate(streamer, cfg)
-        rows = gen.timeline.rows(streamer.runner.stages)
+        setup = build_setup(cfg, Path(cfg.paths.outputs), CPU)
+        plan = make_plan(setup, cfg, Path(cfg.paths.outputs))
+        gen = generate(setup, cfg)
+        rows = gen.timeline.rows(setup.model.stages)
         decode_pass_read = sum(row["read_bytes"] for row in rows if row["pass_index"] == 1)
         assert plan.read_bytes_per_pass == decode_pass_read, extra
         assert plan.predicted_s > 0 and plan.h2d_bytes_per_pass == 0  # a CPU moves nothing to a device
-        assert f"{len(streamer.residency.units)} of 4 decoder layers resident" in plan.describe(0)
+        assert f"{len(setup.residency.units)} of 4 decoder layers resident" in plan.describe(0)

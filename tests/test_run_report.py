@@ -83,7 +83,7 @@ def test_plot_axes_use_the_units_the_tables_use() -> None:
 
 
 def test_agreement_counts_positions_and_missing_tokens() -> None:
-    from harness.job.comparisons import agreement
+    from harness.job.reference import agreement
 
     assert agreement([[1, 2, 3]], [[1, 2, 4]]) == pytest.approx(2 / 3)
     assert agreement([[1, 2]], [[1, 2, 3]]) == pytest.approx(2 / 3), "stopping early is a disagreement"

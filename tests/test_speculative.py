@@ -13,12 +13,12 @@ import pytest
 import torch
 from rich.console import Console
 
-from harness.config import Config
+from harness.config import Config, RunnerUnavailable
 from harness.job.run import run_job
-from harness.job.streamer import build_streamer, generate, prompt_ids
-from harness.peers.base import RunnerUnavailable
+from harness.runners.layerbench.setup import build_setup, generate
 from harness.streaming.model import Sampler
 from harness.streaming.speculative import speculative_generate
+from harness.workload import prompt_ids
 
 CPU = torch.device("cpu")
 FP32 = ("model.dtype=float32", "workload.max_new_tokens=12", "workload.stop_at_eos=false")
@@ -26,20 +26,20 @@ FP32 = ("model.dtype=float32", "workload.max_new_tokens=12", "workload.stop_at_e
 
 def greedy(make_cfg: Callable[..., Config], *options: str) -> list[int]:
     cfg = make_cfg(*FP32, *options)
-    return generate(build_streamer(cfg, Path(cfg.paths.outputs), CPU), cfg).generated_ids
+    return generate(build_setup(cfg, Path(cfg.paths.outputs), CPU), cfg).generated_ids
 
 
 @pytest.mark.parametrize("k", [1, 3, 5])
 @pytest.mark.parametrize("draft", ["null", "tiny-draft"])
 def test_speculative_tokens_are_the_targets_greedy_tokens(k: int, draft: str, make_cfg: Callable[..., Config]) -> None:
     cfg = make_cfg(*FP32, "decoding=speculative", f"decoding.k={k}", f"decoding.draft={draft}")
-    streamer = build_streamer(cfg, Path(cfg.paths.outputs), CPU)
-    gen = generate(streamer, cfg)
+    setup = build_setup(cfg, Path(cfg.paths.outputs), CPU)
+    gen = generate(setup, cfg)
     assert gen.generated_ids == greedy(make_cfg)
-    assert streamer.draft is not None and streamer.draft.decoded_once
+    assert setup.draft is not None and setup.draft.decoded_once
     if draft == "tiny-draft":
         # Another geometry with other weights: its proposals are rejected, so the caches were rolled back.
-        assert streamer.draft.runner.config.hidden_size != streamer.config.hidden_size
+        assert setup.draft.model.config.hidden_size != setup.config.hidden_size
         assert gen.metrics["spec_accepted_share"] < 0.5
     # Each verifying pass yields its accepted drafts and one token of the target's own.
     passes = gen.metrics["spec_passes_per_token"] * len(gen.generated_ids)
@@ -48,11 +48,11 @@ def test_speculative_tokens_are_the_targets_greedy_tokens(k: int, draft: str, ma
 
 def test_a_draft_equal_to_the_target_is_always_accepted(make_cfg: Callable[..., Config]) -> None:
     cfg = make_cfg(*FP32)
-    target = build_streamer(cfg, Path(cfg.paths.outputs), CPU)
-    draft = build_streamer(cfg, Path(cfg.paths.outputs), CPU)
+    target = build_setup(cfg, Path(cfg.paths.outputs), CPU)
+    draft = build_setup(cfg, Path(cfg.paths.outputs), CPU)
     ids = prompt_ids(target.tokenizer, cfg.workload)
-    gen, stats = speculative_generate(target.runner, draft.runner, ids, 12, 4)
-    plain = target.runner.generate(ids, 12, Sampler(False, 1.0, 1.0, 0, CPU))
+    gen, stats = speculative_generate(target.model, draft.model, ids, 12, 4)
+    plain = target.model.generate(ids, 12, Sampler(False, 1.0, 1.0, 0, CPU))
     assert gen.generated_ids == plain.generated_ids
     assert stats.accepted == stats.drafted and gen.metrics["spec_accepted_share"] == 1.0
     # 12 tokens: the prefill's, then passes of 4 drafts + 1: ceil(11 / 5) = 3 verifying passes.
@@ -67,7 +67,7 @@ def test_a_draft_equal_to_the_target_is_always_accepted(make_cfg: Callable[..., 
 ])
 def test_every_strategy_option_works_as_the_target(options: tuple[str, ...], make_cfg: Callable[..., Config]) -> None:
     cfg = make_cfg(*FP32, *options, "decoding=speculative", "decoding.k=3", "decoding.draft=tiny-draft")
-    gen = generate(build_streamer(cfg, Path(cfg.paths.outputs), CPU), cfg)
+    gen = generate(build_setup(cfg, Path(cfg.paths.outputs), CPU), cfg)
     assert gen.generated_ids == greedy(make_cfg, *options)
 
 
@@ -80,11 +80,11 @@ def test_what_speculative_decoding_cannot_do_is_refused_before_loading(
         make_cfg("decoding=speculative", "workload.batch_size=2")
     with pytest.raises(ValueError, match="decoding.draft='nope' is no model option"):
         cfg = make_cfg("decoding=speculative", "decoding.draft=nope")
-        build_streamer(cfg, Path(cfg.paths.outputs), CPU)
+        build_setup(cfg, Path(cfg.paths.outputs), CPU)
     with pytest.raises(ValueError, match=r"the draft \(tiny 4bit\) needs .* vram.cap_gib"):
         cfg = make_cfg("decoding=speculative", "vram.cap_gib=0.0001", f"split.dir={tmp_path}")
-        build_streamer(cfg, Path(cfg.paths.outputs), CPU)
-    with pytest.raises(RunnerUnavailable, match="runner=transformers decodes greedily"):
+        build_setup(cfg, Path(cfg.paths.outputs), CPU)
+    with pytest.raises(RunnerUnavailable, match="runner=transformers cannot run decoding=speculative"):
         run_job(make_cfg("decoding=speculative", "runner=transformers"), {}, choices={"runner": "transformers"},
                 overrides=[], console=Console(quiet=True))
 

@@ -22,8 +22,8 @@ from transformers import GenerationConfig, LlamaForCausalLM
 
 import strategies
 from harness.job.run import run_job
-from harness.job.streamer import build_streamer, generate
 from harness.measurement.vram import DeviceAllocs
+from harness.runners.layerbench.setup import build_setup, generate
 from harness.split.layout import unit_of
 from strategies.compression.configs import Blockwise4bitConfig, Blockwise8bitConfig, CompressionConfig
 from strategies.layer import DeviceLayer
@@ -82,9 +82,9 @@ def test_combination_matches_reference(make_cfg, cache_: str, compression: str, 
         f"cache={cache_}", f"compression={compression}", f"prefetch={prefetch}", f"kv_cache={kv_cache}",
         f"workload.max_new_tokens={NEW_TOKENS}", "workload.stop_at_eos=false", f"workload.prompt={PROMPT}",
     )
-    streamer = build_streamer(cfg, Path(cfg.paths.outputs), torch.device("cpu"))
-    gen = generate(streamer, cfg, keep_logits=True)
-    ref_ids, ref_logits = reference(streamer.ckpt_dir, compression, tuple(gen.prompt_ids))
+    setup = build_setup(cfg, Path(cfg.paths.outputs), torch.device("cpu"))
+    gen = generate(setup, cfg, keep_logits=True)
+    ref_ids, ref_logits = reference(setup.ckpt_dir, compression, tuple(gen.prompt_ids))
     assert gen.generated_ids == ref_ids
     for ours, ref in zip(gen.logits, ref_logits, strict=True):
         assert (ours - ref).abs().max().item() <= LOGIT_TOLERANCE * max(ref.abs().max().item(), 1.0)
@@ -96,10 +96,10 @@ def test_compressed_embeddings_match_their_reference(make_cfg, compression: str)
         f"compression={compression}", "compression.compress_embeddings=true", f"workload.max_new_tokens={NEW_TOKENS}",
         "workload.stop_at_eos=false", f"workload.prompt={PROMPT}",
     )
-    streamer = build_streamer(cfg, Path(cfg.paths.outputs), torch.device("cpu"))
-    assert any(k.endswith(".q") for k in load_file(streamer.layout.file("embed"))), "the embedding is compressed"
-    gen = generate(streamer, cfg)
-    model = reference_model(streamer.ckpt_dir, compression, compress_embeddings=True)
+    setup = build_setup(cfg, Path(cfg.paths.outputs), torch.device("cpu"))
+    assert any(k.endswith(".q") for k in load_file(setup.layout.file("embed"))), "the embedding is compressed"
+    gen = generate(setup, cfg)
+    model = reference_model(setup.ckpt_dir, compression, compress_embeddings=True)
     out = model.generate(
         torch.tensor([gen.prompt_ids]),
         generation_config=GenerationConfig(
@@ -113,14 +113,14 @@ def test_compressed_embeddings_match_their_reference(make_cfg, compression: str)
 @pytest.mark.parametrize("compression", ["8bit", "4bit"])
 def test_split_file_decodes_like_in_memory_quantization(make_cfg, compression: str) -> None:
     cfg = make_cfg(f"compression={compression}")
-    streamer = build_streamer(cfg, Path(cfg.paths.outputs), torch.device("cpu"))
-    codec = streamer.runner.pipeline.codec
-    source = LlamaForCausalLM.from_pretrained(streamer.ckpt_dir).state_dict()
+    setup = build_setup(cfg, Path(cfg.paths.outputs), torch.device("cpu"))
+    codec = setup.model.pipeline.codec
+    source = LlamaForCausalLM.from_pretrained(setup.ckpt_dir).state_dict()
     for unit in ("layers.00", "layers.01"):
         index = int(unit.split(".")[1])
         prefix = f"model.layers.{index}."
         originals = {k.removeprefix(prefix): v for k, v in source.items() if k.startswith(prefix)}
-        from_file = codec.decode(unit, load_file(streamer.layout.file(unit)), torch.device("cpu"))
+        from_file = codec.decode(unit, load_file(setup.layout.file(unit)), torch.device("cpu"))
         in_memory = codec.decode(unit, codec.encode(unit, originals), torch.device("cpu"))
         assert from_file.keys() == in_memory.keys() == originals.keys()
         for key in originals:
@@ -307,7 +307,7 @@ def test_compressed_layer_files_shrink(make_cfg) -> None:
     sizes = {}
     for compression in ("none", "8bit", "4bit"):
         cfg = make_cfg(f"compression={compression}")
-        layout = build_streamer(cfg, Path(cfg.paths.outputs), torch.device("cpu")).layout
+        layout = build_setup(cfg, Path(cfg.paths.outputs), torch.device("cpu")).layout
         sizes[compression] = layout.file_bytes("layers.00")
     # bf16 -> int8 + a fp32 scale per 256 -> 4 bit + a fp32 scale per 64 (plus per-tensor state records).
     assert sizes["none"] > sizes["8bit"] > sizes["4bit"]
@@ -318,7 +318,7 @@ def test_kv_cache_options_give_identical_tokens(make_cfg) -> None:
     tokens = {}
     for kv in ("none", "device", "offload"):
         cfg = make_cfg(f"kv_cache={kv}", "workload.max_new_tokens=24", "workload.stop_at_eos=false")
-        tokens[kv] = generate(build_streamer(cfg, Path(cfg.paths.outputs), torch.device("cpu")), cfg).generated_ids
+        tokens[kv] = generate(build_setup(cfg, Path(cfg.paths.outputs), torch.device("cpu")), cfg).generated_ids
     assert tokens["none"] == tokens["device"] == tokens["offload"]
 
 
@@ -390,9 +390,9 @@ def test_combination_on_cuda(make_cfg, cache_: str, compression: str, prefetch: 
         f"kv_cache={kv_cache}", f"workload.max_new_tokens={NEW_TOKENS}", "workload.stop_at_eos=false",
         f"workload.prompt={PROMPT}",
     )
-    streamer = build_streamer(cfg, Path(cfg.paths.outputs), torch.device("cuda"))
-    gen = generate(streamer, cfg, keep_logits=True)
-    model = reference_model(streamer.ckpt_dir, compression, device=torch.device("cuda")).cuda()
+    setup = build_setup(cfg, Path(cfg.paths.outputs), torch.device("cuda"))
+    gen = generate(setup, cfg, keep_logits=True)
+    model = reference_model(setup.ckpt_dir, compression, device=torch.device("cuda")).cuda()
     out = model.generate(
         torch.tensor([gen.prompt_ids], device="cuda"),
         generation_config=GenerationConfig(
@@ -420,9 +420,9 @@ def test_streamed_weights_reuse_device_memory_pass_after_pass(
         f"workload.max_new_tokens={NEW_TOKENS}", "workload.stop_at_eos=false",
     )
     device = torch.device("cuda")
-    streamer = build_streamer(cfg, Path(cfg.paths.outputs), device)
+    setup = build_setup(cfg, Path(cfg.paths.outputs), device)
     allocs = DeviceAllocs(device)
-    generate(streamer, cfg, on_token=lambda _: allocs.token())
+    generate(setup, cfg, on_token=lambda _: allocs.token())
     assert allocs.metrics()["device_allocs_per_token"] < 1, allocs.metrics()
     assert allocs.metrics()["device_alloc_retries_per_token"] == 0, "no cap here: nothing to free and retry"
 
@@ -440,8 +440,8 @@ def test_options_state_what_they_hold_and_cost() -> None:
         "none": True, "device": False, "offload": False
     }
     codecs = {name: strategies.build(cfg()) for name, cfg in strategies.option_configs()["compression"].items()}
-    assert {name: (c.lossy, c.dequant_link) for name, c in codecs.items()} == {
-        "none": (False, None), "8bit": (True, "8bit"), "4bit": (True, "4bit")
+    assert {name: (c.lossy, c.bits) for name, c in codecs.items()} == {
+        "none": (False, None), "8bit": (True, 8), "4bit": (True, 4)
     }
 
 
@@ -456,7 +456,7 @@ class RoundedCodec:
 
     stored_fraction = 0.0
     lossy = True
-    dequant_link = None
+    bits = None
     split_key = "test-rounded-8"
 
     def __init__(self, cfg: RoundedConfig) -> None:

@@ -23,8 +23,8 @@ from omegaconf import OmegaConf
 
 from harness.measurement import environment
 from harness.measurement.environment import environment_tags
+from harness.sweep import MlflowSweepCallback, parent_run_id_for_job
 from harness.tracking.client import RunTracker, default_tracking_uri, flatten
-from harness.tracking.sweep import MlflowSweepCallback, parent_run_id_for_job
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -248,7 +248,7 @@ APP = textwrap.dedent(
     from omegaconf import OmegaConf
 
     from harness.tracking.client import RunTracker, default_tracking_uri, flatten
-    from harness.tracking.sweep import parent_run_id_for_job
+    from harness.sweep import parent_run_id_for_job
 
     ConfigStore.instance().store(
         name="app",
@@ -257,7 +257,7 @@ APP = textwrap.dedent(
             "fail_on": -1,
             "tracking": {"enabled": True, "uri": None, "experiment": "sweep"},
             "paths": {"outputs": "outputs"},
-            "hydra": {"callbacks": {"mlflow_sweep": {"_target_": "harness.tracking.sweep.MlflowSweepCallback"}}},
+            "hydra": {"callbacks": {"mlflow_sweep": {"_target_": "harness.sweep.MlflowSweepCallback"}}},
         },
     )
 
@@ -413,7 +413,7 @@ def test_the_kernels_hub_hint_is_dropped_and_other_warnings_are_not(caplog: pyte
 def test_runs_are_named_by_what_differs() -> None:
     from omegaconf import OmegaConf
 
-    from harness.tracking.sweep import job_run_name, sweep_keys_and_size
+    from harness.sweep import job_run_name, sweep_keys_and_size
 
     groups = ("model", "cache", "compression", "prefetch", "kv_cache")
     sweep = OmegaConf.create({"hydra": {
@@ -435,7 +435,7 @@ def test_ray_jobs_get_the_parent_through_runtime_env_and_sigterm_stays_ours(monk
 
     from omegaconf import OmegaConf
 
-    from harness.tracking.sweep import RAY_LAUNCHER, _start_ray
+    from harness.sweep import RAY_LAUNCHER, _start_ray
 
     calls: list[dict] = []
 

@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from harness.probe.links import LinkRates
 
 LINKS = ("disk", "host_copy", "h2d", "dequant", "compute")
-DEQUANT_CODECS = ("8bit", "4bit")
+DEQUANT_BITS = (8, 4)
 
 
 @dataclass
@@ -46,7 +46,7 @@ def token_floor(
     compute_s: float,
     rates: LinkRates,
     page_cache: str,
-    dequant_codec: str | None = None,
+    dequant_bits: int | None = None,
 ) -> Floor:
     """The physical floor of one decode token: each link's bytes per token over its measured rate,
     and `compute_s` (the decoder compute of all layers for one token). The links can overlap, so the
@@ -55,8 +55,8 @@ def token_floor(
     disk_bytes: read from storage per token, at the cold rate when `page_cache` is "cold", else warm.
     host_bytes: copied within host memory. h2d_bytes: moved to the device, at the pinned rate (the
     pageable one where no pinned rate was measured); 0 on CPU. dequant_bytes: decoded (output) bytes,
-    at the rate of `dequant_codec` ("8bit" or "4bit", required when dequant_bytes > 0; the rates were
-    measured at the codecs' default block sizes).
+    at the rate of the codec storing `dequant_bits` a weight (8 or 4, required when dequant_bytes > 0; the
+    rates were measured at the codecs' default block sizes).
     """
     check_choice("page_cache", page_cache, PAGE_CACHE_STATES)
     if compute_s < 0:
@@ -67,10 +67,10 @@ def token_floor(
     )
     dequant_rate = None
     if dequant_bytes > 0:
-        if dequant_codec is None:
-            raise ValueError("dequant_bytes > 0 needs dequant_codec ('8bit' or '4bit'): the rates differ")
-        check_choice("dequant_codec", dequant_codec, DEQUANT_CODECS)
-        dequant_rate = rates.dequant_8bit_bytes_per_s if dequant_codec == "8bit" else rates.dequant_4bit_bytes_per_s
+        if dequant_bits is None:
+            raise ValueError("dequant_bytes > 0 needs dequant_bits (8 or 4): the rates differ")
+        check_choice("dequant_bits", dequant_bits, DEQUANT_BITS)
+        dequant_rate = rates.dequant_bytes_per_s(dequant_bits)
     per_link_s = {
         "disk": _link_seconds("disk", disk_bytes, disk_rate),
         "host_copy": _link_seconds("host_copy", host_bytes, rates.host_copy_bytes_per_s),

@@ -55,6 +55,10 @@ class LinkRates:
     device: str  # "cpu" / "cuda:0 (NVIDIA H100 ...)"
     measured_at: str  # ISO 8601, UTC
 
+    def dequant_bytes_per_s(self, bits: int) -> float | None:
+        """The decode rate of the blockwise codec that stores `bits` a weight."""
+        return {8: self.dequant_8bit_bytes_per_s, 4: self.dequant_4bit_bytes_per_s}[bits]
+
 
 # ---------------------------------------------------------------- timing
 
@@ -155,9 +159,8 @@ def plain_read_rate(paths: Sequence[Path], cold: bool) -> float:
 
 def kept_mapping_rate(paths: Sequence[Path], repeats: int = 2) -> float:
     """Bytes per second of a warm pass of the disk cache over `paths`: their kept mappings checked with
-    mincore and populated where the OS evicted pages, no copy. With nothing evicted, a page-table scan:
-    about 1 TB/s over the 1B geometry's 2.47 GB split (2.3 ms; populating every page took 92 ms, and a
-    read() into a buffer, which copies, runs at 5.5 GB/s)."""
+    mincore and populated where the OS evicted pages, no copy. With nothing evicted, a page-table scan: far
+    faster than populating every page, or than a read() into a buffer, which copies."""
     total = sum(path.stat().st_size for path in paths)
     with contextlib.ExitStack() as stack:
         tensors: dict[str, torch.Tensor] = {}
@@ -239,7 +242,7 @@ def _h2d_rates(device: torch.device, size_bytes: int, repeats: int) -> tuple[flo
 def dequant_rates(device: torch.device, repeats: int, into_reused: bool = False) -> tuple[float, float]:
     """8-bit and 4-bit decoded bytes per second. The codecs allocate each decoded weight, so the allocation is
     part of the link; `into_reused`: decoded into one buffer instead (out=), what decoding into reused device
-    buffers would gain (the GPU check asks, before that is built)."""
+    buffers would gain (the GPU check asks)."""
     # Imported here: bitsandbytes takes seconds to import (and warns on CPU-only machines); the other links
     # and token_floor do not need it.
     import bitsandbytes.functional as bnbf
@@ -259,7 +262,7 @@ def direct_read_rate(scratch_dir: Path, size_bytes: int, repeats: int = 2) -> fl
     """A cold read of a `size_bytes` scratch file with O_DIRECT (no page cache, straight into page-aligned memory),
     in bytes per second, to hold against the probe's buffered cold read (`disk_read_cold_bytes_per_s`, the
     disk cache's way) of a file of the same size; None where O_DIRECT is refused (tmpfs, not Linux). The GPU
-    check asks whether O_DIRECT would be the faster read, before it is built."""
+    check asks with it whether O_DIRECT would be the faster read."""
     if not hasattr(os, "O_DIRECT"):
         return None
     # Anonymous memory is page-aligned, as O_DIRECT requires of the buffer.

@@ -6,7 +6,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
-import strategies
+from harness.config import GROUPS
 from harness.measurement.run_report import RunReport
 from harness.measurement.units import ABSENT
 from harness.report.fetch import ReportError, failure_reason
@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     from mlflow.entities import Run
 
 # The chosen option of each config group, logged as plain params by harness.job.run.run_job.
-CHOICE_KEYS = ("model", "runner", *strategies.FAMILIES)
+CHOICE_KEYS = GROUPS
 SHORT_ID = 8
 
 

@@ -241,17 +241,10 @@ class StreamingModel:
         self.passes += 1
         return logits.float() if all_positions else logits[:, -1, :].float()
 
-    def generate(
-        self,
-        prompt_ids: Sequence[int],
-        max_new_tokens: int,
-        sampler: Callable[[torch.Tensor, torch.Tensor], list[int]],
-        eos_token_ids: Sequence[int] = (),
-        keep_logits: bool = False,
-        on_token: Callable[[int], None] | None = None,
-    ) -> Generation:
-        """One prompt: prefill, then one pass per new token; stops at EOS or `max_new_tokens`."""
-        return self.generate_batch([prompt_ids], max_new_tokens, sampler, eos_token_ids, keep_logits, on_token)
+    def generate(self, prompt_ids: Sequence[int], *args: Any, **kwargs: Any) -> Generation:
+        """One prompt: prefill, then one pass per new token; stops at EOS or `max_new_tokens` (`generate_batch`'s
+        arguments after the prompts)."""
+        return self.generate_batch([prompt_ids], *args, **kwargs)
 
     def generate_batch(
         self,

@@ -30,10 +30,8 @@ class PackedLayout:
     """Where a packed layer's tensors lie in the bytes they cover (their span): found once per unit, then each pass
     copies the span in one transfer and views the copy in one op a tensor.
 
-    Per pass that is 42 aten ops for a 4-bit layer's 30 tensors instead of 125 (counted with a dispatch mode), on
-    the prefetch worker, whose Python shares the GIL with the compute's: the tiny model's 4-bit layer took 3.3-3.5x
-    less host time this way, its copy included (0.49 against 0.14 ms, and in a slower spell of this 2-core machine
-    0.55 against 0.17 ms by wall clock and by the thread's CPU time alike; medians of 9 alternating rounds).
+    Per pass that is 42 aten ops for a 4-bit layer's 30 tensors instead of 125 with a slice and views per tensor,
+    on the prefetch worker, whose Python shares the GIL with the compute's: a few times less host time a layer.
     """
 
     nbytes: int  # the span's length
@@ -166,7 +164,7 @@ class LayerPipeline:
         for name in names:
             path = files.file(name)
             if path not in by_file:  # tied embed and lm_head share a file, and so one copy
-                stored = read_layer_file(path, "warm")
+                stored = read_layer_file(path, cold=False)
                 # copy=True: on a CPU the device tensors would otherwise be views of the file's mapping.
                 tensors = {key: t.to(self.device, copy=True) for key, t in stored.items()}
                 if decode_with is not None:

@@ -64,7 +64,7 @@ class DiskCache:
         would be; warm: the mapping kept for it."""
         path = self.files.file(name)
         layout = self._layout(path)
-        if self.cfg.page_cache == "cold":
+        if self.cfg.cold:
             drop_page_cache(path)
             return map_unread(path, layout)
         tensors = self._mapped.get(path)
@@ -79,7 +79,7 @@ class DiskCache:
         return self._layouts[path]
 
     def _read_staged(self, path: Path, readers: int) -> dict[str, torch.Tensor]:
-        if self.cfg.page_cache == "cold":
+        if self.cfg.cold:
             drop_page_cache(path)
         layout = self._layout(path)
         ring = self._ring if readers == 1 else self._own_slot.setdefault(path, PinnedRing(1, self.device))
@@ -88,12 +88,12 @@ class DiskCache:
     def _read(self, path: Path, readers: int) -> dict[str, torch.Tensor]:
         if self._ring is not None:
             return self._read_staged(path, readers)
-        if self.cfg.page_cache == "cold":
+        if self.cfg.cold:
             # Mapped afresh: a mapping kept from the last pass would keep its pages from being dropped.
-            return read_layer_file(path, "cold")
+            return read_layer_file(path, cold=True)
         tensors = self._mapped.get(path)
         if tensors is None:
-            tensors = self._mapped[path] = read_layer_file(path, "warm")
+            tensors = self._mapped[path] = read_layer_file(path, cold=False)
         else:
             make_resident(tensors, kept=True)
         return tensors

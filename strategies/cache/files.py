@@ -57,8 +57,8 @@ _populate = _Populate()
 
 class _Mincore:
     """mincore(2): which pages of a mapping are in memory, one byte per page. Over a mapping whose pages
-    are all mapped it only scans page tables: 2.2 ms for the 1B geometry's 2.47 GB split, where
-    MADV_POPULATE_READ walks the same pages in 92 ms doing nothing."""
+    are all mapped it only scans page tables, many times faster than MADV_POPULATE_READ walking the same
+    pages to do nothing."""
 
     def all_in(self, start: int, length: int) -> bool | None:
         """True when every page of the range is in memory; None where this cannot be asked."""
@@ -112,14 +112,14 @@ def make_resident(tensors: dict[str, torch.Tensor], kept: bool = False) -> None:
             t.reshape(-1).view(torch.uint8)[:: mmap.PAGESIZE].sum()
 
 
-def read_layer_file(path: Path, page_cache: str, pin: bool = False) -> dict[str, torch.Tensor]:
+def read_layer_file(path: Path, cold: bool, pin: bool = False) -> dict[str, torch.Tensor]:
     """A layer file's tensors in host memory, read with the page-cache policy asked for.
 
     Not pinned: views of the file's mapping, every page resident (no copy; on the CPU the layer
     computes on them). Pinned (for CUDA's async copies): the file's data read straight into one
     page-locked buffer, its tensors views of it, so that the layer moves to the device in one copy.
     """
-    if page_cache == "cold":
+    if cold:  # from storage: the OS's cached pages dropped first
         drop_page_cache(path)
     if pin:
         layout = FileLayout.of(path)
@@ -186,9 +186,8 @@ def map_unread(path: Path, layout: FileLayout) -> dict[str, torch.Tensor]:
     when first touched, and only it. For a table of which a pass reads a few rows."""
     with open(path, "rb") as f:
         mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)  # writable, as torch wants; never written
-    # Without it the kernel reads ahead around each fault, about 8 MB here (Linux 6.18, ext4): 5 rows of the 1B
-    # geometry's cold 525 MB table brought in 42 MB (safetensors' own mapping, load_file, does the same); with
-    # it, 41 kB.
+    # Without it the kernel reads ahead around each fault (megabytes, by kernel and filesystem), so a lookup of a few
+    # rows would read much of a cold table, as safetensors' own mapping (load_file) does; with it, only their pages.
     if hasattr(mmap, "MADV_RANDOM"):  # not on Windows
         mapping.madvise(mmap.MADV_RANDOM)
     # The tensor keeps the mapping alive; the file may close.

@@ -30,7 +30,7 @@ class RamCache:
         path = self.files.file(name)
         tensors = self._held.get(path)
         if tensors is None:
-            tensors = read_layer_file(path, self.cfg.page_cache, pin=self.pin)
+            tensors = read_layer_file(path, cold=self.cfg.cold, pin=self.pin)
             self.bytes_read += self.files.file_bytes(name)
             self._held[path] = tensors
         return tensors

@@ -12,8 +12,8 @@ class Codec(Protocol):
     stored_fraction: float
     # Whether decoding gives back other weights than the checkpoint's: then the job measures what it costs.
     lossy: bool
-    # The link probe's dequant rate this codec decodes at ("8bit", "4bit"); None when decoding is free.
-    dequant_link: str | None
+    # Bits a stored weight takes, which picks the link probe's dequant rate; None when decoding is free.
+    bits: int | None
 
     @property
     def split_key(self) -> str:

@@ -17,7 +17,7 @@ class Blockwise4bit(BlockwiseCodec):
     # Device bytes of the stored form per decoded byte, both alive while a layer decodes:
     # 4-bit codes are a quarter of bf16, plus a scale per block.
     stored_fraction = 0.29
-    dequant_link = "4bit"
+    bits = Blockwise4bitConfig.bits
 
     @property
     def split_key(self) -> str:

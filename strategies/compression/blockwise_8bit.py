@@ -16,7 +16,7 @@ class Blockwise8bit(BlockwiseCodec):
     # Device bytes of the stored form per decoded byte, both alive while a layer decodes:
     # int8 codes are half of bf16, plus a scale per block.
     stored_fraction = 0.52
-    dequant_link = "8bit"
+    bits = Blockwise8bitConfig.bits
 
     @property
     def split_key(self) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from omegaconf import MISSING
 
@@ -17,6 +18,8 @@ QUANT_TYPES = ("nf4", "fp4")
 class CompressionConfig:
     name: str = MISSING
     _target_: str = MISSING
+    # Bits a stored weight takes, for a codec that quantizes; None where the weights stay as the checkpoint has them.
+    bits: ClassVar[int | None] = None
 
 
 @dataclass
@@ -29,6 +32,7 @@ class NoCompressionConfig(CompressionConfig):
 class Blockwise8bitConfig(CompressionConfig):
     name: str = "8bit"
     _target_: str = "strategies.compression.blockwise_8bit.Blockwise8bit"
+    bits: ClassVar[int | None] = 8
     # 256: one fp32 scale per 256 weights costs 1.6% on top of the int8 codes.
     blocksize: int = 256
     # Embedding and lm_head are gathers / the final projection; compressing them is a separate trade-off.
@@ -42,6 +46,7 @@ class Blockwise8bitConfig(CompressionConfig):
 class Blockwise4bitConfig(CompressionConfig):
     name: str = "4bit"
     _target_: str = "strategies.compression.blockwise_4bit.Blockwise4bit"
+    bits: ClassVar[int | None] = 4
     # nf4: levels at normal quantiles, the better fit for normally distributed weights (QLoRA).
     quant_type: str = "nf4"
     # 64 is bitsandbytes' default for 4-bit: an fp32 scale per 64 weights (+12.5% on the codes).

@@ -12,7 +12,7 @@ class NoCompression:
     # the stored tensors are the weights: nothing extra.
     stored_fraction = 0.0
     lossy = False
-    dequant_link = None
+    bits = NoCompressionConfig.bits
 
     def __init__(self, cfg: NoCompressionConfig) -> None:
         self.cfg = cfg

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from omegaconf import MISSING
 
@@ -11,12 +12,15 @@ from omegaconf import MISSING
 class KVCacheConfig:
     name: str = MISSING
     _target_: str = MISSING
+    # Whether each pass recomputes the whole sequence, keeping no K/V between passes.
+    recomputes_sequence: ClassVar[bool] = False
 
 
 @dataclass
 class NoKVCacheConfig(KVCacheConfig):
     name: str = "none"
     _target_: str = "strategies.kv_cache.none.NoKVCache"
+    recomputes_sequence: ClassVar[bool] = True
 
 
 @dataclass

@@ -7,17 +7,16 @@ from typing import Protocol
 
 from strategies.layer import DeviceLayer
 
+# What a prefetcher is handed: a unit's name -> its weights on the device, stored; stored -> decoded.
+Fetch = Callable[[str], DeviceLayer]
+Decode = Callable[[DeviceLayer], DeviceLayer]
+
 
 class Prefetcher(Protocol):
     # Layers loaded (and so alive on the device) ahead of the one computing: 0 means nothing overlaps.
     layers_ahead: int
 
-    def stream(
-        self,
-        names: Sequence[str],
-        fetch: Callable[[str], DeviceLayer],
-        decode: Callable[[DeviceLayer], DeviceLayer],
-    ) -> Iterator[DeviceLayer]:
+    def stream(self, names: Sequence[str], fetch: Fetch, decode: Decode) -> Iterator[DeviceLayer]:
         """Yield ``decode(fetch(name))`` for each name, in order; may run both ahead of the consumer.
 
         fetch: read and copy to the device (the stored form); decode: the weights from it, on the device.

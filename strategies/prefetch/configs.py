@@ -14,6 +14,11 @@ class PrefetchConfig:
     name: str = MISSING
     _target_: str = MISSING
 
+    @property
+    def layers_ahead(self) -> int:
+        """Layers loaded ahead of the one computing."""
+        return 0
+
 
 @dataclass
 class PrefetchOffConfig(PrefetchConfig):
@@ -34,3 +39,7 @@ class PrefetchOnConfig(PrefetchConfig):
 
     def __post_init__(self) -> None:
         check_positive("prefetch.depth", self.depth)
+
+    @property
+    def layers_ahead(self) -> int:
+        return self.depth

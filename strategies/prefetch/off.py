@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 
 from strategies.layer import DeviceLayer
+from strategies.prefetch.base import Decode, Fetch
 from strategies.prefetch.configs import PrefetchOffConfig
 
 
@@ -16,11 +17,6 @@ class PrefetchOff:
     def __init__(self, cfg: PrefetchOffConfig, device: torch.device) -> None:
         self.cfg = cfg
 
-    def stream(
-        self,
-        names: Sequence[str],
-        fetch: Callable[[str], DeviceLayer],
-        decode: Callable[[DeviceLayer], DeviceLayer],
-    ) -> Iterator[DeviceLayer]:
+    def stream(self, names: Sequence[str], fetch: Fetch, decode: Decode) -> Iterator[DeviceLayer]:
         for name in names:
             yield decode(fetch(name))

@@ -24,10 +24,11 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 
 from strategies.layer import DeviceLayer
+from strategies.prefetch.base import Decode, Fetch
 from strategies.prefetch.configs import PrefetchOnConfig
 
-# On the CPU, handing a load to the worker and back costs about 0.1 ms (tiny model, ram, none: 0.76 ms a
-# token over its 7 units, 3.86 against 3.11 ms). A unit whose last load took less is loaded in turn instead.
+# On the CPU, handing a load to the worker and back costs about 0.1 ms, more than a small unit's load from RAM:
+# a unit whose last load took less is loaded in turn instead.
 INLINE_BELOW_S = 1e-4
 
 
@@ -36,13 +37,12 @@ class PrefetchOn:
         self.cfg = cfg
         self.device = device
         self.layers_ahead = cfg.depth
-        # Streams exist only on CUDA; elsewhere the worker thread alone gives the overlap. On one stream, copies
-        # and decodes ran in turn: on an H100, Llama-3-8B 4-bit from RAM took 0.177 s a token, about its 0.10 s
-        # of copies plus 0.047 s of decodes, against a floor (the copies alone) of 0.092 s.
+        # Streams exist only on CUDA; elsewhere the worker thread alone gives the overlap. Copies and decodes get
+        # a stream each: on one stream they would run in turn, each copy queued behind the decode before it.
         cuda = device.type == "cuda"
         self.copy_stream = torch.cuda.Stream(device) if cuda else None
         self.decode_stream = torch.cuda.Stream(device) if cuda else None
-        # One worker for every pass: a pool per pass started and joined a thread each token.
+        # One worker for every pass: a pool per pass would start and join a thread each token.
         self._pool: ThreadPoolExecutor | None = None
         # CPU only: each unit's last load, in host seconds. On CUDA the host only issues asynchronous work, so
         # its time says nothing of the load's.
@@ -82,12 +82,7 @@ class PrefetchOn:
             _in_use_on(compute, layer)
         return layer
 
-    def stream(
-        self,
-        names: Sequence[str],
-        fetch: Callable[[str], DeviceLayer],
-        decode: Callable[[DeviceLayer], DeviceLayer],
-    ) -> Iterator[DeviceLayer]:
+    def stream(self, names: Sequence[str], fetch: Fetch, decode: Decode) -> Iterator[DeviceLayer]:
         names = list(names)
         # Decided once a pass: a unit that loaded faster than a hand-over loads in turn (never on CUDA).
         inline = [self._load_s.get(name, math.inf) < INLINE_BELOW_S for name in names]

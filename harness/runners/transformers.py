@@ -7,7 +7,7 @@ from pathlib import Path
 from transformers import LlamaForCausalLM
 
 from harness.measurement.vram import GIB, VramCapExceeded
-from harness.peers.base import LoadRequest
+from harness.runners.hf import HFRunner, LoadRequest
 
 
 def checkpoint_bytes(ckpt_dir: Path) -> int:
@@ -15,8 +15,10 @@ def checkpoint_bytes(ckpt_dir: Path) -> int:
     return sum(path.stat().st_size for path in ckpt_dir.glob("*.safetensors"))
 
 
-class ResidentPeer:
-    def load(self, request: LoadRequest) -> LlamaForCausalLM:
+class TransformersRunner(HFRunner):
+    supports = {"decoding": ("greedy",), "compression": ("none",), "kv_cache": ("device", "none")}
+
+    def load_model(self, request: LoadRequest) -> LlamaForCausalLM:
         need = checkpoint_bytes(request.ckpt_dir)
         if request.vram_budget_bytes is not None and need > request.vram_budget_bytes:
             raise VramCapExceeded(
@@ -24,7 +26,7 @@ class ResidentPeer:
                 f"over the {request.vram_budget_bytes / GIB:.2f} GiB that vram.cap_gib leaves for weights; "
                 "use runner=accelerate or runner=layerbench, or a larger vram.cap_gib"
             )
-        # Loaded, then moved, as the in-memory reference is. Loaded with device_map={"": device} instead (which
-        # dispatches through accelerate's hooks) it decoded at 1.34x the reference's time on the 1B geometry.
+        # Loaded, then moved, as the in-memory reference is: loading with device_map={"": device} dispatches
+        # through accelerate's hooks, which slows decoding (docs/findings.md).
         model = LlamaForCausalLM.from_pretrained(request.ckpt_dir, attn_implementation="sdpa")
         return model.to(request.device).eval()

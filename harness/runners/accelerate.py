@@ -15,15 +15,14 @@ from accelerate import infer_auto_device_map, init_empty_weights
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from harness.measurement.vram import GIB, VramCapExceeded, decoder_layer_bytes, model_dtype
-from harness.peers.base import LoadRequest
-
-OFFLOAD_TO = {"disk": "disk", "ram": "cpu"}  # cache choice -> accelerate's device_map value
+from harness.runners.hf import HFRunner, LoadRequest
 
 
 def offload_device_map(config: LlamaConfig, request: LoadRequest) -> dict[str, str | int]:
     with init_empty_weights():
         meta = LlamaForCausalLM(config)
-    offload_to = OFFLOAD_TO[request.choices["cache"]]
+    # accelerate's device_map value: a cache that rereads the files offloads to disk, one that keeps copies to RAM.
+    offload_to = "disk" if request.options["cache"].rereads else "cpu"
     device = request.device
     if device.type != "cuda":
         names = [f"model.{name}" for name, _ in meta.model.named_children() if name != "layers"]
@@ -48,8 +47,16 @@ def offload_device_map(config: LlamaConfig, request: LoadRequest) -> dict[str, s
     return {name: offload_to if where in ("cpu", "disk") else where for name, where in placed.items()}
 
 
-class OffloadPeer:
-    def load(self, request: LoadRequest) -> LlamaForCausalLM:
+class AccelerateRunner(HFRunner):
+    supports = {
+        "decoding": ("greedy",),
+        "cache": ("disk", "ram"),
+        "compression": ("none",),
+        "prefetch": ("off",),  # its hooks load each layer's weights as its forward starts
+        "kv_cache": ("device", "none"),
+    }
+
+    def load_model(self, request: LoadRequest) -> LlamaForCausalLM:
         config = LlamaConfig.from_pretrained(request.ckpt_dir)
         device_map = offload_device_map(config, request)
         request.work_dir.mkdir(parents=True, exist_ok=True)

@@ -1,7 +1,7 @@
 """The plan of a streamed run, before it runs: what stays resident, what streams, the bytes a pass moves,
 and the per-token time the probe's link rates predict for them; after the run, the measured time beside it.
 
-The same link arithmetic as the floor (`comparisons.link_floor`), on predicted bytes instead of measured
+The same link arithmetic as the floor (`floor.link_floor`), on predicted bytes instead of measured
 ones, and summed rather than overlapped when nothing loads ahead (prefetch=off runs its stages in turn).
 """
 
@@ -11,10 +11,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from harness.config import Config
-from harness.job.comparisons import link_floor, pass_seq_len
-from harness.job.streamer import Streamer
 from harness.measurement.units import format_metric
 from harness.measurement.vram import decoded_bytes
+from harness.runners.layerbench.floor import link_floor, pass_seq_len
+from harness.runners.layerbench.setup import Setup
 
 
 @dataclass
@@ -39,21 +39,21 @@ class Plan:
 
 
 def make_plan(
-    streamer: Streamer, cfg: Config, outputs_dir: Path, kept_mapping_bytes_per_s: float | None = None
+    setup: Setup, cfg: Config, outputs_dir: Path, kept_mapping_bytes_per_s: float | None = None
 ) -> Plan:
-    layout, pipeline = streamer.layout, streamer.pipeline
-    resident = streamer.residency.units
+    layout, pipeline = setup.layout, setup.pipeline
+    resident = setup.residency.units
     streamed = [u for u in layout.units if u not in resident]
     # A table looked up on the host stays there, and a rereading cache reads only its rows (left out: a few pages).
     whole = [u for u in streamed if not pipeline.looks_up_on_host(u)]
     read = float(layout.files_bytes(whole)) if pipeline.cache.rereads else 0.0  # a shared file: once a pass
-    h2d = 0.0 if streamer.device.type == "cpu" else float(layout.files_bytes(whole))  # on a CPU, host is device
+    h2d = 0.0 if setup.device.type == "cpu" else float(layout.files_bytes(whole))  # on a CPU, host is device
     # Every unit decodes on every pass, the resident ones too (they stay in their stored form).
-    decoded = float(decoded_bytes(streamer.config, layout.units))
-    n_prompt = max(len(p) for p in streamer.prompts)
+    decoded = float(decoded_bytes(setup.config, layout.units))
+    n_prompt = max(len(p) for p in setup.prompts)
     floor, *_ = link_floor(
-        streamer, cfg, outputs_dir, disk_bytes=read, h2d_bytes=h2d, dequant_bytes=decoded,
-        seq_len=pass_seq_len(streamer, n_prompt, cfg.workload.max_new_tokens) * cfg.workload.batch_size,
+        setup, cfg, outputs_dir, disk_bytes=read, h2d_bytes=h2d, dequant_bytes=decoded,
+        seq_len=pass_seq_len(setup, n_prompt, cfg.workload.max_new_tokens) * cfg.workload.batch_size,
         kept_mapping_bytes_per_s=kept_mapping_bytes_per_s,
     )
     overlapped = pipeline.prefetcher.layers_ahead > 0

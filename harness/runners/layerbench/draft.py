@@ -17,6 +17,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 import strategies
 from harness.checkpoints.generated import ensure_checkpoint
+from harness.checkpoints.loading import load_model_config
 from harness.config import Config, ModelConfig, conf_dir
 from harness.measurement.metrics import device_clock
 from harness.measurement.timeline import StageClock
@@ -34,7 +35,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Draft:
-    runner: StreamingModel
+    model: StreamingModel
     name: str  # the model option, or "<target> 4bit"
     bytes: int  # what it holds on the device
     decoded_once: bool
@@ -56,8 +57,6 @@ def build_draft(
     tokenizer: PreTrainedTokenizerBase, budget_bytes: int,
 ) -> Draft:
     """Split (once) and load the draft resident; `budget_bytes`: device memory left for it."""
-    from harness.job.streamer import load_model_config  # the job's checkpoint helpers; imported late, no cycle
-
     if cfg.decoding.draft is None:
         model, codec_cfg, name = cfg.model, Blockwise4bitConfig(), f"{cfg.model.name} 4bit"
     else:
@@ -93,6 +92,6 @@ def build_draft(
     )
     held = pipeline.keep_resident(layout, units, decode_with=codec if decoded_once else None)
     kv = strategies.build(DeviceKVCacheConfig())
-    runner = StreamingModel(config, units, pipeline, kv, device, device_clock(device), stages)
+    model = StreamingModel(config, units, pipeline, kv, device, device_clock(device), stages)
     log.info("draft %s resident, %s (%.3g GB)", name, "dequantized once" if decoded_once else "stored", held / 1e9)
-    return Draft(runner, name, held, decoded_once)
+    return Draft(model, name, held, decoded_once)

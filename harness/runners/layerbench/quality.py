@@ -16,10 +16,12 @@ import torch
 import torch.nn.functional as F
 
 from harness.checkpoints.tokenizer import CORPUS_PATH
-from harness.streaming.model import StreamingModel
+from harness.config import Config
+from harness.runners.layerbench.setup import Setup, build_setup, fresh_model
+from harness.streaming.model import Generation, StreamingModel
 
 # name -> file: `corpus` trains the embedded tokenizer; `essay` is prose it never saw.
-TEXTS = {"corpus": CORPUS_PATH, "essay": Path(__file__).resolve().parents[1] / "data" / "essay.txt"}
+TEXTS = {"corpus": CORPUS_PATH, "essay": CORPUS_PATH.with_name("essay.txt")}
 
 
 def teacher_forced_logits(runner: StreamingModel, ids: list[int]) -> torch.Tensor:
@@ -73,3 +75,15 @@ def quality_metrics(
 def text_ids(tokenizer: object, max_tokens: int) -> dict[str, list[int]]:
     """The shipped texts as token ids, each cut to `max_tokens`."""
     return {name: list(tokenizer(path.read_text())["input_ids"][:max_tokens]) for name, path in TEXTS.items()}
+
+
+def compression_quality(setup: Setup, cfg: Config, gen: Generation, outputs_dir: Path) -> dict[str, float]:
+    """The codec's cost in accuracy: the same runner over the uncompressed split of the same checkpoint."""
+    plain = build_setup(cfg.uncompressed(), outputs_dir, setup.device)
+    return quality_metrics(
+        fresh_model(setup),
+        fresh_model(plain),
+        gen.prompt_ids + gen.generated_ids,
+        # Never past the model's positions: the texts are longer than a small model's context.
+        text_ids(setup.tokenizer, min(cfg.quality.max_tokens, setup.config.max_position_embeddings)),
+    )

@@ -8,21 +8,31 @@ from __future__ import annotations
 
 from typing import Any
 
-from harness.peers.base import LoadRequest
+from harness.runners.hf import HFRunner, LoadRequest
 
 
-class AirLLMPeer:
-    def load(self, request: LoadRequest) -> Any:
+class AirLLMRunner(HFRunner):
+    supports = {
+        "decoding": ("greedy",),
+        "cache": ("disk",),
+        "compression": ("none", "8bit", "4bit"),
+        "prefetch": ("on", "off"),  # AirLLM prefetches by default (and never while it decompresses)
+        "kv_cache": ("device", "none"),
+    }
+    requires = ("airllm",)
+    extra = "airllm"
+
+    def load_model(self, request: LoadRequest) -> Any:
         from airllm import AutoModel
 
-        compression = request.choices["compression"]
+        bits = request.options["compression"].bits
         device = request.device
         air = AutoModel.from_pretrained(
             str(request.ckpt_dir),
             device=f"cuda:{device.index or 0}" if device.type == "cuda" else "cpu",
             layer_shards_saving_path=str(request.work_dir),
-            compression=None if compression == "none" else compression,
-            prefetching=request.choices["prefetch"] == "on",
+            compression=None if bits is None else f"{bits}bit",
+            prefetching=request.options["prefetch"].layers_ahead > 0,
         )
         # The wrapper only forwards generate() to its transformers model; its hooks keep the wrapper alive.
         return air.model

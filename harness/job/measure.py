@@ -1,0 +1,103 @@
+"""The one measuring loop: any runner through warm-up, measured repeats, a profile, the reference and quality.
+
+Every runner is timed, sampled and reported by the same code here: token timing, the host's load and the device
+allocator per generation, the VRAM monitor around the whole, transformers' reference on the same prompts. The
+runner adds only what it alone knows (`Runner.generation_metrics`, `annotate`, `quality_metrics`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.progress import Progress
+
+from harness.config import Config
+from harness.job.reference import reference_metrics
+from harness.measurement.hostload import HostLoad
+from harness.measurement.memory import peak_rss_bytes
+from harness.measurement.metrics import aggregate, device_clock, token_metrics
+from harness.measurement.profile import record
+from harness.measurement.run_report import RunReport
+from harness.measurement.vram import DeviceAllocs, VramMonitor
+from harness.runners.base import Runner
+from harness.streaming.model import Generation
+from harness.workload import Workload, prepare_workload
+
+
+@dataclass
+class Outcome:
+    """What one job measured and made, whichever runner generated."""
+
+    report: RunReport
+    runner: Runner
+    gen: Generation  # the last measured generation: its prompts, sequences and token times
+    texts: list[str]  # each sequence's new tokens as text
+    tags: dict[str, str] = field(default_factory=dict)
+    profile_dir: Path | None = None  # bench.profile's trace and top ops
+
+
+def measure(
+    runner: Runner, cfg: Config, outputs_dir: Path, console: Console, profile_to: Path | None = None
+) -> Outcome:
+    """Load, warm up, measure `bench.repeats` generations (and one more under torch.profiler into `profile_to`),
+    then compare with the references; the VRAM monitor watches it all."""
+    device = runner.device
+    # Before the monitor: building a generated checkpoint is no part of the run (it can take the device's memory).
+    work: Workload = prepare_workload(cfg, outputs_dir)
+    with VramMonitor.from_config(device, cfg.vram) as vram:
+        runner.load(work, vram, console)
+        with Progress(console=console, transient=True) as progress:
+            task = progress.add_task("generate", total=cfg.workload.max_new_tokens)
+
+            def run(description: str, on_token: Callable[[int], None] | None = None) -> Generation:
+                progress.reset(task, total=cfg.workload.max_new_tokens, description=description)
+                torch.manual_seed(cfg.workload.seed)  # a runner that samples through torch's global generator
+
+                def advance(token: int) -> None:
+                    progress.advance(task)
+                    if on_token is not None:
+                        on_token(token)
+
+                return runner.generate(advance)
+
+            for i in range(cfg.bench.warmup):
+                run(f"warm-up {i + 1}")
+            gens, measured = [], []
+            for repeat in range(cfg.bench.repeats):
+                allocs, host = DeviceAllocs(device), HostLoad()
+
+                def on_token(_: int, allocs: DeviceAllocs = allocs, host: HostLoad = host) -> None:
+                    allocs.token()
+                    host.token()
+
+                gen = run(f"generate {repeat + 1}", on_token)
+                gens.append(gen)
+                measured.append({
+                    **token_metrics(gen.start_s, gen.token_times_s, gen.sequences),
+                    "prompt_tokens": float(len(gen.prompt_ids)),
+                    **runner.generation_metrics(gen),
+                    **allocs.metrics(),
+                    **host.metrics(),
+                })
+            if profile_to is not None:  # one generation more, in no metric
+                record(lambda: run("profile"), device, profile_to)
+        runner.release()
+    vram.check()
+    gen = gens[-1]
+    report = RunReport().add(aggregate(measured))
+    report.add(vram.metrics())
+    report.peak_rss_bytes = float(peak_rss_bytes())
+    tags = {"device": str(device), **runner.annotate(report, gen)}
+    if cfg.reference.enabled:
+        report.add(reference_metrics(
+            work.ckpt_dir, work.stop, gen.prompts, gen.sequences, report.tpot_s, cfg.workload.max_new_tokens,
+            device, device_clock(device), cfg.bench.repeats,
+        ))
+    if cfg.quality.enabled:
+        report.add(runner.quality_metrics(gen))
+    texts = [work.tokenizer.decode(seq, skip_special_tokens=True) for seq in gen.sequences]
+    return Outcome(report, runner, gen, texts, tags)

@@ -1,1 +1,0 @@
-"""Peers: other ways to run the same checkpoint, measured with layerbench's ruler (`runner=<name>`)."""
