@@ -64,6 +64,11 @@ class ModelConfig:
     # What the weights really are, when their dtype does not say it (a tag on every run).
     weights_note: str | None = None
 
+    @property
+    def random_weights(self) -> bool:
+        """Whether the weights are seeded random numbers (a generated checkpoint), not a trained model's."""
+        return self.source == "generated"
+
     def __post_init__(self) -> None:
         check_choice("model.source", self.source, MODEL_SOURCES)
         check_choice("model.generator_device", self.generator_device, ("cpu", "cuda"))

@@ -22,7 +22,7 @@ from harness.measurement.memory import reset_peak_rss
 from harness.measurement.metrics import inter_token_latencies
 from harness.measurement.plots import plot_token_latency
 from harness.measurement.run_report import RunReport
-from harness.measurement.summary import print_summary
+from harness.measurement.summary import caveats, print_summary
 from harness.measurement.units import format_metric
 from harness.runners.base import runner_class
 from harness.tracking.client import RunTracker, config_params, default_tracking_uri
@@ -131,7 +131,8 @@ def run_job(
             with contextlib.suppress(OSError):  # only if empty: a job that failed after its profile keeps it
                 profile_to.rmdir()
         raise
-    print_summary(console, choices, outcome.report, outcome.texts[0])
+    hidden, notes = caveats(cfg.model, outcome.report)
+    print_summary(console, choices, outcome.report, outcome.texts[0], hidden, notes)
     return outcome.report
 
 
