@@ -1,16 +1,25 @@
-"""The one-command GPU check: refuses without CUDA; its steps and table run on the CPU with the tiny model."""
+"""The one-command GPU check (scripts/gpucheck.py): refuses without CUDA; its steps and table run on the CPU with the
+tiny model; each of its runs is a preset that composes."""
 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
-from harness import gpucheck
+from harness.config import Config, compose_config
 from harness.measurement.profile import OPS_FILE, TRACE_FILE
 from harness.probe.gains import untried_gains
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+import gpucheck  # noqa: E402  (a script, not a module of the package)
+
+PRESETS = ROOT / "conf" / "experiment" / gpucheck.PRESETS
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
@@ -37,7 +46,7 @@ def test_an_exact_label_picks_that_run_alone_and_rounds_go_round_robin() -> None
     graph = "4bit, ram, prefetch, cuda graph"
     labels = ["4bit, ram, prefetch", graph, f"{graph}, blocking wait"]
     assert [label for label, _ in runs] == [*labels, *(f"{label} #2" for label in labels)]
-    assert runs[0][1] == runs[3][1] == dict(gpucheck.ALL_RUNS)["4bit, ram, prefetch"]
+    assert runs[0][1] == runs[3][1] == dict(gpucheck.ALL_RUNS)["4bit, ram, prefetch"] == "4bit_ram_prefetch"
     assert [label for label, _ in gpucheck.picked_runs(())] == [label for label, _ in gpucheck.RUNS]
 
 
@@ -48,7 +57,7 @@ def test_an_outdir_that_is_a_file_is_refused_first(tmp_path: Path, capsys: pytes
 
 
 def test_overrides_may_follow_the_options(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """On the H100, `OUT --skip-tests --only '4bit, ram, prefetch' bench.profile=true` was refused as unrecognized."""
+    """`OUT --skip-tests --only '4bit, ram' bench.profile=true`: an override after --only is no --only word."""
     seen: dict = {}
 
     def fake_check(outdir: Path, **kwargs) -> dict:
@@ -175,3 +184,46 @@ def test_later_rounds_run_again_without_the_profiler(tmp_path: Path) -> None:
     assert first["status"] == second["status"] == "FINISHED"
     assert "profile" in first and "profile" not in second  # the profiled generation costs lease time once
     assert "| 4bit, ram, prefetch #2 |" in (tmp_path / "out" / "gpucheck.md").read_text()
+
+
+@pytest.mark.parametrize("preset", sorted(p.stem for p in PRESETS.glob("*.yaml")))
+def test_every_preset_composes_and_validates(preset: str) -> None:
+    cfg = OmegaConf.to_object(compose_config([gpucheck.preset(preset), "model=tiny"]))
+    assert isinstance(cfg, Config)
+    # What every run shares, from the sibling `common`.
+    assert cfg.workload.prompt_tokens == 8 and not cfg.workload.stop_at_eos and not cfg.split.verify
+    assert not (cfg.tracking.enabled or cfg.quality.enabled or cfg.reference.enabled)
+
+
+def test_each_labelled_run_names_a_preset_of_its_own() -> None:
+    labels, names = zip(*gpucheck.ALL_RUNS, strict=True)
+    assert len(set(labels)) == len(labels) and len(set(names)) == len(names)
+    assert set(names) == {p.stem for p in PRESETS.glob("*.yaml")} - {"common"}, "a run without a preset, or unused"
+    assert set(gpucheck.PROFILED) <= set(labels)
+
+
+def test_a_run_reads_its_choices_from_the_composed_config() -> None:
+    """The presets choose the groups: the job's choices and the split to delete come from the config, not strings."""
+    _, cfg = gpucheck.composed([gpucheck.preset("4bit_disk_cold_resident"), "model=tiny"])
+    choices = gpucheck.choices(cfg)
+    assert (choices["cache"], choices["compression"], choices["prefetch"], choices["residency"]) == (
+        "disk", "4bit", "off", "auto")
+    assert cfg.cache.page_cache == "cold" and choices["model"] == "tiny"
+    # Overrides for every run come after the preset's and win.
+    _, cfg = gpucheck.composed([gpucheck.preset("4bit_ram_prefetch"), "compression=8bit", "prefetch.depth=3"])
+    assert (cfg.compression.name, cfg.prefetch.name, cfg.prefetch.depth) == ("8bit", "on", 3)
+
+
+def test_the_gpu_tests_are_picked_by_marker_past_modules_that_cannot_import(monkeypatch: pytest.MonkeyPatch) -> None:
+    import subprocess
+
+    seen: list[list[str]] = []
+
+    def done(cmd: list[str], **kwargs: object) -> subprocess.CompletedProcess:
+        seen.append(cmd)
+        return subprocess.CompletedProcess(cmd, 0, stdout="..\n2 passed, 40 deselected in 3.00s\n", stderr="")
+
+    monkeypatch.setattr(gpucheck.subprocess, "run", done)
+    assert gpucheck.run_gpu_tests() == "2 passed, 40 deselected in 3.00s"
+    assert seen[0][seen[0].index("-m", 2) + 1] == "gpu" and "--continue-on-collection-errors" in seen[0]
+    assert seen[0][-1] == "tests" and not any(a.endswith(".py") for a in seen[0][1:])
