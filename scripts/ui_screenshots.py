@@ -1,7 +1,7 @@
 """Screenshots of the MLflow UI over one fresh sweep, for a person to look at (not a test; not in CI).
 
     apt-get install chromium          # Debian's package
-    python tests/ui_screenshots.py /tmp/ui-shots
+    python scripts/ui_screenshots.py /tmp/ui-shots
 
 Runs a 4-job sweep of the tiny model into a temporary store, starts `mlflow ui` on it (127.0.0.1,
 one worker), and saves headless-Chromium screenshots of the runs table, a child run, the parent
