@@ -9,32 +9,31 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
-from harness.config import Config
+from harness.config import ProbeConfig
 from harness.measurement.run_report import RunReport
 from harness.measurement.units import format_metric
 from harness.probe.floor import Floor, token_floor
 from harness.probe.links import LinkRates, kept_mapping_rate, plain_read_rate
 from harness.probe.store import load_or_measure, load_or_measure_head_compute_s, load_or_measure_layer_compute_s
 from harness.runners.layerbench.setup import Setup
+from strategies.cache.configs import CacheConfig
 
 
 def link_floor(
-    setup: Setup, cfg: Config, outputs_dir: Path, *, disk_bytes: float, h2d_bytes: float,
+    setup: Setup, probe: ProbeConfig, cache: CacheConfig, probe_dir: Path, *, disk_bytes: float, h2d_bytes: float,
     dequant_bytes: float, seq_len: int, plain_read_bytes_per_s: float | None = None,
     kept_mapping_bytes_per_s: float | None = None,
 ) -> tuple[Floor, LinkRates, float, float]:
     """The floor of one token moving these bytes per pass, from the probe's link rates (measured once per
-    machine) and the compute of every layer at `seq_len` plus the head; also the rates and compute times."""
+    machine, cached in `probe_dir`) and the compute of every layer at `seq_len` plus the head; also the rates
+    and compute times."""
     rates = load_or_measure(
-        setup.device, outputs_dir / "probe", outputs_dir / "probe", refresh=cfg.probe.refresh,
-        size_bytes=cfg.probe.size_mib << 20,
+        setup.device, probe_dir, probe_dir, refresh=probe.refresh, size_bytes=probe.size_mib << 20,
     )
-    config, probe_dir = setup.config, outputs_dir / "probe"
-    layer_s = load_or_measure_layer_compute_s(
-        config, setup.device, config.dtype, probe_dir, seq_len, cfg.probe.refresh
-    )
+    config = setup.config
+    layer_s = load_or_measure_layer_compute_s(config, setup.device, config.dtype, probe_dir, seq_len, probe.refresh)
     # The last position through the final norm and lm_head: a decoder layer's worth of bytes at a 128k vocab.
-    head_s = load_or_measure_head_compute_s(config, setup.device, config.dtype, probe_dir, cfg.probe.refresh)
+    head_s = load_or_measure_head_compute_s(config, setup.device, config.dtype, probe_dir, probe.refresh)
     disk_rates = rates
     if plain_read_bytes_per_s is not None:
         # A cold run read its own split files plainly (read_metrics): that rate, not the probe's scratch file's,
@@ -53,7 +52,7 @@ def link_floor(
         dequant_bits=codec.bits,
         compute_s=layer_s * config.num_hidden_layers + head_s,
         rates=disk_rates,
-        page_cache=cfg.cache.page_cache,
+        page_cache=cache.page_cache,
     )
     return floor, rates, layer_s, head_s
 
@@ -65,15 +64,15 @@ def pass_seq_len(setup: Setup, prompt_tokens: float, new_tokens: float) -> int:
 
 
 def floor_metrics(
-    setup: Setup, cfg: Config, report: RunReport, outputs_dir: Path
+    setup: Setup, probe: ProbeConfig, cache: CacheConfig, batch_size: int, report: RunReport, probe_dir: Path
 ) -> tuple[dict[str, float], dict[str, str]]:
     """The per-token floor from the measured links and one layer's compute, and how far the run is from it;
     and the link rates themselves as tags: they describe the machine, not the run, so they are no metrics."""
     floor, rates, layer_s, head_s = link_floor(
-        setup, cfg, outputs_dir,
+        setup, probe, cache, probe_dir,
         disk_bytes=report.read_bytes_per_pass, h2d_bytes=report.h2d_bytes_per_pass,
         dequant_bytes=report.decode_bytes_per_pass,
-        seq_len=pass_seq_len(setup, report.prompt_tokens, report.new_tokens) * cfg.workload.batch_size,
+        seq_len=pass_seq_len(setup, report.prompt_tokens, report.new_tokens) * batch_size,
         plain_read_bytes_per_s=report.plain_read_bytes_per_s,
         kept_mapping_bytes_per_s=report.kept_mapping_bytes_per_s,
     )
@@ -86,23 +85,23 @@ def floor_metrics(
     return out, tags
 
 
-def kept_mapping_metrics(setup: Setup, cfg: Config) -> dict[str, float]:
+def kept_mapping_metrics(setup: Setup, cache: CacheConfig) -> dict[str, float]:
     """Warm, with a cache that rereads every pass: one pass over the kept mappings of the files the run streams,
     the warm disk link its plan and floor use; measured before the run."""
-    if cfg.cache.cold or not setup.pipeline.cache.rereads:
+    if cache.cold or not setup.pipeline.cache.rereads:
         return {}
     layout = setup.layout
     streamed = [u for u in layout.units if u not in setup.residency.units]
     return {"kept_mapping_bytes_per_s": kept_mapping_rate(list(dict.fromkeys(map(layout.file, streamed))))}
 
 
-def read_metrics(setup: Setup, cfg: Config, report: RunReport) -> dict[str, float]:
+def read_metrics(setup: Setup, cache: CacheConfig, report: RunReport) -> dict[str, float]:
     """With a cold page cache, the read stage against a plain sequential read of the same files, dropped first.
 
     Cold only: that is the question the figure answers (does streaming read storage at its speed?), and
     the plain read costs a second read of the whole split, which a warm run would pay for no answer.
     """
-    if not cfg.cache.cold or report.read_bandwidth_bytes_per_s is None:
+    if not cache.cold or report.read_bandwidth_bytes_per_s is None:
         return {}
     layout = setup.layout
     paths = list(dict.fromkeys(layout.file(unit) for unit in layout.units))

@@ -10,11 +10,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from harness.config import Config
+from harness.config import ProbeConfig, WorkloadConfig
 from harness.measurement.units import format_metric
 from harness.measurement.vram import decoded_bytes
 from harness.runners.layerbench.floor import link_floor, pass_seq_len
 from harness.runners.layerbench.setup import Setup
+from strategies.cache.configs import CacheConfig
 
 
 @dataclass
@@ -39,8 +40,10 @@ class Plan:
 
 
 def make_plan(
-    setup: Setup, cfg: Config, outputs_dir: Path, kept_mapping_bytes_per_s: float | None = None
+    setup: Setup, probe: ProbeConfig, cache: CacheConfig, workload: WorkloadConfig, probe_dir: Path,
+    kept_mapping_bytes_per_s: float | None = None,
 ) -> Plan:
+    """What stays, what streams, and the per-token time the probe's rates (cached in `probe_dir`) predict."""
     layout, pipeline = setup.layout, setup.pipeline
     resident = setup.residency.units
     streamed = [u for u in layout.units if u not in resident]
@@ -52,8 +55,8 @@ def make_plan(
     decoded = float(decoded_bytes(setup.config, layout.units))
     n_prompt = max(len(p) for p in setup.prompts)
     floor, *_ = link_floor(
-        setup, cfg, outputs_dir, disk_bytes=read, h2d_bytes=h2d, dequant_bytes=decoded,
-        seq_len=pass_seq_len(setup, n_prompt, cfg.workload.max_new_tokens) * cfg.workload.batch_size,
+        setup, probe, cache, probe_dir, disk_bytes=read, h2d_bytes=h2d, dequant_bytes=decoded,
+        seq_len=pass_seq_len(setup, n_prompt, workload.max_new_tokens) * workload.batch_size,
         kept_mapping_bytes_per_s=kept_mapping_bytes_per_s,
     )
     overlapped = pipeline.prefetcher.layers_ahead > 0

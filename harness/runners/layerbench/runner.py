@@ -58,12 +58,20 @@ class LayerbenchRunner(Runner):
         self.own_links: dict[str, float] = {}
         self.plan: Plan | None = None
         if cfg.probe.enabled:
-            self.own_links = kept_mapping_metrics(self.setup, cfg)
-            self.plan = make_plan(self.setup, cfg, self.outputs_dir, self.own_links.get("kept_mapping_bytes_per_s"))
+            self.own_links = kept_mapping_metrics(self.setup, cfg.cache)
+            self.plan = make_plan(
+                self.setup, cfg.probe, cfg.cache, cfg.workload, self.probe_dir,
+                self.own_links.get("kept_mapping_bytes_per_s"),
+            )
             console.print(Text(self.plan.describe(self.setup.residency.bytes)))
 
     def generate(self, on_token: Callable[[int], None] | None = None) -> Generation:
         return generate(self.setup, self.cfg, on_token=on_token)
+
+    @property
+    def probe_dir(self) -> Path:
+        """Where the link probe's measurements are cached, per machine."""
+        return self.outputs_dir / "probe"
 
     def generation_metrics(self, gen: Generation) -> dict[str, float]:
         """Bytes per pass, where each pass's time went, the cross-check, and what the KV cache held."""
@@ -101,8 +109,10 @@ class LayerbenchRunner(Runner):
                 report.plan_ratio = report.tpot_s / plan.predicted_s
             tags["plan"] = plan.describe(setup.residency.bytes)
         if cfg.probe.enabled:
-            report.add(read_metrics(setup, cfg, report))  # first: a cold run's disk floor uses its plain read
-            floor, link_tags = floor_metrics(setup, cfg, report, self.outputs_dir)
+            report.add(read_metrics(setup, cfg.cache, report))  # first: a cold run's disk floor uses its plain read
+            floor, link_tags = floor_metrics(
+                setup, cfg.probe, cfg.cache, cfg.workload.batch_size, report, self.probe_dir
+            )
             report.add(floor)
             tags.update(link_tags)
         if (draft := setup.draft) is not None:
