@@ -1,3 +1,6 @@
+"""harness.probe: link rates and layer/head compute are measured, cached (once across jobs, re-measured when
+unusable), printed by its CLI; the token floor is the slowest link, not the sum."""
+
 from __future__ import annotations
 
 import json

@@ -105,7 +105,7 @@ def test_the_speculative_preset_sweeps_decoding_and_k_from_the_cli(tmp_path: Pat
 
     from mlflow import MlflowClient
 
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     cmd = [sys.executable, "-m", "harness", "+experiment=speculative", f"paths.outputs={tmp_path}",
            "workload.max_new_tokens=5", "decoding.k=2,4", "probe.size_mib=16"]
     proc = subprocess.run(cmd, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(root)}, capture_output=True,

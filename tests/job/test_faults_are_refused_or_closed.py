@@ -22,7 +22,7 @@ from harness.job.run import run_job
 from harness.runners.layerbench.setup import build_setup
 from harness.tracking.process import ORPHANED
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize("runner", ["layerbench", "transformers"])
@@ -131,7 +131,7 @@ def test_schemas_are_no_options() -> None:
 
 
 def test_two_sweeps_in_one_folder_and_a_fresh_store_each_get_their_own_parent(tmp_path: Path) -> None:
-    from test_tracking import _start_sweep  # tests/ is on sys.path (pytest puts a test file's folder there)
+    from sweep_app import _start_sweep  # tests/ is on sys.path (the rootdir conftest's folder)
 
     # Same cwd, same sweep folder, same fresh SQLite store, started together.
     shared = ["hydra.sweep.dir=multirun/same", "tracking.experiment=sweep"]
@@ -152,7 +152,7 @@ def test_two_sweeps_in_one_folder_and_a_fresh_store_each_get_their_own_parent(tm
 
 
 def test_a_parent_that_cannot_be_created_fails_the_sweep(tmp_path: Path) -> None:
-    from test_tracking import _start_sweep  # tests/ is on sys.path (pytest puts a test file's folder there)
+    from sweep_app import _start_sweep  # tests/ is on sys.path (the rootdir conftest's folder)
 
     # A tracking URI whose store cannot exist: a file stands where its folder would be.
     (tmp_path / "blocked").write_text("not a folder")

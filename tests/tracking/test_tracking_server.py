@@ -21,7 +21,7 @@ from mlflow import MlflowClient
 
 from harness.tracking.client import FAILURE_REASON_TAG, RunTracker, TrackingServerUnreachable
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 NEEDS_RAY = pytest.mark.extra(module="hydra_plugins.hydra_ray_launcher", install="pip install -e '.[ray]'")
 NEEDS_POSTGRES = pytest.mark.extra(program="initdb", install="apt-get install postgresql (its initdb on PATH)")
 

@@ -1,14 +1,11 @@
-"""harness.checkpoints: the local tokenizer, generated checkpoints, and local-checkpoint validation (CPU, fast)."""
+"""harness.checkpoints.generated: a geometry becomes a LlamaConfig, and a generated checkpoint is built once,
+byte-identical, sharded by size, whole or not at all, and loads and decodes in transformers (CPU, fast)."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
-import os
-import shutil
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -17,17 +14,17 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 from safetensors import safe_open
-from tokenizers.pre_tokenizers import ByteLevel
 from transformers import AutoTokenizer, GenerationConfig, LlamaForCausalLM
 
 from harness.checkpoints import generated as models
 from harness.checkpoints.generated import build_generated_checkpoint, ensure_checkpoint, llama_config_for, load_geometry
 from harness.checkpoints.local import checkpoint_tensor_index
-from harness.checkpoints.tokenizer import BOS, CORPUS_PATH, END_OF_TEXT, EOT, SPECIAL_TOKENS, build_tokenizer
+from harness.checkpoints.tokenizer import BOS, CORPUS_PATH, END_OF_TEXT, EOT
 from harness.config import ModelConfig
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 TINY = ModelConfig(name="tiny", geometry="tiny")
+
+
 LLAMA3_ROPE = {
     "rope_type": "llama3",
     "factor": 8.0,
@@ -35,21 +32,6 @@ LLAMA3_ROPE = {
     "high_freq_factor": 4.0,
     "original_max_position_embeddings": 1024,
 }
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return build_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory) -> Path:
-    return ensure_checkpoint(TINY, tmp_path_factory.mktemp("outputs"))
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tiny_dir):
-    return LlamaForCausalLM.from_pretrained(tiny_dir).eval()
 
 
 def file_digests(directory: Path) -> dict[str, str]:
@@ -62,64 +44,6 @@ def load_tensors(ckpt_dir: Path) -> dict[str, torch.Tensor]:
         with safe_open(str(ckpt_dir / file_name), framework="pt") as f:
             tensors[name] = f.get_tensor(name)
     return tensors
-
-
-# --- tokenizer ---------------------------------------------------------------------------------------
-
-
-def test_tokenizer_is_deterministic_across_builds_and_processes(tokenizer):
-    text = CORPUS_PATH.read_text()[:2000]
-    again = build_tokenizer()
-    assert again.backend_tokenizer.to_str() == tokenizer.backend_tokenizer.to_str()
-    assert again(text).input_ids == tokenizer(text).input_ids
-    # The BPE trainer is Rust code with hash maps; a fresh process is what would expose any randomness.
-    code = (
-        "import hashlib; from harness.checkpoints.tokenizer import build_tokenizer; "
-        "print(hashlib.sha256(build_tokenizer().backend_tokenizer.to_str().encode()).hexdigest())"
-    )
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "PYTHONHASHSEED": "12345"}
-    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO_ROOT, capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.split()[-1] == hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode()).hexdigest()
-
-
-def test_tokenizer_layout_and_special_tokens(tokenizer):
-    vocab = tokenizer.get_vocab()
-    assert len(tokenizer) == 1024
-    assert set(ByteLevel.alphabet()) <= set(vocab), "every byte must have its own symbol"
-    assert tokenizer.bos_token == BOS and tokenizer.eos_token == EOT
-    for token in SPECIAL_TOKENS:
-        assert tokenizer.encode(token, add_special_tokens=False) == [vocab[token]]
-    ids = tokenizer("Hello world").input_ids
-    assert ids[0] == tokenizer.bos_token_id and tokenizer.bos_token_id not in ids[1:]
-    assert tokenizer("a", "b").input_ids.count(tokenizer.bos_token_id) == 2
-    text = "Café prices rose 3.5% in 2024, didn't they?\n\n  Yes. <|eot_id|>"
-    ids = tokenizer.encode(text, add_special_tokens=False)
-    assert ids[-1] == tokenizer.eos_token_id
-    assert tokenizer.decode(ids) == text
-    corpus = CORPUS_PATH.read_text()
-    assert len(tokenizer.encode(corpus)) < len(corpus) / 2.5, "BPE should compress English prose"
-
-
-def test_chat_template(tokenizer):
-    messages = [
-        {"role": "system", "content": "Be brief."},
-        {"role": "user", "content": " Why is the sky blue? "},
-    ]
-    rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    assert rendered == (
-        "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|>"
-        "<|start_header_id|>user<|end_header_id|>\n\nWhy is the sky blue?<|eot_id|>"
-        "<|start_header_id|>assistant<|end_header_id|>\n\n"
-    )
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=False)
-    assert ids == tokenizer(rendered, add_special_tokens=False).input_ids
-    assert ids[0] == tokenizer.bos_token_id and ids[1] != tokenizer.bos_token_id, "exactly one BOS"
-    header = tokenizer.convert_tokens_to_ids("<|start_header_id|>")
-    assert ids.count(header) == 3 and ids.count(tokenizer.eos_token_id) == 2
-
-
-# --- configs -----------------------------------------------------------------------------------------
 
 
 def test_load_geometry_lists_available_names():
@@ -165,9 +89,6 @@ def test_llama_config_for_overrides(tokenizer):
     assert llama_config_for(no_scaling, len(tokenizer)).rope_parameters["rope_type"] == "default"
     with pytest.raises(ValueError, match="smaller than the tokenizer"):
         llama_config_for(ModelConfig(name="t", geometry="tiny", config_overrides={"vocab_size": 100}), 1024)
-
-
-# --- generated checkpoints ---------------------------------------------------------------------------
 
 
 def test_tiny_checkpoint_files(tiny_dir, tokenizer):
@@ -366,58 +287,3 @@ def test_rows_beyond_the_tokenizer_never_win(tied, tokenizer, tmp_path):
     ids = torch.tensor([tokenizer(CORPUS_PATH.read_text()[:2000]).input_ids[:200]])
     with torch.no_grad():
         assert (model(ids).logits.argmax(-1) < len(tokenizer)).all()
-
-
-# --- local checkpoints -------------------------------------------------------------------------------
-
-
-def _local(path: Path) -> ModelConfig:
-    return ModelConfig(name="local", source="local", path=str(path))
-
-
-def _copy(tiny_dir: Path, dest: Path, drop: tuple[str, ...] = ()) -> Path:
-    shutil.copytree(tiny_dir, dest)
-    for name in drop:
-        (dest / name).unlink()
-    return dest
-
-
-def test_local_checkpoint_validation(tiny_dir, tmp_path):
-    good = _copy(tiny_dir, tmp_path / "good")
-    assert ensure_checkpoint(_local(good), tmp_path / "outputs") == good.resolve()
-    assert not (tmp_path / "outputs").exists(), "a local checkpoint is used in place"
-
-    cases = {}
-    cases["does not exist"] = tmp_path / "missing"
-    cases["no config.json"] = tmp_path / "empty"
-    cases["no config.json"].mkdir()
-    mistral = tmp_path / "mistral"
-    mistral.mkdir()
-    (mistral / "config.json").write_text(json.dumps({"model_type": "mistral"}))
-    cases["model_type='mistral'"] = mistral
-    bin_only = tmp_path / "bin"
-    bin_only.mkdir()
-    (bin_only / "config.json").write_text(json.dumps({"model_type": "llama"}))
-    (bin_only / "pytorch_model.bin").write_bytes(b"")
-    (bin_only / "tokenizer.json").write_text("{}")
-    cases[r"no safetensors weights \(found only pytorch_model\.bin\).*converted"] = bin_only
-    shard = "model-00002-of-00002.safetensors"
-    cases[f"missing safetensors shards.*{shard}"] = _copy(tiny_dir, tmp_path / "shard", drop=(shard,))
-    cases["no tokenizer files"] = _copy(tiny_dir, tmp_path / "notok", drop=("tokenizer.json",))
-    for message, path in cases.items():
-        with pytest.raises(ValueError, match=message):
-            ensure_checkpoint(_local(path), tmp_path / "outputs")
-
-
-def test_checkpoint_tensor_index(tiny_dir, tiny_model, tmp_path):
-    sharded = checkpoint_tensor_index(tiny_dir)
-    index = json.loads((tiny_dir / "model.safetensors.index.json").read_text())
-    assert sharded == index["weight_map"]
-    assert all((tiny_dir / f).is_file() for f in sharded.values())
-
-    tiny_model.save_pretrained(tmp_path / "single", max_shard_size="10GB")
-    assert not (tmp_path / "single" / "model.safetensors.index.json").exists()
-    single = checkpoint_tensor_index(tmp_path / "single")
-    assert single == dict.fromkeys(sharded, "model.safetensors")
-    with pytest.raises(FileNotFoundError):
-        checkpoint_tensor_index(tmp_path)

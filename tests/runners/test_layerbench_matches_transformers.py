@@ -1,10 +1,7 @@
 """The streaming runner against transformers' LlamaForCausalLM on the same checkpoint.
 
 Greedy token ids must be identical, and every step's last-position logits within
-tolerance. Tolerances: the runner calls the same transformers modules in the same
-order with the same dtypes, so the only expected difference is kernel-level rounding;
-we allow 1e-4 (fp32) and 2e-2 (bf16, about 2 ulp at |logit| ~ 4) absolute, relative
-to the largest logit magnitude.
+tolerance (transformers_reference.TOLERANCE, which says why).
 """
 
 from __future__ import annotations
@@ -13,7 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import GenerationConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
+from transformers_reference import TOLERANCE, reference_generate
 
 from harness.device import resolve_device
 from harness.runners.layerbench.setup import build_setup, generate
@@ -34,26 +32,6 @@ VARIANTS = {
     "rope-llama3": [ROPE_LLAMA3],
     "tied": ["+model.config_overrides.tie_word_embeddings=true"],
 }
-TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
-
-
-def reference_generate(
-    ckpt: Path, prompt_ids: list[int], new_tokens: int, cache_implementation: str | None = None
-) -> tuple[list[int], list[torch.Tensor]]:
-    """transformers' greedy generate; `cache_implementation="static"`: on its static cache (runner.cuda_graph's)."""
-    model = LlamaForCausalLM.from_pretrained(ckpt, attn_implementation="sdpa").eval()
-    # No EOS: both sides must produce exactly `new_tokens` tokens.
-    gen_cfg = GenerationConfig(
-        max_new_tokens=new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0,
-        output_logits=True, return_dict_in_generate=True, cache_implementation=cache_implementation,
-    )
-    model.generation_config = gen_cfg  # else generate() takes the EOS ids of generation_config.json
-    out = model.generate(
-        torch.tensor([prompt_ids]),
-        generation_config=gen_cfg,
-    )
-    generated = out.sequences[0, len(prompt_ids) :].tolist()
-    return generated, [step.float() for step in out.logits]
 
 
 @pytest.mark.parametrize("cache", ["disk", "ram"])

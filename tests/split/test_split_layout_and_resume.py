@@ -1,3 +1,6 @@
+"""harness.split.writer: a split's layout and manifest; an interrupted split resumes byte-identical, a corrupted
+file is named and rewritten, a valid split is reused without reading the source."""
+
 from __future__ import annotations
 
 import json
@@ -7,21 +10,13 @@ from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
+from split_files import codec, tree
 from transformers import LlamaConfig
 
 import harness.split.writer as split_mod
 from harness.split.layout import unit_names
 from harness.split.writer import ensure_split
-from strategies.compression.configs import NoCompressionConfig
 from strategies.compression.none import NoCompression
-
-
-def codec() -> NoCompression:
-    return NoCompression(NoCompressionConfig())
-
-
-def tree(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 class Interrupt(BaseException):

@@ -15,7 +15,7 @@ from harness.config import Config, compose_config
 from harness.measurement.profile import OPS_FILE, TRACE_FILE
 from harness.probe.gains import untried_gains
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "scripts"))
 import gpucheck  # noqa: E402  (a script, not a module of the package)
 

@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 
-# The split tests' helpers (tests/ is on sys.path: pytest puts a test file's folder there).
-from test_split import codec, tree
+# The split tests' helpers (tests/ is on sys.path: the rootdir conftest's folder).
+from split_files import codec, tree
 from transformers import LlamaConfig
 
 import harness.files as files_mod

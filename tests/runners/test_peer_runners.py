@@ -9,6 +9,7 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -21,49 +22,55 @@ from harness.config import OPTION_GROUPS, Config, RunnerUnavailable, explicit_gr
 from harness.job.run import run_job
 from harness.measurement.memory import peak_rss_bytes, reset_peak_rss
 from harness.measurement.vram import VramCapExceeded
-from harness.runners.accelerate import AccelerateRunner, offload_device_map
+from harness.runners.accelerate import offload_device_map
 from harness.runners.airllm import AirLLMRunner
-from harness.runners.base import Runner
+from harness.runners.base import runner_class
 from harness.runners.hf import LoadRequest
 from harness.runners.layerbench.runner import LayerbenchRunner
 from harness.runners.transformers import TransformersRunner, checkpoint_bytes
 from strategies.cache.configs import DiskCacheConfig, RamCacheConfig
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 LAYERBENCH_DEFAULTS = {"cache": "ram", "compression": "none", "prefetch": "off", "kv_cache": "device"}
 CACHES = {"disk": DiskCacheConfig(), "ram": RamCacheConfig()}
 
 
-def names(runner: type[Runner], cfg: Config, overrides: list[str]) -> dict[str, str]:
-    """The option, by group, that `runner` runs for `cfg` chosen by `overrides`, by name."""
-    return {group: option.name for group, option in runner.check(cfg, explicit_groups(overrides)).items()}
+def options(make_cfg: Callable[..., Config], runner: str, *chosen: str) -> dict[str, Any]:
+    """The option, by group, that `runner` runs when the command line chose `chosen`; its own extra need not be
+    installed (Config.runner_options reads only what the runner class declares)."""
+    cfg = make_cfg(f"runner={runner}", *chosen)
+    return cfg.runner_options(runner_class(cfg).supports, explicit_groups(list(chosen)))
+
+
+def names(make_cfg: Callable[..., Config], runner: str, *chosen: str) -> dict[str, str]:
+    return {group: option.name for group, option in options(make_cfg, runner, *chosen).items()}
 
 
 def test_a_peer_runs_its_own_way_unless_told_and_refuses_by_name_what_it_cannot_do(
     make_cfg: Callable[..., Config],
 ) -> None:
-    defaults = make_cfg()  # layerbench's defaults: cache=ram, compression=none, prefetch=off, kv_cache=device
-    # Nothing chosen on the command line: each peer's own way, not layerbench's defaults.
-    assert names(AccelerateRunner, defaults, []) == {
+    # Nothing chosen on the command line: each peer's own way, not layerbench's defaults (cache=ram, ...).
+    assert names(make_cfg, "accelerate") == {
         "decoding": "greedy", "cache": "disk", "compression": "none", "prefetch": "off", "kv_cache": "device"}
-    assert names(AirLLMRunner, defaults, [])["prefetch"] == "on"
+    assert names(make_cfg, "airllm")["prefetch"] == "on"
     # A group the peer has no counterpart for is not among its options (nor, so, its params).
-    assert "cache" not in names(TransformersRunner, defaults, [])
+    assert "cache" not in names(make_cfg, "transformers")
     # layerbench runs every option as configured: the config's own option objects.
+    defaults = make_cfg()
     assert LayerbenchRunner.check(defaults, set()) == {g: getattr(defaults, g) for g in OPTION_GROUPS}
-    # Chosen and honoured.
-    assert names(AccelerateRunner, make_cfg("cache=ram"), ["cache=ram"])["cache"] == "ram"
-    assert names(AirLLMRunner, make_cfg("compression=4bit"), ["compression=4bit"])["compression"] == "4bit"
+    # Chosen and honoured; a peer reads the option object, not its name.
+    assert options(make_cfg, "accelerate", "cache=ram")["cache"].rereads is False
+    assert options(make_cfg, "airllm", "compression=4bit")["compression"].bits == 4
     # Chosen and impossible: refused, naming the runner and the option.
     cases = [
-        (TransformersRunner, "transformers", ["cache=disk"], r"runner=transformers has no cache strategy.*cache=disk"),
-        (AirLLMRunner, "airllm", ["kv_cache=offload"], r"runner=airllm cannot run kv_cache=offload.*device\|none"),
-        (AccelerateRunner, "accelerate", ["compression=4bit"], r"runner=accelerate cannot run compression=4bit"),
-        (AccelerateRunner, "accelerate", ["prefetch=on"], r"runner=accelerate cannot run prefetch=on"),
+        ("transformers", "cache=disk", r"runner=transformers has no cache strategy.*cache=disk"),
+        ("airllm", "kv_cache=offload", r"runner=airllm cannot run kv_cache=offload.*device\|none"),
+        ("accelerate", "compression=4bit", r"runner=accelerate cannot run compression=4bit"),
+        ("accelerate", "prefetch=on", r"runner=accelerate cannot run prefetch=on"),
     ]
-    for runner, name, chosen, match in cases:
+    for runner, chosen, match in cases:
         with pytest.raises(RunnerUnavailable, match=match):
-            runner.check(make_cfg(f"runner={name}", *chosen), explicit_groups(chosen))
+            options(make_cfg, runner, chosen)
     # Decoding counts as chosen even where a preset, not the command line, chose it: which tokens come out is
     # never left to a runner's default.
     with pytest.raises(RunnerUnavailable, match=r"runner=transformers cannot run decoding=speculative: it supports"):

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_runner_reference import TOLERANCE, reference_generate
+from transformers_reference import TOLERANCE, reference_generate
 
 from harness.checkpoints import gguf
 from harness.checkpoints.generated import ensure_checkpoint

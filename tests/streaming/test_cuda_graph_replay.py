@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_runner_reference import TOLERANCE, reference_generate
+from transformers_reference import TOLERANCE, reference_generate
 
 from harness.job.run import run_job
 from harness.runners.layerbench.setup import build_setup, generate
