@@ -1,1 +1,2 @@
-"""One job: build the streamer, generate, measure, compare, log."""
+"""One job, whichever runner generates: the measuring loop (measure.py), the transformers reference it compares
+with (reference.py), and the MLflow run around them (run.py)."""

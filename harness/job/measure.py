@@ -19,9 +19,10 @@ from harness.config import Config
 from harness.job.reference import reference_metrics
 from harness.measurement.hostload import HostLoad
 from harness.measurement.memory import peak_rss_bytes
-from harness.measurement.metrics import aggregate, device_clock, token_metrics
+from harness.measurement.metrics import aggregate, device_clock, inter_token_latencies, token_metrics
 from harness.measurement.profile import record
 from harness.measurement.run_report import RunReport
+from harness.measurement.stats import interval_metrics
 from harness.measurement.vram import DeviceAllocs, VramMonitor
 from harness.runners.base import Runner
 from harness.streaming.model import Generation
@@ -35,6 +36,7 @@ class Outcome:
     report: RunReport
     runner: Runner
     gen: Generation  # the last measured generation: its prompts, sequences and token times
+    per_generation: list[dict[str, float]]  # each measured generation's own figures (the report holds their means)
     texts: list[str]  # each sequence's new tokens as text
     tags: dict[str, str] = field(default_factory=dict)
     profile_dir: Path | None = None  # bench.profile's trace and top ops
@@ -88,16 +90,20 @@ def measure(
         runner.release()
     vram.check()
     gen = gens[-1]
+    gaps = inter_token_latencies(gen.token_times_s)
     report = RunReport().add(aggregate(measured))
+    report.add(interval_metrics(measured, gaps))
     report.add(vram.metrics())
     report.peak_rss_bytes = float(peak_rss_bytes())
     tags = {"device": str(device), **runner.annotate(report, gen)}
     if cfg.reference.enabled:
-        report.add(reference_metrics(
-            work.ckpt_dir, work.stop, gen.prompts, gen.sequences, report.tpot_s, cfg.workload.max_new_tokens,
-            device, device_clock(device), cfg.bench.repeats,
-        ))
+        reference, reference_tags = reference_metrics(
+            work.ckpt_dir, work.stop, gen.prompts, gen.sequences, [m["tpot_s"] for m in measured if "tpot_s" in m],
+            gaps, cfg.workload.max_new_tokens, device, device_clock(device), cfg.bench.repeats,
+        )
+        report.add(reference)
+        tags.update(reference_tags)
     if cfg.quality.enabled:
         report.add(runner.quality_metrics(gen))
     texts = [work.tokenizer.decode(seq, skip_special_tokens=True) for seq in gen.sequences]
-    return Outcome(report, runner, gen, texts, tags)
+    return Outcome(report, runner, gen, measured, texts, tags)

@@ -12,7 +12,9 @@ import torch
 from transformers import LlamaForCausalLM
 
 from harness.measurement.hostload import HostLoad
-from harness.measurement.metrics import Clock, aggregate, token_metrics
+from harness.measurement.metrics import Clock, aggregate, inter_token_latencies, token_metrics
+from harness.measurement.run_report import CI_SUFFIXES
+from harness.measurement.stats import interval_metrics, ratio
 from harness.runners.hf import generation_config, timed_generate
 
 
@@ -24,10 +26,10 @@ def time_transformers_generate(
     device: torch.device,
     clock: Clock,
     repeats: int = 1,
-) -> tuple[list[list[int]], dict[str, float]]:
-    """Greedy generate with the whole model resident; returns each sequence's tokens and `reference_*` metrics,
-    the mean over `repeats` generations (the run's own `bench.repeats`: a ratio of two means, not of a mean
-    and one sample)."""
+) -> tuple[list[list[int]], list[dict[str, float]], list[float]]:
+    """Greedy generate with the whole model resident, `repeats` times (the run's own `bench.repeats`, so that a
+    ratio compares like with like): each sequence's tokens, each generation's token figures, and the last
+    generation's inter-token gaps."""
     model = LlamaForCausalLM.from_pretrained(ckpt_dir, attn_implementation="sdpa").to(device).eval()
     # Warm-up, thrown away: first-call kernel selection and allocation are not generation speed.
     timed_generate(model, prompts, generation_config(2, []), device, clock)
@@ -42,7 +44,7 @@ def time_transformers_generate(
         loop = {k: v for k, v in host.metrics().items() if k == "host_loop_s"}
         measured.append({**token_metrics(start, times), **loop})
     del model
-    return sequences, {f"reference_{k}": v for k, v in aggregate(measured).items()}
+    return sequences, measured, inter_token_latencies(times)
 
 
 def agreement(ours: list[list[int]], reference: list[list[int]]) -> float:
@@ -58,19 +60,31 @@ def reference_metrics(
     stop: list[int],
     prompts: list[list[int]],
     sequences: list[list[int]],
-    tpot_s: float | None,
+    tpots_s: list[float],
+    gaps_s: list[float],
     max_new_tokens: int,
     device: torch.device,
     clock: Clock,
     repeats: int = 1,
-) -> dict[str, float]:
+) -> tuple[dict[str, float], dict[str, str]]:
     """transformers' resident generate on the same checkpoint and prompts (a batch padded the same way),
-    under the run's stopping rule (`stop`: its EOS ids, or none), timed the same way, `repeats` times."""
-    ref_sequences, metrics = time_transformers_generate(
+    under the run's stopping rule (`stop`: its EOS ids, or none), timed the same way, once per measured
+    generation of the run (`repeats`; `tpots_s`: their per-token times; `gaps_s`: the last one's inter-token gaps).
+
+    Returns `reference_*` metrics, the token agreement, and the run's per-token time over the reference's with
+    its 95% interval; and the ratio's verdict as a tag."""
+    ref_sequences, measured, ref_gaps = time_transformers_generate(
         ckpt_dir, prompts, max_new_tokens, stop, device, clock, repeats
     )
+    metrics = aggregate(measured)
+    metrics.update(interval_metrics(measured, ref_gaps))
+    metrics = {f"reference_{k}": v for k, v in metrics.items()}
     metrics["reference_tokens_match"] = float(ref_sequences == sequences)
     metrics["agreement_vs_transformers"] = agreement(sequences, ref_sequences)
-    if tpot_s is not None and metrics.get("reference_tpot_s"):
-        metrics["tpot_ratio_vs_reference"] = tpot_s / metrics["reference_tpot_s"]
-    return metrics
+    tags = {}
+    ref_tpots = [m["tpot_s"] for m in measured if "tpot_s" in m]
+    if (vs := ratio(ref_tpots, tpots_s, a_gaps=ref_gaps, b_gaps=gaps_s)) is not None:
+        low, high = (f"tpot_ratio_vs_reference{suffix}" for suffix in CI_SUFFIXES)
+        metrics.update({"tpot_ratio_vs_reference": vs.value, low: vs.interval.low, high: vs.interval.high})
+        tags["tpot_ratio_vs_reference.verdict"] = vs.verdict
+    return metrics, tags

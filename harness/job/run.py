@@ -21,7 +21,8 @@ from harness.measurement.hostload import speed_warning
 from harness.measurement.memory import reset_peak_rss
 from harness.measurement.metrics import inter_token_latencies
 from harness.measurement.plots import plot_token_latency
-from harness.measurement.run_report import RunReport
+from harness.measurement.run_report import BY_GENERATION, RunReport
+from harness.measurement.stats import COMPARED
 from harness.measurement.summary import caveats, print_summary
 from harness.measurement.units import format_metric
 from harness.runners.base import runner_class
@@ -146,6 +147,10 @@ def log_run(tracker: Tracker, resolved: Mapping[str, Any], outcome: Outcome, lab
     tracker.log_series(
         "token_latency_s", latencies, first_step=2, timestamps_s=[t + to_epoch for t in gen.token_times_s[1:]]
     )
+    # Each measured generation's compared figures (step = its number): the samples that comparisons between runs
+    # resample (harness.measurement.stats), as whole generations.
+    for name in COMPARED:
+        tracker.log_series(f"{name}{BY_GENERATION}", [m.get(name) for m in outcome.per_generation], first_step=1)
     tracker.log_dict(dict(resolved), "config.yaml")
     # The first sequence flat, as with one prompt; a batch adds every sequence beside it.
     generation: dict[str, Any] = {

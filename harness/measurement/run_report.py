@@ -15,8 +15,12 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-# Over repeats every figure is a mean; these suffixes carry its spread (bench.repeats > 1).
-SPREAD_SUFFIXES = ("_std", "_cv")
+# Over repeats every figure is a mean; these suffixes carry its spread (bench.repeats > 1) and, for the figures
+# comparisons read, the bounds of its 95% interval (harness.measurement.stats).
+CI_SUFFIXES = ("_ci95_low", "_ci95_high")
+# The metric history of a compared figure, one value a measured generation (`tpot_s_by_generation`, steps 1..n).
+BY_GENERATION = "_by_generation"
+SPREAD_SUFFIXES = ("_std", "_cv", *CI_SUFFIXES)
 
 
 def figure(label: str = "") -> Any:
@@ -174,7 +178,7 @@ class RunReport:
     quality_run_kl_mean: float | None = figure()
     quality_run_positions: float | None = figure()
 
-    # Spread over repeats: "<figure>_std" / "<figure>_cv" -> value.
+    # Spread over repeats: "<figure>_std" / "<figure>_cv" / "<figure>_ci95_low" / "<figure>_ci95_high" -> value.
     spread: dict[str, float] = field(default_factory=dict)
 
     @classmethod
@@ -183,7 +187,7 @@ class RunReport:
 
     @classmethod
     def kind(cls, name: str) -> str | None:
-        """"figure" for a declared figure, "spread" for one's `_std`/`_cv`, None for a name this report lacks."""
+        """"figure" for a declared figure, "spread" for one's `_std`/`_cv`/interval, None for a name it lacks."""
         known = cls.figure_names()
         if name in known:
             return "figure"
@@ -192,7 +196,7 @@ class RunReport:
         return None
 
     def add(self, metrics: Mapping[str, float | None]) -> RunReport:
-        """Take figures by name (and their `_std`/`_cv` spread); an unknown name is an error, not a new metric."""
+        """Take figures by name (and their spread); an unknown name is an error, not a new metric."""
         for name, value in metrics.items():
             kind = self.kind(name)
             if kind is None:

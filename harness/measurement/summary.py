@@ -11,7 +11,7 @@ from rich.table import Table
 from rich.text import Text
 
 from harness.config import ModelConfig
-from harness.measurement.run_report import RunReport
+from harness.measurement.run_report import CI_SUFFIXES, RunReport
 from harness.measurement.units import format_metric
 
 # Below this floor a token's time is the per-unit costs (Python, dispatch, allocation) that neither the floor nor
@@ -41,6 +41,19 @@ def caveats(model: ModelConfig, report: RunReport) -> tuple[set[str], list[str]]
     return hidden, notes
 
 
+def interval_text(name: str, report: RunReport) -> str:
+    """` [low, high]`, a figure's 95% interval where it has one; a ratio's verdict beside it."""
+    low, high = (report.spread.get(f"{name}{suffix}") for suffix in CI_SUFFIXES)
+    if low is None or high is None:
+        return ""
+    text = f" [{format_metric(name, low)}, {format_metric(name, high)}]"
+    if name == "tpot_ratio_vs_reference":
+        from harness.measurement.stats import Interval, verdict  # scipy: only where a ratio has an interval
+
+        text += f" {verdict(Interval(low, high))}"
+    return text
+
+
 def print_summary(
     console: Console, choices: Mapping[str, str], report: RunReport, text: str,
     hidden: Collection[str] = (), notes: Collection[str] = (),
@@ -53,7 +66,7 @@ def print_summary(
     for f in fields(RunReport):
         label, value = f.metadata.get("label"), getattr(report, f.name)
         if label and value is not None and f.name not in hidden:
-            table.add_row(label, format_metric(f.name, value))
+            table.add_row(label, format_metric(f.name, value) + interval_text(f.name, report))
     console.print(table)
     console.print(Text.assemble(("generated: ", "bold"), repr(text)))
     for note in notes:

@@ -128,6 +128,11 @@ def test_peer_gives_transformers_greedy_tokens(runner: str, make_cfg: Callable[.
     assert len(generated["generated_ids"]) == 6 and "token_latency_s" in run.data.metrics
     # Both sides of tpot_ratio_vs_reference are means over bench.repeats, each with its spread.
     assert {"tpot_s_std", "reference_tpot_s_std", "reference_ttft_s_cv"} <= set(run.data.metrics)
+    # ... and with the 95% interval of each and of their ratio, whose verdict is a tag; each generation's figure is
+    # a step of its own history, the samples comparisons between runs resample.
+    assert {"tpot_s_ci95_low", "tpot_s_ci95_high", "tpot_ratio_vs_reference_ci95_low"} <= set(run.data.metrics)
+    assert run.data.tags["tpot_ratio_vs_reference.verdict"] in ("faster", "slower", "within_noise")
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "tpot_s_by_generation")] == [1, 2]
 
 
 def test_accelerate_offloads_every_layer_on_a_cpu_and_fills_a_gpu_up_to_the_budget(outputs_dir: Path) -> None:
