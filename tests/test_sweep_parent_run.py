@@ -164,7 +164,8 @@ def test_sweep_all_succeed_closes_parent_finished(sweeps: dict[str, tuple[int, s
     assert {"comparison.md", "comparison.csv", "comparison.png"} <= arts, arts
     assert "timelines.png" not in arts, "these children logged no timeline: none is drawn"
     note = parent.data.tags["mlflow.note.content"]
-    assert note.startswith("**Fastest: x=1**") and "slowest: x=2, 2.00x that time" in note
+    # These children logged one value each and no samples: ranked by mean, and said to have no interval.
+    assert note.startswith("**Fastest by mean: x=1**") and "slowest: x=2, 2.00x (no interval) that time" in note
     assert parent.data.params["fail_on"] == "-1" and "x" not in parent.data.params
     assert not (cwd / "mlruns").exists()
 

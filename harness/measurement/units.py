@@ -86,3 +86,12 @@ def axis_scale(name: str, values: Sequence[float | None]) -> tuple[str, float]:
     if kind == "rate":
         return ("tok/s" if name.endswith("tokens_per_s") else "/s"), 1.0
     return {"seconds": ("s", 1.0), "ratio": ("x", 1.0)}.get(kind, ("", 1.0))
+
+
+# Figures where more is better (rates, agreement, efficiency); every other figure is a cost.
+HIGHER_IS_BETTER_ENDINGS = ("_per_s", "agreement", "efficiency")
+
+
+def higher_is_better(name: str) -> bool:
+    """Which way a figure improves, from its name: comparisons' verdicts and plots' titles say it."""
+    return name.endswith(HIGHER_IS_BETTER_ENDINGS)

@@ -18,6 +18,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.text import Text
 
+from harness.measurement.stats import COMPARED
+from harness.report.compare import compare, fetch_samples
 from harness.report.fetch import (
     ReportError,
     default_uri,
@@ -101,16 +103,25 @@ def report(args: argparse.Namespace, console: Console) -> int:
     rows = build_rows(runs)
     baseline = find_baseline(rows, args.baseline) if args.baseline else None
     metrics = select_metrics(args.metrics, rows)
+    comparisons = None
+    samples = fetch_samples(client, rows) if baseline is not None or args.peers else {}
+    if baseline is not None:
+        comparisons = {
+            (row.run_id, metric): compare(samples[baseline.run_id], samples[row.run_id], metric)
+            for row in rows for metric in metrics if metric in COMPARED
+        }
     show_status = args.status != "FINISHED" or any(row.status != "FINISHED" for row in rows)
     title = f"{experiment}: {len(rows)} run{'s' if len(rows) != 1 else ''}" + (f", sweep {parent}" if parent else "")
-    console.print(metrics_table(rows, metrics, baseline=baseline, show_status=show_status, title=title))
+    console.print(metrics_table(
+        rows, metrics, baseline=baseline, comparisons=comparisons, show_status=show_status, title=title
+    ))
     if args.plot:
         path = plot_rows(rows, metrics, args.plot, baseline=baseline)
         console.print(Text(f"plot: {path}"))
     if args.writeup:
         console.print(writeup_table(writeup_lines(rows)))
     if args.peers:
-        console.print(peers_table(rows, title=f"{experiment}: runners side by side"))
+        console.print(peers_table(rows, title=f"{experiment}: runners side by side", samples=samples))
     return 0
 
 

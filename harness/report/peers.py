@@ -1,15 +1,18 @@
 """The peers table: each runner's per-token time, TTFT and peak memory as a ratio to layerbench's run
-of the same model, beside its agreement with transformers' greedy tokens."""
+of the same model (the times with their 95% interval and verdict where the runs logged samples), beside its
+agreement with transformers' greedy tokens."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from rich.table import Table
 from rich.text import Text
 
 import strategies
+from harness.measurement.stats import COMPARED
 from harness.measurement.units import format_metric, sig3
+from harness.report.compare import Samples, compare, ratio_text
 from harness.report.rows import Row
 
 RATIO_METRICS = ("tpot_s", "ttft_s", "peak_rss_bytes", "peak_vram_nvml_bytes")
@@ -27,7 +30,19 @@ def ratio(row: Row, baseline: Row | None, metric: str) -> float | None:
     return value / base if value is not None and base else None
 
 
-def peers_table(rows: Sequence[Row], title: str = "") -> Table:
+def ratio_cell(row: Row, baseline: Row | None, metric: str, samples: Mapping[str, Samples]) -> str:
+    """`2.31x`, or with both runs' samples of a compared figure `2.31x [1.92x, 2.78x] slower`."""
+    plain = ratio(row, baseline, metric)
+    if plain is None or baseline is None or row is baseline or metric not in COMPARED:
+        return "–" if plain is None else f"{sig3(plain)}x"
+    if row.run_id in samples and baseline.run_id in samples:
+        return ratio_text(compare(samples[baseline.run_id], samples[row.run_id], metric), plain)
+    return f"{sig3(plain)}x"
+
+
+def peers_table(rows: Sequence[Row], title: str = "", samples: Mapping[str, Samples] | None = None) -> Table:
+    """One row per run, its figures beside their ratio to layerbench's run of the same model; `samples` (by run
+    id, `compare.fetch_samples`) add each time ratio's 95% interval and verdict."""
     baselines = layerbench_rows(rows)
     table = Table(
         title=Text(title) if title else None,
@@ -53,8 +68,7 @@ def peers_table(rows: Sequence[Row], title: str = "") -> Table:
         options = " ".join(row.params.get(f, "–") for f in strategies.FAMILIES)
         cells = [row.params.get("model", "–"), row.params.get("runner", BASELINE_RUNNER), options]
         for metric in ratio_metrics:
-            r = ratio(row, baseline, metric)
-            cells += [format_metric(metric, row.metrics.get(metric)), "–" if r is None else f"{sig3(r)}x"]
+            cells += [format_metric(metric, row.metrics.get(metric)), ratio_cell(row, baseline, metric, samples or {})]
         cells.append(format_metric("agreement_vs_transformers", row.metrics.get("agreement_vs_transformers")))
         table.add_row(*(Text(c) for c in cells), style="bold" if row is baseline else None)
     return table

@@ -1,13 +1,15 @@
-"""The report's table: one row per run, each metric with its unit, and its % difference to a baseline."""
+"""The report's table: one row per run, each metric with its unit, and its % difference to a baseline (with the
+difference's 95% interval and verdict for the figures comparisons read)."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from rich.table import Table
 from rich.text import Text
 
+from harness.measurement.stats import Ratio
 from harness.measurement.units import format_metric
 from harness.report.rows import CHOICE_KEYS, Row
 
@@ -21,8 +23,14 @@ def percent_diff(value: float | None, baseline: float | None) -> float | None:
     return (value - baseline) / abs(baseline) * 100.0
 
 
-def format_percent(percent: float | None) -> str:
-    return "" if percent is None else f"({percent:+.1f}%)"
+def format_percent(percent: float | None, found: Ratio | None = None) -> str:
+    """`(+12.0%)`; with a ratio's interval, `(+12.0% [+5.1%, +19.3%] slower)`."""
+    if percent is None:
+        return ""
+    if found is None:
+        return f"({percent:+.1f}%)"
+    low, high = ((bound - 1) * 100 for bound in (found.interval.low, found.interval.high))
+    return f"({percent:+.1f}% [{low:+.1f}%, {high:+.1f}%] {found.verdict})"
 
 
 def status_text(row: Row) -> str:
@@ -36,10 +44,12 @@ def metrics_table(
     metrics: Sequence[str],
     *,
     baseline: Row | None = None,
+    comparisons: Mapping[tuple[str, str], Ratio | None] | None = None,
     show_status: bool = False,
     title: str = "",
 ) -> Table:
-    """One row per run: its id, its configuration, then each metric with units (and % vs the baseline)."""
+    """One row per run: its id, its configuration, then each metric with units (and % vs the baseline);
+    `comparisons`: (run id, metric) -> that run's figure over the baseline's, with its interval."""
     # Text objects, not strings: a param value such as "[1, 2]" would otherwise be read as markup.
     caption = f"configuration: {' '.join(CHOICE_KEYS)}, then the params that differ between the runs"
     table = Table(
@@ -62,7 +72,8 @@ def metrics_table(
             value = row.metrics.get(metric)
             cell = format_metric(metric, value)
             if baseline is not None and not is_baseline:
-                percent = format_percent(percent_diff(value, baseline.metrics.get(metric)))
+                found = (comparisons or {}).get((row.run_id, metric))
+                percent = format_percent(percent_diff(value, baseline.metrics.get(metric)), found)
                 cell = f"{cell} {percent}" if percent else cell
             cells.append(Text(cell))
         table.add_row(*cells, style="bold" if is_baseline else None)

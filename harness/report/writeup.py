@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from rich.table import Table
 from rich.text import Text
 
+from harness.measurement.run_report import CI_SUFFIXES
 from harness.measurement.units import ABSENT, format_metric, sig3
 from harness.report.rows import Row
 
@@ -71,6 +72,16 @@ class WriteupLine:
     value: float | None
 
     @property
+    def interval(self) -> tuple[float, float] | None:
+        """The 95% interval of the ratio, from the run's own interval (the seed is one published figure)."""
+        if self.ratio is None or self.run is None or self.figure is None:
+            return None
+        low, high = (self.run.metrics.get(f"{self.metric}{suffix}") for suffix in CI_SUFFIXES)
+        if not low or not high:
+            return None
+        return self.figure.value / high, self.figure.value / low
+
+    @property
     def ratio(self) -> float | None:
         """seed / layerbench; where the seed is a bound, so is the ratio (same ``figure.bound``)."""
         if self.figure is None or self.value is None or self.value == 0 or not math.isfinite(self.value):
@@ -106,11 +117,19 @@ def format_seed(metric: str, figure: SeedFigure | None) -> str:
 
 
 def format_ratio(line: WriteupLine) -> str:
+    """`~7.10x [6.20x, 8.30x] faster`: how many times layerbench's figure goes into the write-up's, with the run's
+    interval and layerbench's verdict against the published figure, where the run logged an interval."""
     ratio = line.ratio
     if ratio is None or line.figure is None:
         return ABSENT
     prefix = {">": "> ", "~": "~"}.get(line.figure.bound, "")
-    return f"{prefix}{sig3(ratio)}x"
+    text = f"{prefix}{sig3(ratio)}x"
+    if (interval := line.interval) is not None:
+        from harness.measurement.stats import Interval, verdict  # scipy: only where there is an interval
+
+        # layerbench over the write-up is the reciprocal: below 1 is faster.
+        text += f" [{sig3(interval[0])}x, {sig3(interval[1])}x] {verdict(Interval(1 / interval[1], 1 / interval[0]))}"
+    return text
 
 
 def writeup_table(lines: Sequence[WriteupLine]) -> Table:

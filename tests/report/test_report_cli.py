@@ -254,18 +254,40 @@ def test_differing_params_ignores_what_the_choices_explain() -> None:
     assert differing_params([a, b, c]) == ["model.path", "new_key", "seed"]
 
 
-def test_sweep_comparison_is_fastest_first_with_ratios() -> None:
+def test_sweep_comparison_is_fastest_first_with_intervals_and_verdicts() -> None:
+    from harness.report.compare import Samples
     from harness.report.rows import Row
-    from harness.report.sweep_summary import comparison_csv, comparison_markdown, describe, ranked
+    from harness.report.sweep_summary import comparison_csv, comparison_markdown, describe, ranked, vs_fastest
 
     def row(name: str, **metrics: float) -> Row:
         return Row(run_id=name * 8, run_name=name, status="FINISHED", start_time=0, params={}, metrics=metrics)
 
-    rows = ranked([row("slow", tpot_s=0.3, ttft_s=1.0), row("one-token", ttft_s=0.5), row("fast", tpot_s=0.1)])
-    assert [r.run_name for r in rows] == ["fast", "slow", "one-token"]
-    table = comparison_markdown(rows, ["tpot_s", "ttft_s"])
-    assert table.splitlines()[2] == "| fast | 0.100 s | – | 1.00x |"
-    assert "| slow | 0.300 s | 1.00 s | 3.00x |" in table and "| one-token | – | 0.500 s | – |" in table
-    header, _, slow_line, _ = comparison_csv(rows, ["tpot_s"]).splitlines()
-    assert header == "run,run_id,tpot_s,tpot_s_vs_fastest" and float(slow_line.split(",")[-1]) == pytest.approx(3.0)
-    assert describe(rows).startswith("**Fastest: fast**, 0.100 s per token; slowest: slow, 3.00x that time")
+    fast, tied, slow = row("fast", tpot_s=0.1), row("tied", tpot_s=0.101), row("slow", tpot_s=0.3, ttft_s=1.0)
+    rows = ranked([slow, row("one-token", ttft_s=0.5), fast, tied])
+    assert [r.run_name for r in rows] == ["fast", "tied", "slow", "one-token"]
+    samples = {  # three generations each: the per-generation values a job logs
+        fast.run_id: Samples({"tpot_s": [0.100, 0.098, 0.102]}),
+        tied.run_id: Samples({"tpot_s": [0.099, 0.104, 0.100]}),
+        slow.run_id: Samples({"tpot_s": [0.30, 0.29, 0.31]}),
+        "one-token" * 8: Samples({"ttft_s": [0.5]}),
+    }
+    ratios = vs_fastest(rows, samples)
+    assert ratios[slow.run_id].verdict == "slower" and ratios[slow.run_id].interval.low > 1
+    assert ratios[tied.run_id].verdict == "within_noise" and ratios["one-token" * 8] is None
+    table = comparison_markdown(rows, ["tpot_s", "ttft_s"], ratios)
+    assert table.splitlines()[2] == "| fast | 0.100 s | – | fastest |"
+    assert "| slow | 0.300 s | 1.00 s | 3.00x [" in table and "x] slower |" in table
+    assert "| one-token | – | 0.500 s | – |" in table
+    header, fastest, _, slow_line, _ = comparison_csv(rows, ["tpot_s"], ratios).splitlines()
+    assert header == ("run,run_id,tpot_s,tpot_s_vs_fastest,tpot_s_vs_fastest_ci95_low,tpot_s_vs_fastest_ci95_high,"
+                      "tpot_s_vs_fastest_verdict")
+    assert fastest.endswith(",1.0,,,fastest")
+    ratio, low, high, verdict = slow_line.split(",")[-4:]
+    assert float(ratio) == pytest.approx(3.0, rel=0.01) and 1 < float(low) < float(ratio) < float(high)
+    assert verdict == "slower"
+    # The tie is said, not hidden behind a "fastest".
+    assert describe(rows, ratios).startswith(
+        "**No single fastest**: fast (0.100 s per token) and tied are within the noise of each other")
+    assert "slowest: slow, 3.00x [" in describe(rows, ratios)
+    apart = [fast, slow]
+    assert describe(apart, vs_fastest(apart, samples)).startswith("**Fastest: fast**, 0.100 s per token; slowest")

@@ -32,7 +32,7 @@ class Plan:
         total = layers + sum(u.startswith("layers.") for u in self.streamed)
         others = [u for u in self.resident if not u.startswith("layers.")]
         return (
-            f"plan: {layers} of {total} decoder layers resident{' + ' + ', '.join(others) if others else ''} "
+            f"{layers} of {total} decoder layers resident{' + ' + ', '.join(others) if others else ''} "
             f"({format_metric('resident_bytes', bytes_held)}); {len(self.streamed)} units stream, "
             f"{format_metric('read_bytes_per_pass', self.read_bytes_per_pass)} read per pass; predicted "
             f"{format_metric('plan_predicted_s', self.predicted_s)} per token (limited by {self.limiting})"

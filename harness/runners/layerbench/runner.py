@@ -63,7 +63,7 @@ class LayerbenchRunner(Runner):
                 self.setup, cfg.probe, cfg.cache, cfg.workload, self.probe_dir,
                 self.own_links.get("kept_mapping_bytes_per_s"),
             )
-            console.print(Text(self.plan.describe(self.setup.residency.bytes)))
+            console.print(Text(f"plan: {self.plan.describe(self.setup.residency.bytes)}"))
 
     def generate(self, on_token: Callable[[int], None] | None = None) -> Generation:
         return generate(self.setup, self.cfg, on_token=on_token)
