@@ -125,19 +125,40 @@ class WorkloadConfig:
                 )
 
 
+# bench.warmup=auto: the first generation pays the one-offs (the RAM cache filled, kernels chosen, a CUDA graph
+# captured, the allocator grown); the second shows whether the run has settled.
+WARMUP_AUTO_GENERATIONS = 2
+
+
 @dataclass
 class BenchConfig:
-    # Generations run and thrown away first: kernel selection, allocator growth, a warm RAM cache.
-    warmup: int = 0
-    # Measured generations; with more than one, every metric also gets _std and _cv.
+    # Generations run and thrown away first: kernel selection, allocator growth, a warm RAM cache. A count, or
+    # auto: at least WARMUP_AUTO_GENERATIONS and at least warmup_auto_s seconds of them (a streamed model's
+    # generation can take minutes, so a count of ten, as benchmarks of resident models use, would cost hours).
+    warmup: Any = 0
+    # bench.warmup=auto: the least time warming up, so that short generations repeat until clocks and caches settle.
+    warmup_auto_s: float = 10.0
+    # Measured generations; with more than one, every metric also gets _std, _cv and a 95% interval.
     repeats: int = 1
     # One generation more, after the measured ones, recorded by torch.profiler (in no metric): a trace for
     # Perfetto and the top ops, in the job's folder and as the run's profile/ artifacts.
     profile: bool = False
 
     def __post_init__(self) -> None:
-        check_positive("bench.warmup", self.warmup, allow_zero=True)
+        if self.warmup != "auto" and (isinstance(self.warmup, bool) or not isinstance(self.warmup, int)):
+            raise ValueError(
+                f"bench.warmup={self.warmup!r} is not valid: give a count of generations (0, 1, ...) or auto"
+            )
+        if self.warmup != "auto":
+            check_positive("bench.warmup", self.warmup, allow_zero=True)
+        check_positive("bench.warmup_auto_s", self.warmup_auto_s, allow_zero=True)
         check_positive("bench.repeats", self.repeats)
+
+    def warms_up_more(self, done: int, elapsed_s: float) -> bool:
+        """Whether another warm-up generation runs, after `done` of them took `elapsed_s`."""
+        if self.warmup == "auto":
+            return done < WARMUP_AUTO_GENERATIONS or elapsed_s < self.warmup_auto_s
+        return done < self.warmup
 
 
 @dataclass

@@ -7,6 +7,7 @@ runner adds only what it alone knows (`Runner.generation_metrics`, `annotate`, `
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,8 +67,10 @@ def measure(
 
                 return runner.generate(advance)
 
-            for i in range(cfg.bench.warmup):
-                run(f"warm-up {i + 1}")
+            warmups, started = 0, time.perf_counter()
+            while cfg.bench.warms_up_more(warmups, time.perf_counter() - started):
+                warmups += 1
+                run(f"warm-up {warmups}")
             gens, measured = [], []
             for repeat in range(cfg.bench.repeats):
                 allocs, host = DeviceAllocs(device), HostLoad()
@@ -93,6 +96,7 @@ def measure(
     gaps = inter_token_latencies(gen.token_times_s)
     report = RunReport().add(aggregate(measured))
     report.add(interval_metrics(measured, gaps))
+    report.warmup_generations = float(warmups)
     report.add(vram.metrics())
     report.peak_rss_bytes = float(peak_rss_bytes())
     tags = {"device": str(device), **runner.annotate(report, gen)}

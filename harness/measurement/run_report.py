@@ -38,6 +38,8 @@ class RunReport:
     token_latency_p99_s: float | None = figure()
     decode_tokens_per_s: float | None = figure("decode throughput")
     new_tokens: float | None = figure("new tokens")
+    # Generations run and thrown away before the measured ones (bench.warmup; with auto, as many as its rule took).
+    warmup_generations: float | None = figure("warm-up generations")
     prompt_tokens: float | None = figure()
     passes: float | None = figure()
 

@@ -42,7 +42,7 @@ def metric_kind(name: str) -> str:
     """How a metric is read, from its name: seconds, bytes, ratio, rate, or a plain number."""
     if "_bytes" in name and not name.endswith("_per_s"):  # also read_bytes_per_pass, kv_bytes_per_token
         return "bytes"
-    if "ratio" in name:
+    if "ratio" in name.split("_"):  # a word: "warmup_generations" holds the letters, not the word
         return "ratio"
     if name.endswith("_per_s"):
         return "rate"
