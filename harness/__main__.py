@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import sys
-from types import FrameType
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -16,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from harness.config import GROUPS, conf_dir, register_configs
 from harness.extras import install_line, installed
+from harness.signals import raise_on_sigterm
 
 
 @hydra.main(version_base="1.3", config_path=conf_dir(), config_name="config")
@@ -61,15 +60,6 @@ def main(dcfg: DictConfig) -> None:
 single_job_done = False
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (a scheduler, `kill`, a container stopping), raised in the main thread like Ctrl-C, so the
-    job's MLflow run and a sweep's parent close KILLED with the reason instead of staying RUNNING."""
-
-
-def _terminate(signum: int, frame: FrameType | None) -> None:
-    raise Terminated(signal.Signals(signum).name)
-
-
 def missing_launcher(argv: list[str]) -> str | None:
     """What to install when the command line asks for a launcher whose Hydra plugin is absent (Hydra itself
     would only list the launchers it has, after the sweep's parent run exists)."""
@@ -83,7 +73,7 @@ def missing_launcher(argv: list[str]) -> str | None:
 if __name__ == "__main__":
     if (problem := missing_launcher(sys.argv[1:])) is not None:
         sys.exit(problem)
-    signal.signal(signal.SIGTERM, _terminate)
+    raise_on_sigterm()  # the job's MLflow run and a sweep's parent close KILLED, not left RUNNING
     register_configs()
     main()
     if single_job_done:

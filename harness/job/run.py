@@ -68,13 +68,14 @@ def run_job(
     console: Console | None = None,
     run_name: str | None = None,
     tracker: Tracker | None = None,
+    tags: Mapping[str, str] | None = None,
 ) -> RunReport | None:
     """Run one configuration end to end; the MLflow run ends FAILED with the reason if anything raises (KILLED
     when interrupted).
 
     None: a runner that cannot run here was skipped (`runner.skip_unavailable`), and no run was logged.
     `tracker`: the store, opened by the caller (the CLI opens it in a process of its own, early); by default
-    this job opens it here when `tracking.enabled`.
+    this job opens it here when `tracking.enabled`. `tags`: the caller's own, on the run beside the job's.
     """
     console = console or Console()
     outputs_dir = Path(cfg.paths.outputs).resolve()
@@ -106,7 +107,7 @@ def run_job(
             run_name=run_name or "default",
             params=config_params(resolved, choices),
             # With the outputs folder: hw.disk names the disk the splits are read from.
-            tags={**environment_tags(outputs_dir), "hydra.overrides": " ".join(overrides)},
+            tags={**environment_tags(outputs_dir), "hydra.overrides": " ".join(overrides), **(tags or {})},
             parent_run_id=parent_run_id,
         )
     profile_to = profile_dir(outputs_dir) if cfg.bench.profile else None

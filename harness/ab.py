@@ -1,0 +1,148 @@
+"""`python -m harness.ab --a 'OVERRIDES' --b 'OVERRIDES' [--rounds N] [COMMON OVERRIDES]`: an interleaved A/B.
+
+Each round runs A's job and then B's, so that a slow spell of a shared machine meets both alike; each job is an
+MLflow run of its own (tagged `ab.side`, `ab.round`) under one parent run. The rounds are the independent samples:
+B over A of per-token time, TTFT and throughput, each with its 95% interval and verdict (harness.measurement.stats),
+goes to the console, and the parent logs the per-token one as `ab_ratio`, `ab_ratio_ci95_low`/`_high` and the tag
+`ab.verdict` (what it says of B). Both sides' configurations are composed and validated before the first job.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shlex
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from harness.config import GROUPS, compose_config
+from harness.measurement.run_report import CI_SUFFIXES, RunReport
+from harness.measurement.stats import COMPARED, Ratio, ratio
+from harness.measurement.units import format_metric, higher_is_better, sig3
+from harness.signals import raise_on_sigterm
+
+SIDES = ("A", "B")
+# An interval over rounds needs two of them a side.
+MIN_ROUNDS = 2
+
+log = logging.getLogger("harness.ab")
+
+
+class AbError(RuntimeError):
+    """An A/B that cannot go on, for a reason the user can act on."""
+
+
+def parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m harness.ab", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--a", required=True, help="A's overrides, one string (e.g. 'kv_cache=device')")
+    parser.add_argument("--b", required=True, help="B's overrides, one string (e.g. 'kv_cache=none')")
+    parser.add_argument("--rounds", type=int, default=5, help=f"rounds of A then B (at least {MIN_ROUNDS})")
+    parser.add_argument("overrides", nargs="*", default=[], help="overrides common to both (any job override)")
+    return parser.parse_intermixed_args(argv)
+
+
+def composed(side: str, own: str, overrides: list[str]) -> tuple[Any, Any]:
+    """A side's configuration, as the job takes it; SystemExit naming the side, its own overrides (`own`) and the
+    reason when it is refused."""
+    from omegaconf import OmegaConf
+
+    try:
+        dcfg = compose_config(overrides)
+        return dcfg, OmegaConf.to_object(dcfg)
+    except Exception as exc:  # Hydra's and the schema's errors alike name what is wrong
+        raise SystemExit(f"error: side {side}'s configuration is refused ({side}: {own!r}): {exc}") from exc
+
+
+def compare(reports: dict[str, list[RunReport]]) -> dict[str, Ratio | None]:
+    """B over A of each compared figure, over the rounds."""
+    out = {}
+    for name in COMPARED:
+        a, b = ([getattr(r, name) for r in reports[side] if getattr(r, name) is not None] for side in SIDES)
+        out[name] = ratio(a, b, lower_is_better=not higher_is_better(name))
+    return out
+
+
+def table(reports: dict[str, list[RunReport]], ratios: dict[str, Ratio | None], title: str) -> Table:
+    out = Table(title=f"{title}: each side's mean over the rounds; B over A, its 95% interval and verdict",
+                title_justify="left")
+    for column in ("figure", "A", "B", "B / A", "95% interval", "verdict"):
+        out.add_column(column, justify="left" if column == "figure" else "right", no_wrap=True)
+    for name, found in ratios.items():
+        means = []
+        for side in SIDES:
+            values = [getattr(r, name) for r in reports[side] if getattr(r, name) is not None]
+            means.append(format_metric(name, sum(values) / len(values)) if values else "–")
+        if found is None:
+            out.add_row(name, *means, "–", "–", "–")
+        else:
+            interval = f"[{sig3(found.interval.low)}x, {sig3(found.interval.high)}x]"
+            out.add_row(name, *means, f"{sig3(found.value)}x", interval, found.verdict)
+    return out
+
+
+def run_ab(args: argparse.Namespace, console: Console) -> dict[str, Ratio | None]:
+    from omegaconf import OmegaConf
+
+    from harness.job.run import run_job
+    from harness.tracking.client import ROLE_TAG, RunTracker, default_tracking_uri
+
+    if args.rounds < MIN_ROUNDS:
+        raise SystemExit(f"error: --rounds {args.rounds}: an interval over rounds needs at least {MIN_ROUNDS}")
+    sides = {"A": [*args.overrides, *shlex.split(args.a)], "B": [*args.overrides, *shlex.split(args.b)]}
+    own = {"A": args.a, "B": args.b}
+    configured = {side: composed(side, own[side], overrides) for side, overrides in sides.items()}
+    cfg = configured["A"][1]
+    parent = None
+    if cfg.tracking.enabled:
+        parent = RunTracker(cfg.tracking.uri or default_tracking_uri(cfg.paths.outputs), cfg.tracking.experiment)
+        params = {"ab.a": args.a, "ab.b": args.b, "ab.rounds": args.rounds, "ab.common": " ".join(args.overrides)}
+        parent.start(run_name=f"ab: {args.a} vs {args.b}", params=params, tags={ROLE_TAG: "parent"})
+    reports: dict[str, list[RunReport]] = {side: [] for side in SIDES}
+    try:
+        for round_ in range(1, args.rounds + 1):
+            for side in SIDES:
+                dcfg, side_cfg = configured[side]
+                console.print(f"[bold]round {round_} of {args.rounds}, {side}[/bold]: {' '.join(sides[side])}")
+                report = run_job(
+                    side_cfg, OmegaConf.to_container(dcfg, resolve=True),
+                    choices={g: getattr(side_cfg, g).name for g in GROUPS}, overrides=sides[side],
+                    parent_run_id=parent.run_id if parent is not None else None, run_name=f"{side} #{round_}",
+                    console=console, tags={"ab.side": side, "ab.round": str(round_)},
+                )
+                if report is None:
+                    raise AbError(f"side {side}'s runner was skipped: it cannot run these options here")
+                reports[side].append(report)
+        ratios = compare(reports)
+        console.print(table(reports, ratios, f"B over A, {args.rounds} interleaved rounds"))
+        if parent is not None:
+            if (per_token := ratios["tpot_s"]) is not None:
+                low, high = (f"ab_ratio{suffix}" for suffix in CI_SUFFIXES)
+                parent.log_metrics({"ab_ratio": per_token.value, low: per_token.interval.low,
+                                    high: per_token.interval.high})
+                parent.set_tags({"ab.verdict": per_token.verdict})
+            parent.end("FINISHED")
+        return ratios
+    except BaseException as exc:
+        if parent is not None and not parent.ended:
+            status = "KILLED" if isinstance(exc, KeyboardInterrupt | SystemExit) else "FAILED"
+            parent.end(status, reason=f"{type(exc).__name__}: {exc}".rstrip(": "))
+        raise
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    raise_on_sigterm()  # killed, the parent and the running job close KILLED
+    try:
+        run_ab(parse(argv), Console(highlight=False))
+    except AbError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
