@@ -72,6 +72,8 @@ def table(reports: dict[str, list[RunReport]], ratios: dict[str, Ratio | None], 
     for column in ("figure", "A", "B", "B / A", "95% interval", "verdict"):
         out.add_column(column, justify="left" if column == "figure" else "right", no_wrap=True)
     for name, found in ratios.items():
+        if not any(getattr(r, name) is not None for side in SIDES for r in reports[side]):
+            continue  # measured on neither side (energy without a counter)
         means = []
         for side in SIDES:
             values = [getattr(r, name) for r in reports[side] if getattr(r, name) is not None]

@@ -18,6 +18,7 @@ from rich.progress import Progress
 
 from harness.config import Config
 from harness.job.reference import reference_metrics
+from harness.measurement.energy import EnergyMeter, energy_counter
 from harness.measurement.hostload import HostLoad
 from harness.measurement.memory import peak_rss_bytes
 from harness.measurement.metrics import aggregate, device_clock, inter_token_latencies, token_metrics
@@ -51,6 +52,7 @@ def measure(
     device = runner.device
     # Before the monitor: building a generated checkpoint is no part of the run (it can take the device's memory).
     work: Workload = prepare_workload(cfg, outputs_dir)
+    counter = energy_counter(device)  # or, where there is none, the reason
     with VramMonitor.from_config(device, cfg.vram) as vram:
         runner.load(work, vram, console)
         with Progress(console=console, transient=True) as progress:
@@ -74,11 +76,16 @@ def measure(
             gens, measured = [], []
             for repeat in range(cfg.bench.repeats):
                 allocs, host = DeviceAllocs(device), HostLoad()
+                energy = EnergyMeter(None if isinstance(counter, str) else counter)
 
-                def on_token(_: int, allocs: DeviceAllocs = allocs, host: HostLoad = host) -> None:
+                def on_token(
+                    _: int, allocs: DeviceAllocs = allocs, host: HostLoad = host, energy: EnergyMeter = energy
+                ) -> None:
+                    energy.token()
                     allocs.token()
                     host.token()
 
+                energy.start()
                 gen = run(f"generate {repeat + 1}", on_token)
                 gens.append(gen)
                 measured.append({
@@ -87,6 +94,7 @@ def measure(
                     **runner.generation_metrics(gen),
                     **allocs.metrics(),
                     **host.metrics(),
+                    **energy.metrics(len(gen.token_times_s), gen.token_times_s[-1] - gen.start_s),
                 })
             if profile_to is not None:  # one generation more, in no metric
                 record(lambda: run("profile"), device, profile_to)
@@ -99,7 +107,8 @@ def measure(
     report.warmup_generations = float(warmups)
     report.add(vram.metrics())
     report.peak_rss_bytes = float(peak_rss_bytes())
-    tags = {"device": str(device), **runner.annotate(report, gen)}
+    tags = {"device": str(device), "energy.source": counter if isinstance(counter, str) else counter.source}
+    tags.update(runner.annotate(report, gen))
     if cfg.reference.enabled:
         reference, reference_tags = reference_metrics(
             work.ckpt_dir, work.stop, gen.prompts, gen.sequences, [m["tpot_s"] for m in measured if "tpot_s" in m],

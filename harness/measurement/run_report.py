@@ -38,6 +38,10 @@ class RunReport:
     token_latency_p99_s: float | None = figure()
     decode_tokens_per_s: float | None = figure("decode throughput")
     new_tokens: float | None = figure("new tokens")
+    # --- energy (harness.measurement.energy: NVML on CUDA, RAPL on a CPU where readable; the energy.source tag)
+    energy_prefill_j: float | None = figure("energy, prefill")
+    energy_per_token_j: float | None = figure("energy per token")
+    power_mean_w: float | None = figure("mean power")
     # Generations run and thrown away before the measured ones (bench.warmup; with auto, as many as its rule took).
     warmup_generations: float | None = figure("warm-up generations")
     prompt_tokens: float | None = figure()

@@ -125,7 +125,7 @@ def ratio(
 
 
 # A run's figures that comparisons read, with their intervals logged beside them.
-COMPARED = ("tpot_s", "ttft_s", "decode_tokens_per_s")
+COMPARED = ("tpot_s", "ttft_s", "decode_tokens_per_s", "energy_per_token_j")
 
 
 def interval_metrics(per_generation: Sequence[Mapping[str, float]], gaps: Sequence[float]) -> dict[str, float]:

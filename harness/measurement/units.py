@@ -39,7 +39,7 @@ def byte_scale(value: float) -> tuple[str, float]:
 
 
 def metric_kind(name: str) -> str:
-    """How a metric is read, from its name: seconds, bytes, ratio, rate, or a plain number."""
+    """How a metric is read, from its name: seconds, bytes, ratio, rate, joules, watts, or a plain number."""
     if "_bytes" in name and not name.endswith("_per_s"):  # also read_bytes_per_pass, kv_bytes_per_token
         return "bytes"
     if "ratio" in name.split("_"):  # a word: "warmup_generations" holds the letters, not the word
@@ -48,6 +48,10 @@ def metric_kind(name: str) -> str:
         return "rate"
     if name.endswith("_s"):
         return "seconds"
+    if name.endswith("_j"):
+        return "joules"
+    if name.endswith("_w"):
+        return "watts"
     return "number"
 
 
@@ -64,6 +68,8 @@ def format_metric(name: str, value: float | None) -> str:
         return f"{value:,.0f} B" if unit == "B" else f"{sig3(value / size)} {unit}"
     if kind == "ratio":
         return f"{sig3(value)}x"
+    if kind in ("joules", "watts"):
+        return f"{sig3(value)} {'J' if kind == 'joules' else 'W'}"
     if kind == "rate":
         if name.endswith("bytes_per_s"):
             unit, size = byte_scale(value)
@@ -85,7 +91,7 @@ def axis_scale(name: str, values: Sequence[float | None]) -> tuple[str, float]:
         return f"{unit}/s", size
     if kind == "rate":
         return ("tok/s" if name.endswith("tokens_per_s") else "/s"), 1.0
-    return {"seconds": ("s", 1.0), "ratio": ("x", 1.0)}.get(kind, ("", 1.0))
+    return {"seconds": ("s", 1.0), "ratio": ("x", 1.0), "joules": ("J", 1.0), "watts": ("W", 1.0)}.get(kind, ("", 1.0))
 
 
 # Figures where more is better (rates, agreement, efficiency); every other figure is a cost.

@@ -36,7 +36,9 @@ if TYPE_CHECKING:
 # What decides "fastest", then what else a reader compares.
 RANK_BY = "tpot_s"
 TIMELINE = "timeline.csv"
-COLUMNS = ("tpot_s", "ttft_s", "floor_ratio", "peak_rss_bytes", "peak_vram_nvml_bytes", "quality_kl_mean")
+COLUMNS = (
+    "tpot_s", "ttft_s", "energy_per_token_j", "floor_ratio", "peak_rss_bytes", "peak_vram_nvml_bytes", "quality_kl_mean"
+)
 
 
 def ranked(rows: Sequence[Row]) -> list[Row]:
