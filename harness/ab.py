@@ -139,7 +139,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     raise_on_sigterm()  # killed, the parent and the running job close KILLED
     try:
-        run_ab(parse(argv), Console(highlight=False))
+        # Piped (a log, CI), rich would fold the table to 80 columns and cut the figures' names.
+        run_ab(parse(argv), Console(highlight=False, width=None if sys.stdout.isatty() else 120))
     except AbError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
