@@ -43,6 +43,9 @@ def test_mlflow_round_trip_keeps_known_figures_and_drops_others() -> None:
         ("floor_ratio", 3.1, "3.10x"),
         ("new_tokens", 20.0, "20"),
         ("quality_kl_mean", 0.00283, "0.00283"),
+        ("energy_per_token_j", 0.5, "0.500 J"),
+        ("power_mean_w", 312.0, "312 W"),
+        ("warmup_generations", 3.0, "3"),
     ],
 )
 def test_a_value_is_shown_with_the_unit_its_name_carries(name: str, value: float, shown: str) -> None:
@@ -52,7 +55,7 @@ def test_a_value_is_shown_with_the_unit_its_name_carries(name: str, value: float
 def test_every_figure_name_says_how_to_read_it() -> None:
     # Counts, fractions and flags are plain numbers; everything else carries a unit in its name.
     unitless = ("_share", "_tokens", "_written", "passes", "_layers", "_residual", "_efficiency", "_agreement",
-                "_mean", "_match", "_vs_transformers", "_positions", "_per_pass", "_per_token")
+                "_mean", "_match", "_vs_transformers", "_positions", "_per_pass", "_per_token", "_generations")
     plain = {n for n in RunReport.figure_names() if metric_kind(n) == "number"}
     assert all(n.endswith(unitless) or n.startswith("quality_ppl") for n in plain), sorted(plain)
 
