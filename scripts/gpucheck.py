@@ -1,14 +1,11 @@
 """`python scripts/gpucheck.py OUTDIR`: the project's GPU check in one command, for a bare, offline GPU machine.
 
-It runs from the source tree (no `pip install .`: the torch pin would fail there) and pip-installs, offline, what
-the GPU image lacks from `--wheels` (default `wheels/`); the package itself never runs pip. MLflow may be absent:
-every run's report goes to OUTDIR/gpucheck.json and the table to OUTDIR/gpucheck.md, both rewritten after each run.
-Steps: the gpu-marked tests, a probe refresh (with `decode_waits`), an untimed warm-up job on the tiny model, then
-the runs on the model (by default the 8B-geometry synthetic one, generated on the GPU), all under the 4 GiB cap.
-
-Each run is an experiment preset, conf/experiment/gpucheck/<name>.yaml (`+experiment=gpucheck/<name>` runs it
-alone with `python -m harness`); this script lists them by label. `--only WORD` picks the runs whose label holds
-WORD, diagnostic ones included, `--only '=LABEL'` that run alone; `--repeat N` runs them N rounds, round-robin.
+It runs from the source tree and pip-installs, offline, what the GPU image lacks from `--wheels` (default
+`wheels/`); the package itself never runs pip. Every run's report goes to OUTDIR/gpucheck.json and the table to
+OUTDIR/gpucheck.md, both rewritten after each run. Steps: the gpu-marked tests, a probe refresh, an untimed warm-up
+job on the tiny model, then the runs, all under the 4 GiB cap. Each run is a preset,
+conf/experiment/gpucheck/<name>.yaml; `--only WORD` picks the runs whose label holds WORD (diagnostic ones
+included), `--only '=LABEL'` one run, `--repeat N` N rounds of them, round-robin.
 """
 
 from __future__ import annotations
@@ -58,14 +55,14 @@ DIAGNOSTIC_RUNS = (
     ("4bit, ram, prefetch, cuda graph, blocking wait", "4bit_ram_prefetch_cuda_graph_blocking_wait"),
 )
 ALL_RUNS = RUNS + DIAGNOSTIC_RUNS
-# Runs that also record one generation with torch.profiler (bench.profile): where the host's time goes beside the
-# copies. Round 1 only: later rounds (`label #2`, ...) skip the profiler's extra generation.
+# Runs that also record a generation with torch.profiler (bench.profile); round 1 only (not `label #2`, ...).
 PROFILED = ("8bit, ram, prefetch", "4bit, ram, prefetch")
 COLUMNS = (
     ("TTFT", "ttft_s"),
     ("per token", "tpot_s"),
     ("floor", "floor_s"),
     ("floor ratio", "floor_ratio"),
+    ("energy / token, power", ("energy_per_token_j", "power_mean_w")),
     ("peak VRAM (NVML)", "peak_vram_nvml_bytes"),
     # The estimate the cap and residency are planned with, beside the peaks it is checked against.
     ("VRAM estimate", "vram_estimate_bytes"),
@@ -201,8 +198,11 @@ def table(results: dict[str, dict[str, Any]], header: str) -> str:
         m = result.get("metrics", {})
         cells = []
         for _, name in COLUMNS:
-            if isinstance(name, tuple):  # shares side by side
-                cells.append(" / ".join(ABSENT if m.get(n) is None else f"{m[n]:.0%}" for n in name))
+            if isinstance(name, tuple):  # figures side by side, shares as percentages
+                cells.append(" / ".join(
+                    ABSENT if m.get(n) is None else f"{m[n]:.0%}" if n.endswith("_share") else format_metric(n, m[n])
+                    for n in name
+                ))
             else:
                 cells.append(format_metric(name, m.get(name)))
         status = result["status"] if result["status"] == "FINISHED" else f"{result['status']}: {result['reason']}"
