@@ -92,7 +92,11 @@ def runner_class(cfg: Config) -> type[Runner]:
     """The Runner class `runner._target_` names."""
     import hydra.utils  # here: only a job that runs needs it
 
-    cls = hydra.utils.get_class(cfg.runner._target_)
+    target = cfg.runner._target_
+    try:
+        cls = hydra.utils.get_class(target)
+    except Exception as exc:  # not importable, or not a class: Hydra's errors name which
+        raise TypeError(f"runner._target_={target!r} names no Runner class ({exc}): choose runner=<option>") from exc
     if not (isinstance(cls, type) and issubclass(cls, Runner)):
-        raise TypeError(f"runner._target_={cfg.runner._target_!r} is not a harness.runners.base.Runner")
+        raise TypeError(f"runner._target_={target!r} is not a harness.runners.base.Runner: choose runner=<option>")
     return cls

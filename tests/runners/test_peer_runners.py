@@ -228,3 +228,11 @@ def test_report_peers_needs_no_layerbench_run_to_print(tmp_path: Path, capsys: p
     Console(width=200).print(peers_table([row]))
     out = capsys.readouterr().out
     assert "0.0100 s" in out and "x layerbench" in out and "1.00x" not in out
+
+
+def test_a_runner_target_that_is_no_runner_is_refused_by_name(make_cfg: Callable[..., Config]) -> None:
+    with pytest.raises(TypeError, match=r"runner._target_='os.path.join' names no Runner class"):
+        runner_class(make_cfg("runner._target_=os.path.join"))
+    with pytest.raises(TypeError, match=r"runner._target_='harness.config.Config' is not a harness.runners"):
+        runner_class(make_cfg("runner._target_=harness.config.Config"))
+    assert runner_class(make_cfg("runner=accelerate")).__name__ == "AccelerateRunner"
