@@ -12,7 +12,7 @@ from hydra.types import RunMode
 from hydra.utils import to_absolute_path
 from omegaconf import DictConfig, OmegaConf
 
-from harness.config import GROUPS, conf_dir, register_configs
+from harness.config import GROUPS, conf_dir, register_configs, validated
 from harness.extras import install_line, installed
 from harness.signals import raise_on_sigterm
 
@@ -21,8 +21,8 @@ from harness.signals import raise_on_sigterm
 def main(dcfg: DictConfig) -> None:
     # Relative paths are relative to where the command was started, whatever Hydra's run dir is.
     dcfg.paths.outputs = to_absolute_path(dcfg.paths.outputs)
-    # to_object runs every __post_init__: bad values fail here, before anything is loaded.
-    cfg = OmegaConf.to_object(dcfg)
+    # Every __post_init__ runs here, and unknown keys are refused: bad input fails before anything is loaded.
+    cfg = validated(dcfg)
     hydra_cfg = HydraConfig.get()
     single = hydra_cfg.mode == RunMode.RUN
     tracker = None

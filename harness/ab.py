@@ -19,7 +19,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from harness.config import GROUPS, compose_config
+from harness.config import GROUPS, compose_config, validated
 from harness.measurement.run_report import CI_SUFFIXES, RunReport
 from harness.measurement.stats import COMPARED, Ratio, ratio
 from harness.measurement.units import format_metric, higher_is_better, sig3
@@ -48,11 +48,10 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
 def composed(side: str, own: str, overrides: list[str]) -> tuple[Any, Any]:
     """A side's configuration, as the job takes it; SystemExit naming the side, its own overrides (`own`) and the
     reason when it is refused."""
-    from omegaconf import OmegaConf
 
     try:
         dcfg = compose_config(overrides)
-        return dcfg, OmegaConf.to_object(dcfg)
+        return dcfg, validated(dcfg)
     except Exception as exc:  # Hydra's and the schema's errors alike name what is wrong
         raise SystemExit(f"error: side {side}'s configuration is refused ({side}: {own!r}): {exc}") from exc
 

@@ -112,6 +112,9 @@ class WorkloadConfig:
             raise ValueError(f"workload.top_p={self.top_p!r} is not valid: it must be in (0, 1]")
         if not self.prompt:
             raise ValueError("workload.prompt is empty: give the text to generate from")
+        check_utf8("workload.prompt", self.prompt)
+        for i, prompt in enumerate(self.prompts or []):
+            check_utf8(f"workload.prompts[{i}]", prompt)
         if self.prompt_tokens is not None:
             check_positive("workload.prompt_tokens", self.prompt_tokens)
         check_positive("workload.batch_size", self.batch_size)
@@ -128,6 +131,18 @@ class WorkloadConfig:
 # bench.warmup=auto: the first generation pays the one-offs (the RAM cache filled, kernels chosen, a CUDA graph
 # captured, the allocator grown); the second shows whether the run has settled.
 WARMUP_AUTO_GENERATIONS = 2
+
+
+def check_utf8(field_name: str, text: str) -> None:
+    """Refuse text that is not valid UTF-8: bytes a shell passed undecoded arrive as lone surrogates, which the
+    tokenizer and MLflow reject later, after the run has started."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raw = text[exc.start].encode("utf-8", "surrogateescape")
+        raise ValueError(
+            f"{field_name} is not valid UTF-8 (byte 0x{raw.hex()} at character {exc.start}): give the text in UTF-8"
+        ) from None
 
 
 @dataclass
@@ -389,3 +404,33 @@ def compose_config(overrides: list[str]) -> DictConfig:
     register_configs()
     with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
         return compose("config", overrides=overrides)
+
+
+def validated(dcfg: DictConfig) -> Config:
+    """The composed config as the schema's objects (every `__post_init__` run), refusing a key that no group or
+    schema defines: `+compresion=4bit` or `+foo=bar` would otherwise run, ignored, and be logged as a param."""
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.to_object(dcfg)
+    if unknown := unknown_keys(dcfg, cfg):
+        raise ValueError("; ".join(unknown))
+    return cfg
+
+
+def unknown_keys(node: Any, obj: Any, prefix: str = "") -> list[str]:
+    """What is wrong with each key of `node` (a composed config) that the dataclass `obj` it became has no field
+    for, naming the closest valid key; nested sections are checked against their own dataclasses."""
+    import difflib
+    from dataclasses import fields, is_dataclass
+
+    known = {f.name for f in fields(obj)}
+    problems = []
+    for key in node:
+        path = f"{prefix}{key}"
+        if key not in known:
+            close = difflib.get_close_matches(str(key), sorted(known), n=1)
+            hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
+            problems.append(f"{path} is no config key{hint}: no group or schema defines it; drop it or fix its name")
+        elif is_dataclass(value := getattr(obj, str(key))) and isinstance(node[key], DictConfig):
+            problems += unknown_keys(node[key], value, f"{path}.")
+    return problems

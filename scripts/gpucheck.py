@@ -130,13 +130,11 @@ def preset(name: str) -> str:
 def composed(overrides: list[str]) -> tuple[Any, Any]:
     """One run's configuration, composed and validated as the job takes it (the DictConfig and the Config);
     refused with the reason."""
-    from omegaconf import OmegaConf
-
-    from harness.config import compose_config
+    from harness.config import compose_config, validated
 
     try:
         dcfg = compose_config(overrides)
-        return dcfg, OmegaConf.to_object(dcfg)
+        return dcfg, validated(dcfg)
     except Exception as exc:  # Hydra's and the schema's errors alike: the message names what is wrong
         raise RefusedOverrides(f"{type(exc).__name__}: {exc}") from exc
 

@@ -6,10 +6,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 from transformers import LlamaConfig
 
-from harness.config import Config, compose_config
+from harness.config import Config, compose_config, validated
 from harness.extras import installed
 
 
@@ -55,7 +54,7 @@ def make_cfg(outputs_dir: Path) -> Callable[..., Config]:
 
     def make(*overrides: str) -> Config:
         common = [f"paths.outputs={outputs_dir}", "tracking.enabled=false", "probe.size_mib=16"]
-        return OmegaConf.to_object(compose_config([*common, *overrides]))
+        return validated(compose_config([*common, *overrides]))
 
     return make
 
