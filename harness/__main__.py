@@ -12,7 +12,8 @@ from hydra.types import RunMode
 from hydra.utils import to_absolute_path
 from omegaconf import DictConfig, OmegaConf
 
-from harness.config import GROUPS, conf_dir, register_configs, validated
+from harness.compose import conf_dir, register_configs, validated
+from harness.config import GROUPS
 from harness.extras import install_line, installed
 from harness.signals import raise_on_sigterm
 

@@ -19,7 +19,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from harness.config import GROUPS, compose_config, validated
+from harness.compose import compose_config, validated
+from harness.config import GROUPS
 from harness.measurement.run_report import CI_SUFFIXES, RunReport
 from harness.measurement.stats import COMPARED, Ratio, ratio
 from harness.measurement.units import format_metric, higher_is_better, sig3

@@ -130,7 +130,7 @@ def preset(name: str) -> str:
 def composed(overrides: list[str]) -> tuple[Any, Any]:
     """One run's configuration, composed and validated as the job takes it (the DictConfig and the Config);
     refused with the reason."""
-    from harness.config import compose_config, validated
+    from harness.compose import compose_config, validated
 
     try:
         dcfg = compose_config(overrides)

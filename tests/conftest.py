@@ -8,7 +8,8 @@ import pytest
 import torch
 from transformers import LlamaConfig
 
-from harness.config import Config, compose_config, validated
+from harness.compose import compose_config, validated
+from harness.config import Config
 from harness.extras import installed
 
 

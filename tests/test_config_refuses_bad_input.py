@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from harness.config import WorkloadConfig, compose_config, validated
+from harness.compose import compose_config, validated
+from harness.config import WorkloadConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -62,7 +62,7 @@ def test_no_module_is_past_400_lines() -> None:
 def test_composing_a_config_imports_no_heavy_library() -> None:
     """`--help` and `--cfg job` answer in about a second because nothing heavy loads before a job runs."""
     code = (
-        "import sys, harness.config, harness.sweep; harness.config.register_configs(); "
+        "import sys, harness.compose, harness.sweep; harness.compose.register_configs(); "
         "heavy = ('torch', 'transformers', 'bitsandbytes', 'mlflow', 'matplotlib'); "
         "print(sorted(m for m in heavy if m in sys.modules))"
     )

@@ -56,7 +56,7 @@ def decode_waits(device: torch.device, model: str, repeats: int = 3) -> dict[str
 
     from harness.checkpoints.generated import llama_config_for
     from harness.checkpoints.tokenizer import build_tokenizer
-    from harness.config import compose_config
+    from harness.compose import compose_config
     from harness.measurement.vram import model_dtype
     from strategies.compression.blockwise import group_stored
     from strategies.compression.blockwise_4bit import Blockwise4bit

@@ -117,7 +117,7 @@ def test_a_job_made_to_exit_closes_its_run_killed(
 def test_schemas_are_no_options() -> None:
     from hydra.errors import MissingConfigException
 
-    from harness.config import compose_config
+    from harness.compose import compose_config
 
     with pytest.raises(MissingConfigException, match="compression/base_none"):
         compose_config(["compression=base_none"])

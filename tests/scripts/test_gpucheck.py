@@ -11,7 +11,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from harness.config import Config, compose_config
+from harness.compose import compose_config
+from harness.config import Config
 from harness.measurement.profile import OPS_FILE, TRACE_FILE
 from harness.probe.gains import untried_gains
 

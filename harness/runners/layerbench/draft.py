@@ -18,7 +18,8 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 import strategies
 from harness.checkpoints.generated import ensure_checkpoint
 from harness.checkpoints.loading import load_model_config
-from harness.config import Config, ModelConfig, conf_dir
+from harness.compose import conf_dir
+from harness.config import Config, ModelConfig
 from harness.measurement.metrics import device_clock
 from harness.measurement.timeline import StageClock
 from harness.measurement.vram import GIB, decoded_bytes
