@@ -78,3 +78,31 @@ def test_an_ab_of_two_real_jobs_logs_its_children_under_the_parent(tmp_path: Pat
     assert sorted(r.info.run_name for r in children) == ["A #1", "A #2", "B #1", "B #2"]
     assert {r.data.params["kv_cache"] for r in children if r.data.tags["ab.side"] == "B"} == {"none"}
     assert parent.data.tags["ab.verdict"] in ("faster", "slower", "within_noise") and "ab_ratio" in parent.data.metrics
+
+
+def test_two_commits_run_apart_each_job_tagged_with_its_commit(tmp_path: Path) -> None:
+    from harness.checkouts import resolve
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    head = resolve("HEAD")
+    ratios = ab.run_ab(ab.parse(["--a", "", "--b", "", "--a-rev", "HEAD", "--b-rev", head, "--rounds", "2",
+                                 "workload.max_new_tokens=3", "probe.enabled=false", f"tracking.uri={uri}",
+                                 f"paths.outputs={tmp_path}"]), ab.Console(quiet=True))
+    assert ratios["tpot_s"] is not None
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("layerbench").experiment_id])
+    (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert sorted(r.info.run_name for r in children) == ["A #1", "A #2", "B #1", "B #2"]
+    assert {r.data.tags["ab.rev"] for r in children} == {head} and parent.data.params["ab.b_rev"] == head
+    assert all(r.info.status == "FINISHED" and "tpot_s" in r.data.metrics for r in children)
+
+
+def test_a_revision_that_names_no_commit_or_has_no_store_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit, match="'no-such-commit-x' names no commit"):
+        ab.run_ab(ab.parse(["--a", "", "--b", "", "--b-rev", "no-such-commit-x", f"paths.outputs={tmp_path}"]),
+                  ab.Console(quiet=True))
+    with pytest.raises(SystemExit, match="read each job's figures back from MLflow"):
+        ab.run_ab(ab.parse(["--a", "", "--b", "", "--b-rev", "HEAD", "tracking.enabled=false",
+                            f"paths.outputs={tmp_path}"]), ab.Console(quiet=True))
+    assert not (tmp_path / "mlflow.db").exists()
