@@ -88,3 +88,15 @@ def test_a_job_tags_its_energy_source_and_logs_energy_only_with_one(
         assert report.energy_per_token_j is None and "energy_per_token_j" not in run.data.metrics
     else:
         assert source.startswith("rapl") and report.energy_per_token_j > 0
+
+
+def test_nvml_counter_reads_millijoules_as_joules(monkeypatch: pytest.MonkeyPatch) -> None:
+    import pynvml
+
+    readings = iter([1_000_000, 1_000_000, 1_002_500])  # mJ: one probe read, then two readings
+    monkeypatch.setattr(pynvml, "nvmlInit", lambda: None)
+    monkeypatch.setattr(pynvml, "nvmlDeviceGetHandleByIndex", lambda index: f"gpu{index}")
+    monkeypatch.setattr(pynvml, "nvmlDeviceGetTotalEnergyConsumption", lambda handle: next(readings))
+    counter = nvml_counter(torch.device("cuda", 1))
+    assert isinstance(counter, Counter) and counter.source == "nvml: GPU 1 total energy counter"
+    assert counter.joules(counter.read(), counter.read()) == pytest.approx(2.5)
