@@ -14,7 +14,7 @@ from pathlib import Path
 
 from harness.device import resolve_device
 from harness.probe.links import CODEC_4BIT, CODEC_8BIT, LinkRates
-from harness.probe.store import cache_path, load_or_measure
+from harness.probe.store import cache_path, implausible, load_or_measure
 
 
 def _rates_table(rates: LinkRates, title: str) -> object:
@@ -68,3 +68,5 @@ def main(argv: list[str] | None = None) -> None:
     title = f"link rates: {rates.device}, {socket.gethostname()}, measured {rates.measured_at}"
     Console().print(_rates_table(rates, title))
     print(f"cached in {cache_path(device, args.cache_dir)}")
+    for problem in implausible(rates):  # measured so just now: the machine stalled, or a link is broken
+        print(f"warning: implausible rate, {problem}: measure again with --refresh on a quiet machine")

@@ -37,6 +37,22 @@ _OPTIONAL_RATES = {
 }
 
 
+# Rates no link of a machine this tool runs on can have: slower than 1 MB/s, or faster than 1 PB/s (the page-cache
+# rate times a scan of kept mappings, no copy, and reaches several TB/s). A cached one (a probe that ran while the
+# machine stalled, a file edited by hand) is re-measured rather than believed.
+PLAUSIBLE_BYTES_PER_S = (1e6, 1e15)
+
+
+def implausible(rates: LinkRates) -> list[str]:
+    """The rates outside PLAUSIBLE_BYTES_PER_S, each named with its value."""
+    low, high = PLAUSIBLE_BYTES_PER_S
+    return [
+        f"{name}={value:.3g} B/s is outside {low:.0e}-{high:.0e} B/s"
+        for name, value in asdict(rates).items()
+        if isinstance(value, float) and not low <= value <= high
+    ]
+
+
 def _rates_from_json(data: object) -> LinkRates:
     """A LinkRates from its JSON form; ValueError on anything else, so a damaged file is re-measured."""
     names = {f.name for f in fields(LinkRates)}
@@ -51,7 +67,10 @@ def _rates_from_json(data: object) -> LinkRates:
             ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value > 0
         if not ok:
             raise ValueError(f"{key}={value!r} is not a valid value")
-    return LinkRates(**data)
+    rates = LinkRates(**{k: float(v) if isinstance(v, int) else v for k, v in data.items()})
+    if absurd := implausible(rates):
+        raise ValueError(f"implausible: {'; '.join(absurd)}")
+    return rates
 
 
 def _valid_layer_compute(data: object, key: dict[str, object]) -> bool:

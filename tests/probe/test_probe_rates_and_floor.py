@@ -171,6 +171,8 @@ def test_jobs_missing_the_cache_at_once_measure_once(tmp_path: Path, monkeypatch
         json.dumps({"device": "cpu"}),  # keys missing
         json.dumps({**asdict(_rates(device="cpu")), "host_copy_bytes_per_s": None}),  # a required rate absent
         json.dumps({**asdict(_rates(device="cpu")), "disk_read_cold_bytes_per_s": -1.0}),
+        json.dumps({**asdict(_rates(device="cpu")), "disk_read_cold_bytes_per_s": 1.0}),  # well-formed, absurd
+        json.dumps({**asdict(_rates(device="cpu")), "host_copy_bytes_per_s": 1e17}),
         json.dumps(asdict(_rates(device="cuda:0 (another machine's GPU)"))),  # for another device
     ],
 )
@@ -328,3 +330,14 @@ def test_head_compute_is_measured_and_cached(tmp_path, monkeypatch) -> None:
 
     monkeypatch.setattr(store, "measure_head_compute_s", no_measuring)
     assert store.load_or_measure_head_compute_s(config, torch.device("cpu"), torch.bfloat16, tmp_path) == first
+
+
+def test_cli_flags_a_rate_measured_implausible(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    stalled = _rates(device="cpu", h2d_pinned_bytes_per_s=None, h2d_pageable_bytes_per_s=None,
+                     disk_read_cold_bytes_per_s=2.0)
+    monkeypatch.setattr(store, "measure_link_rates", _Counter(stalled))
+    cli.main(["--device", "cpu", "--cache-dir", str(tmp_path), "--refresh"])
+    out = capsys.readouterr().out
+    assert "warning: implausible rate, disk_read_cold_bytes_per_s=2 B/s is outside 1e+06-1e+15 B/s" in out
