@@ -32,7 +32,7 @@ if str(ROOT) not in sys.path:  # the source tree's harness/ and strategies/, wit
 NEEDED = (("omegaconf", "omegaconf"), ("hydra", "hydra-core"), ("bitsandbytes", "bitsandbytes"))
 # The presets' folder under conf/experiment/.
 PRESETS = "gpucheck"
-# (label, preset): the default runs, in the order they run, so that what matters most runs first in a short lease.
+# (label, preset): the default runs, in the order they run, so that what matters most runs first when time is short.
 RUNS = (
     ("bf16, ram, prefetch", "bf16_ram_prefetch"),
     ("8bit, ram, prefetch", "8bit_ram_prefetch"),
@@ -113,7 +113,7 @@ def run_gpu_tests(timeout_s: int = 180) -> str:
            "--continue-on-collection-errors", "tests"]
     try:
         done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout_s)
-    except subprocess.TimeoutExpired as exc:  # a hung test is a finding: the runs still get the lease's time
+    except subprocess.TimeoutExpired as exc:  # a hung test is a finding: the runs still get their time
         out = exc.stdout or b""  # bytes even with text=True, in some Pythons
         print((out.decode(errors="replace") if isinstance(out, bytes) else out)[-4000:])
         return f"the gpu tests did not finish in {timeout_s} s (killed)"
@@ -345,7 +345,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--outputs", type=Path, default=ROOT / "outputs", help="checkpoints, splits, probe cache")
     p.add_argument("--skip-tests", action="store_true")
     p.add_argument("--keep-splits", action="store_true", help="keep each split (by default one is deleted once no "
-                   "later run reads it, so the 8B's splits fit the GPU machine's disk)")
+                   "later run reads it, so that the 8B's splits fit a small disk)")
     p.add_argument("--only", action="append", default=[], help="only the runs whose label holds this, in the order "
                    "given, or `=LABEL` that run alone; repeatable (--only '4bit, ram' --only 8bit)")
     p.add_argument("--repeat", type=int, default=1, help="rounds of the runs, round-robin (a swing of the machine "
