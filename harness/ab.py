@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import logging
 import shlex
+import statistics
 import sys
 import time
 from collections.abc import Sequence
@@ -39,7 +40,6 @@ MIN_ROUNDS = 2
 if TYPE_CHECKING:
     from harness.tracking.client import RunTracker
 
-log = logging.getLogger("harness.ab")
 
 
 class AbError(RuntimeError):
@@ -78,7 +78,8 @@ def compare(reports: dict[str, list[RunReport]]) -> dict[str, Ratio | None]:
 
 
 def table(reports: dict[str, list[RunReport]], ratios: dict[str, Ratio | None], title: str) -> Table:
-    out = Table(title=f"{title}: each side's mean over the rounds; B over A, its 95% interval and verdict",
+    out = Table(title=f"{title}: each side's geometric mean over the rounds (what B / A compares); B over A, "
+                      "its 95% interval and verdict",
                 title_justify="left")
     for column in ("figure", "A", "B", "B / A", "95% interval", "verdict"):
         out.add_column(column, justify="left" if column == "figure" else "right", no_wrap=True)
@@ -88,7 +89,7 @@ def table(reports: dict[str, list[RunReport]], ratios: dict[str, Ratio | None], 
         means = []
         for side in SIDES:
             values = [getattr(r, name) for r in reports[side] if getattr(r, name) is not None]
-            means.append(format_metric(name, sum(values) / len(values)) if values else "–")
+            means.append(format_metric(name, statistics.geometric_mean(values)) if values else "–")
         if found is None:
             out.add_row(name, *means, "–", "–", "–")
         else:

@@ -87,6 +87,7 @@ def measure(
 
                 energy.start()
                 gen = run(f"generate {repeat + 1}", on_token)
+                energy.end()
                 gens.append(gen)
                 measured.append({
                     **token_metrics(gen.start_s, gen.token_times_s, gen.sequences),

@@ -83,8 +83,8 @@ def energy_counter(device: torch.device) -> Counter | str:
 
 
 class EnergyMeter:
-    """One generation's readings: `start()` before it, `token()` as each token arrives (the first ends the
-    prefill), then `metrics()`. With no counter it measures nothing and its metrics are empty."""
+    """One generation's readings: `start()` before it, `token()` as each token arrives (only the first reads: it
+    ends the prefill), `end()` after it, then `metrics()`. With no counter it measures nothing."""
 
     def __init__(self, counter: Counter | None) -> None:
         self.counter = counter
@@ -95,12 +95,12 @@ class EnergyMeter:
             self.readings = [self.counter.read()]
 
     def token(self) -> None:
-        if self.counter is not None and self.readings:
-            reading = self.counter.read()
-            if len(self.readings) == 1:
-                self.readings.append(reading)  # the prefill's end
-            else:
-                self.readings[1:] = [self.readings[1], reading]  # keep the first token's and the latest
+        if self.counter is not None and len(self.readings) == 1:
+            self.readings.append(self.counter.read())  # the prefill's end; later tokens cost no reading
+
+    def end(self) -> None:
+        if self.counter is not None and len(self.readings) == 2:
+            self.readings.append(self.counter.read())
 
     def metrics(self, new_tokens: int, duration_s: float) -> dict[str, float]:
         """`energy_prefill_j`, `energy_per_token_j` (each decoded token after the first) and `power_mean_w`."""

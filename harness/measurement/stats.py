@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -69,19 +69,16 @@ def mean_interval(values: Sequence[float]) -> Interval | None:
     return Interval(low, high)
 
 
-def bootstrap_interval(
-    samples: Sequence[float], statistic: Callable[[np.ndarray], float] = np.mean
-) -> Interval | None:
-    """A percentile bootstrap of `statistic` over `samples`, taken as independent; None for fewer than two."""
+def bootstrap_interval(samples: Sequence[float]) -> Interval | None:
+    """A percentile bootstrap of the mean of `samples`, taken as independent; None for fewer than two."""
     if len(samples) < 2:
         return None
     data = np.asarray(samples, dtype=float)
     if np.ptp(data) == 0:
-        value = float(statistic(data))
-        return Interval(value, value)
+        return Interval(float(data[0]), float(data[0]))
     result = stats.bootstrap(
-        (data,), lambda x, axis: statistic(x, axis=axis), confidence_level=CONFIDENCE, n_resamples=RESAMPLES,
-        method="percentile", rng=np.random.default_rng(0),
+        (data,), np.mean, confidence_level=CONFIDENCE, n_resamples=RESAMPLES, method="percentile",
+        rng=np.random.default_rng(0),
     )
     return Interval(float(result.confidence_interval.low), float(result.confidence_interval.high))
 

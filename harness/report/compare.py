@@ -50,6 +50,13 @@ def fetch_samples(client: MlflowClient, rows: Iterable[Row]) -> dict[str, Sample
     return out
 
 
+def plain_ratio(row: Row, base: Row | None, metric: str) -> float | None:
+    """`row`'s figure over `base`'s, from their logged means; None where either is absent or the base is 0."""
+    value = row.metrics.get(metric)
+    reference = base.metrics.get(metric) if base is not None else None
+    return value / reference if value is not None and reference else None
+
+
 def compare(base: Samples, other: Samples, name: str) -> Ratio | None:
     """`other`'s figure over `base`'s, with its interval and what it says of `other`."""
     a, b = base.per_generation.get(name, []), other.per_generation.get(name, [])

@@ -12,7 +12,7 @@ from rich.text import Text
 import strategies
 from harness.measurement.stats import COMPARED
 from harness.measurement.units import format_metric, sig3
-from harness.report.compare import Samples, compare, ratio_text
+from harness.report.compare import Samples, compare, plain_ratio, ratio_text
 from harness.report.rows import Row
 
 RATIO_METRICS = ("tpot_s", "ttft_s", "peak_rss_bytes", "peak_vram_nvml_bytes")
@@ -24,15 +24,9 @@ def layerbench_rows(rows: Sequence[Row]) -> dict[str | None, Row]:
     return {row.params.get("model"): row for row in rows if row.params.get("runner") == BASELINE_RUNNER}
 
 
-def ratio(row: Row, baseline: Row | None, metric: str) -> float | None:
-    value = row.metrics.get(metric)
-    base = baseline.metrics.get(metric) if baseline is not None else None
-    return value / base if value is not None and base else None
-
-
 def ratio_cell(row: Row, baseline: Row | None, metric: str, samples: Mapping[str, Samples]) -> str:
     """`2.31x`, or with both runs' samples of a compared figure `2.31x [1.92x, 2.78x] slower`."""
-    plain = ratio(row, baseline, metric)
+    plain = plain_ratio(row, baseline, metric)
     if plain is None or baseline is None or row is baseline or metric not in COMPARED:
         return "–" if plain is None else f"{sig3(plain)}x"
     if row.run_id in samples and baseline.run_id in samples:

@@ -22,7 +22,7 @@ from urllib.request import url2pathname
 from harness.measurement.plots import plot_passes
 from harness.measurement.stats import WITHIN_NOISE, Ratio
 from harness.measurement.units import format_metric
-from harness.report.compare import Samples, compare, fetch_samples, ratio_text
+from harness.report.compare import Samples, compare, fetch_samples, plain_ratio, ratio_text
 from harness.report.fetch import fetch_runs
 from harness.report.plot import plot_rows
 from harness.report.rows import Row, build_rows
@@ -53,18 +53,13 @@ def vs_fastest(rows: Sequence[Row], samples: dict[str, Samples]) -> dict[str, Ra
     return {row.run_id: compare(best, samples[row.run_id], RANK_BY) for row in rows[1:]}
 
 
-def _plain_ratio(row: Row, best: Row) -> float | None:
-    value, fastest = row.metrics.get(RANK_BY), best.metrics.get(RANK_BY)
-    return None if value is None or not fastest else value / fastest
-
-
 def comparison_markdown(rows: Sequence[Row], columns: Sequence[str], ratios: dict[str, Ratio | None]) -> str:
     best = rows[0]
     header = f"vs fastest ({RANK_BY}, 95% interval, verdict)"
     lines = ["| run | " + " | ".join(columns) + f" | {header} |", "|" + " --- |" * (len(columns) + 2)]
     for row in rows:
         cells = [format_metric(c, row.metrics.get(c)) for c in columns]
-        vs = "fastest" if row is best else ratio_text(ratios.get(row.run_id), _plain_ratio(row, best))
+        vs = "fastest" if row is best else ratio_text(ratios.get(row.run_id), plain_ratio(row, best, RANK_BY))
         lines.append(f"| {row.run_name} | " + " | ".join(cells) + f" | {vs} |")
     return "\n".join(lines) + "\n"
 
@@ -76,7 +71,7 @@ def comparison_csv(rows: Sequence[Row], columns: Sequence[str], ratios: dict[str
     writer.writerow(["run", "run_id", *columns, vs, f"{vs}_ci95_low", f"{vs}_ci95_high", f"{vs}_verdict"])
     for row in rows:
         found = ratios.get(row.run_id)
-        plain = _plain_ratio(row, rows[0])
+        plain = plain_ratio(row, rows[0], RANK_BY)
         figures = [found.value, found.interval.low, found.interval.high, found.verdict] if found else [
             "" if plain is None else plain, "", "", "fastest" if row is rows[0] else ""]
         writer.writerow([row.run_name, row.run_id, *(row.metrics.get(c, "") for c in columns), *figures])
@@ -103,7 +98,7 @@ def describe(rows: Sequence[Row], ratios: dict[str, Ratio | None]) -> str:
     else:
         text = f"**Fastest: {best.run_name}**, {per_token} per token"
     if len(timed) > 1 and worst.run_name not in tied:
-        vs = ratio_text(ratios.get(worst.run_id), _plain_ratio(worst, best))
+        vs = ratio_text(ratios.get(worst.run_id), plain_ratio(worst, best, RANK_BY))
         text += f"; slowest: {worst.run_name}, {vs} that time"
     return text + f" ({len(rows)} finished runs; table and plot in the artifacts)."
 

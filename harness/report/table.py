@@ -24,13 +24,14 @@ def percent_diff(value: float | None, baseline: float | None) -> float | None:
 
 
 def format_percent(percent: float | None, found: Ratio | None = None) -> str:
-    """`(+12.0%)`; with a ratio's interval, `(+12.0% [+5.1%, +19.3%] slower)`."""
+    """`(+12.0%)`; with a ratio's interval, `(+11.8% [+5.1%, +19.3%] slower)`."""
     if percent is None:
         return ""
     if found is None:
         return f"({percent:+.1f}%)"
-    low, high = ((bound - 1) * 100 for bound in (found.interval.low, found.interval.high))
-    return f"({percent:+.1f}% [{low:+.1f}%, {high:+.1f}%] {found.verdict})"
+    # With an interval, the difference is its own estimate (geometric means over generations), so the two agree.
+    value, low, high = ((x - 1) * 100 for x in (found.value, found.interval.low, found.interval.high))
+    return f"({value:+.1f}% [{low:+.1f}%, {high:+.1f}%] {found.verdict})"
 
 
 def status_text(row: Row) -> str:

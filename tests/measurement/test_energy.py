@@ -22,10 +22,11 @@ def scripted(readings: list[list[float]], ranges: list[float | None]) -> Counter
 
 
 def test_prefill_per_token_and_power_from_three_readings() -> None:
-    meter = EnergyMeter(scripted([[100.0], [103.0], [104.0], [105.0], [106.0]], [None]))
+    meter = EnergyMeter(scripted([[100.0], [103.0], [106.0]], [None]))  # read at start, first token, end only
     meter.start()
     for _ in range(4):  # four tokens: the first ends the prefill, three decoded after it
         meter.token()
+    meter.end()
     assert meter.metrics(new_tokens=4, duration_s=2.0) == pytest.approx(
         {"energy_prefill_j": 3.0, "energy_per_token_j": 1.0, "power_mean_w": 3.0})
 
@@ -36,7 +37,8 @@ def test_a_wrapping_counter_is_unwrapped_per_domain() -> None:
     meter = EnergyMeter(counter)
     meter.start()
     meter.token()
-    meter.token()
+    meter.token()  # no reading: only the first token is read, and the end
+    meter.end()
     out = meter.metrics(new_tokens=2, duration_s=1.0)
     assert out["energy_prefill_j"] == pytest.approx(102.0)
     assert out["energy_per_token_j"] == pytest.approx((262_144 - 262_100 + 56) + 2.0)
