@@ -36,12 +36,17 @@ def _random_weights(
 
 
 def measure_layer_compute_s(
-    config: LlamaConfig, device: torch.device, dtype: torch.dtype, seq_len: int = 1, repeats: int = 5
+    config: LlamaConfig, device: torch.device, dtype: torch.dtype, seq_len: int = 1, repeats: int = 5,
+    batch: int = 1,
 ) -> float:
     """Seconds for ONE decoder layer's forward in a decode step (best of `repeats`, after a warm-up):
     the runner's own `forward_decoder` on a transformers LlamaDecoderLayer skeleton with random weights,
-    `seq_len` new positions against a DynamicCache already holding a few. Multiply by the layer count
-    for a token's decoder compute (embedding, final norm and lm_head are not in it)."""
+    `batch` sequences of `seq_len` new positions each, against a DynamicCache already holding a few per
+    sequence. Multiply by the layer count for a step's decoder compute (embedding, final norm and lm_head
+    are not in it).
+
+    A batch is timed as the runner computes it, `batch` sequences side by side: not as one sequence
+    `batch` times longer, whose causal attention grows with the square of its length."""
     # Imported here: the runner and transformers' model code are only needed once a layer is timed,
     # not by the link rates or the cache that sit beside this.
     from accelerate import init_empty_weights
@@ -51,6 +56,7 @@ def measure_layer_compute_s(
     from harness.streaming.model import causal_mask, forward_decoder
 
     check_positive("seq_len", seq_len)
+    check_positive("batch", batch)
     device = indexed_device(device)
     config = copy.deepcopy(config)  # the caller's config keeps its own attention implementation
     config._attn_implementation = "sdpa"  # what the runner and the reference use
@@ -65,11 +71,14 @@ def measure_layer_compute_s(
     rotary = LlamaRotaryEmbedding(config).to(device)
 
     generator = torch.Generator(device=device).manual_seed(0)
-    hidden = torch.randn(1, seq_len, config.hidden_size, dtype=dtype, device=device, generator=generator)
-    past_kv_shape = (1, config.num_key_value_heads, _PREFILLED_POSITIONS, config.head_dim)
+    hidden = torch.randn(batch, seq_len, config.hidden_size, dtype=dtype, device=device, generator=generator)
+    past_kv_shape = (batch, config.num_key_value_heads, _PREFILLED_POSITIONS, config.head_dim)
     past_k = torch.randn(past_kv_shape, dtype=dtype, device=device, generator=generator)
     past_v = torch.randn(past_kv_shape, dtype=dtype, device=device, generator=generator)
-    position_ids = torch.arange(_PREFILLED_POSITIONS, _PREFILLED_POSITIONS + seq_len, device=device).unsqueeze(0)
+    # Every sequence at the same positions and no padding mask, as in an unpadded batch: a padded batch's
+    # mask can only add work, and a floor prices the least a step can cost.
+    positions = torch.arange(_PREFILLED_POSITIONS, _PREFILLED_POSITIONS + seq_len, device=device)
+    position_ids = positions.unsqueeze(0).expand(batch, seq_len)
     position_embeddings = rotary(hidden, position_ids)  # once per pass in the runner, not per layer: untimed
 
     def prepare() -> Callable[[], object]:
@@ -91,8 +100,11 @@ def measure_layer_compute_s(
         return best_seconds(prepare, device, repeats)
 
 
-def measure_head_compute_s(config: LlamaConfig, device: torch.device, dtype: torch.dtype, repeats: int = 5) -> float:
-    """Seconds for the end of a decode step: the final norm and lm_head on one position (best of `repeats`).
+def measure_head_compute_s(
+    config: LlamaConfig, device: torch.device, dtype: torch.dtype, repeats: int = 5, batch: int = 1
+) -> float:
+    """Seconds for the end of a decode step: the final norm and lm_head on the last position of each of
+    `batch` sequences, as the runner computes them (best of `repeats`).
 
     The decoder layers are not all of a token's compute: with a 128k vocabulary, lm_head alone reads
     as many bytes as a decoder layer of the 1B geometry, so a floor without it is too low.
@@ -103,6 +115,7 @@ def measure_head_compute_s(config: LlamaConfig, device: torch.device, dtype: tor
 
     from harness.streaming.model import forward_unit
 
+    check_positive("batch", batch)
     device = indexed_device(device)
     with init_empty_weights():
         norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
@@ -110,7 +123,7 @@ def measure_head_compute_s(config: LlamaConfig, device: torch.device, dtype: tor
     norm_w = _random_weights({"weight": torch.Size([config.hidden_size])}, config, dtype, device)
     norm_w["weight"].fill_(1.0)
     head_w = _random_weights({"weight": torch.Size([config.vocab_size, config.hidden_size])}, config, dtype, device)
-    hidden = torch.randn(1, 1, config.hidden_size, dtype=dtype, device=device)
+    hidden = torch.randn(batch, 1, config.hidden_size, dtype=dtype, device=device)
     with torch.inference_mode():
         return best_seconds(
             lambda: lambda: forward_unit(head, head_w, forward_unit(norm, norm_w, hidden)), device, repeats

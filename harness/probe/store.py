@@ -8,6 +8,7 @@ lock and read what it wrote, instead of measuring links and compute while compet
 
 from __future__ import annotations
 
+import glob
 import json
 import logging
 import math
@@ -35,6 +36,10 @@ _OPTIONAL_RATES = {
     "dequant_8bit_bytes_per_s",
     "dequant_4bit_bytes_per_s",
 }
+
+
+# Beside a cache file, this suffix marks it stale (`mark_stale`): the next load re-measures it.
+STALE_SUFFIX = ".stale"
 
 
 # Rates no link of a machine this tool runs on can have: slower than 1 MB/s, or faster than 1 PB/s (the page-cache
@@ -87,9 +92,35 @@ def _write_json(path: Path, data: object) -> None:
     write_atomic(path, (json.dumps(data, indent=2) + "\n").encode("utf-8"))
 
 
+def _host_device(device: torch.device) -> str:
+    """The name every cache file of this host and `device` starts with."""
+    return f"{socket.gethostname()}-{device_tag(device)}"
+
+
 def cache_path(device: torch.device, cache_dir: Path) -> Path:
     """Where `load_or_measure` keeps the link rates of this host and `device`."""
-    return Path(cache_dir) / f"{socket.gethostname()}-{device_tag(device)}.json"
+    return Path(cache_dir) / f"{_host_device(device)}.json"
+
+
+def _stale_mark(path: Path) -> Path:
+    return path.with_name(path.name + STALE_SUFFIX)
+
+
+def mark_stale(device: torch.device, cache_dir: Path, reason: str) -> list[Path]:
+    """Mark every cached measurement of this host and `device` in `cache_dir` (link rates, layer and head
+    compute) stale: the next `load_or_measure*` of each re-measures it, then clears its mark. Returns the
+    files marked.
+
+    For a run that beat its floor: which cached figure is wrong is not known, so all of them are measured
+    again, each once, when next used. The mark is a file beside the cache file, holding `reason`."""
+    prefix = glob.escape(_host_device(device))
+    cached = [cache_path(device, cache_dir), *Path(cache_dir).glob(f"{prefix}-layer-*.json"),
+              *Path(cache_dir).glob(f"{prefix}-head-*.json")]
+    marked = [path for path in cached if path.is_file()]
+    for path in marked:
+        write_atomic(_stale_mark(path), (reason.strip() + "\n").encode("utf-8"))
+        logger.info("marked %s stale: the next run measures it again", path.name)
+    return marked
 
 
 def load_or_measure(
@@ -128,12 +159,18 @@ def _measured_once(
     to_json: Callable[[T], object],
 ) -> T:
     """What `path` holds (`parse`: None or ValueError when unusable), else measured and written there.
+    A file marked stale (`mark_stale`) is measured again, and its mark cleared once the new value is written.
 
     Measured under a lock beside the file, and looked for again once it is held: jobs that miss the same
     file at once measure it once, instead of each measuring while competing with the others."""
+    stale = _stale_mark(path)
 
     def cached(quiet: bool) -> T | None:
         if refresh or not path.exists():
+            return None
+        if stale.exists():
+            if not quiet:
+                logger.warning("re-measuring: cached %s is marked stale (%s)", path, _read_reason(stale))
             return None
         try:
             return parse(json.loads(path.read_text(encoding="utf-8")))
@@ -151,7 +188,15 @@ def _measured_once(
             return value  # another job measured it while this one waited
         value = measure()
         _write_json(path, to_json(value))
+        stale.unlink(missing_ok=True)  # after the write: a crash between the two leaves the mark, not a stale file
     return value
+
+
+def _read_reason(mark: Path) -> str:
+    try:
+        return mark.read_text(encoding="utf-8").strip() or "no reason given"
+    except OSError as exc:  # removed by a job that re-measured meanwhile, or unreadable: the mark still counts
+        return f"reason unreadable: {exc}"
 
 
 def _cached_seconds(path: Path, key: dict[str, object], refresh: bool, measure: Callable[[], float]) -> float:
@@ -163,11 +208,22 @@ def _cached_seconds(path: Path, key: dict[str, object], refresh: bool, measure: 
     return _measured_once(path, refresh, parse, measure, lambda seconds: {"key": key, "layer_compute_s": seconds})
 
 
+def _compute_path(device: torch.device, cache_dir: Path, kind: str, key: dict[str, object]) -> Path:
+    tag = "-".join(str(v) for v in key.values())
+    return Path(cache_dir) / f"{_host_device(device)}-{kind}-{tag}.json"
+
+
+def _with_batch(key: dict[str, object], batch: int) -> dict[str, object]:
+    # In the key only past one sequence: the files of single-sequence runs keep their names and stay valid.
+    return key if batch == 1 else {**key, "batch": batch}
+
+
 def load_or_measure_layer_compute_s(
     config: LlamaConfig, device: torch.device, dtype: torch.dtype, cache_dir: Path, seq_len: int = 1,
-    refresh: bool = False,
+    refresh: bool = False, batch: int = 1,
 ) -> float:
-    """`measure_layer_compute_s`, cached beside the link rates per host, device, geometry, dtype and seq_len.
+    """`measure_layer_compute_s`, cached beside the link rates per host, device, geometry, dtype, seq_len and
+    batch.
 
     Measured once, the floor stays put between runs; re-measured in every run, a shared host's noise would go
     straight into every floor ratio.
@@ -176,18 +232,20 @@ def load_or_measure_layer_compute_s(
         key: getattr(config, key)
         for key in ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim")
     }
-    key = {**geometry, "dtype": str(dtype).removeprefix("torch."), "seq_len": seq_len}
-    tag = "-".join(str(v) for v in key.values())
-    path = Path(cache_dir) / f"{socket.gethostname()}-{device_tag(device)}-layer-{tag}.json"
-    return _cached_seconds(path, key, refresh, lambda: measure_layer_compute_s(config, device, dtype, seq_len=seq_len))
+    key = _with_batch({**geometry, "dtype": str(dtype).removeprefix("torch."), "seq_len": seq_len}, batch)
+    path = _compute_path(device, cache_dir, "layer", key)
+    return _cached_seconds(
+        path, key, refresh, lambda: measure_layer_compute_s(config, device, dtype, seq_len=seq_len, batch=batch)
+    )
 
 
 def load_or_measure_head_compute_s(
-    config: LlamaConfig, device: torch.device, dtype: torch.dtype, cache_dir: Path, refresh: bool = False
+    config: LlamaConfig, device: torch.device, dtype: torch.dtype, cache_dir: Path, refresh: bool = False,
+    batch: int = 1,
 ) -> float:
-    """`measure_head_compute_s` (final norm + lm_head, one position), cached like the layer's."""
+    """`measure_head_compute_s` (final norm + lm_head, the last position of each of `batch` sequences), cached
+    like the layer's."""
     dtype_name = str(dtype).removeprefix("torch.")
-    key = {"hidden_size": config.hidden_size, "vocab_size": config.vocab_size, "dtype": dtype_name}
-    tag = "-".join(str(v) for v in key.values())
-    path = Path(cache_dir) / f"{socket.gethostname()}-{device_tag(device)}-head-{tag}.json"
-    return _cached_seconds(path, key, refresh, lambda: measure_head_compute_s(config, device, dtype))
+    key = _with_batch({"hidden_size": config.hidden_size, "vocab_size": config.vocab_size, "dtype": dtype_name}, batch)
+    path = _compute_path(device, cache_dir, "head", key)
+    return _cached_seconds(path, key, refresh, lambda: measure_head_compute_s(config, device, dtype, batch=batch))

@@ -14,26 +14,40 @@ from harness.measurement.run_report import RunReport
 from harness.measurement.units import format_metric
 from harness.probe.floor import Floor, token_floor
 from harness.probe.links import LinkRates, kept_mapping_rate, plain_read_rate
-from harness.probe.store import load_or_measure, load_or_measure_head_compute_s, load_or_measure_layer_compute_s
+from harness.probe.store import (
+    load_or_measure,
+    load_or_measure_head_compute_s,
+    load_or_measure_layer_compute_s,
+    mark_stale,
+)
 from harness.runners.layerbench.setup import Setup
 from strategies.cache.configs import CacheConfig
+
+# How far below its floor a run's per-token time may be before the floor is called wrong. Not zero: the floor's
+# rates and compute are the best of a few probe repeats taken at another moment (clock boost, a neighbour's load),
+# and the run's own read rate replaces the probe's, so a run measured as well as the probe can land a few percent
+# under it by noise alone. Past 5% that noise does not explain it: a cached rate is stale or prices other work.
+FLOOR_TOLERANCE = 0.05
 
 
 def link_floor(
     setup: Setup, probe: ProbeConfig, cache: CacheConfig, probe_dir: Path, *, disk_bytes: float, h2d_bytes: float,
     dequant_bytes: float, seq_len: int, plain_read_bytes_per_s: float | None = None,
-    kept_mapping_bytes_per_s: float | None = None,
+    kept_mapping_bytes_per_s: float | None = None, batch: int = 1,
 ) -> tuple[Floor, LinkRates, float, float]:
     """The floor of one token moving these bytes per pass, from the probe's link rates (measured once per
-    machine, cached in `probe_dir`) and the compute of every layer at `seq_len` plus the head; also the rates
-    and compute times."""
+    machine, cached in `probe_dir`) and the compute of every layer for `batch` sequences of `seq_len` positions
+    each, plus the head; also the rates and compute times."""
     rates = load_or_measure(
         setup.device, probe_dir, probe_dir, refresh=probe.refresh, size_bytes=probe.size_mib << 20,
     )
     config = setup.config
-    layer_s = load_or_measure_layer_compute_s(config, setup.device, config.dtype, probe_dir, seq_len, probe.refresh)
-    # The last position through the final norm and lm_head: a decoder layer's worth of bytes at a 128k vocab.
-    head_s = load_or_measure_head_compute_s(config, setup.device, config.dtype, probe_dir, probe.refresh)
+    layer_s = load_or_measure_layer_compute_s(
+        config, setup.device, config.dtype, probe_dir, seq_len, probe.refresh, batch=batch
+    )
+    # Each sequence's last position through the final norm and lm_head: a decoder layer's worth of bytes at a
+    # 128k vocab, and the runner computes it for every sequence of the batch.
+    head_s = load_or_measure_head_compute_s(config, setup.device, config.dtype, probe_dir, probe.refresh, batch=batch)
     disk_rates = rates
     if plain_read_bytes_per_s is not None:
         # A cold run read its own split files plainly (read_metrics): that rate, not the probe's scratch file's,
@@ -59,7 +73,7 @@ def link_floor(
 
 def pass_seq_len(setup: Setup, prompt_tokens: float, new_tokens: float) -> int:
     """The positions a decode pass computes per sequence: one with a KV cache; without one the whole sequence,
-    at its mean. A batch computes that many per sequence (priced as one sequence that much longer)."""
+    at its mean. A batch computes that many for each of its sequences (`link_floor`'s `batch`)."""
     return int(prompt_tokens + new_tokens / 2) if setup.model.kv_policy.recomputes_sequence else 1
 
 
@@ -72,7 +86,7 @@ def floor_metrics(
         setup, probe, cache, probe_dir,
         disk_bytes=report.read_bytes_per_pass, h2d_bytes=report.h2d_bytes_per_pass,
         dequant_bytes=report.decode_bytes_per_pass,
-        seq_len=pass_seq_len(setup, report.prompt_tokens, report.new_tokens) * batch_size,
+        seq_len=pass_seq_len(setup, report.prompt_tokens, report.new_tokens), batch=batch_size,
         plain_read_bytes_per_s=report.plain_read_bytes_per_s,
         kept_mapping_bytes_per_s=report.kept_mapping_bytes_per_s,
     )
@@ -83,6 +97,33 @@ def floor_metrics(
     tags = {f"link.{k}": format_metric(k, v) for k, v in vars(rates).items() if isinstance(v, float)}
     tags["link.measured_at"] = rates.measured_at
     return out, tags
+
+
+def beaten_floor(tpot_s: float | None, floor_s: float | None) -> str | None:
+    """What is wrong when the per-token time is below the floor by more than FLOOR_TOLERANCE; else None.
+
+    A floor is a lower bound: a run under it has not beaten physics, its floor was priced wrong."""
+    if tpot_s is None or floor_s is None or tpot_s >= floor_s * (1 - FLOOR_TOLERANCE):
+        return None
+    return (
+        f"per token {format_metric('tpot_s', tpot_s)} is below the floor {format_metric('floor_s', floor_s)} "
+        f"by {1 - tpot_s / floor_s:.0%} (more than {FLOOR_TOLERANCE:.0%}): the floor is wrong, not the run; "
+        "the probe's cached rates will be re-measured on the next run"
+    )
+
+
+def check_floor(setup: Setup, report: RunReport, probe_dir: Path) -> str | None:
+    """`beaten_floor` for this run; when beaten, the probe caches that priced the floor are marked stale
+    (`mark_stale`), so the next run measures them again instead of reporting the same wrong floor.
+
+    Not for speculative decoding: a pass there yields several tokens, so a token may take less than the floor of
+    the pass that verified it (floor_s prices a pass, tpot_s is per token)."""
+    if setup.draft is not None:
+        return None
+    problem = beaten_floor(report.tpot_s, report.floor_s)
+    if problem is not None:
+        mark_stale(setup.device, probe_dir, problem)
+    return problem
 
 
 def kept_mapping_metrics(setup: Setup, cache: CacheConfig) -> dict[str, float]:

@@ -56,7 +56,7 @@ def make_plan(
     n_prompt = max(len(p) for p in setup.prompts)
     floor, *_ = link_floor(
         setup, probe, cache, probe_dir, disk_bytes=read, h2d_bytes=h2d, dequant_bytes=decoded,
-        seq_len=pass_seq_len(setup, n_prompt, workload.max_new_tokens) * workload.batch_size,
+        seq_len=pass_seq_len(setup, n_prompt, workload.max_new_tokens), batch=workload.batch_size,
         kept_mapping_bytes_per_s=kept_mapping_bytes_per_s,
     )
     overlapped = pipeline.prefetcher.layers_ahead > 0

@@ -21,7 +21,7 @@ from harness.measurement.plots import plot_pass
 from harness.measurement.timeline import CROSSCHECK_TOLERANCE, per_pass, stage_metrics
 from harness.probe.floor import LINKS
 from harness.runners.base import Runner
-from harness.runners.layerbench.floor import floor_metrics, kept_mapping_metrics, read_metrics
+from harness.runners.layerbench.floor import check_floor, floor_metrics, kept_mapping_metrics, read_metrics
 from harness.runners.layerbench.plan import Plan, make_plan
 from harness.runners.layerbench.quality import compression_quality
 from harness.runners.layerbench.setup import Setup, build_setup, generate
@@ -115,6 +115,9 @@ class LayerbenchRunner(Runner):
             )
             report.add(floor)
             tags.update(link_tags)
+            if (beaten := check_floor(setup, report, self.probe_dir)) is not None:
+                tags["warning.floor"] = beaten
+                log.warning(beaten)
         if (draft := setup.draft) is not None:
             report.spec_draft_bytes = float(draft.bytes)
             if plan is not None and report.spec_accepted_per_pass is not None:
