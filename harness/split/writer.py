@@ -24,20 +24,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate import init_empty_weights
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from safetensors import safe_open
 from safetensors.torch import save
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig
 
 from harness import __version__
-from harness.checkpoints.local import checkpoint_tensor_index
 from harness.files import exclusive_lock, write_atomic
 from harness.measurement.environment import usable_cores
 from harness.measurement.memory import RssSampler
 from harness.split.integrity import CorruptFileError, check_split_file, tensor_bytes, tensor_shapes
 from harness.split.layout import MANIFEST, SplitLayout, unit_names, unit_of
 from harness.split.manifest import read_journal, read_manifest
+from harness.split.source import check_checkpoint_tensors
 from strategies.compression.base import Codec
 
 log = logging.getLogger(__name__)
@@ -86,45 +85,6 @@ def _hash_workers(files: int) -> int:
     return max(1, min(files, usable_cores() or 1, 8))
 
 
-def check_checkpoint_tensors(ckpt_dir: Path, config: LlamaConfig) -> dict[str, str]:
-    """Every tensor the Llama model needs is in the checkpoint with its shape, and nothing else is.
-
-    Expected names and shapes come from transformers' own model built on the meta device,
-    so this catches a wrong geometry before any weight is read. Returns tensor -> file.
-    """
-    with init_empty_weights():
-        skeleton = LlamaForCausalLM(config)
-    expected = {name: tuple(t.shape) for name, t in skeleton.state_dict().items()}
-    if config.tie_word_embeddings:
-        expected.pop("lm_head.weight", None)
-    index = checkpoint_tensor_index(ckpt_dir)
-    found: dict[str, tuple[int, ...]] = {}
-    by_file: dict[str, list[str]] = defaultdict(list)
-    for name, file in index.items():
-        by_file[file].append(name)
-    for file, names in by_file.items():
-        with safe_open(ckpt_dir / file, framework="pt") as f:
-            for name in names:
-                found[name] = tuple(f.get_slice(name).get_shape())
-    if config.tie_word_embeddings:
-        found.pop("lm_head.weight", None)  # some tied checkpoints still store a copy; the model ignores it
-    missing = sorted(set(expected) - set(found))
-    extra = sorted(set(found) - set(expected))
-    if missing or extra:
-        raise ValueError(
-            f"checkpoint {ckpt_dir} does not match its config.json: "
-            f"missing tensors {missing[:5]}{'...' if len(missing) > 5 else ''}, "
-            f"unexpected tensors {extra[:5]}{'...' if len(extra) > 5 else ''}"
-        )
-    for name, shape in expected.items():
-        if found[name] != shape:
-            raise ValueError(
-                f"checkpoint tensor {name} in {index[name]} has shape {list(found[name])}, "
-                f"but config.json implies {list(shape)}"
-            )
-    return {name: file for name, file in index.items() if name in expected}
-
-
 def _tensor_records(tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
     return {
         name: {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")}
@@ -169,6 +129,9 @@ def ensure_split(
 ) -> tuple[SplitLayout, SplitStats]:
     """Return a valid split of `ckpt_dir` for `codec`, writing only what is missing or invalid.
 
+    The checkpoint is checked first, from its headers (source.check_checkpoint_tensors): one that lacks a
+    tensor, holds an odd one or mixes dtypes raises ValueError saying which, and nothing is written.
+
     `verify`: re-hash every file against the manifest. Without it a reused file still has its
     size and safetensors header checked, but a changed byte among its weights goes unnoticed.
 
@@ -178,6 +141,9 @@ def ensure_split(
     """
     started = time.perf_counter()
     fingerprint = source_fingerprint(ckpt_dir)
+    # Before the split folder exists, and on reuse too: a checkpoint that cannot run leaves nothing behind, and
+    # a split written from one before this check existed is refused like a new one. Headers only: milliseconds.
+    tensor_files = check_checkpoint_tensors(ckpt_dir, config)
     split_dir = splits_root / f"{ckpt_dir.name}-{fingerprint[:12]}" / codec.split_key
     split_dir.mkdir(parents=True, exist_ok=True)
     header = {
@@ -198,7 +164,9 @@ def ensure_split(
     # One writer per split folder: a second process waits here, then finds the split finished and reuses it.
     with exclusive_lock(split_dir / LOCK, on_wait=waiting):
         locked = time.perf_counter()
-        layout, stats = _ensure_split_locked(ckpt_dir, config, codec, split_dir, header, verify, encode_device)
+        layout, stats = _ensure_split_locked(
+            ckpt_dir, tensor_files, config, codec, split_dir, header, verify, encode_device
+        )
     # The time spent waiting for another process's split is not this one's split time.
     stats.split_s = before_lock + time.perf_counter() - locked
     return layout, stats
@@ -206,6 +174,7 @@ def ensure_split(
 
 def _ensure_split_locked(
     ckpt_dir: Path,
+    tensor_files: dict[str, str],
     config: LlamaConfig,
     codec: Codec,
     split_dir: Path,
@@ -229,7 +198,9 @@ def _ensure_split_locked(
     stats = SplitStats(0.0, bool(todo), 0, 0, 0, 0)
     if todo:
         kept = {u: records[u] for u in file_units if u in valid}
-        records = _write_files(ckpt_dir, config, codec, split_dir, header, kept, todo, encode_device, stats)
+        records = _write_files(
+            ckpt_dir, tensor_files, config, codec, split_dir, header, kept, todo, encode_device, stats
+        )
 
     manifest = {
         **header,
@@ -247,6 +218,7 @@ def _ensure_split_locked(
 
 def _write_files(
     ckpt_dir: Path,
+    tensor_files: dict[str, str],
     config: LlamaConfig,
     codec: Codec,
     split_dir: Path,
@@ -256,8 +228,10 @@ def _write_files(
     encode_device: torch.device,
     stats: SplitStats,
 ) -> dict[str, dict[str, Any]]:
-    """Write the files of `todo`, journaling each; returns the records of `kept` and of the files written."""
-    tensor_files = check_checkpoint_tensors(ckpt_dir, config)
+    """Write the files of `todo`, journaling each; returns the records of `kept` and of the files written.
+
+    `tensor_files`: tensor -> checkpoint file, as check_checkpoint_tensors returned it.
+    """
     by_unit: dict[str, list[str]] = defaultdict(list)
     for name in tensor_files:
         by_unit[unit_of(name, config.num_hidden_layers)[0]].append(name)
