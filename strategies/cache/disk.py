@@ -95,7 +95,7 @@ class DiskCache:
         if tensors is None:
             tensors = self._mapped[path] = read_layer_file(path, cold=False)
         else:
-            make_resident(tensors, kept=True)
+            make_resident(tensors, kept=True, path=path)
         return tensors
 
     @property

@@ -9,6 +9,7 @@ read and not as page faults in whatever touches the weights first (the compute, 
 from __future__ import annotations
 
 import ctypes
+import errno
 import logging
 import math
 import mmap
@@ -31,6 +32,11 @@ if _LIBC is not None:
     _LIBC.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
 
 
+class MappedFileShrank(RuntimeError):
+    """A mapped layer file ends before its mapping does: it was truncated or replaced while the run read it.
+    Touching the missing pages would kill the process with a bus error (SIGBUS)."""
+
+
 class _Populate:
     """madvise(MADV_POPULATE_READ) (Linux 5.14+): fault a mapping's pages in, reading them from storage
     where needed, without copying them anywhere."""
@@ -41,11 +47,14 @@ class _Populate:
         self.works = _LIBC is not None
 
     def __call__(self, start: int, length: int) -> bool:
-        """True when the pages are in; False (and never tried again) where the kernel lacks the advice."""
+        """True when the pages are in; False (and never tried again) where the kernel lacks the advice.
+        Raises MappedFileShrank where a page lies past the file's end (the kernel's EFAULT for this advice)."""
         if not self.works:
             return False
         if _LIBC.madvise(start, length, self.ADVICE) == 0:
             return True
+        if ctypes.get_errno() == errno.EFAULT:
+            raise MappedFileShrank("the mapped file is shorter than its mapping")
         self.works = False  # an older kernel (EINVAL) or another libc: the caller touches the pages instead
         log.warning("madvise(MADV_POPULATE_READ) failed (%s): reading layer files by touching each page",
                     os.strerror(ctypes.get_errno()))
@@ -89,13 +98,14 @@ def drop_page_cache(path: Path) -> None:
         os.close(fd)
 
 
-def make_resident(tensors: dict[str, torch.Tensor], kept: bool = False) -> None:
+def make_resident(tensors: dict[str, torch.Tensor], kept: bool = False, path: Path | None = None) -> None:
     """Fault in every page of mapped host tensors now: from the page cache, or from storage when cold.
 
     kept: the mapping was made resident before (the disk cache's warm pass). Its pages stay mapped until
     the OS evicts them, so a page-table scan finds whether any must be read again, and only then are they.
     A fresh mapping is always populated: its pages may sit in the page cache yet be unmapped, and each
-    would fault in the compute instead of being timed as read.
+    would fault in the compute instead of being timed as read. `path`: the mapped file, named when it turns
+    out shorter than its mapping.
     """
     if not tensors:
         return
@@ -104,8 +114,17 @@ def make_resident(tensors: dict[str, torch.Tensor], kept: bool = False) -> None:
     start -= start % mmap.PAGESIZE
     if kept and _mincore.all_in(start, end - start):
         return
-    if _populate(start, end - start):
-        return
+    try:
+        if _populate(start, end - start):
+            return
+    except MappedFileShrank:
+        size = path.stat().st_size if path is not None and path.exists() else None
+        now = "is gone" if path is not None and size is None else f"is {size} bytes now"
+        raise MappedFileShrank(
+            f"{path or 'a layer file'} {now}, shorter than when the run mapped it: it was truncated or replaced "
+            "while the run read it. Leave a split alone while a run reads it; the next run verifies it again "
+            "(and re-splits a damaged one)",
+        ) from None
     for t in tensors.values():
         if t.numel():
             # One byte per page: the fault reads the page; the sum only keeps the read from being skipped.
@@ -125,7 +144,7 @@ def read_layer_file(path: Path, cold: bool, pin: bool = False) -> dict[str, torc
         layout = FileLayout.of(path)
         return read_packed(path, layout, torch.empty(layout.data_bytes, dtype=torch.uint8, pin_memory=True))
     tensors = load_file(path)
-    make_resident(tensors)
+    make_resident(tensors, path=path)
     return tensors
 
 
