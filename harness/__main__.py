@@ -34,8 +34,10 @@ def main(dcfg: DictConfig) -> None:
         from harness.tracking.process import TrackerProcess
 
         tracker = TrackerProcess(cfg.tracking.uri or default_tracking_uri(cfg.paths.outputs), cfg.tracking.experiment)
+    # Imported here so `--help` and config errors answer before torch and transformers load.
+    from harness.tracking.record import TrackingFailed
+
     try:
-        # Imported here so `--help` and config errors answer before torch and transformers load.
         from harness.job.run import run_job
         from harness.sweep import job_run_name, parent_run_id_for_job, sweep_keys_for_job
 
@@ -50,6 +52,11 @@ def main(dcfg: DictConfig) -> None:
             run_name=job_run_name(overrides, GROUPS, sweep_keys_for_job()),
             tracker=tracker,
         )
+    except TrackingFailed as exc:
+        if not single:
+            raise  # the sweep counts the job failed, with this reason
+        # A known failure, said in one message: what was measured, where it is, how to log it later.
+        sys.exit(f"error: {exc}")
     finally:
         if tracker is not None:
             tracker.close()

@@ -274,6 +274,12 @@ class TrackingConfig:
     # Default: sqlite:///<abs paths.outputs>/mlflow.db, so `mlflow ui --backend-store-uri` shows every run.
     uri: str | None = None
     experiment: str = "layerbench"
+    # Seconds a failing store (locked, full, its process gone) is retried before the job gives up on it; what
+    # was measured stays in the job's record (record/ in its folder) either way.
+    retry_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        check_positive("tracking.retry_s", self.retry_s, allow_zero=True)
 
 
 @dataclass

@@ -24,6 +24,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from harness.measurement.environment import environment_tags
 from harness.tracking.client import FAILURE_REASON_TAG, ROLE_TAG, RunTracker, config_params, default_tracking_uri
+from harness.tracking.orphans import owner_tags
+from harness.tracking.watchdog import SweepWatchdog
 
 logger = logging.getLogger(__name__)
 
@@ -131,6 +133,7 @@ class MlflowSweepCallback(Callback):
 
     def __init__(self) -> None:
         self.tracker: RunTracker | None = None
+        self.watchdog: SweepWatchdog | None = None
         self.jobs = 0
         self.failed_jobs: list[str] = []
         self._lock = threading.Lock()
@@ -143,6 +146,7 @@ class MlflowSweepCallback(Callback):
         state = self.__dict__.copy()
         state["_lock"] = None
         state["tracker"] = None
+        state["watchdog"] = None
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -165,7 +169,8 @@ class MlflowSweepCallback(Callback):
         tags = environment_tags(Path(to_absolute_path(str(outputs))) if outputs else None)
         overrides = OmegaConf.select(config, "hydra.overrides.task", default=None) or []
         tags.update(
-            {"hydra.sweep_dir": str(sweep_dir), "hydra.overrides": " ".join(overrides), ROLE_TAG: "parent"}
+            {"hydra.sweep_dir": str(sweep_dir), "hydra.overrides": " ".join(overrides), ROLE_TAG: "parent",
+             **owner_tags()}
         )
         keys, size = sweep_keys_and_size(config)
         self.shared_params = shared_params(config, keys)
@@ -180,6 +185,8 @@ class MlflowSweepCallback(Callback):
             _start_ray(config, {PARENT_ERROR_ENV: os.environ[PARENT_ERROR_ENV]})
             raise
         self.tracker = tracker
+        # Closes the parent and its running child should this process be killed outright.
+        self.watchdog = SweepWatchdog(tracker.uri, tracker.experiment_id, str(tracker.run_id))
         atexit.register(self._close_at_exit)
         os.environ[PARENT_RUN_ID_ENV] = str(tracker.run_id)
         os.environ[SWEEP_KEYS_ENV] = json.dumps(keys)
@@ -263,6 +270,8 @@ class MlflowSweepCallback(Callback):
                 # A later run in this process is not this sweep's job.
                 os.environ.pop(PARENT_RUN_ID_ENV, None)
                 os.environ.pop(SWEEP_KEYS_ENV, None)
+            if self.watchdog is not None:
+                self.watchdog.stop()
             logger.info("MLflow parent run %s closed: %s", self.tracker.run_id, reason or "FINISHED")
 
 

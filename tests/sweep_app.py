@@ -15,6 +15,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 # A throwaway Hydra app: only harness.tracking, none of the rest of the harness.
 APP = textwrap.dedent(
     """
+    import time
     from pathlib import Path
 
     import hydra
@@ -30,6 +31,7 @@ APP = textwrap.dedent(
         node={
             "x": 0,
             "fail_on": -1,
+            "sleep_s": 0,
             "tracking": {"enabled": True, "uri": None, "experiment": "sweep"},
             "paths": {"outputs": "outputs"},
             "hydra": {"callbacks": {"mlflow_sweep": {"_target_": "harness.sweep.MlflowSweepCallback"}}},
@@ -48,6 +50,7 @@ APP = textwrap.dedent(
             tags={"layerbench.role": "child"},
             parent_run_id=parent,
         )
+        time.sleep(cfg.sleep_s)  # a job long enough to be killed in
         if cfg.x == cfg.fail_on:
             tracker.end("FAILED", reason=f"x={cfg.x} is the failing value")
             raise RuntimeError("job failed on purpose")

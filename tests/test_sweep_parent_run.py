@@ -187,3 +187,32 @@ def test_runs_are_named_by_what_differs() -> None:
     assert job_run_name(["compression=4bit", "cache=disk", "workload.prompt=hi"], groups, None) == "4bit·disk"
     assert job_run_name(["workload.max_new_tokens=3", "+experiment=perf"], groups, None) == "default"
     assert job_run_name([], groups, None) == "default"
+
+
+
+def test_a_sweep_killed_outright_leaves_its_parent_and_running_job_killed(tmp_path: Path) -> None:
+    """SIGKILL (or the OOM killer) gives the sweep's process no chance to close its runs: its watchdog does."""
+    import time
+
+    from harness.files import exclusive_lock
+
+    sweep = _start_sweep(tmp_path, "x=1,2", "sleep_s=600", "tracking.experiment=killed")
+    db = tmp_path / "outputs" / "mlflow.db"
+    deadline, client, running = time.monotonic() + 120, None, []
+    while len(running) < 2 and time.monotonic() < deadline and sweep.poll() is None:
+        time.sleep(0.5)
+        if client is None and db.exists():
+            with exclusive_lock(db.with_name(db.name + ".lock")):  # never while the sweep creates the store
+                client = _client(f"sqlite:///{db}")
+        if client is not None and client.get_experiment_by_name("killed") is not None:
+            running = _runs(client, "killed", "attributes.status = 'RUNNING'")  # the parent and job x=1
+    assert len(running) == 2, sweep.communicate(timeout=60)[0][-3000:] if sweep.poll() is not None else "no runs"
+    sweep.kill()
+    sweep.wait(timeout=60)
+    while _runs(client, "killed", "attributes.status = 'RUNNING'") and time.monotonic() < deadline:
+        time.sleep(0.5)
+    runs = {run.info.run_name: run for run in _runs(client, "killed")}
+    (parent_name,) = [name for name in runs if name.startswith("sweep")]
+    assert {name: run.info.status for name, run in runs.items()} == {parent_name: "KILLED", "x=1": "KILLED"}
+    assert "ended without closing it: killed, or out of memory" in runs[parent_name].data.tags["failure_reason"]
+    assert "its sweep's process ended" in runs["x=1"].data.tags["failure_reason"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import tempfile
 import time
@@ -27,7 +28,9 @@ from harness.measurement.summary import caveats, print_summary
 from harness.measurement.units import format_metric
 from harness.runners.base import runner_class
 from harness.tracking.client import RunTracker, config_params, default_tracking_uri
+from harness.tracking.orphans import RECORD_TAG, owner_tags
 from harness.tracking.process import Tracker
+from harness.tracking.record import RunRecord, TrackingFailed, one_line, replay, retried
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +74,8 @@ def run_job(
     tags: Mapping[str, str] | None = None,
 ) -> RunReport | None:
     """Run one configuration end to end; the MLflow run ends FAILED with the reason if anything raises (KILLED
-    when interrupted).
+    when interrupted). Everything is logged to the job's record on disk first, then replayed into the store;
+    a store that fails for `tracking.retry_s` raises TrackingFailed, naming the record, after the summary.
 
     None: a runner that cannot run here was skipped (`runner.skip_unavailable`), and no run was logged.
     `tracker`: the store, opened by the caller (the CLI opens it in a process of its own, early); by default
@@ -96,20 +100,29 @@ def run_job(
     choices |= {group: option.name for group, option in options.items() if group not in own}
     resolved = {k: v for k, v in resolved.items() if k not in OPTION_GROUPS or k in own}
     reset_peak_rss()  # the peak of this job, not of the sweep's jobs before it in this process
+    uri = cfg.tracking.uri or default_tracking_uri(outputs_dir)
     if not cfg.tracking.enabled:
         tracker = None
     elif tracker is None:
-        tracker = RunTracker(cfg.tracking.uri or default_tracking_uri(outputs_dir), cfg.tracking.experiment)
+        tracker = RunTracker(uri, cfg.tracking.experiment)
+    # Everything the run logs goes to its record on disk first: a store that fails loses nothing measured.
+    record = RunRecord(record_dir(outputs_dir), uri=uri, experiment=cfg.tracking.experiment)
+    # Named by the caller (the CLI: what the sweep varies); else by every choice.
+    label = run_name or " ".join(f"{g}={choices[g]}" for g in GROUPS if g in choices) or "default"
+    start = {
+        "run_name": label,
+        "params": config_params(resolved, choices),
+        # With the outputs folder: hw.disk names the disk the splits are read from.
+        "tags": {**environment_tags(outputs_dir), "hydra.overrides": " ".join(overrides), **(tags or {}),
+                 **owner_tags(), RECORD_TAG: str(record.folder)},
+        "parent_run_id": parent_run_id,
+    }
+    record.start(**start)
+    record.catch_faults()
+    retry_s = cfg.tracking.retry_s
     if tracker is not None:
-        # Named by the caller (the CLI: what the sweep varies); else by every choice.
-        run_name = run_name or " ".join(f"{g}={choices[g]}" for g in GROUPS if g in choices)
-        tracker.start(
-            run_name=run_name or "default",
-            params=config_params(resolved, choices),
-            # With the outputs folder: hw.disk names the disk the splits are read from.
-            tags={**environment_tags(outputs_dir), "hydra.overrides": " ".join(overrides), **(tags or {})},
-            parent_run_id=parent_run_id,
-        )
+        record.data["run_id"] = retried(tracker.start, time.monotonic() + retry_s, uri, None, **start)
+        record.save()
     profile_to = profile_dir(outputs_dir) if cfg.bench.profile else None
     try:
         runner = runner_cls(cfg, options, resolve_device(cfg.device), outputs_dir)
@@ -120,25 +133,60 @@ def run_job(
             console.print(Text(f"profile: {profile_to} (open trace.json.gz in ui.perfetto.dev)"))
         if cfg.model.weights_note:
             outcome.tags["model.weights"] = cfg.model.weights_note
-        if tracker is not None:
-            log_run(tracker, resolved, outcome, run_name or "default")
-            tracker.end("FINISHED")
+        log_run(record, resolved, outcome, label)
+        record.end("FINISHED")
+        record.release_faults()
     except BaseException as exc:
+        # Stopped from outside is KILLED: Ctrl-C, SIGTERM through harness.__main__, or the process made to exit
+        # (a Ray worker whose sweep's driver is gone raises SystemExit in its task). Anything else is FAILED.
+        status = "KILLED" if isinstance(exc, (KeyboardInterrupt, SystemExit)) else "FAILED"
+        reason = f"{type(exc).__name__}: {exc}".rstrip(": ")
+        record.end(status, reason)
+        record.release_faults()
         if tracker is not None:
-            # Stopped from outside is KILLED: Ctrl-C, SIGTERM through harness.__main__, or the process made to exit
-            # (a Ray worker whose sweep's driver is gone raises SystemExit in its task). Anything else is FAILED.
-            status = "KILLED" if isinstance(exc, (KeyboardInterrupt, SystemExit)) else "FAILED"
-            tracker.end(status, reason=f"{type(exc).__name__}: {exc}".rstrip(": "))
+            try:
+                tracker.end(status, reason=reason)
+            except Exception as store_error:  # the job's own error is the one to report
+                log.warning("could not close the run in %s: %s", uri, one_line(store_error))
         if profile_to is not None:
             with contextlib.suppress(OSError):  # only if empty: a job that failed after its profile keeps it
                 profile_to.rmdir()
         raise
     hidden, notes = caveats(cfg.model, outcome.report)
+    summary = Console(record=True, file=io.StringIO(), width=120)
+    print_summary(summary, choices, outcome.report, outcome.texts[0], hidden, notes)
+    record.log_text(summary.export_text(), "summary.txt")
+    # Printed before the store is written: a failing store still leaves the user the figures.
     print_summary(console, choices, outcome.report, outcome.texts[0], hidden, notes)
+    if tracker is not None:
+        try:
+            replay(record, tracker, retry_s=retry_s)
+        except TrackingFailed as exc:
+            with contextlib.suppress(Exception):  # one try: the store has just failed for `retry_s`
+                tracker.end("FAILED", reason=f"its logging failed; what it measured is in {record.folder}")
+            raise exc from None
     return outcome.report
 
 
-def log_run(tracker: Tracker, resolved: Mapping[str, Any], outcome: Outcome, label: str) -> None:
+def record_dir(outputs_dir: Path) -> Path:
+    """A new folder for the job's record: `record/` in the Hydra job's folder (beside .hydra/ and its log),
+    `record-XXXX/` there when two jobs share it (two runs started in the same second); outside Hydra, a new
+    folder under outputs/records."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if HydraConfig.initialized():
+        job_dir = Path(HydraConfig.get().runtime.output_dir)
+        job_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            (job_dir / "record").mkdir()
+            return job_dir / "record"
+        except FileExistsError:
+            return Path(tempfile.mkdtemp(prefix="record-", dir=job_dir))
+    (outputs_dir / "records").mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=time.strftime("%Y-%m-%d_%H-%M-%S-"), dir=outputs_dir / "records"))
+
+
+def log_run(tracker: Tracker | RunRecord, resolved: Mapping[str, Any], outcome: Outcome, label: str) -> None:
     """Metrics, step series, tags and artifacts of a finished job."""
     report, gen = outcome.report, outcome.gen
     latencies = inter_token_latencies(gen.token_times_s)

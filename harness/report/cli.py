@@ -5,8 +5,9 @@
     python -m harness.report --filter "params.model = 'tiny'" --metrics ttft_s,tpot_s --status all
     python -m harness.report --writeup --last-sweep            # experiment airllm_writeup vs the write-up's figures
     python -m harness.report --experiment peers --last-sweep --peers   # each runner as a ratio to layerbench
+    python -m harness.report --import outputs/runs/2026-12-06/10-00-00   # a job's record, once its store works
 
-Never writes to the store (see harness.report.fetch).
+Writes to the store only to log a record (--import) and to close runs left RUNNING by a process that is gone.
 """
 
 from __future__ import annotations
@@ -29,11 +30,13 @@ from harness.report.fetch import (
     get_baseline_run,
     open_client,
 )
+from harness.report.importing import import_record
 from harness.report.peers import peers_table
 from harness.report.plot import plot_rows
 from harness.report.rows import build_rows, find_baseline, select_metrics
 from harness.report.table import metrics_table
 from harness.report.writeup import writeup_lines, writeup_table
+from harness.tracking.orphans import close_orphans
 
 DEFAULT_METRICS = (
     "ttft_s",
@@ -83,14 +86,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="run status to list: finished (default), failed, killed, running, scheduled, or all",
     )
     parser.add_argument("--width", type=int, help="console width in characters (default: the terminal's)")
+    parser.add_argument(
+        "--import", dest="import_folder", type=Path, metavar="JOB_FOLDER",
+        help="log the record a job wrote to its folder (record/run.json) when its store failed, then exit",
+    )
     return parser
 
 
 def report(args: argparse.Namespace, console: Console) -> int:
+    if args.import_folder is not None:
+        run_id, uri = import_record(args.import_folder, args.uri, args.experiment)
+        console.print(Text(f"logged {args.import_folder} as run {run_id} in {uri}"))
+        return 0
     uri = args.uri or default_uri()
     experiment = args.experiment or (WRITEUP_EXPERIMENT if args.writeup else DEFAULT_EXPERIMENT)
     client = open_client(uri)
     experiment_id = find_experiment(client, experiment)
+    close_orphans(client, [experiment_id])  # before listing: a dead job's run shows KILLED, not RUNNING
     parent = find_parent(client, experiment_id, args.parent, last=args.last_sweep)
     runs = fetch_runs(client, experiment_id, filter_string=args.filter, parent_run_id=parent, status=args.status)
     if not runs:

@@ -18,9 +18,11 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from harness.files import exclusive_lock
+from harness.tracking.orphans import close_orphans
+from harness.tracking.record import PermanentStoreError, one_line, plain
 
 logger = logging.getLogger(__name__)
 
@@ -114,26 +116,6 @@ def _clean_key(key: str) -> str:
     return clean[:MAX_ENTITY_KEY_LENGTH]
 
 
-def _plain(obj: Any) -> Any:
-    """A copy ``client.log_dict`` writes readably.
-
-    It writes JSON with ``default=str``, which would turn a whole DictConfig or a numpy/torch number
-    into one string, and YAML with ``yaml.dump``, which tags other types with Python classes that
-    ``yaml.safe_load`` refuses.
-    """
-    if isinstance(obj, DictConfig | ListConfig):
-        obj = OmegaConf.to_container(obj, resolve=True, throw_on_missing=False)
-    if isinstance(obj, Mapping):
-        return {str(key): _plain(value) for key, value in obj.items()}
-    if isinstance(obj, list | tuple | set | frozenset):
-        return [_plain(value) for value in obj]
-    if getattr(obj, "ndim", None) == 0 and callable(getattr(obj, "item", None)):
-        return obj.item()  # a numpy or torch scalar (float64 too: yaml tags the float subclass)
-    if obj is None or isinstance(obj, bool | int | float | str):
-        return obj
-    return str(obj)
-
-
 class TrackingServerUnreachable(RuntimeError):
     pass
 
@@ -162,25 +144,36 @@ def check_server(uri: str) -> None:
     )
 
 
-def _opened(open_store: Callable[[], Any], *, sqlite: bool, attempts: int = 5) -> Any:
+def _opened(open_store: Callable[[], Any], *, db_path: Path | None, attempts: int = 5) -> Any:
     """`open_store()`, which opens the store and on a new SQLite store creates its tables.
 
     Our processes take turns through the lock beside the database, but another program (`mlflow ui`, a
     notebook's client) can be creating the same new store's tables at the same moment: then the loser's
     migration fails ("table ... already exists", "Online migration expected to match one row"), or reads a
     table the winner has not migrated yet (AttributeError: a column MLflow's trace-analytics step looks up, such
-    as `dimension_attributes`). The store is whole once the winner is done, so the call is made again.
+    as `dimension_attributes`). Another program may also hold an existing store's write lock for a while. The
+    store is whole once the other is done, so the call is made again. A file that is no SQLite database at all
+    is refused at once, by name.
     """
     from alembic.util.exc import CommandError
-    from sqlalchemy.exc import OperationalError
+    from sqlalchemy.exc import DatabaseError, OperationalError
 
-    for _ in range(attempts - 1 if sqlite else 0):
+    existed = db_path is not None and db_path.exists() and db_path.stat().st_size > 0
+    for attempt in range(attempts if db_path is not None else 1):
         try:
             return open_store()
         except (OperationalError, CommandError, AttributeError) as exc:
-            logger.warning("the MLflow store was being created by another program too (%s); trying again", exc)
+            if attempt == attempts - 1 or db_path is None:
+                raise
+            busy = "busy with another program" if existed else "being created by another program too"
+            logger.warning("the MLflow store %s is %s (%s); trying again", db_path, busy, one_line(exc))
             time.sleep(1.0)
-    return open_store()  # the last attempt (the only one for a server): its error is the caller's
+        except DatabaseError as exc:  # "file is not a database": no retry mends it
+            raise PermanentStoreError(
+                f"{db_path} is not a SQLite database MLflow can open ({one_line(exc)}): move it aside, or point "
+                "tracking.uri (python -m harness.report: --uri) at another store"
+            ) from None
+    raise AssertionError("unreachable")
 
 
 class RunTracker:
@@ -209,7 +202,7 @@ class RunTracker:
             return client, client.get_experiment_by_name(experiment)
 
         with lock:
-            self.client, found = _opened(open_store, sqlite=db_path is not None)
+            self.client, found = _opened(open_store, db_path=db_path)
         if found is None:
             try:
                 self.experiment_id = self.client.create_experiment(
@@ -229,10 +222,26 @@ class RunTracker:
                 # A deleted experiment still owns its name and refuses new runs.
                 logger.warning("MLflow experiment %r was deleted; restoring it", experiment)
                 self.client.restore_experiment(found.experiment_id)
+        # Runs whose process died without closing them (killed, crashed) end KILLED now, with the reason.
+        close_orphans(self.client, [self.experiment_id])
 
     @property
     def ended(self) -> bool:
         return self._ended
+
+    def attach(self, run_id: str) -> bool:
+        """Log into `run_id`, a run of this store's experiment (one a job started, then could not finish
+        logging); False, and no run attached, when the store holds no such run."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            run = self.client.get_run(run_id)
+        except MlflowException:
+            return False
+        if run.info.experiment_id != self.experiment_id:
+            return False
+        self.run_id = run_id
+        return True
 
     def _require_run(self) -> str:
         if self.run_id is None:
@@ -319,7 +328,7 @@ class RunTracker:
 
     def log_dict(self, obj: Any, artifact_file: str) -> None:
         """JSON, or YAML when ``artifact_file`` ends in .yaml/.yml."""
-        self.client.log_dict(self._require_run(), _plain(obj), artifact_file)
+        self.client.log_dict(self._require_run(), plain(obj), artifact_file)
 
     def log_text(self, text: str, artifact_file: str) -> None:
         self.client.log_text(self._require_run(), text, artifact_file)

@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import IO, Any
 
 from harness.tracking.client import RunTracker
-
-ORPHANED = "the job's process ended before closing its run (killed, or out of memory)"
+from harness.tracking.orphans import orphan_reason, owner_tags
+from harness.tracking.record import PermanentStoreError, one_line
 
 
 def _forwarded(method: str) -> Callable[..., None]:
@@ -40,6 +40,7 @@ def _forwarded(method: str) -> Callable[..., None]:
 
 class TrackerProcess:
     def __init__(self, uri: str, experiment: str) -> None:
+        self.uri = uri
         self.run_id: str | None = None
         # This checkout (or site-packages) first on the child's path, whatever its working directory.
         path = os.pathsep.join(p for p in (str(Path(__file__).resolve().parents[2]), os.environ.get("PYTHONPATH")) if p)
@@ -53,17 +54,23 @@ class TrackerProcess:
         self._opened = False
         self._send(("open", (uri, experiment), {}))
 
+    def _exited(self) -> PermanentStoreError:
+        return PermanentStoreError(f"the MLflow tracking process exited (code {self._child.wait()})")
+
     def _send(self, message: tuple[str, tuple, dict]) -> None:
         assert self._child.stdin is not None
-        pickle.dump(message, self._child.stdin)
-        self._child.stdin.flush()
+        try:
+            pickle.dump(message, self._child.stdin)
+            self._child.stdin.flush()
+        except (BrokenPipeError, ValueError):  # ValueError: the pipe was closed after an earlier failure
+            raise self._exited() from None
 
     def _answer(self) -> Any:
         assert self._child.stdout is not None
         try:
             ok, value = pickle.load(self._child.stdout)
         except EOFError:
-            raise RuntimeError(f"the MLflow tracking process exited (code {self._child.wait()})") from None
+            raise self._exited() from None
         if not ok:
             raise value
         return value
@@ -88,11 +95,18 @@ class TrackerProcess:
     log_artifact = _forwarded("log_artifact")
     end = _forwarded("end")
 
-    def close(self) -> None:
-        """Let the child exit (ending a run still open KILLED) and wait for it."""
+    def close(self, timeout_s: float = 30.0) -> None:
+        """Let the child exit (ending a run still open KILLED) and wait for it, up to `timeout_s`: a child still
+        waiting on a failing store goes on alone."""
         if self._child.stdin is not None and not self._child.stdin.closed:
-            self._child.stdin.close()
-        self._child.wait()
+            try:
+                self._child.stdin.close()
+            except BrokenPipeError:  # the child is gone already; its exit code is all that is left
+                pass
+        try:
+            self._child.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            pass
 
 
 # What a job logs through: in its own process, or in this one.
@@ -101,6 +115,7 @@ Tracker = RunTracker | TrackerProcess
 
 def _serve(requests: IO[bytes], answers: IO[bytes]) -> None:
     tracker: RunTracker | None = None
+    job = owner_tags(os.getppid())  # the job's process, which a run started without owner tags still has
     while True:
         try:
             method, args, kwargs = pickle.load(requests)
@@ -123,7 +138,11 @@ def _serve(requests: IO[bytes], answers: IO[bytes]) -> None:
         answers.write(data)
         answers.flush()
     if tracker is not None and tracker.run_id is not None and not tracker.ended:
-        tracker.end("KILLED", reason=ORPHANED)
+        # The job's process is gone (its pipe closed unasked): its run ends KILLED, with what its fault log says.
+        try:
+            tracker.end("KILLED", reason=orphan_reason({**job, **tracker.client.get_run(tracker.run_id).data.tags}))
+        except Exception as exc:  # the store fails too: the next job or report that opens it closes the run
+            print(f"could not close run {tracker.run_id} of {tracker.uri}: {one_line(exc)}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ from harness.config import Config
 from harness.files import exclusive_lock
 from harness.job.run import run_job
 from harness.runners.layerbench.setup import build_setup
-from harness.tracking.process import ORPHANED
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -46,7 +45,7 @@ def test_a_workload_longer_than_the_models_positions_is_refused_before_the_split
         # Ctrl-C in a terminal reaches the whole process group: the tracking process too, which must outlive it.
         (signal.SIGINT, True, "KeyboardInterrupt"),
         # Nothing of the job runs on: its tracking process sees the pipe close and ends the run.
-        (signal.SIGKILL, False, ORPHANED),
+        (signal.SIGKILL, False, "ended without closing it: killed, or out of memory"),
     ],
     ids=["sigterm", "ctrl-c", "sigkill"],
 )
@@ -91,7 +90,7 @@ def test_a_stopped_job_closes_its_run_killed_with_the_reason(
         time.sleep(0.5)
         run = client.get_run(running[0].info.run_id)
     assert run.info.status == "KILLED", stderr[-2000:]
-    assert run.data.tags["failure_reason"] == reason
+    assert reason in run.data.tags["failure_reason"]
 
 
 def test_a_job_made_to_exit_closes_its_run_killed(

@@ -6,6 +6,8 @@ Every store is a SQLite file under a pytest tmp dir, read back with a plain Mlfl
 from __future__ import annotations
 
 import json
+import os
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -147,7 +149,7 @@ def test_an_existing_experiment_gets_the_kind_that_opens_the_runs_view(tmp_path:
 def test_a_tracker_process_logs_what_an_in_process_one_does_and_ends_an_orphaned_run(
     store: str, tmp_path: Path
 ) -> None:
-    from harness.tracking.process import ORPHANED, TrackerProcess
+    from harness.tracking.process import TrackerProcess
 
     tracker = TrackerProcess(store, "in its own process")
     try:
@@ -166,13 +168,15 @@ def test_a_tracker_process_logs_what_an_in_process_one_does_and_ends_an_orphaned
     finally:
         tracker.close()  # the job's process going away without ending its run
     run = _client(store).get_run(run_id)
-    assert run.info.status == "KILLED" and run.data.tags["failure_reason"] == ORPHANED
+    assert run.info.status == "KILLED"
+    assert run.data.tags["failure_reason"] == f"its process (pid {os.getpid()} on {socket.gethostname()}) ended " \
+        "without closing it: killed, or out of memory"
     assert run.data.params == {"model": "tiny"} and run.data.tags["hw.cpu"] == "test cpu"
     assert run.data.metrics == {"tpot_s": 0.25, "token_latency_s": 0.25}
     assert [a.path for a in _client(store).list_artifacts(run_id)] == ["timeline.csv"]
 
 
-def test_a_store_another_program_is_creating_is_opened_again() -> None:
+def test_a_store_another_program_is_creating_is_opened_again(tmp_path: Path) -> None:
     from sqlalchemy.exc import OperationalError
 
     from harness.tracking.client import _opened
@@ -185,7 +189,7 @@ def test_a_store_another_program_is_creating_is_opened_again() -> None:
             raise OperationalError("CREATE TABLE experiments", {}, Exception("table experiments already exists"))
         return "store"
 
-    assert _opened(open_store, sqlite=True, attempts=3) == "store" and len(calls) == 3
+    assert _opened(open_store, db_path=tmp_path / 'mlflow.db', attempts=3) == "store" and len(calls) == 3
     calls.clear()
 
     def half_migrated() -> str:  # the winner has not added a column the loser's migration step reads
@@ -194,8 +198,37 @@ def test_a_store_another_program_is_creating_is_opened_again() -> None:
             raise AttributeError("dimension_attributes")
         return "store"
 
-    assert _opened(half_migrated, sqlite=True, attempts=3) == "store" and len(calls) == 2
+    assert _opened(half_migrated, db_path=tmp_path / 'mlflow.db', attempts=3) == "store" and len(calls) == 2
     calls.clear()
     with pytest.raises(OperationalError):  # a server's store: its errors are not this race
-        _opened(open_store, sqlite=False)
+        _opened(open_store, db_path=None)
     assert len(calls) == 1
+
+
+def test_a_store_that_is_no_database_is_refused_at_once_by_name(tmp_path: Path) -> None:
+    from harness.tracking.record import PermanentStoreError
+
+    db = tmp_path / "mlflow.db"
+    db.write_bytes(b"these are notes, not a database\n" * 100)
+    with pytest.raises(PermanentStoreError, match=rf"{db} is not a SQLite database MLflow can open .*move it aside"):
+        RunTracker(default_tracking_uri(tmp_path), "anything")
+    assert db.read_bytes().startswith(b"these are notes")  # left as it was
+
+
+def test_a_busy_existing_store_is_not_called_new(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from sqlalchemy.exc import OperationalError
+
+    from harness.tracking.client import _opened
+
+    db = tmp_path / "mlflow.db"
+    db.write_bytes(b"SQLite format 3\x00")
+    calls = []
+
+    def locked() -> str:
+        calls.append(1)
+        if len(calls) < 2:
+            raise OperationalError("SELECT ...", {}, Exception("database is locked"))
+        return "store"
+
+    assert _opened(locked, db_path=db, attempts=2) == "store"
+    assert "busy with another program" in caplog.text and "being created" not in caplog.text
