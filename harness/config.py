@@ -26,6 +26,7 @@ MODEL_SOURCES = ("generated", "local", "gguf")
 DTYPES = ("bfloat16", "float16", "float32")
 DEVICES = ("auto", "cpu", "cuda")
 DECODINGS = ("greedy", "speculative")
+VERIFIES = ("exact", "batched")
 # What generates: layerbench's streaming runner, or a peer measured with the same ruler (harness/runners/).
 RUNNERS = ("layerbench", "transformers", "accelerate", "airllm")
 # The groups whose option a runner may or may not run (`Runner.supports`).
@@ -257,10 +258,15 @@ class DecodingConfig:
     # The draft model: null is the target's own 4-bit split; else a model option (conf/model/) whose
     # tokenizer is the target's. It stays resident, dequantized once where the cap has room.
     draft: str | None = None
+    # speculative: how a streamed pass scores the k + 1 positions. exact: each as its own one-token step (the
+    # shapes greedy computes), so the tokens are greedy's bit for bit in any dtype; batched: all in one call
+    # (less compute, but other matmul shapes round differently in bf16, so near-ties may flip).
+    verify: str = "exact"
 
     def __post_init__(self) -> None:
         check_choice("decoding.name", self.name, DECODINGS)
         check_positive("decoding.k", self.k)
+        check_choice("decoding.verify", self.verify, VERIFIES)
 
     @property
     def drafts(self) -> bool:
@@ -312,10 +318,6 @@ class Config:
 
     def __post_init__(self) -> None:
         check_choice("device", self.device, DEVICES)
-        if self.decoding.drafts and self.workload.do_sample:
-            raise ValueError(
-                "decoding=speculative verifies greedy tokens: it needs workload.do_sample=false"
-            )
         if self.decoding.drafts and self.workload.batch_size > 1:
             raise ValueError("decoding=speculative decodes one sequence: it needs workload.batch_size=1")
         if self.runner.cuda_graph and (self.kv_cache.name != "device" or self.decoding.name != "greedy"):

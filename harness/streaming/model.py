@@ -88,10 +88,21 @@ class Sampler:
         """ids: [batch, seq]; logits: [batch, vocab] float32 -> each sequence's next token id."""
         if not self.do_sample:
             return logits.argmax(dim=-1).tolist()
+        return self.draw(self.distribution(ids, logits))
+
+    def distribution(self, ids: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """The probabilities sampling draws from: [batch, vocab] logits, temperature- and top-p-warped, softmaxed."""
         for warp in self.warpers:
             logits = warp(ids, logits)
-        probs = torch.softmax(logits, dim=-1)
+        return torch.softmax(logits, dim=-1)
+
+    def draw(self, probs: torch.Tensor) -> list[int]:
+        """One token per row of `probs` ([batch, vocab]), from this sampler's generator."""
         return torch.multinomial(probs, 1, generator=self.generator).squeeze(-1).tolist()
+
+    def uniform(self) -> float:
+        """A draw from U[0, 1) off the same generator: speculative sampling's acceptance test."""
+        return float(torch.rand((), generator=self.generator, device=self.generator.device))
 
 
 def forward_unit(module: nn.Module, weights: dict[str, torch.Tensor], *args: object, **kwargs: object) -> torch.Tensor:
@@ -130,6 +141,12 @@ def forward_decoder(
         **{CACHE_KEYWORD: cache},
         position_embeddings=position_embeddings,
     )
+
+
+def _each(module: nn.Module, weights: dict[str, torch.Tensor], inputs: list[torch.Tensor], *,
+          fn: Callable[..., torch.Tensor]) -> list[torch.Tensor]:
+    """`fn(module, weights, x)` for each input apart, on one unit's weights: each with the shape of its own pass."""
+    return [fn(module, weights, x) for x in inputs]
 
 
 class StreamingModel:
@@ -240,6 +257,51 @@ class StreamingModel:
         self.timeline.passes.append((pass_start, self.stages.device()))
         self.passes += 1
         return logits.float() if all_positions else logits[:, -1, :].float()
+
+    @torch.inference_mode()
+    def forward_steps(self, steps: Sequence[torch.Tensor], cache: object | None) -> torch.Tensor:
+        """One streamed pass that computes each of several steps exactly as a pass of its own would: `steps[j]` is
+        step j's input ([1, q]: its new token with a KV cache, the whole sequence so far without one), and every
+        layer runs the steps one after another with the shapes, positions and masks of that one-step pass. Each
+        layer's weights still cross the link once. -> [len(steps), vocab] float32: each step's last logits.
+
+        Speculative decoding verifies with it: its tokens are then greedy's bit for bit in any dtype, where one
+        call over every position (`forward(all_positions=True)`) rounds differently in bf16 (other matmul shapes).
+        """
+        pass_start = self.stages.device()
+        starts, past = [], cache.get_seq_length() if cache is not None else 0
+        for step in steps:  # with a cache, each step's tokens follow the last's; without, each is a whole sequence
+            starts.append(past if cache is not None else 0)
+            past += step.shape[1]
+        position_ids = [
+            torch.arange(start, start + step.shape[1], device=self.device).unsqueeze(0)
+            for start, step in zip(starts, steps, strict=True)
+        ]
+        layers = self.pipeline.stream(self.units)
+        hiddens = self._run(next(layers), _each, self.embed, list(steps), fn=embed_rows)
+        h0, p0 = self.stages.host(), self.stages.device()
+        position_embeddings = [self.rotary(h, p) for h, p in zip(hiddens, position_ids, strict=True)]
+        self.timeline.events.append(LayerEvent(
+            self.passes, "rope+mask", {"compute": (p0, self.stages.device())}, compute_issue_s=self.stages.host() - h0
+        ))
+        masks: list[Any] = []  # each step's, made in the first layer (timed as its compute)
+
+        def run_steps(decoder: nn.Module, weights: dict[str, torch.Tensor], hiddens: list) -> list[torch.Tensor]:
+            out = []
+            for j, hidden in enumerate(hiddens):
+                if len(masks) == j:  # in the first layer, whose cache holds what step j's own pass would see
+                    masks.append(causal_mask(self.config, hidden, None, cache, position_ids[j]))
+                out.append(forward_decoder(decoder, weights, hidden, mask=masks[j], position_ids=position_ids[j],
+                                           cache=cache, position_embeddings=position_embeddings[j]))
+            return out
+
+        for decoder, layer in zip(self.layers, islice(layers, len(self.layers)), strict=True):
+            hiddens = self._run(layer, run_steps, decoder, hiddens)
+        hiddens = self._run(next(layers), _each, self.norm, [h[:, -1:, :] for h in hiddens], fn=forward_unit)
+        logits = self._run(next(layers), _each, self.lm_head, hiddens, fn=forward_unit)
+        self.timeline.passes.append((pass_start, self.stages.device()))
+        self.passes += 1
+        return torch.cat([step_logits[:, -1, :] for step_logits in logits]).float()
 
     def generate(self, prompt_ids: Sequence[int], *args: Any, **kwargs: Any) -> Generation:
         """One prompt: prefill, then one pass per new token; stops at EOS or `max_new_tokens` (`generate_batch`'s

@@ -1,7 +1,13 @@
 """Speculative decoding over the streamed target: a resident draft proposes k tokens, one streamed pass of
-the target scores all of them, and the longest prefix the target agrees with is kept, plus the target's own
-next token. A streamed pass costs about the same for one position or k + 1 (its bytes dominate), so each
-accepted draft token saves most of a pass. Greedy and exact: the tokens are the target's greedy tokens.
+the target scores all of them, and the longest prefix the target accepts is kept, plus one token of the
+target's own. A streamed pass costs about the same for one position or k + 1 (its bytes dominate), so each
+accepted draft token saves most of a pass.
+
+Greedy, a draft token is accepted when it is the target's argmax; with `verify="exact"` each position is
+scored as its own one-token step (`StreamingModel.forward_steps`), so the tokens are greedy's bit for bit in
+any dtype. Sampling, the standard rejection rule keeps the output distributed as the target's own sampling:
+a draft token x is accepted with probability min(1, p(x) / q(x)), else the token is drawn from the normalized
+max(0, p - q); p and q are the target's and the draft's distributions after the same temperature and top-p.
 """
 
 from __future__ import annotations
@@ -13,7 +19,7 @@ import torch
 from transformers import Cache
 
 from harness.measurement.timeline import Timeline
-from harness.streaming.model import Generation, StreamingModel
+from harness.streaming.model import Generation, Sampler, StreamingModel
 
 
 @dataclass
@@ -43,8 +49,32 @@ def _crop(cache: Cache | None, keep: int) -> None:
         cache.crop(keep - cache.get_seq_length())  # transformers 5: a negative count removes that many
 
 
-def _argmax(logits: torch.Tensor) -> list[int]:
-    return logits.argmax(dim=-1).tolist()
+def accept(
+    drafted: Sequence[int], draft_probs: Sequence[torch.Tensor] | None, target_logits: torch.Tensor,
+    sampler: Sampler, ids: torch.Tensor,
+) -> tuple[int, int]:
+    """How many of `drafted` the target accepts, and the token that follows them.
+
+    target_logits: [len(drafted) + 1, vocab], the target's logits after the last emitted token and after each
+    draft token. Greedy (`draft_probs` None): the longest prefix equal to the target's argmax, then its argmax.
+    Sampling: each draft token by the rejection rule against `draft_probs` (the distribution each was drawn
+    from), stopping at the first rejected, whose replacement comes from the normalized max(0, p - q); when all
+    are accepted, the next token is drawn from the target's last distribution.
+    """
+    if draft_probs is None:
+        predicted = target_logits.argmax(dim=-1).tolist()
+        agreed = 0
+        while agreed < len(drafted) and drafted[agreed] == predicted[agreed]:
+            agreed += 1
+        return agreed, predicted[agreed]
+    p = sampler.distribution(ids.expand(len(target_logits), -1), target_logits)
+    for i, (token, q) in enumerate(zip(drafted, draft_probs, strict=True)):
+        if sampler.uniform() < min(1.0, float(p[i, token]) / float(q[token])):
+            continue
+        residual = (p[i] - q).clamp(min=0)
+        # p = q leaves no residual: the rejection then has probability 0, so any distribution will do; p is exact.
+        return i, sampler.draw((residual if float(residual.sum()) > 0 else p[i]).unsqueeze(0))[0]
+    return len(drafted), sampler.draw(p[len(drafted)].unsqueeze(0))[0]
 
 
 def speculative_generate(
@@ -53,10 +83,14 @@ def speculative_generate(
     prompt_ids: Sequence[int],
     max_new_tokens: int,
     k: int,
+    sampler: Sampler,
     eos_token_ids: Sequence[int] = (),
     on_token: Callable[[int], None] | None = None,
+    verify: str = "exact",
 ) -> tuple[Generation, SpeculativeStats]:
-    """Greedy tokens of `target`, `k` drafted per verifying pass. The target's timeline holds its passes only."""
+    """The target's tokens, greedy or sampled as `sampler` says, `k` drafted per verifying pass; `verify`: "exact"
+    (each position as its own one-token step) or "batched" (one call over all). The target's timeline holds its
+    passes only."""
     target.timeline, target.passes = Timeline(), 0
     prompt = list(prompt_ids)
     result = Generation(prompt_ids=prompt, start_s=target.clock(), timeline=target.timeline, prompts=[prompt])
@@ -80,30 +114,45 @@ def speculative_generate(
                 return True
         return False
 
-    first = _argmax(target.forward(torch.tensor([tokens], device=device), target_cache))[0]
+    def ids() -> torch.Tensor:
+        return torch.tensor([tokens], device=device)
+
+    first = sampler(ids(), target.forward(ids(), target_cache))[0]
     target_seen = len(tokens) if target_cache is not None else 0
     done = emit([first])
     while not done:
         # The draft catches up on what it has not seen, then proposes k tokens one by one.
         start = draft.clock()
         drafted: list[int] = []
+        draft_probs: list[torch.Tensor] | None = [] if sampler.do_sample else None
         pending = tokens[draft_seen:]
         for _ in range(min(k, max_new_tokens - len(result.generated_ids))):
-            drafted.append(_argmax(draft.forward(torch.tensor([pending], device=device), draft_cache))[0])
+            logits = draft.forward(torch.tensor([pending], device=device), draft_cache)
+            if draft_probs is None:
+                drafted.append(int(logits.argmax(dim=-1)[0]))
+            else:
+                q = sampler.distribution(torch.tensor([tokens + drafted], device=device), logits)
+                draft_probs.append(q[0])
+                drafted.append(sampler.draw(q)[0])
             draft_seen += len(pending)
             pending = drafted[-1:]
         stats.draft_s += draft.clock() - start
         # One target pass over the newest token and the drafts; without a KV cache, over the whole sequence.
-        verify = tokens[target_seen:] + drafted
-        logits = target.forward(torch.tensor([verify], device=device), target_cache, all_positions=True)[0]
-        predicted = _argmax(logits[-(len(drafted) + 1):])  # the target's token after each of them
-        agreed = 0
-        while agreed < len(drafted) and drafted[agreed] == predicted[agreed]:
-            agreed += 1
+        if verify == "exact":
+            if target_cache is not None:  # each token a one-token step, as greedy feeds them
+                steps = [torch.tensor([[t]], device=device) for t in tokens[target_seen:] + drafted]
+            else:  # each step the whole sequence so far, as greedy without a cache recomputes it
+                steps = [torch.tensor([tokens + drafted[:j]], device=device) for j in range(len(drafted) + 1)]
+            logits = target.forward_steps(steps, target_cache)
+        else:
+            joined = torch.tensor([tokens[target_seen:] + drafted], device=device)
+            logits = target.forward(joined, target_cache, all_positions=True)[0]
+        # The target's logits after the newest token and after each draft token.
+        agreed, following = accept(drafted, draft_probs, logits[-(len(drafted) + 1):], sampler, ids())
         stats.drafted += len(drafted)
         stats.accepted += agreed
         stats.verify_passes += 1
-        done = emit(drafted[:agreed] + [predicted[agreed]])
+        done = emit(drafted[:agreed] + [following])
         # Both caches keep every emitted token but the newest (the next pass's input); the rest is rejected.
         keep = len(tokens) - 1
         _crop(target_cache, keep)

@@ -1,7 +1,5 @@
-"""decoding=speculative: the target's greedy tokens, exactly, whatever the draft proposes.
-
-In float32: a verifying pass scores k + 1 positions at once where plain decoding scores one, and bf16
-rounding of the different shapes can flip a near-tie argmax (as with batches); fp32 makes equality exact.
+"""decoding=speculative: the target's greedy tokens, bit for bit in float32 and bfloat16, whatever the draft
+proposes; `decoding.verify=batched` scores the k + 1 positions in one call instead, exact in float32 only.
 """
 
 from __future__ import annotations
@@ -21,21 +19,26 @@ from harness.streaming.speculative import speculative_generate
 from harness.workload import prompt_ids
 
 CPU = torch.device("cpu")
-FP32 = ("model.dtype=float32", "workload.max_new_tokens=12", "workload.stop_at_eos=false")
+TOKENS = ("workload.max_new_tokens=12", "workload.stop_at_eos=false")
+FP32 = ("model.dtype=float32", *TOKENS)
 
 
 def greedy(make_cfg: Callable[..., Config], *options: str) -> list[int]:
-    cfg = make_cfg(*FP32, *options)
+    cfg = make_cfg(*TOKENS, *options)
     return generate(build_setup(cfg, Path(cfg.paths.outputs), CPU), cfg).generated_ids
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("k", [1, 3, 5])
 @pytest.mark.parametrize("draft", ["null", "tiny-draft"])
-def test_speculative_tokens_are_the_targets_greedy_tokens(k: int, draft: str, make_cfg: Callable[..., Config]) -> None:
-    cfg = make_cfg(*FP32, "decoding=speculative", f"decoding.k={k}", f"decoding.draft={draft}")
+def test_speculative_tokens_are_the_targets_greedy_tokens_in_its_own_dtype(
+    dtype: str, k: int, draft: str, make_cfg: Callable[..., Config]
+) -> None:
+    cfg = make_cfg(*TOKENS, f"model.dtype={dtype}", "decoding=speculative", f"decoding.k={k}",
+                   f"decoding.draft={draft}")
     setup = build_setup(cfg, Path(cfg.paths.outputs), CPU)
     gen = generate(setup, cfg)
-    assert gen.generated_ids == greedy(make_cfg)
+    assert gen.generated_ids == greedy(make_cfg, f"model.dtype={dtype}")
     assert setup.draft is not None and setup.draft.decoded_once
     if draft == "tiny-draft":
         # Another geometry with other weights: its proposals are rejected, so the caches were rolled back.
@@ -51,7 +54,7 @@ def test_a_draft_equal_to_the_target_is_always_accepted(make_cfg: Callable[..., 
     target = build_setup(cfg, Path(cfg.paths.outputs), CPU)
     draft = build_setup(cfg, Path(cfg.paths.outputs), CPU)
     ids = prompt_ids(target.tokenizer, cfg.workload)
-    gen, stats = speculative_generate(target.model, draft.model, ids, 12, 4)
+    gen, stats = speculative_generate(target.model, draft.model, ids, 12, 4, Sampler(False, 1.0, 1.0, 0, CPU))
     plain = target.model.generate(ids, 12, Sampler(False, 1.0, 1.0, 0, CPU))
     assert gen.generated_ids == plain.generated_ids
     assert stats.accepted == stats.drafted and gen.metrics["spec_accepted_share"] == 1.0
@@ -65,17 +68,25 @@ def test_a_draft_equal_to_the_target_is_always_accepted(make_cfg: Callable[..., 
     ("compression=8bit", "prefetch=on"),
     ("cache=disk", "residency=auto", "residency.layers=2"),
 ])
-def test_every_strategy_option_works_as_the_target(options: tuple[str, ...], make_cfg: Callable[..., Config]) -> None:
-    cfg = make_cfg(*FP32, *options, "decoding=speculative", "decoding.k=3", "decoding.draft=tiny-draft")
+def test_every_strategy_option_works_as_the_target_in_bf16(
+    options: tuple[str, ...], make_cfg: Callable[..., Config]
+) -> None:
+    cfg = make_cfg(*TOKENS, *options, "decoding=speculative", "decoding.k=3", "decoding.draft=tiny-draft")
     gen = generate(build_setup(cfg, Path(cfg.paths.outputs), CPU), cfg)
     assert gen.generated_ids == greedy(make_cfg, *options)
+
+
+def test_a_batched_verify_runs_and_is_exact_in_float32(make_cfg: Callable[..., Config]) -> None:
+    cfg = make_cfg(*FP32, "decoding=speculative", "decoding.k=4", "decoding.verify=batched")
+    gen = generate(build_setup(cfg, Path(cfg.paths.outputs), CPU), cfg)
+    assert gen.generated_ids == greedy(make_cfg, "model.dtype=float32")
 
 
 def test_what_speculative_decoding_cannot_do_is_refused_before_loading(
     make_cfg: Callable[..., Config], tmp_path: Path
 ) -> None:
-    with pytest.raises(ValueError, match="workload.do_sample=false"):
-        make_cfg("decoding=speculative", "workload.do_sample=true")
+    with pytest.raises(ValueError, match="decoding.verify"):
+        make_cfg("decoding=speculative", "decoding.verify=fast")
     with pytest.raises(ValueError, match="workload.batch_size=1"):
         make_cfg("decoding=speculative", "workload.batch_size=2")
     with pytest.raises(ValueError, match="decoding.draft='nope' is no model option"):
@@ -119,3 +130,28 @@ def test_the_speculative_preset_sweeps_decoding_and_k_from_the_cli(tmp_path: Pat
     for run in children:
         assert run.info.status == "FINISHED" and run.data.metrics["agreement_vs_transformers"] == 1.0
         assert ("spec_accepted_share" in run.data.metrics) == (run.data.params["decoding"] == "speculative")
+
+
+@pytest.mark.parametrize("kv_cache", ["device", "none"])
+def test_a_pass_of_several_steps_gives_each_steps_own_logits_bit_for_bit_in_bf16(
+    kv_cache: str, make_cfg: Callable[..., Config]
+) -> None:
+    """forward_steps equals one pass per step exactly: positions, masks and the cache (or, without one, each step's
+    whole sequence) as greedy's own passes. (On a trained model one call over all positions does not: the SmolLM2
+    tests.)"""
+    cfg = make_cfg(f"kv_cache={kv_cache}")
+    model = build_setup(cfg, Path(cfg.paths.outputs), CPU).model
+    prompt, new = [1, 50, 60, 70], [80, 90, 100, 110]
+
+    def after_prompt() -> object:
+        cache = model.kv_policy.new_cache(model.config, CPU)
+        model.forward(torch.tensor([prompt]), cache)
+        return cache
+
+    def step_input(j: int) -> torch.Tensor:  # what greedy feeds its pass for the token after new[:j + 1]
+        return torch.tensor([new[j:j + 1]] if kv_cache == "device" else [prompt + new[:j + 1]])
+
+    cache = after_prompt()
+    one_by_one = torch.cat([model.forward(step_input(j), cache) for j in range(len(new))])
+    steps = model.forward_steps([step_input(j) for j in range(len(new))], after_prompt())
+    assert torch.equal(steps, one_by_one)

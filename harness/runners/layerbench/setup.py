@@ -158,12 +158,13 @@ def generate(
     setup: Setup, cfg: Config, keep_logits: bool = False, on_token: Callable[[int], None] | None = None
 ) -> Generation:
     prompts, w = setup.prompts, cfg.workload
+    sampler = Sampler(w.do_sample, w.temperature, w.top_p, w.seed, setup.device)
     if setup.draft is not None:
         gen, _ = speculative_generate(
-            setup.model, setup.draft.model, prompts[0], w.max_new_tokens, cfg.decoding.k, setup.stop, on_token
+            setup.model, setup.draft.model, prompts[0], w.max_new_tokens, cfg.decoding.k, sampler, setup.stop,
+            on_token, verify=cfg.decoding.verify,
         )
         return gen
-    sampler = Sampler(w.do_sample, w.temperature, w.top_p, w.seed, setup.device)
     return setup.model.generate_batch(
         prompts, w.max_new_tokens, sampler, setup.stop, keep_logits=keep_logits, on_token=on_token
     )
