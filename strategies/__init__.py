@@ -13,7 +13,12 @@ from typing import Any
 
 from strategies.cache.configs import DiskCacheConfig, RamCacheConfig
 from strategies.compression.configs import Blockwise4bitConfig, Blockwise8bitConfig, NoCompressionConfig
-from strategies.kv_cache.configs import DeviceKVCacheConfig, NoKVCacheConfig, OffloadKVCacheConfig
+from strategies.kv_cache.configs import (
+    DeviceKVCacheConfig,
+    NoKVCacheConfig,
+    OffloadKVCacheConfig,
+    QuantizedKVCacheConfig,
+)
 from strategies.prefetch.configs import PrefetchOffConfig, PrefetchOnConfig
 from strategies.residency.configs import AutoResidencyConfig, NoResidencyConfig
 
@@ -26,7 +31,10 @@ def option_configs() -> dict[str, dict[str, type]]:
         "cache": {"disk": DiskCacheConfig, "ram": RamCacheConfig},
         "compression": {"none": NoCompressionConfig, "8bit": Blockwise8bitConfig, "4bit": Blockwise4bitConfig},
         "prefetch": {"off": PrefetchOffConfig, "on": PrefetchOnConfig},
-        "kv_cache": {"none": NoKVCacheConfig, "device": DeviceKVCacheConfig, "offload": OffloadKVCacheConfig},
+        "kv_cache": {
+            "none": NoKVCacheConfig, "device": DeviceKVCacheConfig, "offload": OffloadKVCacheConfig,
+            "quantized": QuantizedKVCacheConfig,
+        },
         "residency": {"none": NoResidencyConfig, "auto": AutoResidencyConfig},
     }
 

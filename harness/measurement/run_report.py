@@ -183,6 +183,11 @@ class RunReport:
     quality_run_top1_agreement: float | None = figure()
     quality_run_kl_mean: float | None = figure()
     quality_run_positions: float | None = figure()
+    # --- what a lossy KV cache costs (kv_cache=quantized, quality.enabled), against a plain cache, over the
+    # shipped texts' positions decoded through the cache
+    kv_quality_top1_agreement: float | None = figure("top-1 agreement vs plain KV cache")
+    kv_quality_kl_mean: float | None = figure("KL vs plain KV cache (mean)")
+    kv_quality_positions: float | None = figure()
 
     # Spread over repeats: "<figure>_std" / "<figure>_cv" / "<figure>_ci95_low" / "<figure>_ci95_high" -> value.
     spread: dict[str, float] = field(default_factory=dict)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -223,6 +224,7 @@ def estimate_need_bytes(
     max_seq: int,
     batch: int = 1,
     static_layers: int = 0,
+    kv_held: Callable[[int, int, int], int] | None = None,
 ) -> dict[str, int]:
     """What a run must hold on the device at once, from the geometry alone (before anything is loaded).
 
@@ -230,14 +232,19 @@ def estimate_need_bytes(
     (`layers_ahead`, the prefetcher's), plus its stored (encoded) form while it decodes
     (`stored_fraction`, the codec's), plus `static_layers` decoder layers held throughout (the decode graphs'
     static copy, runner.cuda_graph). KV: `kv_layers` layers' keys and values (the KV policy's) at
-    the longest sequence. Activations: a few hidden-state copies and the MLP's intermediate over the
+    the longest sequence, as the policy stores them (`kv_held(values per position, positions, itemsize)`,
+    `KVCachePolicy.held_bytes`; by default in the model's dtype). Activations: a few hidden-state copies and the MLP's intermediate over the
     sequence, plus fp32 logits; KV and activations once per sequence of the batch.
     """
     dtype = model_dtype(config)
     layer_bytes = decoder_layer_bytes(config)
     largest = max(layer_bytes, config.vocab_size * config.hidden_size * dtype.itemsize)
     weights = int(largest * (1 + layers_ahead) + largest * stored_fraction) + static_layers * layer_bytes
-    kv = 2 * kv_layers * config.num_key_value_heads * config.head_dim * max_seq * dtype.itemsize * batch
+    values = 2 * config.num_key_value_heads * config.head_dim  # keys and values of one position in one layer
+    if kv_held is None:
+        kv = kv_layers * values * max_seq * dtype.itemsize * batch
+    else:
+        kv = kv_layers * kv_held(values, max_seq, dtype.itemsize) * batch
     activations = (6 * config.hidden_size + 2 * config.intermediate_size) * max_seq * dtype.itemsize * batch
     activations += config.vocab_size * 4 * batch
     return {"weights": weights, "kv": kv, "activations": activations, "total": weights + kv + activations}
@@ -271,5 +278,5 @@ def check_fits(need: dict[str, int], cap_gib: float, context_bytes: int) -> None
         raise VramCapExceeded(
             f"this configuration needs about {(need['total'] + context_bytes) / GIB:.2f} GiB of device memory "
             f"({parts}, CUDA context {context_bytes / GIB:.2f} GiB), over vram.cap_gib={cap_gib}: "
-            "use compression=8bit/4bit, a smaller prefetch.depth, kv_cache=offload, or a larger cap"
+            "use compression=8bit/4bit, a smaller prefetch.depth, kv_cache=offload or quantized, or a larger cap"
         )

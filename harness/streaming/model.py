@@ -29,7 +29,7 @@ from harness.measurement.timeline import LayerEvent, StageClock, Timeline
 from harness.streaming.graphs import DecodeGraphs
 from harness.streaming.pipeline import LayerPipeline
 from harness.streaming.skeleton import run_with_weights
-from strategies.kv_cache.base import KVCachePolicy
+from strategies.kv_cache.base import KVCachePolicy, cache_bytes
 from strategies.layer import DeviceLayer
 
 # transformers 5 renamed the KV cache keyword of the decoder layer and the mask builder from
@@ -68,7 +68,7 @@ class Generation:
     token_times_s: list[float] = field(default_factory=list)
     # Per step: the last position's logits ([batch, vocab] float32, on the host); kept only when asked.
     logits: list[torch.Tensor] = field(default_factory=list)
-    # What the KV cache held at the end (None without a cache), and for how many positions.
+    # What the KV cache held at the end (0 without a cache; None where not measured), and for how many positions.
     kv_cache_bytes: int | None = None
     kv_cache_tokens: int = 0
     timeline: Timeline = field(default_factory=Timeline)
@@ -356,9 +356,7 @@ class StreamingModel:
             # With a KV cache only the new tokens go through the layers; without one, all of them.
             step_input = ids[:, -1:] if cache is not None else ids
         result.generated_ids = result.sequences[0]
+        result.kv_cache_bytes = cache_bytes(cache)  # 0 without a cache: nothing is kept between passes
         if cache is not None:
             result.kv_cache_tokens = int(cache.get_seq_length())  # a static cache's is a device tensor
-            result.kv_cache_bytes = sum(
-                t.nbytes for layer in cache.layers for t in (layer.keys, layer.values) if t is not None
-            )
         return result

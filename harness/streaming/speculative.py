@@ -20,6 +20,7 @@ from transformers import Cache
 
 from harness.measurement.timeline import Timeline
 from harness.streaming.model import Generation, Sampler, StreamingModel
+from strategies.kv_cache.base import cache_bytes
 
 
 @dataclass
@@ -161,5 +162,7 @@ def speculative_generate(
         _crop(draft_cache, keep)
         draft_seen = min(draft_seen, keep)
     result.sequences = [result.generated_ids]
+    result.kv_cache_bytes = cache_bytes(target_cache)
+    result.kv_cache_tokens = int(target_cache.get_seq_length()) if target_cache is not None else 0
     result.metrics = stats.metrics(result)
     return result, stats

@@ -17,5 +17,11 @@ class DeviceKVCache:
     def layers_on_device(self, num_layers: int) -> int:
         return num_layers
 
+    def check(self, model_config: PreTrainedConfig) -> None:
+        pass
+
+    def held_bytes(self, values: int, positions: int, itemsize: int) -> int:
+        return values * positions * itemsize
+
     def new_cache(self, model_config: PreTrainedConfig, device: torch.device) -> Cache | None:
         return DynamicCache(config=model_config)

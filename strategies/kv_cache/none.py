@@ -21,5 +21,11 @@ class NoKVCache:
     def layers_on_device(self, num_layers: int) -> int:
         return 1  # nothing is kept, but the layer computing holds its whole sequence's K/V while it attends
 
+    def check(self, model_config: PreTrainedConfig) -> None:
+        pass
+
+    def held_bytes(self, values: int, positions: int, itemsize: int) -> int:
+        return values * positions * itemsize
+
     def new_cache(self, model_config: PreTrainedConfig, device: torch.device) -> Cache | None:
         return None

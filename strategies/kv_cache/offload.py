@@ -37,5 +37,11 @@ class OffloadKVCache:
     def layers_on_device(self, num_layers: int) -> int:
         return 1  # the layer attending; the others' K/V wait in host memory
 
+    def check(self, model_config: PreTrainedConfig) -> None:
+        pass
+
+    def held_bytes(self, values: int, positions: int, itemsize: int) -> int:
+        return values * positions * itemsize
+
     def new_cache(self, model_config: PreTrainedConfig, device: torch.device) -> Cache | None:
         return HostOffloadedCache(config=model_config)

@@ -28,9 +28,14 @@ def test_options_state_what_they_hold_and_cost() -> None:
     assert strategies.build(PrefetchOnConfig(depth=3), device=cpu).layers_ahead == 3
     assert strategies.build(strategies.option_configs()["prefetch"]["off"](), device=cpu).layers_ahead == 0
     kv = {name: strategies.build(cfg()) for name, cfg in strategies.option_configs()["kv_cache"].items()}
-    assert {name: policy.layers_on_device(32) for name, policy in kv.items()} == {"none": 1, "device": 32, "offload": 1}
+    assert {name: policy.layers_on_device(32) for name, policy in kv.items()} == {
+        "none": 1, "device": 32, "offload": 1, "quantized": 32
+    }
     assert {name: policy.recomputes_sequence for name, policy in kv.items()} == {
-        "none": True, "device": False, "offload": False
+        "none": True, "device": False, "offload": False, "quantized": False
+    }
+    assert {name: cfg.lossy for name, cfg in strategies.option_configs()["kv_cache"].items()} == {
+        "none": False, "device": False, "offload": False, "quantized": True
     }
     codecs = {name: strategies.build(cfg()) for name, cfg in strategies.option_configs()["compression"].items()}
     assert {name: (c.lossy, c.bits) for name, c in codecs.items()} == {

@@ -1,4 +1,4 @@
-"""What compression costs in accuracy, against the uncompressed model on the same checkpoint.
+"""What compression, and a quantized KV cache, cost in accuracy, against the same model without them.
 
 Teacher-forced, one pass per text, both models streamed through the same runner so the codec is
 the only difference. Over the shipped texts (hundreds of positions): next-token top-1 agreement,
@@ -87,3 +87,34 @@ def compression_quality(setup: Setup, cfg: Config, gen: Generation, outputs_dir:
         # Never past the model's positions: the texts are longer than a small model's context.
         text_ids(setup.tokenizer, min(cfg.quality.max_tokens, setup.config.max_position_embeddings)),
     )
+
+
+def cached_logits(model: StreamingModel, ids: list[int], cache: object) -> torch.Tensor:
+    """Teacher-forced through a KV cache in one streamed pass: the first half of `ids` as a prefill, then each
+    token as a one-token step, as generation feeds them. -> [len(ids) - half, vocab] float32: the logits of every
+    position from the prefill's last on (each predicting the token after it)."""
+    half = max(1, len(ids) // 2)
+    steps = [torch.tensor([ids[:half]], device=model.device)]
+    steps += [torch.tensor([[token]], device=model.device) for token in ids[half:-1]]
+    return model.forward_steps(steps, cache).cpu()
+
+
+def kv_quality(setup: Setup, cfg: Config) -> dict[str, float]:
+    """The KV cache's cost in accuracy: the same streamed model through the run's cache and through a plain one
+    (kv_cache=device), over the shipped texts, with the newest positions attending to the stored past."""
+    from transformers import DynamicCache
+
+    model = fresh_model(setup)
+    texts = text_ids(setup.tokenizer, min(cfg.quality.max_tokens, setup.config.max_position_embeddings))
+    agreements, kls = [], []
+    for ids in texts.values():
+        ours = cached_logits(model, ids, model.kv_policy.new_cache(setup.config, setup.device))
+        ref = cached_logits(model, ids, DynamicCache(config=setup.config))
+        agree, kl = _agreement_and_kl(ours, ref)
+        agreements.append(agree)
+        kls.append(kl)
+    return {
+        "kv_quality_top1_agreement": float(torch.cat(agreements).mean()),
+        "kv_quality_kl_mean": float(torch.cat(kls).mean()),
+        "kv_quality_positions": float(sum(len(a) for a in agreements)),
+    }

@@ -23,7 +23,7 @@ from harness.probe.floor import LINKS
 from harness.runners.base import Runner
 from harness.runners.layerbench.floor import check_floor, floor_metrics, kept_mapping_metrics, read_metrics
 from harness.runners.layerbench.plan import Plan, make_plan
-from harness.runners.layerbench.quality import compression_quality
+from harness.runners.layerbench.quality import compression_quality, kv_quality
 from harness.runners.layerbench.setup import Setup, build_setup, generate
 from harness.streaming.model import Generation
 from harness.workload import Workload
@@ -89,9 +89,10 @@ class LayerbenchRunner(Runner):
         }
         overlapped = self.setup.pipeline.prefetcher.layers_ahead > 0
         metrics.update(stage_metrics(rows, gen.timeline.pass_walls(stages), overlapped))
-        if gen.kv_cache_bytes is not None and gen.kv_cache_tokens:
+        if gen.kv_cache_bytes is not None:
             metrics["kv_cache_bytes"] = float(gen.kv_cache_bytes)
-            metrics["kv_bytes_per_token"] = gen.kv_cache_bytes / gen.kv_cache_tokens
+            if gen.kv_cache_tokens:
+                metrics["kv_bytes_per_token"] = gen.kv_cache_bytes / gen.kv_cache_tokens
         return metrics
 
     def annotate(self, report: RunReport, gen: Generation) -> dict[str, str]:
@@ -147,9 +148,12 @@ class LayerbenchRunner(Runner):
         return tags
 
     def quality_metrics(self, gen: Generation) -> dict[str, float]:
-        if not self.setup.pipeline.codec.lossy:
-            return {}
-        return compression_quality(self.setup, self.cfg, gen, self.outputs_dir)
+        metrics = {}
+        if self.setup.pipeline.codec.lossy:
+            metrics.update(compression_quality(self.setup, self.cfg, gen, self.outputs_dir))
+        if self.cfg.kv_cache.lossy:
+            metrics.update(kv_quality(self.setup, self.cfg))
+        return metrics
 
     def log_artifacts(self, tracker: Tracker, tmp: Path, label: str, gen: Generation) -> None:
         rows = gen.timeline.rows(self.setup.model.stages)

@@ -102,6 +102,7 @@ def build_setup(
     codec = strategies.build(cfg.compression)
     prefetcher = strategies.build(cfg.prefetch, device=device)
     kv_policy = strategies.build(cfg.kv_cache)
+    kv_policy.check(config)  # before the split: a cache the model cannot have is refused by name
     residency = strategies.build(cfg.residency)
     # From the geometry and what the strategies say they hold: what streaming needs on the device at once.
     need = estimate_need_bytes(
@@ -112,6 +113,7 @@ def build_setup(
         max_seq=longest + cfg.workload.max_new_tokens,
         batch=cfg.workload.batch_size,
         static_layers=int(cfg.runner.cuda_graph),
+        kv_held=kv_policy.held_bytes,
     )
     context_bytes = (vram.context_bytes or 0) if vram is not None else 0
     if vram is not None and vram.enforced:
