@@ -233,8 +233,9 @@ def estimate_need_bytes(
     (`stored_fraction`, the codec's), plus `static_layers` decoder layers held throughout (the decode graphs'
     static copy, runner.cuda_graph). KV: `kv_layers` layers' keys and values (the KV policy's) at
     the longest sequence, as the policy stores them (`kv_held(values per position, positions, itemsize)`,
-    `KVCachePolicy.held_bytes`; by default in the model's dtype). Activations: a few hidden-state copies and the MLP's intermediate over the
-    sequence, plus fp32 logits; KV and activations once per sequence of the batch.
+    `KVCachePolicy.held_bytes`; by default in the model's dtype). Activations: a few hidden-state copies and
+    the MLP's intermediate over the sequence, plus fp32 logits; KV and activations once per sequence of the
+    batch.
     """
     dtype = model_dtype(config)
     layer_bytes = decoder_layer_bytes(config)

@@ -34,7 +34,8 @@ class QuantizedKVCache:
 
     def check(self, model_config: PreTrainedConfig) -> None:
         """Refuse a group size the model's head dimension cannot be cut into, before any weight is read."""
-        head_dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // model_config.num_attention_heads
+        config = model_config
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         if self.cfg.bits != 8 and head_dim % self.cfg.group_size:
             raise ValueError(
                 f"kv_cache.group_size={self.cfg.group_size} does not divide the model's head_dim of {head_dim}: "

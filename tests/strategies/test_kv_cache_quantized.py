@@ -106,3 +106,22 @@ def test_a_quantized_cache_logs_its_size_and_its_quality_against_a_plain_one(mak
     plain = run_job(make_cfg("quality.enabled=true", "quality.max_tokens=64", "workload.max_new_tokens=4",
                              "probe.enabled=false"), {}, choices={}, overrides=[], console=Console(quiet=True))
     assert plain.kv_quality_top1_agreement is None and plain.kv_cache_bytes > report.kv_cache_bytes
+
+
+def test_the_long_context_preset_runs_each_kv_cache_option(make_cfg: Callable[..., Config]) -> None:
+    """The preset's sweep and settings, run small: the tiny model and a 64-token prompt instead of SmolLM2's 2,000."""
+    from omegaconf import OmegaConf
+
+    from harness.compose import compose_config, conf_dir
+
+    sweep = OmegaConf.load(Path(conf_dir()) / "experiment" / "long_context.yaml").hydra.sweeper.params
+    assert sweep.kv_cache == "none,device,offload,quantized"
+    preset = compose_config(["+experiment=long_context"])
+    assert preset.model.name == "smollm2-135m" and preset.workload.prompt_tokens == 2000
+    small = [f"{key}={OmegaConf.select(preset, key)}" for key in (
+        "workload.max_new_tokens", "workload.stop_at_eos", "bench.warmup", "bench.repeats", "quality.enabled")]
+    for kv in sweep.kv_cache.split(","):
+        cfg = make_cfg(*small, f"kv_cache={kv}", "workload.prompt_tokens=64", "quality.max_tokens=64")
+        report = run_job(cfg, {}, choices={"kv_cache": kv}, overrides=[], console=Console(quiet=True))
+        assert report.kv_cache_bytes is not None and (report.kv_cache_bytes == 0) == (kv == "none")
+        assert (report.kv_quality_top1_agreement is not None) == (kv == "quantized")
