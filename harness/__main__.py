@@ -13,7 +13,7 @@ from hydra.utils import to_absolute_path
 from omegaconf import DictConfig, OmegaConf
 
 from harness.compose import conf_dir, register_configs, validated
-from harness.config import GROUPS
+from harness.config import GROUPS, Config
 from harness.extras import install_line, installed
 from harness.signals import raise_on_sigterm
 
@@ -26,6 +26,9 @@ def main(dcfg: DictConfig) -> None:
     cfg = validated(dcfg)
     hydra_cfg = HydraConfig.get()
     single = hydra_cfg.mode == RunMode.RUN
+    if cfg.plan.only:  # before MLflow starts: the plan alone builds, runs and logs nothing
+        plan_only(cfg, single)
+        return
     tracker = None
     if cfg.tracking.enabled and single:
         # MLflow starts in a process of its own, alongside the imports below. A sweep's jobs track in-process:
@@ -66,6 +69,21 @@ def main(dcfg: DictConfig) -> None:
 
 # Set when a single job (not a sweep's) has returned: everything it makes is written and logged.
 single_job_done = False
+
+
+def plan_only(cfg: Config, single: bool) -> None:
+    """plan.only=true: print the streamed run's plan and stop. A plan that cannot run (over the cap, a split that
+    cannot exist) exits non-zero with the reason; in a sweep it fails that job."""
+    global single_job_done
+    from harness.runners.layerbench.plan_only import PlanRefused, print_plan
+
+    try:
+        print_plan(cfg)
+    except PlanRefused as exc:
+        if not single:
+            raise
+        sys.exit(f"error: {exc}")
+    single_job_done = single
 
 
 def missing_launcher(argv: list[str]) -> str | None:

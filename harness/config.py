@@ -295,6 +295,14 @@ class PathsConfig:
 
 
 @dataclass
+class PlanConfig:
+    # Print the streamed run's plan (resident and streamed units under vram.cap_gib, bytes per pass, the per-token
+    # time this machine's probe predicts, whether it fits) from the geometry and the codec alone, then exit:
+    # no checkpoint weights, no split, no run, no MLflow run.
+    only: bool = False
+
+
+@dataclass
 class Config:
     model: ModelConfig = MISSING
     cache: CacheConfig = MISSING
@@ -313,6 +321,7 @@ class Config:
     reference: ReferenceConfig = field(default_factory=ReferenceConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)
     # auto: cuda when torch sees a GPU, else cpu.
     device: str = "auto"
 

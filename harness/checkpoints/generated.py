@@ -4,6 +4,11 @@ Generated checkpoints are real Hugging Face directories (sharded safetensors + i
 generation config, tokenizer files) whose weights are a pure function of (seed, tensor name),
 so every consumer reads them exactly as it would read Meta's weights. `ensure_checkpoint` is
 the one entry: it builds a generated model once, or validates a local directory.
+
+A model whose weights are larger than DIRECT_SPLIT_BYTES (the 70B geometry: 141 GB in bf16, more than a GPU
+machine's disk) gets a weightless directory instead: config, generation config, tokenizer and `generator.json`,
+the recipe its weights are drawn from. Its splits are generated straight from that recipe, unit by unit
+(harness/split/sources.py), so the bf16 weights are never written or held whole.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from transformers import GenerationConfig, LlamaConfig, PreTrainedTokenizerFast
 
 from harness.checkpoints.gguf import ensure_gguf_checkpoint
 from harness.checkpoints.local import validate_local
-from harness.checkpoints.tokenizer import BOS, CORPUS_PATH, EOT, SPECIAL_IDS, STOP_TOKENS, build_tokenizer
+from harness.checkpoints.tokenizer import BOS, CORPUS_PATH, EOT, SPECIAL_IDS, STOP_TOKENS, VOCAB_SIZE, build_tokenizer
 from harness.files import folder_build_lock
 
 if TYPE_CHECKING:
@@ -41,6 +46,11 @@ GEOMETRY_DIR = Path(__file__).resolve().parents[1] / "geometries"
 
 SHARD_BYTES = 1 << 30
 CPU = torch.device("cpu")
+# A generated model whose weights are larger is never written whole: its splits are generated straight from the
+# seed. Between the 8B geometry (16 GB in bf16, written as before) and the 70B one (141 GB, over a 64 GiB disk).
+DIRECT_SPLIT_BYTES = 32 << 30
+# In a weightless checkpoint directory: the recipe its weights are generated from, unit by unit, into each split.
+GENERATOR_FILE = "generator.json"
 
 
 def load_geometry(name: str) -> dict:
@@ -90,7 +100,7 @@ def llama_config_for(model: ModelConfig, tokenizer_vocab_size: int) -> LlamaConf
     return LlamaConfig(**fields, dtype=model.dtype)
 
 
-def _tensor_specs(config: LlamaConfig) -> Iterator[tuple[str, tuple[int, ...], str]]:
+def tensor_specs(config: LlamaConfig) -> Iterator[tuple[str, tuple[int, ...], str]]:
     """(name, shape, kind) for every tensor of LlamaForCausalLM's state dict, in its order."""
     hidden, inter, head_dim = config.hidden_size, config.intermediate_size, config.head_dim
     q_out, kv_out = config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim
@@ -121,7 +131,7 @@ def _tensor_specs(config: LlamaConfig) -> Iterator[tuple[str, tuple[int, ...], s
         yield "lm_head.weight", (config.vocab_size, hidden), "unembed"
 
 
-def _generate_tensor(
+def generate_tensor(
     seed: int,
     name: str,
     shape: tuple[int, ...],
@@ -129,7 +139,10 @@ def _generate_tensor(
     dtype: torch.dtype,
     live_rows: int,
     device: torch.device = CPU,
+    to_host: bool = True,
 ) -> torch.Tensor:
+    """One tensor's seeded values in `dtype`, drawn on `device`; on the host unless `to_host` is false (a split
+    generated on the GPU encodes it there)."""
     # One generator per tensor, seeded by a stable hash of its name: values do not depend on write order,
     # sharding or PYTHONHASHSEED, and a tensor loaded into the wrong slot has visibly different values.
     # They do depend on the generator's device (CPU and CUDA draw different streams from one seed).
@@ -164,7 +177,8 @@ def _generate_tensor(
         # ~98% of argmaxes with undecodable ids. 2**-6 only shifts bf16 exponents, so the bytes stay as
         # incompressible as trained weights' while greedy decoding stays inside the tokenizer's vocab.
         t[live_rows:] *= 2**-6
-    return t.to(dtype).cpu()
+    t = t.to(dtype)
+    return t.cpu() if to_host else t
 
 
 def _assign_shards(sizes: list[int], n: int) -> list[int]:
@@ -179,6 +193,56 @@ def _assign_shards(sizes: list[int], n: int) -> list[int]:
     return out
 
 
+def _model_dtype(config: LlamaConfig) -> torch.dtype:
+    dtype = config.dtype or torch.float32
+    return getattr(torch, dtype) if isinstance(dtype, str) else dtype
+
+
+def weights_bytes(config: LlamaConfig) -> int:
+    """The bytes of every weight of `config`'s model in its dtype: what its checkpoint (or an uncompressed split)
+    holds."""
+    itemsize = _model_dtype(config).itemsize
+    return sum(math.prod(shape) * itemsize for _, shape, _ in tensor_specs(config))
+
+
+def splits_directly(model: ModelConfig) -> bool:
+    """Whether `model` is generated straight into each split, never written as a checkpoint: a generated model whose
+    weights are larger than DIRECT_SPLIT_BYTES."""
+    if model.source != "generated":
+        return False
+    return weights_bytes(llama_config_for(model, VOCAB_SIZE)) > DIRECT_SPLIT_BYTES
+
+
+def _checked_tmp(out_dir: Path, config: LlamaConfig, tokenizer: PreTrainedTokenizerFast) -> Path:
+    """A fresh temporary folder beside `out_dir` holding the files every checkpoint has: config, generation config
+    and tokenizer."""
+    if out_dir.exists():
+        raise FileExistsError(f"{out_dir} already exists; a checkpoint is never built over another")
+    if (config.bos_token_id, config.eos_token_id) != (tokenizer.bos_token_id, tokenizer.eos_token_id):
+        raise ValueError("the config's bos/eos ids are not the tokenizer's: build it with llama_config_for")
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)  # a leftover of an earlier process that had our pid
+    tmp.mkdir(parents=True)
+    try:
+        config.save_pretrained(tmp)
+        stop_ids = [tokenizer.convert_tokens_to_ids(t) for t in STOP_TOKENS]
+        generation = GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=stop_ids, do_sample=False)
+        generation.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return tmp
+
+
+def _move_into_place(tmp: Path, out_dir: Path) -> None:
+    try:
+        os.replace(tmp, out_dir)
+    except OSError as err:
+        # A concurrent build of the same directory won the race; its files are byte-identical to ours.
+        raise FileExistsError(f"{out_dir} appeared while it was being built") from err
+
+
 def build_generated_checkpoint(
     out_dir: Path,
     config: LlamaConfig,
@@ -189,13 +253,8 @@ def build_generated_checkpoint(
     device: torch.device = CPU,
 ) -> None:
     out_dir = Path(out_dir)
-    if out_dir.exists():
-        raise FileExistsError(f"{out_dir} already exists; a checkpoint is never built over another")
-    if (config.bos_token_id, config.eos_token_id) != (tokenizer.bos_token_id, tokenizer.eos_token_id):
-        raise ValueError("the config's bos/eos ids are not the tokenizer's: build it with llama_config_for")
-    dtype = config.dtype or torch.float32
-    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-    specs = list(_tensor_specs(config))
+    dtype = _model_dtype(config)
+    specs = list(tensor_specs(config))
     sizes = [math.prod(shape) * dtype.itemsize for _, shape, _ in specs]
     total = sum(sizes)
     n_shards = min(max(shards, math.ceil(total / SHARD_BYTES)), len(specs))
@@ -206,15 +265,8 @@ def build_generated_checkpoint(
         else [f"model-{k + 1:05d}-of-{n_shards:05d}.safetensors" for k in range(n_shards)]
     )
 
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)  # a leftover of an earlier process that had our pid
-    tmp.mkdir(parents=True)
+    tmp = _checked_tmp(out_dir, config, tokenizer)
     try:
-        config.save_pretrained(tmp)
-        stop_ids = [tokenizer.convert_tokens_to_ids(t) for t in STOP_TOKENS]
-        generation = GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=stop_ids, do_sample=False)
-        generation.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
         weight_map: dict[str, str] = {}
         columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TimeRemainingColumn())
         with Progress(*columns, transient=True) as progress:
@@ -224,7 +276,7 @@ def build_generated_checkpoint(
                 shard = {}
                 for (name, shape, kind), size, s in zip(specs, sizes, shard_of, strict=True):
                     if s == k:
-                        shard[name] = _generate_tensor(seed, name, shape, kind, dtype, len(tokenizer), device)
+                        shard[name] = generate_tensor(seed, name, shape, kind, dtype, len(tokenizer), device)
                         weight_map[name] = file_name
                         progress.advance(task, size)
                 save_file(shard, str(tmp / file_name), metadata={"format": "pt"})
@@ -232,11 +284,37 @@ def build_generated_checkpoint(
         if n_shards > 1:
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-        try:
-            os.replace(tmp, out_dir)
-        except OSError as err:
-            # A concurrent build of the same directory won the race; its files are byte-identical to ours.
-            raise FileExistsError(f"{out_dir} appeared while it was being built") from err
+        _move_into_place(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def build_weightless_checkpoint(
+    out_dir: Path,
+    config: LlamaConfig,
+    tokenizer: PreTrainedTokenizerFast,
+    *,
+    name: str,
+    seed: int,
+    device: torch.device = CPU,
+) -> None:
+    """A checkpoint directory without weights: config, generation config, tokenizer, and GENERATOR_FILE, the recipe
+    (seed, dtype, generator device, tokenizer rows) that its splits generate every weight from, exactly as
+    `build_generated_checkpoint` would have written it."""
+    out_dir = Path(out_dir)
+    recipe = {
+        "generator": GENERATOR_VERSION,
+        "model": name,
+        "seed": seed,
+        "dtype": str(_model_dtype(config)).removeprefix("torch."),
+        "device": device.type,
+        "live_rows": len(tokenizer),
+        "weights_bytes": weights_bytes(config),
+    }
+    tmp = _checked_tmp(out_dir, config, tokenizer)
+    try:
+        (tmp / GENERATOR_FILE).write_text(json.dumps(recipe, indent=2, sort_keys=True) + "\n")
+        _move_into_place(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -254,7 +332,14 @@ def _generated_key(model: ModelConfig) -> str:
     }
     if model.generator_device != "cpu":  # other values, so another checkpoint (CPU keys stay as they were)
         recipe["generator_device"] = model.generator_device
+    if splits_directly(model):  # a weightless directory never shares a name with a written one
+        recipe["weights"] = "generated into each split"
     return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def generated_dir(model: ModelConfig, outputs_dir: Path) -> Path:
+    """Where the generated `model`'s checkpoint is (or would be) built."""
+    return Path(outputs_dir) / "models" / f"{model.name}-{_generated_key(model)}"
 
 
 def ensure_checkpoint(model: ModelConfig, outputs_dir: Path) -> Path:
@@ -262,7 +347,7 @@ def ensure_checkpoint(model: ModelConfig, outputs_dir: Path) -> Path:
         return validate_local(Path(model.path).expanduser())
     if model.source == "gguf":
         return ensure_gguf_checkpoint(model, outputs_dir)
-    out_dir = Path(outputs_dir) / "models" / f"{model.name}-{_generated_key(model)}"
+    out_dir = generated_dir(model, outputs_dir)
     # Builds are atomic (os.replace of a finished directory), so existing means complete.
     if (out_dir / "config.json").is_file():
         log.info("reusing generated checkpoint %s", out_dir)
@@ -279,6 +364,14 @@ def ensure_checkpoint(model: ModelConfig, outputs_dir: Path) -> Path:
 def _build(model: ModelConfig, out_dir: Path) -> None:
     tokenizer = build_tokenizer()
     config = llama_config_for(model, len(tokenizer))
+    device = torch.device(model.generator_device)
+    if splits_directly(model):
+        log.info(
+            "model %s: its %.1f GB of weights are generated straight into each split (seed %d, on %s); %s holds "
+            "its config and tokenizer only", model.name, weights_bytes(config) / 1e9, model.seed, device, out_dir,
+        )
+        build_weightless_checkpoint(out_dir, config, tokenizer, name=model.name, seed=model.seed, device=device)
+        return
     log.info(
         "building generated checkpoint %s (geometry %s, %s, seed %d)",
         out_dir,
@@ -286,5 +379,4 @@ def _build(model: ModelConfig, out_dir: Path) -> None:
         model.dtype,
         model.seed,
     )
-    device = torch.device(model.generator_device)
     build_generated_checkpoint(out_dir, config, tokenizer, seed=model.seed, shards=model.shards, device=device)

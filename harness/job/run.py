@@ -14,6 +14,7 @@ from typing import Any
 from rich.console import Console
 from rich.text import Text
 
+from harness.checkpoints.direct import refuse_weight_readers
 from harness.config import GROUPS, OPTION_GROUPS, Config, RunnerUnavailable, explicit_groups
 from harness.device import resolve_device
 from harness.job.measure import Outcome, measure
@@ -93,6 +94,8 @@ def run_job(
         log.warning("skipped: %s", exc)
         console.print(Text(f"skipped: {exc}", style="yellow"))
         return None
+    # A model generated straight into its splits has no weights for a reference, a peer or the quality pass.
+    refuse_weight_readers(cfg)
     # Each group's option as the runner runs it: where that is its own default, not this config's, the config's
     # settings of that group are none of its params; a group it has no counterpart for is none at all.
     own = {group for group, option in options.items() if option is getattr(cfg, group)}

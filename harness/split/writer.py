@@ -3,7 +3,9 @@
 The split is streamed (one unit in memory at a time), atomic (temporary name, then
 rename; the manifest is written last) and resumable: every finished file is recorded in
 a journal, so a rerun after an interruption redoes only missing or invalid files and
-ends byte-identical to an uninterrupted split.
+ends byte-identical to an uninterrupted split. The units' tensors come from a tensor source
+(sources.py): a checkpoint's safetensors files, or the generator of a weightless generated
+checkpoint, which draws each unit straight into its split file.
 """
 
 from __future__ import annotations
@@ -15,7 +17,6 @@ import logging
 import os
 import shutil
 import time
-from collections import defaultdict
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -25,18 +26,18 @@ from typing import Any
 
 import torch
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
-from safetensors import safe_open
 from safetensors.torch import save
 from transformers import LlamaConfig
 
 from harness import __version__
+from harness.checkpoints.generated import GENERATOR_FILE
 from harness.files import exclusive_lock, write_atomic
 from harness.measurement.environment import usable_cores
 from harness.measurement.memory import RssSampler
-from harness.split.integrity import CorruptFileError, check_split_file, tensor_bytes, tensor_shapes
-from harness.split.layout import MANIFEST, SplitLayout, unit_names, unit_of
+from harness.split.integrity import CorruptFileError, check_split_file
+from harness.split.layout import MANIFEST, SplitLayout, unit_names
 from harness.split.manifest import read_journal, read_manifest
-from harness.split.source import check_checkpoint_tensors
+from harness.split.sources import TensorSource, open_source
 from strategies.compression.base import Codec
 
 log = logging.getLogger(__name__)
@@ -59,12 +60,13 @@ class SplitStats:
 
 
 def source_fingerprint(ckpt_dir: Path) -> str:
-    """Cheap identity of a checkpoint: its config and index bytes and each weight file's size and mtime.
+    """Cheap identity of a checkpoint: its config, index and generator recipe bytes and each weight file's size and
+    mtime.
 
     Stat, not hash: reusing a split must not read the (possibly 16 GB) source.
     """
     h = hashlib.sha256()
-    for name in ("config.json", "model.safetensors.index.json"):
+    for name in ("config.json", "model.safetensors.index.json", GENERATOR_FILE):
         path = ckpt_dir / name
         if path.exists():
             h.update(name.encode() + path.read_bytes())
@@ -130,7 +132,10 @@ def ensure_split(
     """Return a valid split of `ckpt_dir` for `codec`, writing only what is missing or invalid.
 
     The checkpoint is checked first, from its headers (source.check_checkpoint_tensors): one that lacks a
-    tensor, holds an odd one or mixes dtypes raises ValueError saying which, and nothing is written.
+    tensor, holds an odd one or mixes dtypes raises ValueError saying which, and nothing is written. A weightless
+    generated checkpoint (generated.GENERATOR_FILE) is split by drawing each unit from its recipe: only with a
+    codec that compresses, since an uncompressed split would hold the whole bf16 checkpoint (ValueError, with the
+    numbers).
 
     `verify`: re-hash every file against the manifest. Without it a reused file still has its
     size and safetensors header checked, but a changed byte among its weights goes unnoticed.
@@ -143,7 +148,11 @@ def ensure_split(
     fingerprint = source_fingerprint(ckpt_dir)
     # Before the split folder exists, and on reuse too: a checkpoint that cannot run leaves nothing behind, and
     # a split written from one before this check existed is refused like a new one. Headers only: milliseconds.
-    tensor_files = check_checkpoint_tensors(ckpt_dir, config)
+    source = open_source(ckpt_dir, config)
+    if source.generates and not codec.lossy:
+        from harness.checkpoints.direct import uncompressed_refusal
+
+        raise ValueError(uncompressed_refusal(source.name, config, codec.split_key))
     split_dir = splits_root / f"{ckpt_dir.name}-{fingerprint[:12]}" / codec.split_key
     split_dir.mkdir(parents=True, exist_ok=True)
     header = {
@@ -164,17 +173,17 @@ def ensure_split(
     # One writer per split folder: a second process waits here, then finds the split finished and reuses it.
     with exclusive_lock(split_dir / LOCK, on_wait=waiting):
         locked = time.perf_counter()
-        layout, stats = _ensure_split_locked(
-            ckpt_dir, tensor_files, config, codec, split_dir, header, verify, encode_device
-        )
+        try:
+            layout, stats = _ensure_split_locked(source, config, codec, split_dir, header, verify, encode_device)
+        finally:
+            source.close()
     # The time spent waiting for another process's split is not this one's split time.
     stats.split_s = before_lock + time.perf_counter() - locked
     return layout, stats
 
 
 def _ensure_split_locked(
-    ckpt_dir: Path,
-    tensor_files: dict[str, str],
+    source: TensorSource,
     config: LlamaConfig,
     codec: Codec,
     split_dir: Path,
@@ -198,9 +207,7 @@ def _ensure_split_locked(
     stats = SplitStats(0.0, bool(todo), 0, 0, 0, 0)
     if todo:
         kept = {u: records[u] for u in file_units if u in valid}
-        records = _write_files(
-            ckpt_dir, tensor_files, config, codec, split_dir, header, kept, todo, encode_device, stats
-        )
+        records = _write_files(source, codec, split_dir, header, kept, todo, encode_device, stats)
 
     manifest = {
         **header,
@@ -217,9 +224,7 @@ def _ensure_split_locked(
 
 
 def _write_files(
-    ckpt_dir: Path,
-    tensor_files: dict[str, str],
-    config: LlamaConfig,
+    source: TensorSource,
     codec: Codec,
     split_dir: Path,
     header: dict[str, Any],
@@ -228,14 +233,9 @@ def _write_files(
     encode_device: torch.device,
     stats: SplitStats,
 ) -> dict[str, dict[str, Any]]:
-    """Write the files of `todo`, journaling each; returns the records of `kept` and of the files written.
-
-    `tensor_files`: tensor -> checkpoint file, as check_checkpoint_tensors returned it.
-    """
-    by_unit: dict[str, list[str]] = defaultdict(list)
-    for name in tensor_files:
-        by_unit[unit_of(name, config.num_hidden_layers)[0]].append(name)
-    source_bytes = _source_bytes(ckpt_dir, tensor_files, config.num_hidden_layers)
+    """Write the files of `todo`, journaling each, one unit's tensors in memory at a time; returns the records of
+    `kept` and of the files written."""
+    source_bytes = source.unit_bytes()
     # Under the lock nobody else writes here: a temporary file is what a killed run left behind.
     for stale in split_dir.glob(".*.tmp"):
         stale.unlink(missing_ok=True)
@@ -247,24 +247,19 @@ def _write_files(
     with _explain_disk_full(split_dir / JOURNAL, len(journal_data), todo_bytes, len(todo), len(kept)):
         write_atomic(split_dir / JOURNAL, journal_data)
     records = dict(kept)
-    log.info("splitting %s into %s: %d of %d files to write", ckpt_dir, split_dir, len(todo), len(kept) + len(todo))
+    log.info("splitting %s into %s: %d of %d files to write", source, split_dir, len(todo), len(kept) + len(todo))
     # Unbuffered: a failed append leaves nothing pending that closing the file would try, and fail, to write again.
     with RssSampler() as rss, _progress() as progress, open(split_dir / JOURNAL, "ab", buffering=0) as journal:
         task = progress.add_task("split", total=len(todo))
-        handles: dict[str, Any] = {}
         for i, unit in enumerate(todo):
             progress.update(task, description=f"split {unit}")
-            tensors = {}
-            for name in sorted(by_unit[unit]):
-                file = tensor_files[name]
-                if file not in handles:
-                    handles[file] = safe_open(ckpt_dir / file, framework="pt")
-                tensors[unit_of(name, config.num_hidden_layers)[1]] = handles[file].get_tensor(name)
+            # On the host from files; a generator on the GPU hands them over there, where a GPU split encodes them.
+            tensors = source.unit_tensors(unit)
             if codec.lossy and encode_device.type != "cpu":
                 on_device = {k: t.to(encode_device) for k, t in tensors.items()}
                 stored = {k: t.cpu() for k, t in codec.encode(unit, on_device).items()}
             else:
-                stored = codec.encode(unit, tensors)
+                stored = codec.encode(unit, {k: t.cpu() for k, t in tensors.items()})
             # One metadata key only: safetensors writes metadata in hash-map order, so several keys
             # would make identical splits differ byte for byte. Hashing the serialized bytes
             # avoids reading the file back.
@@ -288,18 +283,8 @@ def _write_files(
             stats.files_written += 1
             stats.bytes_written += rec["bytes"]
             progress.advance(task)
-        handles.clear()
     stats.peak_anon_delta_bytes = rss.peak_delta_bytes
     return records
-
-
-def _source_bytes(ckpt_dir: Path, tensor_files: dict[str, str], num_layers: int) -> dict[str, int]:
-    """Each unit's bytes in the checkpoint, from its files' headers (no weight is read)."""
-    sizes: dict[str, int] = defaultdict(int)
-    headers = {file: tensor_shapes(ckpt_dir / file) for file in set(tensor_files.values())}
-    for name, file in tensor_files.items():
-        sizes[unit_of(name, num_layers)[0]] += tensor_bytes(*headers[file][name])
-    return sizes
 
 
 @contextmanager

@@ -48,8 +48,8 @@ def load_tensors(ckpt_dir: Path) -> dict[str, torch.Tensor]:
 
 def test_load_geometry_lists_available_names():
     assert load_geometry("tiny")["hidden_size"] == 128
-    with pytest.raises(ValueError, match=r"llama3-8b.*llama3.2-1b.*tiny"):
-        load_geometry("llama3-70b")
+    with pytest.raises(ValueError, match=r"llama3-70b.*llama3-8b.*llama3.2-1b.*tiny"):
+        load_geometry("llama3-405b")
 
 
 def test_llama_config_for_real_geometries(tokenizer):

@@ -159,3 +159,16 @@ def test_a_parent_that_cannot_be_created_fails_the_sweep(tmp_path: Path) -> None
     output, _ = proc.communicate(timeout=300)
     assert proc.returncode != 0
     assert "parent run could not be created" in output
+
+
+def test_what_needs_a_direct_split_models_weights_is_refused_before_its_run_exists(
+    make_cfg: Callable[..., Config], tmp_path: Path
+) -> None:
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    for option, refusal in (("quality.enabled=true", "set quality.enabled=false"),
+                            ("reference.enabled=true", "set reference.enabled=false")):
+        cfg = make_cfg("model=llama3-70b-synthetic", "compression=4bit", "quality.enabled=false", option,
+                       "tracking.enabled=true", f"tracking.uri={uri}", f"paths.outputs={tmp_path}")
+        with pytest.raises(ValueError, match=refusal):
+            run_job(cfg, {}, choices={}, overrides=[])
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "models").exists()

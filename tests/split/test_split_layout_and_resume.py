@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from split_files import codec, tree
 from transformers import LlamaConfig
 
-import harness.split.writer as split_mod
+import harness.split.sources as sources_mod
 from harness.split.layout import unit_names
 from harness.split.writer import ensure_split
 from strategies.compression.none import NoCompression
@@ -105,14 +105,14 @@ def test_corrupted_file_is_named_and_rewritten(
 def test_valid_split_is_reused_without_reading_the_sources_weights(
     ckpt: Path, config: LlamaConfig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Only the source's headers are read on reuse (harness.split.source's check); the writer opens the source
-    only to read weights."""
+    """Only the source's headers are read on reuse (harness.split.source's check); its tensor source
+    (harness.split.sources) opens the files only to read weights."""
     ensure_split(ckpt, config, codec(), tmp_path)
 
     def no_source(*args, **kwargs):
         raise AssertionError("the source checkpoint's weights were read")
 
-    monkeypatch.setattr(split_mod, "safe_open", no_source)
+    monkeypatch.setattr(sources_mod, "safe_open", no_source)
     layout, stats = ensure_split(ckpt, config, codec(), tmp_path)
     assert not stats.fresh and stats.files_written == 0
     assert layout.file("embed").exists()

@@ -7,7 +7,7 @@ ones, and summed rather than overlapped when nothing loads ahead (prefetch=off r
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from harness.config import ProbeConfig, WorkloadConfig
@@ -26,6 +26,11 @@ class Plan:
     h2d_bytes_per_pass: float
     predicted_s: float
     limiting: str
+    # The stored size of the units a pass streams (all but the resident ones, a shared file once), whatever the
+    # cache: what a pass would read were every unit read from storage.
+    stream_bytes_per_pass: float = 0.0
+    # Each link's predicted seconds per token (floor.LINKS), whose slowest (or sum) is `predicted_s`.
+    per_link_s: dict[str, float] = field(default_factory=dict)
 
     def describe(self, bytes_held: int) -> str:
         layers = sum(u.startswith("layers.") for u in self.resident)
@@ -61,4 +66,7 @@ def make_plan(
     )
     overlapped = pipeline.prefetcher.layers_ahead > 0
     predicted = floor.floor_s if overlapped else sum(floor.per_link_s.values())
-    return Plan(resident, streamed, read, h2d, predicted, floor.limiting if overlapped else "the sum of the links")
+    limiting = floor.limiting if overlapped else "the sum of the links"
+    return Plan(
+        resident, streamed, read, h2d, predicted, limiting, float(layout.files_bytes(streamed)), dict(floor.per_link_s)
+    )
