@@ -40,11 +40,21 @@ class SweepWatchdog:
 def _watch(uri: str, experiment_id: str, parent_run_id: str) -> None:
     if sys.stdin.buffer.read() == STOP:
         return
+    import contextlib
+
     from mlflow import MlflowClient
 
+    from harness.files import exclusive_lock
+    from harness.tracking.client import sqlite_db_path
     from harness.tracking.orphans import close_orphans
 
-    close_orphans(MlflowClient(uri), [experiment_id], parent_run_id=parent_run_id,
+    db = sqlite_db_path(uri)
+    if db is not None and not db.exists():
+        return  # the store is gone (its folder removed): opening it would create an empty one
+    # Through the lock the store is created under: another job may be creating a new store at that path.
+    with exclusive_lock(db.with_name(db.name + ".lock")) if db is not None else contextlib.nullcontext():
+        client = MlflowClient(uri)
+    close_orphans(client, [experiment_id], parent_run_id=parent_run_id,
                   parent_reason="its sweep's process ended (killed, or out of memory) before this job did")
 
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 import torch
-from transformers import LlamaConfig
+from fake_probes import cpu_rates, small_layer_config
 
 import harness.streaming.model as streaming_model
 from harness.probe import store
@@ -19,33 +19,6 @@ from harness.probe.compute import measure_head_compute_s, measure_layer_compute_
 from harness.probe.links import LinkRates
 
 CPU = torch.device("cpu")
-
-
-def _tiny_config() -> LlamaConfig:
-    return LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=32,
-        vocab_size=128,
-        max_position_embeddings=64,
-    )
-
-
-def _cpu_rates(measured_at: str) -> LinkRates:
-    return LinkRates(
-        disk_read_cold_bytes_per_s=1e9,
-        page_cache_bytes_per_s=4e9,
-        host_copy_bytes_per_s=10e9,
-        h2d_pinned_bytes_per_s=None,
-        h2d_pageable_bytes_per_s=None,
-        dequant_8bit_bytes_per_s=100e9,
-        dequant_4bit_bytes_per_s=50e9,
-        device="cpu",
-        measured_at=measured_at,
-    )
 
 
 class _Measure:
@@ -66,7 +39,7 @@ class _Measure:
 
 
 def test_layer_probe_times_batch_sequences_side_by_side(monkeypatch: pytest.MonkeyPatch) -> None:
-    config = _tiny_config()
+    config = small_layer_config()
     seen: list[dict[str, Any]] = []
     original = streaming_model.forward_decoder
 
@@ -90,7 +63,7 @@ def test_layer_probe_times_batch_sequences_side_by_side(monkeypatch: pytest.Monk
 
 
 def test_head_probe_computes_the_last_position_of_each_sequence(monkeypatch: pytest.MonkeyPatch) -> None:
-    config = _tiny_config()
+    config = small_layer_config()
     inputs: list[tuple[int, ...]] = []
     original = streaming_model.forward_unit
 
@@ -105,9 +78,9 @@ def test_head_probe_computes_the_last_position_of_each_sequence(monkeypatch: pyt
 
 def test_batch_must_be_positive() -> None:
     with pytest.raises(ValueError, match="batch"):
-        measure_layer_compute_s(_tiny_config(), CPU, torch.float32, repeats=1, batch=0)
+        measure_layer_compute_s(small_layer_config(), CPU, torch.float32, repeats=1, batch=0)
     with pytest.raises(ValueError, match="batch"):
-        measure_head_compute_s(_tiny_config(), CPU, torch.float32, repeats=1, batch=0)
+        measure_head_compute_s(small_layer_config(), CPU, torch.float32, repeats=1, batch=0)
 
 
 # ---------------------------------------------------------------- batch in the cache key
@@ -116,7 +89,7 @@ def test_batch_must_be_positive() -> None:
 def test_layer_cache_key_distinguishes_batch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     fake = _Measure(0.25)
     monkeypatch.setattr(store, "measure_layer_compute_s", fake)
-    config = _tiny_config()
+    config = small_layer_config()
     one = store.load_or_measure_layer_compute_s(config, CPU, torch.bfloat16, tmp_path, seq_len=1)
     many = store.load_or_measure_layer_compute_s(config, CPU, torch.bfloat16, tmp_path, seq_len=1, batch=4)
     assert (one, many) == (0.25, 0.5)
@@ -131,7 +104,7 @@ def test_layer_cache_key_distinguishes_batch(tmp_path: Path, monkeypatch: pytest
 def test_head_cache_key_distinguishes_batch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     fake = _Measure(0.125)
     monkeypatch.setattr(store, "measure_head_compute_s", fake)
-    config = _tiny_config()
+    config = small_layer_config()
     assert store.load_or_measure_head_compute_s(config, CPU, torch.bfloat16, tmp_path) == 0.125
     assert store.load_or_measure_head_compute_s(config, CPU, torch.bfloat16, tmp_path, batch=8) == 0.25
     assert store.load_or_measure_head_compute_s(config, CPU, torch.bfloat16, tmp_path, batch=8) == 0.25
@@ -141,7 +114,7 @@ def test_head_cache_key_distinguishes_batch(tmp_path: Path, monkeypatch: pytest.
 def test_single_sequence_cache_written_before_batch_was_keyed_stays_valid(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    config = _tiny_config()
+    config = small_layer_config()
     key = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 2, "num_key_value_heads": 1,
            "head_dim": 32, "dtype": "bfloat16", "seq_len": 1}
     name = f"{socket.gethostname()}-cpu-layer-64-128-2-1-32-bfloat16-1.json"
@@ -155,7 +128,7 @@ def test_single_sequence_cache_written_before_batch_was_keyed_stays_valid(
 
 
 def _load_all(cache_dir: Path) -> tuple[LinkRates, float, float]:
-    config = _tiny_config()
+    config = small_layer_config()
     return (
         store.load_or_measure(CPU, cache_dir, cache_dir),
         store.load_or_measure_layer_compute_s(config, CPU, torch.bfloat16, cache_dir, batch=2),
@@ -166,7 +139,7 @@ def _load_all(cache_dir: Path) -> tuple[LinkRates, float, float]:
 def test_marked_stale_is_measured_again_once_then_read_from_the_cache(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    links, layer, head = _Measure(_cpu_rates("unused")), _Measure(0.5), _Measure(0.0625)
+    links, layer, head = _Measure(cpu_rates("unused")), _Measure(0.5), _Measure(0.0625)
     monkeypatch.setattr(store, "measure_link_rates", links)
     monkeypatch.setattr(store, "measure_layer_compute_s", layer)
     monkeypatch.setattr(store, "measure_head_compute_s", head)
@@ -189,7 +162,7 @@ def test_marked_stale_is_measured_again_once_then_read_from_the_cache(
 
 
 def test_refresh_clears_a_stale_mark(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    links = _Measure(_cpu_rates("unused"))
+    links = _Measure(cpu_rates("unused"))
     monkeypatch.setattr(store, "measure_link_rates", links)
     store.load_or_measure(CPU, tmp_path, tmp_path)
     store.mark_stale(CPU, tmp_path, "beaten")
@@ -214,7 +187,7 @@ def test_mark_stale_on_a_missing_cache_dir_marks_nothing(tmp_path: Path) -> None
 
 def test_cached_rates_file_keeps_its_format(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A mark lives beside the cache file, never in it: older readers of the rates file see what they expect."""
-    monkeypatch.setattr(store, "measure_link_rates", _Measure(_cpu_rates("unused")))
+    monkeypatch.setattr(store, "measure_link_rates", _Measure(cpu_rates("unused")))
     rates = store.load_or_measure(CPU, tmp_path, tmp_path)
     store.mark_stale(CPU, tmp_path, "beaten")
     assert json.loads(store.cache_path(CPU, tmp_path).read_text()) == asdict(rates)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import LlamaConfig
+from fake_probes import small_layer_config
 
 from harness.probe import cli, store
 from harness.probe.compute import measure_layer_compute_s
@@ -37,19 +37,6 @@ def _rates(**overrides: object) -> LinkRates:
         measured_at="2025-01-01T00:00:00+00:00",
     )
     return replace(base, **overrides)
-
-
-def _tiny_config() -> LlamaConfig:
-    return LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=32,
-        vocab_size=128,
-        max_position_embeddings=64,
-    )
 
 
 # ---------------------------------------------------------------- measuring
@@ -88,7 +75,7 @@ def test_rates_survive_json_round_trip(cpu_rates: tuple[LinkRates, Path]) -> Non
 
 
 def test_layer_compute_time_is_positive() -> None:
-    config = _tiny_config()
+    config = small_layer_config()
     config._attn_implementation = "eager"
     layer_s = measure_layer_compute_s(config, torch.device("cpu"), torch.float32, repeats=2)
     assert math.isfinite(layer_s) and layer_s > 0
@@ -96,7 +83,7 @@ def test_layer_compute_time_is_positive() -> None:
 
 
 def test_layer_compute_handles_several_new_positions() -> None:
-    layer_s = measure_layer_compute_s(_tiny_config(), torch.device("cpu"), torch.bfloat16, seq_len=4, repeats=1)
+    layer_s = measure_layer_compute_s(small_layer_config(), torch.device("cpu"), torch.bfloat16, seq_len=4, repeats=1)
     assert layer_s > 0
 
 
@@ -289,7 +276,7 @@ def test_cuda_rates_and_compute(tmp_path: Path) -> None:
     assert list((tmp_path / "scratch").iterdir()) == []
     assert "-cuda" in store.cache_path(cuda, tmp_path / "cache").name
     assert store.cache_path(cuda, tmp_path / "cache").is_file()
-    layer_s = measure_layer_compute_s(_tiny_config(), cuda, torch.bfloat16, repeats=3)
+    layer_s = measure_layer_compute_s(small_layer_config(), cuda, torch.bfloat16, repeats=3)
     assert math.isfinite(layer_s) and layer_s > 0
     floor = token_floor(
         disk_bytes=0,
@@ -304,7 +291,7 @@ def test_cuda_rates_and_compute(tmp_path: Path) -> None:
 
 
 def test_layer_compute_is_cached_per_geometry(tmp_path, monkeypatch) -> None:
-    config = _tiny_config()
+    config = small_layer_config()
     first = store.load_or_measure_layer_compute_s(config, torch.device("cpu"), torch.bfloat16, tmp_path)
     assert first > 0
 
@@ -321,7 +308,7 @@ def test_layer_compute_is_cached_per_geometry(tmp_path, monkeypatch) -> None:
 
 
 def test_head_compute_is_measured_and_cached(tmp_path, monkeypatch) -> None:
-    config = _tiny_config()
+    config = small_layer_config()
     first = store.load_or_measure_head_compute_s(config, torch.device("cpu"), torch.bfloat16, tmp_path)
     assert 0 < first < 1
 

@@ -26,9 +26,9 @@ from harness.config import Config
 from harness.device import resolve_device
 from harness.measurement.metrics import device_clock
 from harness.measurement.timeline import StageClock
-from harness.measurement.vram import GIB, VramCapExceeded, VramMonitor, check_fits, estimate_need_bytes
+from harness.measurement.vram import GIB, VramCapExceeded, VramMonitor, check_fits
 from harness.runners.layerbench.plan import Plan, make_plan
-from harness.runners.layerbench.setup import ResidencyPlan, Setup
+from harness.runners.layerbench.setup import ResidencyPlan, Setup, streaming_need
 from harness.split.layout import SplitLayout
 from harness.split.sizes import predicted_manifest
 from harness.split.writer import SplitStats
@@ -109,18 +109,10 @@ def predict(cfg: Config, outputs_dir: Path) -> tuple[Setup, dict[str, Any]]:
     codec = strategies.build(cfg.compression)
     prefetcher = strategies.build(cfg.prefetch, device=device)
     kv_policy = strategies.build(cfg.kv_cache)
+    kv_policy.check(config)
     residency = strategies.build(cfg.residency)
-    # What build_setup checks the cap against, from the same estimate (the tests hold the two equal).
-    need = estimate_need_bytes(
-        config,
-        stored_fraction=codec.stored_fraction,
-        layers_ahead=prefetcher.layers_ahead,
-        kv_layers=kv_policy.layers_on_device(config.num_hidden_layers),
-        max_seq=max(len(p) for p in prompts) + cfg.workload.max_new_tokens,
-        batch=cfg.workload.batch_size,
-        static_layers=int(cfg.runner.cuda_graph),
-        kv_held=kv_policy.held_bytes,
-    )
+    # What build_setup checks the cap against, from the same estimate.
+    need = streaming_need(cfg, config, max(len(p) for p in prompts), codec, prefetcher, kv_policy)
     context = _context_bytes(cfg, device)
     splits_root = Path(cfg.split.dir) if cfg.split.dir else outputs_dir / "splits"
     layout = SplitLayout(splits_root / "predicted" / codec.split_key, predicted_manifest(config, codec))

@@ -89,13 +89,19 @@ def compression_quality(setup: Setup, cfg: Config, gen: Generation, outputs_dir:
     )
 
 
+# Positions of each text decoded one at a time through the cache after its prefill: each attends to the whole
+# stored past, as generation's tokens do. More cost more than they tell: a quantized cache dequantizes its whole
+# past at every step.
+KV_QUALITY_STEPS = 128
+
+
 def cached_logits(model: StreamingModel, ids: list[int], cache: object) -> torch.Tensor:
-    """Teacher-forced through a KV cache in one streamed pass: the first half of `ids` as a prefill, then each
-    token as a one-token step, as generation feeds them. -> [len(ids) - half, vocab] float32: the logits of every
-    position from the prefill's last on (each predicting the token after it)."""
-    half = max(1, len(ids) // 2)
-    steps = [torch.tensor([ids[:half]], device=model.device)]
-    steps += [torch.tensor([[token]], device=model.device) for token in ids[half:-1]]
+    """Teacher-forced through a KV cache in one streamed pass: `ids` but its last KV_QUALITY_STEPS (at most half)
+    as a prefill, then each token as a one-token step, as generation feeds them. -> [steps + 1, vocab] float32:
+    the logits of every position from the prefill's last on (each predicting the token after it)."""
+    prefill = max(1, len(ids) - min(KV_QUALITY_STEPS, len(ids) // 2))
+    steps = [torch.tensor([ids[:prefill]], device=model.device)]
+    steps += [torch.tensor([[token]], device=model.device) for token in ids[prefill:-1]]
     return model.forward_steps(steps, cache).cpu()
 
 

@@ -27,6 +27,9 @@ from harness.streaming.model import Generation, Sampler, StreamingModel, forward
 from harness.streaming.pipeline import LayerPipeline
 from harness.streaming.speculative import speculative_generate
 from harness.workload import Workload, prepare_workload
+from strategies.compression.base import Codec
+from strategies.kv_cache.base import KVCachePolicy
+from strategies.prefetch.base import Prefetcher
 
 if TYPE_CHECKING:
     from harness.runners.layerbench.draft import Draft
@@ -91,6 +94,24 @@ class Setup:
         return metrics
 
 
+def streaming_need(
+    cfg: Config, config: LlamaConfig, longest_prompt: int, codec: Codec, prefetcher: Prefetcher,
+    kv_policy: KVCachePolicy,
+) -> dict[str, int]:
+    """From the geometry and what the strategies say they hold: what streaming needs on the device at once
+    (`estimate_need_bytes`), the same for a run and for its plan alone."""
+    return estimate_need_bytes(
+        config,
+        stored_fraction=codec.stored_fraction,
+        layers_ahead=prefetcher.layers_ahead,
+        kv_layers=kv_policy.layers_on_device(config.num_hidden_layers),
+        max_seq=longest_prompt + cfg.workload.max_new_tokens,
+        batch=cfg.workload.batch_size,
+        static_layers=int(cfg.runner.cuda_graph),
+        kv_held=kv_policy.held_bytes,
+    )
+
+
 def build_setup(
     cfg: Config, outputs_dir: Path, device: torch.device, vram: VramMonitor | None = None,
     work: Workload | None = None,
@@ -104,17 +125,7 @@ def build_setup(
     kv_policy = strategies.build(cfg.kv_cache)
     kv_policy.check(config)  # before the split: a cache the model cannot have is refused by name
     residency = strategies.build(cfg.residency)
-    # From the geometry and what the strategies say they hold: what streaming needs on the device at once.
-    need = estimate_need_bytes(
-        config,
-        stored_fraction=codec.stored_fraction,
-        layers_ahead=prefetcher.layers_ahead,
-        kv_layers=kv_policy.layers_on_device(config.num_hidden_layers),
-        max_seq=longest + cfg.workload.max_new_tokens,
-        batch=cfg.workload.batch_size,
-        static_layers=int(cfg.runner.cuda_graph),
-        kv_held=kv_policy.held_bytes,
-    )
+    need = streaming_need(cfg, config, longest, codec, prefetcher, kv_policy)
     context_bytes = (vram.context_bytes or 0) if vram is not None else 0
     if vram is not None and vram.enforced:
         check_fits(need, cfg.vram.cap_gib, context_bytes)  # before the split or any weight is read

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 import torch
+from fake_probes import cpu_rates
 from transformers import LlamaConfig
 
 from harness.config import ProbeConfig
@@ -17,27 +18,12 @@ from harness.measurement.run_report import RunReport
 from harness.measurement.units import format_metric
 from harness.probe import store
 from harness.probe.floor import LINKS
-from harness.probe.links import LinkRates
 from harness.runners.layerbench import floor as layerbench_floor
 from harness.runners.layerbench import runner as layerbench_runner
 from harness.runners.layerbench.floor import FLOOR_TOLERANCE, beaten_floor, floor_metrics
 from strategies.cache.configs import CacheConfig
 
 CPU = torch.device("cpu")
-
-
-def _rates() -> LinkRates:
-    return LinkRates(
-        disk_read_cold_bytes_per_s=1e9,
-        page_cache_bytes_per_s=4e9,
-        host_copy_bytes_per_s=10e9,
-        h2d_pinned_bytes_per_s=None,
-        h2d_pageable_bytes_per_s=None,
-        dequant_8bit_bytes_per_s=100e9,
-        dequant_4bit_bytes_per_s=50e9,
-        device="cpu",
-        measured_at="2025-01-01T00:00:00+00:00",
-    )
 
 
 def _setup(recomputes_sequence: bool = False, draft: object | None = None) -> SimpleNamespace:
@@ -77,7 +63,7 @@ def test_floor_metrics_prices_the_batch_as_its_sequences(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, recomputes: bool, seq_len: int
 ) -> None:
     layer, head = _Spy(0.01), _Spy(0.002)
-    monkeypatch.setattr(layerbench_floor, "load_or_measure", lambda *args, **kwargs: _rates())
+    monkeypatch.setattr(layerbench_floor, "load_or_measure", lambda *args, **kwargs: cpu_rates())
     monkeypatch.setattr(layerbench_floor, "load_or_measure_layer_compute_s", layer)
     monkeypatch.setattr(layerbench_floor, "load_or_measure_head_compute_s", head)
     report = RunReport(tpot_s=1.0, prompt_tokens=12, new_tokens=4, read_bytes_per_pass=0.0, h2d_bytes_per_pass=0.0,
