@@ -31,13 +31,13 @@ ARTIFACTS = "artifacts"
 
 
 class TrackingFailed(RuntimeError):
-    """The store could not take a run's logging, even after retrying; its record on disk still holds it all.
-    `record`: None when the job failed to start its run, before it measured anything."""
+    """The store could not take a run's logging, even after retrying; its record on disk still holds it all."""
 
     @classmethod
     def of(cls, uri: str, error: BaseException, record: RunRecord | None) -> TrackingFailed:
-        """The one message: the store, its error, and where the measurements are (built here, so that the
-        exception itself holds only its text and pickles like any other)."""
+        """The one message: the store, its error, and where the measurements are (`record` None: the run could not
+        start, and nothing was measured). Built here, so that the exception holds only its text and pickles like
+        any other."""
         if record is None:
             then = "Nothing was measured yet: fix the store, or run with tracking.enabled=false"
         else:

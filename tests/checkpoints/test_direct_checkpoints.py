@@ -86,7 +86,7 @@ def test_what_would_read_the_weights_of_a_direct_split_model_is_named(make_cfg: 
 
 def test_refusing_weight_readers_concerns_direct_split_models_only(make_cfg: Callable[..., Config]) -> None:
     tiny = make_cfg("reference.enabled=true", "compression=4bit")
-    refuse_weight_readers(tiny, llama_config_for(tiny.model, VOCAB_SIZE))  # a written checkpoint serves them all
+    refuse_weight_readers(tiny)  # a written checkpoint serves them all
     big = make_cfg("model=llama3-70b-synthetic", "compression=4bit", "reference.enabled=true")
     with pytest.raises(ValueError, match=r"quality pass .*; model llama3-70b-synthetic .* reference"):
-        refuse_weight_readers(big, llama_config_for(big.model, VOCAB_SIZE))
+        refuse_weight_readers(big)
