@@ -21,7 +21,7 @@ from transformers import LlamaConfig
 from harness.checkpoints.generated import GENERATOR_FILE, GENERATOR_VERSION, generate_tensor, tensor_specs
 from harness.split.integrity import tensor_bytes, tensor_shapes
 from harness.split.layout import unit_of
-from harness.split.source import check_checkpoint_tensors, declared_dtype, expected_tensors
+from harness.split.source_check import check_checkpoint_tensors, declared_dtype, expected_tensors
 
 
 class TensorSource(Protocol):
@@ -46,7 +46,8 @@ class TensorSource(Protocol):
 
 
 class CheckpointFiles:
-    """A checkpoint's safetensors files, checked from their headers when opened (source.check_checkpoint_tensors)."""
+    """A checkpoint's safetensors files, checked from their headers when opened
+    (source_check.check_checkpoint_tensors)."""
 
     generates = False
 

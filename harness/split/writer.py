@@ -131,7 +131,7 @@ def ensure_split(
 ) -> tuple[SplitLayout, SplitStats]:
     """Return a valid split of `ckpt_dir` for `codec`, writing only what is missing or invalid.
 
-    The checkpoint is checked first, from its headers (source.check_checkpoint_tensors): one that lacks a
+    The checkpoint is checked first, from its headers (source_check.check_checkpoint_tensors): one that lacks a
     tensor, holds an odd one or mixes dtypes raises ValueError saying which, and nothing is written. A weightless
     generated checkpoint (generated.GENERATOR_FILE) is split by drawing each unit from its recipe: only with a
     codec that compresses, since an uncompressed split would hold the whole bf16 checkpoint (ValueError, with the

@@ -105,7 +105,7 @@ def test_corrupted_file_is_named_and_rewritten(
 def test_valid_split_is_reused_without_reading_the_sources_weights(
     ckpt: Path, config: LlamaConfig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Only the source's headers are read on reuse (harness.split.source's check); its tensor source
+    """Only the source's headers are read on reuse (harness.split.source_check); its tensor source
     (harness.split.sources) opens the files only to read weights."""
     ensure_split(ckpt, config, codec(), tmp_path)
 

@@ -1,4 +1,4 @@
-"""harness.split.source through ensure_split: a checkpoint that lacks a tensor or mixes dtypes (issue #31) is refused
+"""harness.split.source_check through ensure_split: a checkpoint that lacks a tensor or mixes dtypes is refused
 before anything is written, naming the checkpoint, the tensor and what to do; a sound one still splits."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from split_files import codec
 from transformers import LlamaConfig
 
-import harness.split.source as source_mod
+import harness.split.source_check as source_mod
 from harness.split.writer import ensure_split
 
 INDEX = "model.safetensors.index.json"
