@@ -14,7 +14,6 @@ from typing import Any
 from rich.console import Console
 from rich.text import Text
 
-from harness.checkpoints.direct import refuse_weight_readers
 from harness.config import GROUPS, OPTION_GROUPS, Config, RunnerUnavailable, explicit_groups
 from harness.device import resolve_device
 from harness.job.measure import Outcome, measure
@@ -28,6 +27,7 @@ from harness.measurement.stats import COMPARED
 from harness.measurement.summary import caveats, print_summary
 from harness.measurement.units import format_metric
 from harness.runners.base import runner_class
+from harness.split.direct import refuse_weight_readers
 from harness.tracking.client import RunTracker, config_params, default_tracking_uri
 from harness.tracking.orphans import RECORD_TAG, owner_tags
 from harness.tracking.process import Tracker

@@ -150,7 +150,7 @@ def ensure_split(
     # a split written from one before this check existed is refused like a new one. Headers only: milliseconds.
     source = open_source(ckpt_dir, config)
     if source.generates and not codec.lossy:
-        from harness.checkpoints.direct import uncompressed_refusal
+        from harness.split.direct import uncompressed_refusal
 
         raise ValueError(uncompressed_refusal(source.name, config, codec.split_key))
     split_dir = splits_root / f"{ckpt_dir.name}-{fingerprint[:12]}" / codec.split_key

@@ -18,7 +18,6 @@ import torch
 from transformers import AutoTokenizer, LlamaConfig, PreTrainedTokenizerBase
 
 import strategies
-from harness.checkpoints.direct import direct_split_conflicts, uncompressed_refusal
 from harness.checkpoints.generated import generated_dir, llama_config_for, splits_directly, weights_bytes
 from harness.checkpoints.loading import load_model_config
 from harness.checkpoints.tokenizer import build_tokenizer
@@ -29,6 +28,7 @@ from harness.measurement.timeline import StageClock
 from harness.measurement.vram import GIB, VramCapExceeded, VramMonitor, check_fits
 from harness.runners.layerbench.plan import Plan, make_plan
 from harness.runners.layerbench.setup import ResidencyPlan, Setup, streaming_need
+from harness.split.direct import direct_split_conflicts, uncompressed_refusal
 from harness.split.layout import SplitLayout
 from harness.split.sizes import predicted_manifest
 from harness.split.writer import SplitStats

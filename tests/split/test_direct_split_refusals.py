@@ -11,7 +11,6 @@ import pytest
 import torch
 
 import harness.checkpoints.generated as generated
-from harness.checkpoints.direct import direct_split_conflicts, refuse_weight_readers
 from harness.checkpoints.generated import (
     GENERATOR_FILE,
     ensure_checkpoint,
@@ -22,6 +21,7 @@ from harness.checkpoints.generated import (
 )
 from harness.checkpoints.tokenizer import VOCAB_SIZE
 from harness.config import Config, ModelConfig
+from harness.split.direct import direct_split_conflicts, refuse_weight_readers
 from harness.workload import prepare_workload
 
 # Llama-3-70B: 70,553,706,496 parameters in bf16.
