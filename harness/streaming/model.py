@@ -129,7 +129,7 @@ def forward_decoder(
 ) -> torch.Tensor:
     """One decoder layer's forward, exactly as every pass runs it (the link probe times this same call).
 
-    hidden: [1, q, hidden] -> [1, q, hidden].
+    hidden: [batch, q, hidden] -> [batch, q, hidden].
     """
     return forward_unit(
         decoder,
