@@ -327,8 +327,11 @@ class Config:
 
     def __post_init__(self) -> None:
         check_choice("device", self.device, DEVICES)
-        if self.decoding.drafts and self.workload.batch_size > 1:
-            raise ValueError("decoding=speculative decodes one sequence: it needs workload.batch_size=1")
+        if self.decoding.drafts and self.workload.batch_size > 1 and self.decoding.verify != "exact":
+            raise ValueError(
+                "decoding.verify=batched verifies one sequence: a batch (workload.batch_size>1) needs "
+                "decoding.verify=exact"
+            )
         if self.runner.cuda_graph and (self.kv_cache.name != "device" or self.decoding.name != "greedy"):
             raise ValueError(
                 "runner.cuda_graph=true replays one-token steps on a static cache on the device: it needs kv_cache="

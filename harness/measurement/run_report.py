@@ -107,6 +107,7 @@ class RunReport:
     # --- decoding=speculative: draft tokens accepted, per verifying pass of the target, and what it costs
     spec_accepted_share: float | None = figure("draft tokens accepted")
     spec_accepted_per_pass: float | None = figure("accepted per target pass")
+    spec_tokens_per_pass: float | None = figure()
     spec_passes_per_token: float | None = figure("target passes per token")
     spec_draft_share: float | None = figure()
     spec_draft_bytes: float | None = figure()

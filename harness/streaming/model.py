@@ -259,7 +259,13 @@ class StreamingModel:
         return logits.float() if all_positions else logits[:, -1, :].float()
 
     @torch.inference_mode()
-    def forward_steps(self, steps: Sequence[torch.Tensor], cache: object | None) -> torch.Tensor:
+    def forward_steps(
+        self,
+        steps: Sequence[torch.Tensor],
+        cache: object | None = None,
+        *,
+        caches: Sequence[object | None] | None = None,
+    ) -> torch.Tensor:
         """One streamed pass that computes each of several steps exactly as a pass of its own would: `steps[j]` is
         step j's input ([1, q]: its new token with a KV cache, the whole sequence so far without one), and every
         layer runs the steps one after another with the shapes, positions and masks of that one-step pass. Each
@@ -267,12 +273,20 @@ class StreamingModel:
 
         Speculative decoding verifies with it: its tokens are then greedy's bit for bit in any dtype, where one
         call over every position (`forward(all_positions=True)`) rounds differently in bf16 (other matmul shapes).
+        `caches`, instead of the one `cache`: each step's own (a batch's sequences, each with its cache).
         """
         pass_start = self.stages.device()
-        starts, past = [], cache.get_seq_length() if cache is not None else 0
-        for step in steps:  # with a cache, each step's tokens follow the last's; without, each is a whole sequence
-            starts.append(past if cache is not None else 0)
-            past += step.shape[1]
+        caches = list(caches) if caches is not None else [cache] * len(steps)
+        starts, added = [], {}
+        for step, step_cache in zip(steps, caches, strict=True):
+            # With a cache, each step's tokens follow what its cache holds and its earlier steps in this pass;
+            # without one, each step is a whole sequence.
+            if step_cache is None:
+                starts.append(0)
+                continue
+            key = id(step_cache)
+            starts.append(step_cache.get_seq_length() + added.get(key, 0))
+            added[key] = added.get(key, 0) + step.shape[1]
         position_ids = [
             torch.arange(start, start + step.shape[1], device=self.device).unsqueeze(0)
             for start, step in zip(starts, steps, strict=True)
@@ -290,9 +304,9 @@ class StreamingModel:
             out = []
             for j, hidden in enumerate(hiddens):
                 if len(masks) == j:  # in the first layer, whose cache holds what step j's own pass would see
-                    masks.append(causal_mask(self.config, hidden, None, cache, position_ids[j]))
+                    masks.append(causal_mask(self.config, hidden, None, caches[j], position_ids[j]))
                 out.append(forward_decoder(decoder, weights, hidden, mask=masks[j], position_ids=position_ids[j],
-                                           cache=cache, position_embeddings=position_embeddings[j]))
+                                           cache=caches[j], position_embeddings=position_embeddings[j]))
             return out
 
         for decoder, layer in zip(self.layers, islice(layers, len(self.layers)), strict=True):

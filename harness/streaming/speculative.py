@@ -13,7 +13,7 @@ max(0, p - q); p and q are the target's and the draft's distributions after the 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from transformers import Cache
@@ -31,15 +31,19 @@ class SpeculativeStats:
     draft_s: float = 0.0
 
     def metrics(self, generation: Generation) -> dict[str, float]:
+        """Per pass, the whole batch's tokens; per token, a sequence's (the batch's mean)."""
         passes = self.verify_passes + 1  # and the prefill, which verified nothing
         elapsed = generation.token_times_s[-1] - generation.start_s
+        tokens = sum(len(s) for s in generation.sequences)
         out = {
-            "spec_passes_per_token": passes / len(generation.generated_ids),
+            "spec_passes_per_token": passes / (tokens / len(generation.sequences)),
             "spec_draft_share": self.draft_s / elapsed if elapsed > 0 else 0.0,
         }
         if self.drafted:
             out["spec_accepted_share"] = self.accepted / self.drafted
             out["spec_accepted_per_pass"] = self.accepted / self.verify_passes
+            # Each pass's emitted tokens across the batch: its accepted drafts and one of the target's per sequence.
+            out["spec_tokens_per_pass"] = (tokens - len(generation.sequences)) / self.verify_passes
             out["spec_draft_step_s"] = self.draft_s / self.drafted
         return out
 
@@ -78,10 +82,23 @@ def accept(
     return len(drafted), sampler.draw(p[len(drafted)].unsqueeze(0))[0]
 
 
+@dataclass
+class _Sequence:
+    """One sequence of the batch: its tokens, its own KV caches, and how far each cache has seen them."""
+
+    tokens: list[int]
+    target_cache: Cache | None
+    draft_cache: Cache | None
+    generated: list[int] = field(default_factory=list)
+    target_seen: int = 0  # positions the target's cache holds (stays 0 without a cache)
+    draft_seen: int = 0
+    done: bool = False
+
+
 def speculative_generate(
     target: StreamingModel,
     draft: StreamingModel,
-    prompt_ids: Sequence[int],
+    prompt_ids: Sequence[int] | Sequence[Sequence[int]],
     max_new_tokens: int,
     k: int,
     sampler: Sampler,
@@ -90,79 +107,114 @@ def speculative_generate(
     verify: str = "exact",
 ) -> tuple[Generation, SpeculativeStats]:
     """The target's tokens, greedy or sampled as `sampler` says, `k` drafted per verifying pass; `verify`: "exact"
-    (each position as its own one-token step) or "batched" (one call over all). The target's timeline holds its
-    passes only."""
+    (each position as its own one-token step) or "batched" (one call over all, one sequence only). The target's
+    timeline holds its passes only.
+
+    `prompt_ids`: one prompt, or several. Each sequence of a batch drafts, is verified and accepts on its own, with
+    caches of its own, and all are verified in one streamed pass: its tokens are those it would get alone. Token
+    i of the batch is timed when every sequence has its i-th token (or has ended), as a batch's greedy step is.
+    """
     target.timeline, target.passes = Timeline(), 0
-    prompt = list(prompt_ids)
-    result = Generation(prompt_ids=prompt, start_s=target.clock(), timeline=target.timeline, prompts=[prompt])
+    prompts = [list(prompt_ids)] if prompt_ids and isinstance(prompt_ids[0], int) else [list(p) for p in prompt_ids]
+    if len(prompts) > 1 and verify != "exact":
+        raise ValueError("decoding.verify=batched verifies one sequence: a batch needs decoding.verify=exact")
+    result = Generation(prompt_ids=prompts[0], start_s=target.clock(), timeline=target.timeline, prompts=prompts)
     stats = SpeculativeStats()
     device = target.device
-    target_cache = target.kv_policy.new_cache(target.config, device)
-    draft_cache = draft.kv_policy.new_cache(draft.config, device)
-    tokens = list(prompt)  # the prompt and every token emitted so far
-    target_seen = draft_seen = 0  # positions each model's cache holds (the target's stays 0 without a cache)
+    # Each sequence's tokens are a copy: its prompt stays the generation's (and the workload's) as it was.
+    batch = [
+        _Sequence(list(prompt), target.kv_policy.new_cache(target.config, device),
+                  draft.kv_policy.new_cache(draft.config, device))
+        for prompt in prompts
+    ]
 
-    def emit(new: list[int]) -> bool:
-        """Append `new` until EOS or the budget; True when generation is over."""
-        now = target.clock()
+    def emit(seq: _Sequence, new: list[int]) -> None:
+        """Append `new` until EOS or the budget."""
         for token in new:
-            tokens.append(token)
-            result.generated_ids.append(token)
+            seq.tokens.append(token)
+            seq.generated.append(token)
+            if token in eos_token_ids or len(seq.generated) == max_new_tokens:
+                seq.done = True
+                return
+
+    def timed() -> None:
+        """A time for each batch token every sequence now has (an ended one has them all)."""
+        now = target.clock()
+        have = min((len(seq.generated) for seq in batch if not seq.done), default=max_new_tokens)
+        have = min(have, max(len(seq.generated) for seq in batch))
+        while len(result.token_times_s) < have:
             result.token_times_s.append(now)
             if on_token is not None:
-                on_token(token)
-            if token in eos_token_ids or len(result.generated_ids) == max_new_tokens:
-                return True
-        return False
+                first = batch[0].generated
+                on_token(first[min(len(result.token_times_s), len(first)) - 1])
 
-    def ids() -> torch.Tensor:
-        return torch.tensor([tokens], device=device)
+    def ids(seq: _Sequence) -> torch.Tensor:
+        return torch.tensor([seq.tokens], device=device)
 
-    first = sampler(ids(), target.forward(ids(), target_cache))[0]
-    target_seen = len(tokens) if target_cache is not None else 0
-    done = emit([first])
-    while not done:
-        # The draft catches up on what it has not seen, then proposes k tokens one by one.
+    # The prefill: every prompt whole, each with its own cache, in one streamed pass.
+    logits = target.forward_steps([ids(seq) for seq in batch], caches=[seq.target_cache for seq in batch])
+    for seq, row in zip(batch, logits, strict=True):
+        seq.target_seen = len(seq.tokens) if seq.target_cache is not None else 0
+        emit(seq, sampler(ids(seq), row.unsqueeze(0)))
+    timed()
+    while not all(seq.done for seq in batch):
+        active = [seq for seq in batch if not seq.done]
+        # Each sequence's draft catches up on what it has not seen, then proposes up to k tokens one by one.
         start = draft.clock()
-        drafted: list[int] = []
-        draft_probs: list[torch.Tensor] | None = [] if sampler.do_sample else None
-        pending = tokens[draft_seen:]
-        for _ in range(min(k, max_new_tokens - len(result.generated_ids))):
-            logits = draft.forward(torch.tensor([pending], device=device), draft_cache)
-            if draft_probs is None:
-                drafted.append(int(logits.argmax(dim=-1)[0]))
-            else:
-                q = sampler.distribution(torch.tensor([tokens + drafted], device=device), logits)
-                draft_probs.append(q[0])
-                drafted.append(sampler.draw(q)[0])
-            draft_seen += len(pending)
-            pending = drafted[-1:]
+        proposals = []
+        for seq in active:
+            drafted: list[int] = []
+            draft_probs: list[torch.Tensor] | None = [] if sampler.do_sample else None
+            pending = seq.tokens[seq.draft_seen:]
+            for _ in range(min(k, max_new_tokens - len(seq.generated))):
+                logits = draft.forward(torch.tensor([pending], device=device), seq.draft_cache)
+                if draft_probs is None:
+                    drafted.append(int(logits.argmax(dim=-1)[0]))
+                else:
+                    q = sampler.distribution(torch.tensor([seq.tokens + drafted], device=device), logits)
+                    draft_probs.append(q[0])
+                    drafted.append(sampler.draw(q)[0])
+                seq.draft_seen += len(pending)
+                pending = drafted[-1:]
+            proposals.append((drafted, draft_probs))
         stats.draft_s += draft.clock() - start
-        # One target pass over the newest token and the drafts; without a KV cache, over the whole sequence.
-        if verify == "exact":
-            if target_cache is not None:  # each token a one-token step, as greedy feeds them
-                steps = [torch.tensor([[t]], device=device) for t in tokens[target_seen:] + drafted]
+        # One target pass over every sequence's newest token and drafts; without a KV cache, over each sequence.
+        steps, caches, counts = [], [], []
+        for seq, (drafted, _) in zip(active, proposals, strict=True):
+            if verify != "exact":
+                seq_steps = [torch.tensor([seq.tokens[seq.target_seen:] + drafted], device=device)]
+            elif seq.target_cache is not None:  # each token a one-token step, as greedy feeds them
+                seq_steps = [torch.tensor([[t]], device=device) for t in seq.tokens[seq.target_seen:] + drafted]
             else:  # each step the whole sequence so far, as greedy without a cache recomputes it
-                steps = [torch.tensor([tokens + drafted[:j]], device=device) for j in range(len(drafted) + 1)]
-            logits = target.forward_steps(steps, target_cache)
+                seq_steps = [torch.tensor([seq.tokens + drafted[:j]], device=device) for j in range(len(drafted) + 1)]
+            steps += seq_steps
+            caches += [seq.target_cache] * len(seq_steps)
+            counts.append(len(seq_steps))
+        if verify == "exact":
+            logits = target.forward_steps(steps, caches=caches)
         else:
-            joined = torch.tensor([tokens[target_seen:] + drafted], device=device)
-            logits = target.forward(joined, target_cache, all_positions=True)[0]
-        # The target's logits after the newest token and after each draft token.
-        agreed, following = accept(drafted, draft_probs, logits[-(len(drafted) + 1):], sampler, ids())
-        stats.drafted += len(drafted)
-        stats.accepted += agreed
+            logits = target.forward(steps[0], caches[0], all_positions=True)[0]
         stats.verify_passes += 1
-        done = emit(drafted[:agreed] + [following])
-        # Both caches keep every emitted token but the newest (the next pass's input); the rest is rejected.
-        keep = len(tokens) - 1
-        _crop(target_cache, keep)
-        if target_cache is not None:
-            target_seen = keep
-        _crop(draft_cache, keep)
-        draft_seen = min(draft_seen, keep)
-    result.sequences = [result.generated_ids]
-    result.kv_cache_bytes = cache_bytes(target_cache)
-    result.kv_cache_tokens = int(target_cache.get_seq_length()) if target_cache is not None else 0
+        offset = 0
+        for seq, (drafted, draft_probs), count in zip(active, proposals, counts, strict=True):
+            rows = logits[offset : offset + count] if verify == "exact" else logits
+            offset += count
+            # The target's logits after the newest token and after each draft token.
+            agreed, following = accept(drafted, draft_probs, rows[-(len(drafted) + 1):], sampler, ids(seq))
+            stats.drafted += len(drafted)
+            stats.accepted += agreed
+            emit(seq, drafted[:agreed] + [following])
+            # Both caches keep every emitted token but the newest (the next pass's input); the rest is rejected.
+            keep = len(seq.tokens) - 1
+            _crop(seq.target_cache, keep)
+            if seq.target_cache is not None:
+                seq.target_seen = keep
+            _crop(seq.draft_cache, keep)
+            seq.draft_seen = min(seq.draft_seen, keep)
+        timed()
+    result.sequences = [seq.generated for seq in batch]
+    result.generated_ids = result.sequences[0]
+    result.kv_cache_bytes = sum(cache_bytes(seq.target_cache) for seq in batch)
+    result.kv_cache_tokens = sum(int(seq.target_cache.get_seq_length()) for seq in batch if seq.target_cache)
     result.metrics = stats.metrics(result)
     return result, stats

@@ -87,8 +87,8 @@ def test_what_speculative_decoding_cannot_do_is_refused_before_loading(
 ) -> None:
     with pytest.raises(ValueError, match="decoding.verify"):
         make_cfg("decoding=speculative", "decoding.verify=fast")
-    with pytest.raises(ValueError, match="workload.batch_size=1"):
-        make_cfg("decoding=speculative", "workload.batch_size=2")
+    with pytest.raises(ValueError, match="a batch .* needs decoding.verify=exact"):
+        make_cfg("decoding=speculative", "workload.batch_size=2", "decoding.verify=batched")
     with pytest.raises(ValueError, match="decoding.draft='nope' is no model option"):
         cfg = make_cfg("decoding=speculative", "decoding.draft=nope")
         build_setup(cfg, Path(cfg.paths.outputs), CPU)
@@ -155,3 +155,31 @@ def test_a_pass_of_several_steps_gives_each_steps_own_logits_bit_for_bit_in_bf16
     one_by_one = torch.cat([model.forward(step_input(j), cache) for j in range(len(new))])
     steps = model.forward_steps([step_input(j) for j in range(len(new))], after_prompt())
     assert torch.equal(steps, one_by_one)
+
+
+PROMPTS = "workload.prompts=[The history of computing began with,Rivers carve,A short note on the weather in spring]"
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("draft", ["null", "tiny-draft"])
+def test_a_batch_decodes_each_sequence_as_it_would_alone(
+    dtype: str, draft: str, make_cfg: Callable[..., Config]
+) -> None:
+    options = (*TOKENS, f"model.dtype={dtype}", "workload.batch_size=3", PROMPTS)
+    cfg = make_cfg(*options, "decoding=speculative", "decoding.k=3", f"decoding.draft={draft}")
+    setup = build_setup(cfg, Path(cfg.paths.outputs), CPU)
+    prompts = [list(p) for p in setup.prompts]
+    gen = generate(setup, cfg)
+    assert setup.prompts == prompts  # a generation leaves its workload's prompts as they were
+    alone = []
+    for prompt in setup.prompts:  # each prompt's greedy tokens, decoded by itself
+        single = make_cfg(*TOKENS, f"model.dtype={dtype}")
+        model = build_setup(single, Path(single.paths.outputs), CPU).model
+        alone.append(model.generate(prompt, 12, Sampler(False, 1.0, 1.0, 0, CPU)).generated_ids)
+    assert gen.sequences == alone
+    if dtype == "float32":  # where batching itself rounds nothing away, the batch's own greedy tokens too
+        assert gen.sequences == generate(build_setup(make_cfg(*options), Path(cfg.paths.outputs), CPU),
+                                         make_cfg(*options)).sequences
+    # One verifying pass serves the whole batch; token i is timed once every sequence has it.
+    assert len(gen.token_times_s) == max(map(len, gen.sequences))
+    assert gen.metrics["spec_tokens_per_pass"] >= len(setup.prompts)

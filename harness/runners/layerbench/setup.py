@@ -174,7 +174,7 @@ def generate(
     sampler = Sampler(w.do_sample, w.temperature, w.top_p, w.seed, setup.device)
     if setup.draft is not None:
         gen, _ = speculative_generate(
-            setup.model, setup.draft.model, prompts[0], w.max_new_tokens, cfg.decoding.k, sampler, setup.stop,
+            setup.model, setup.draft.model, prompts, w.max_new_tokens, cfg.decoding.k, sampler, setup.stop,
             on_token, verify=cfg.decoding.verify,
         )
         return gen
