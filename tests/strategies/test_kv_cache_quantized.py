@@ -95,6 +95,8 @@ def test_a_group_size_that_does_not_divide_head_dim_is_refused_before_the_split(
     assert not any(tmp_path.iterdir())
     with pytest.raises(ValueError, match="kv_cache.bits"):
         make_cfg("kv_cache=quantized", "kv_cache.bits=3")
+    with pytest.raises(ValueError, match="decoding=speculative cuts rejected draft tokens off .* kv_cache=device"):
+        make_cfg("kv_cache=quantized", "decoding=speculative")
 
 
 def test_a_quantized_cache_logs_its_size_and_its_quality_against_a_plain_one(make_cfg: Callable[..., Config]) -> None:
