@@ -327,12 +327,6 @@ class Config:
 
     def __post_init__(self) -> None:
         check_choice("device", self.device, DEVICES)
-        if self.decoding.drafts and not self.kv_cache.rolls_back:
-            raise ValueError(
-                "decoding=speculative cuts rejected draft tokens off the KV cache, which "
-                f"kv_cache={self.kv_cache.name} cannot do (its past is one quantized block): use kv_cache=device, "
-                "offload or none"
-            )
         if self.decoding.drafts and self.workload.batch_size > 1 and self.decoding.verify != "exact":
             raise ValueError(
                 "decoding.verify=batched verifies one sequence: a batch (workload.batch_size>1) needs "

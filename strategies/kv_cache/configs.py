@@ -22,8 +22,6 @@ class KVCacheConfig:
     recomputes_sequence: ClassVar[bool] = False
     # Whether the cache changes the keys and values it keeps (quantized): its quality is then measured.
     lossy: ClassVar[bool] = False
-    # Whether positions can be cut off its end (Cache.crop): speculative decoding drops rejected drafts so.
-    rolls_back: ClassVar[bool] = True
 
 
 @dataclass
@@ -50,8 +48,6 @@ class QuantizedKVCacheConfig(KVCacheConfig):
     name: str = "quantized"
     _target_: str = "strategies.kv_cache.quantized.QuantizedKVCache"
     lossy: ClassVar[bool] = True
-    # transformers' quantized layers keep their past as one quantized block, which has no crop.
-    rolls_back: ClassVar[bool] = False
     bits: int = 4
     # 4 and 2 bits: positions kept unquantized at the end of the cache before they are quantized in one go.
     residual: int = 128
