@@ -2,11 +2,8 @@
 and each file's size, header included, without writing or reading a weight.
 
 The plan without a run (`plan.only`) sizes the units a pass streams and chooses the resident set from these
-predictions. The rules follow what each codec's `encode` stores (strategies/compression/): plain weights as they
-are; bitsandbytes' blockwise int8 as codes, one fp32 absmax per block, its 256-entry code book and a small JSON
-record; its 4-bit codes packed two to a byte, with absmax per block, the 16-entry code book and its packed JSON
-record (and with double_quant, the absmax quantized to 8 bit with their own absmax and code book). The file size
-is safetensors' layout: an 8-byte length, a JSON header padded with spaces to a multiple of 8, then the data.
+predictions. Each codec says what its `encode` stores (`Codec.stored_shapes`, beside the encoding itself); the
+file size is safetensors' layout: an 8-byte length, a JSON header padded with spaces to a multiple of 8, then the data.
 
 Exact in bytes, except with double_quant: its record holds a float (the mean absmax) whose printed length depends on
 the weights, so such a file may differ by up to DOUBLE_QUANT_SLACK bytes per compressed weight plus the padding.
@@ -29,58 +26,9 @@ from harness.split.layout import unit_names, unit_of
 ST_DTYPES = {torch.bool: "BOOL", torch.uint8: "U8", torch.int8: "I8", torch.float16: "F16",
              torch.bfloat16: "BF16", torch.int32: "I32", torch.float32: "F32", torch.int64: "I64"}
 ST_ORDER = ["BOOL", "U8", "I8", "F16", "BF16", "I32", "F32", "I64"]
-# A stand-in for the mean absmax that double_quant's record prints, at a typical length (17 significant digits).
-OFFSET_STAND_IN = 0.026458796486258507
-DOUBLE_QUANT_SLACK = 4  # bytes a printed offset may differ from the stand-in's length, either way
+DOUBLE_QUANT_SLACK = 4  # bytes a printed double_quant offset may differ from the codec's stand-in, either way
 
 Spec = tuple[tuple[int, ...], torch.dtype]  # a stored tensor: shape, dtype
-
-
-def _packed_json_len(record: dict[str, Any], **dumps: Any) -> int:
-    return len(json.dumps(record, **dumps).encode())
-
-
-def _stored_4bit(name: str, shape: tuple[int, ...], dtype: torch.dtype, cfg: Any) -> dict[str, Spec]:
-    n = math.prod(shape)
-    blocks = -(-n // cfg.blocksize)
-    record: dict[str, Any] = {"quant_type": cfg.quant_type, "blocksize": cfg.blocksize,
-                              "dtype": str(dtype).removeprefix("torch."), "shape": list(shape)}
-    state: dict[str, Spec] = {"quant_map": ((16,), torch.float32)}
-    if cfg.double_quant:
-        state["absmax"] = ((blocks,), torch.uint8)
-        state["nested_absmax"] = ((-(-blocks // 256),), torch.float32)
-        state["nested_quant_map"] = ((256,), torch.float32)
-        record.update(nested_blocksize=256, nested_dtype="float32", nested_offset=OFFSET_STAND_IN)
-    else:
-        state["absmax"] = ((blocks,), torch.float32)
-    state[f"quant_state.bitsandbytes__{cfg.quant_type}"] = ((_packed_json_len(record),), torch.uint8)
-    out: dict[str, Spec] = {f"{name}.q": (((n + 1) // 2, 1), torch.uint8)}
-    out.update({f"{name}.qs.{field}": spec for field, spec in state.items()})
-    return out
-
-
-def _stored_8bit(name: str, shape: tuple[int, ...], dtype: torch.dtype, cfg: Any) -> dict[str, Spec]:
-    n = math.prod(shape)
-    meta = {"dtype": str(dtype).removeprefix("torch."), "blocksize": cfg.blocksize}
-    return {
-        f"{name}.q": (shape, torch.uint8),
-        f"{name}.qs.absmax": ((-(-n // cfg.blocksize),), torch.float32),
-        f"{name}.qs.code": ((256,), torch.float32),
-        f"{name}.qs.meta": ((_packed_json_len(meta, sort_keys=True),), torch.uint8),
-    }
-
-
-def _rule(codec: Any) -> Any:
-    """The stored-tensor rule of `codec`'s class: None for a codec that stores weights as they are."""
-    from strategies.compression.blockwise_4bit import Blockwise4bit
-    from strategies.compression.blockwise_8bit import Blockwise8bit
-
-    if not codec.lossy:
-        return None
-    for cls, rule in ((Blockwise4bit, _stored_4bit), (Blockwise8bit, _stored_8bit)):
-        if isinstance(codec, cls):
-            return rule
-    raise ValueError(f"no stored-size rule for the codec {type(codec).__name__}: add one to {__name__}")
 
 
 def unit_specs(config: LlamaConfig) -> dict[str, dict[str, Spec]]:
@@ -95,18 +43,9 @@ def unit_specs(config: LlamaConfig) -> dict[str, dict[str, Spec]]:
 
 
 def stored_specs(codec: Any, unit: str, tensors: dict[str, Spec]) -> dict[str, Spec]:
-    """What `codec.encode(unit, tensors)` stores, as shapes and dtypes."""
-    from strategies.compression.blockwise import should_compress
-
-    rule = _rule(codec)
-    stored: dict[str, Spec] = {}
-    for name, (shape, dtype) in tensors.items():
-        meta = torch.empty(shape, dtype=dtype, device="meta")  # the codec's own test, on a weightless tensor
-        if rule is not None and should_compress(unit, name, meta, codec.cfg.compress_embeddings):
-            stored.update(rule(name, shape, dtype, codec.cfg))
-        else:
-            stored[name] = (shape, dtype)
-    return stored
+    """What `codec.encode(unit, tensors)` stores, as shapes and dtypes (`Codec.stored_shapes`)."""
+    return {key: spec for name, (shape, dtype) in tensors.items()
+            for key, spec in codec.stored_shapes(unit, name, shape, dtype).items()}
 
 
 def data_bytes(stored: dict[str, Spec]) -> int:

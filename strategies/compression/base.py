@@ -28,6 +28,13 @@ class Codec(Protocol):
         """Split time: a layer's checkpoint tensors -> the tensors stored in its file."""
         ...
 
+    def stored_shapes(
+        self, layer: str, name: str, shape: tuple[int, ...], dtype: torch.dtype
+    ) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """What `encode` stores for one checkpoint tensor, as names, shapes and dtypes, without a weight: a split's
+        files predicted before it exists (plan.only)."""
+        ...
+
     def decode(self, layer: str, stored: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
         """Load time: stored tensors, already copied to `device` -> the layer's weights there."""
         ...

@@ -18,6 +18,12 @@ STATE = ".qs."
 
 
 EMBEDDINGS = ("embed", "lm_head")
+Shape = tuple[tuple[int, ...], torch.dtype]  # a stored tensor, predicted: its shape and dtype
+
+
+def json_bytes(record: dict[str, Any], **dumps: Any) -> int:
+    """The length of a JSON record packed into a uint8 tensor, as `json.dumps(record, **dumps)` writes it."""
+    return len(json.dumps(record, **dumps).encode())
 
 
 def should_compress(layer: str, tensor_name: str, tensor: torch.Tensor, compress_embeddings: bool) -> bool:
@@ -80,6 +86,18 @@ class BlockwiseCodec:
     def dequantize(self, codes: torch.Tensor, state: dict[str, torch.Tensor], record: dict[str, Any]) -> torch.Tensor:
         """The weight on `codes`' device, issued there without waiting for it (no host read)."""
         raise NotImplementedError
+
+    def quantized_shapes(self, shape: tuple[int, ...], dtype: torch.dtype) -> dict[str, Shape]:
+        """What `quantize` returns for a weight of `shape`: the codes (as "q") and each state field."""
+        raise NotImplementedError
+
+    def stored_shapes(self, layer: str, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> dict[str, Shape]:
+        weightless = torch.empty(shape, dtype=dtype, device="meta")  # for the same test as `encode`'s
+        if not should_compress(layer, name, weightless, self.cfg.compress_embeddings):
+            return {name: (shape, dtype)}
+        parts = self.quantized_shapes(shape, dtype)
+        codes = parts.pop("q")
+        return {name + CODES: codes, **{name + STATE + field: spec for field, spec in parts.items()}}
 
     def stores_plain(self, layer: str) -> bool:
         # A decoder layer's norms stay plain, its Linear weights do not.

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import bitsandbytes.functional as bnbf
 import torch
 from bitsandbytes.utils import unpack_tensor_to_dict
 
-from strategies.compression.blockwise import BlockwiseCodec
+from strategies.compression.blockwise import BlockwiseCodec, Shape, json_bytes
 from strategies.compression.configs import Blockwise4bitConfig
+
+# A stand-in for the mean absmax that double_quant's record prints, at a typical length (17 significant digits):
+# the real one depends on the weights, so a predicted record may be off by a few bytes.
+OFFSET_STAND_IN = 0.026458796486258507
 
 
 class Blockwise4bit(BlockwiseCodec):
@@ -35,6 +40,24 @@ class Blockwise4bit(BlockwiseCodec):
         )
         # packed=True puts dtype, shape, blocksize and quant type in a uint8 tensor: no pickle needed.
         return codes, state.as_dict(packed=True)
+
+    def quantized_shapes(self, shape: tuple[int, ...], dtype: torch.dtype) -> dict[str, Shape]:
+        c = self.cfg
+        n = math.prod(shape)
+        blocks = -(-n // c.blocksize)
+        # bitsandbytes' packed record (`as_dict(packed=True)`): json.dumps of these fields.
+        record: dict[str, Any] = {"quant_type": c.quant_type, "blocksize": c.blocksize,
+                                  "dtype": str(dtype).removeprefix("torch."), "shape": list(shape)}
+        parts: dict[str, Shape] = {"q": (((n + 1) // 2, 1), torch.uint8), "quant_map": ((16,), torch.float32)}
+        if c.double_quant:
+            parts["absmax"] = ((blocks,), torch.uint8)
+            parts["nested_absmax"] = ((-(-blocks // 256),), torch.float32)
+            parts["nested_quant_map"] = ((256,), torch.float32)
+            record.update(nested_blocksize=256, nested_dtype="float32", nested_offset=OFFSET_STAND_IN)
+        else:
+            parts["absmax"] = ((blocks,), torch.float32)
+        parts[f"quant_state.bitsandbytes__{c.quant_type}"] = ((json_bytes(record),), torch.uint8)
+        return parts
 
     def read_record(self, state: dict[str, torch.Tensor]) -> dict[str, Any]:
         # bitsandbytes' packed record: the one `quant_state.bitsandbytes__<type>` entry `as_dict(packed=True)` wrote.

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import bitsandbytes.functional as bnbf
 import torch
 
-from strategies.compression.blockwise import BlockwiseCodec, pack_json, unpack_json
+from strategies.compression.blockwise import BlockwiseCodec, Shape, json_bytes, pack_json, unpack_json
 from strategies.compression.configs import Blockwise8bitConfig
 
 
@@ -26,6 +27,15 @@ class Blockwise8bit(BlockwiseCodec):
         codes, state = bnbf.quantize_blockwise(weight, blocksize=self.cfg.blocksize)
         record = {"dtype": str(weight.dtype).removeprefix("torch."), "blocksize": self.cfg.blocksize}
         return codes, {"absmax": state.absmax, "code": state.code, "meta": pack_json(record)}
+
+    def quantized_shapes(self, shape: tuple[int, ...], dtype: torch.dtype) -> dict[str, Shape]:
+        meta = {"dtype": str(dtype).removeprefix("torch."), "blocksize": self.cfg.blocksize}
+        return {
+            "q": (shape, torch.uint8),
+            "absmax": ((-(-math.prod(shape) // self.cfg.blocksize),), torch.float32),
+            "code": ((256,), torch.float32),
+            "meta": ((json_bytes(meta, sort_keys=True),), torch.uint8),  # pack_json's sorted record
+        }
 
     def read_record(self, state: dict[str, torch.Tensor]) -> dict[str, Any]:
         meta = unpack_json(state["meta"])

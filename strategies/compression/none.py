@@ -27,5 +27,10 @@ class NoCompression:
     def encode(self, layer: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return tensors
 
+    def stored_shapes(
+        self, layer: str, name: str, shape: tuple[int, ...], dtype: torch.dtype
+    ) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        return {name: (shape, dtype)}
+
     def decode(self, layer: str, stored: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
         return stored
