@@ -14,6 +14,8 @@ import socket
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 log = logging.getLogger(__name__)
 
 OWNER_PID = "layerbench.pid"
@@ -33,21 +35,24 @@ SIGNALS = {
 }
 
 
-def _stat(pid: int) -> list[str] | None:
-    """/proc/<pid>/stat's fields after the command's name, or None when there is no such process."""
+def _started(pid: int) -> str | None:
+    """When process `pid` started (its create time, which tells a reused pid from the owner), or None when there is
+    no such process or it has exited and waits to be reaped (a zombie)."""
     try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
+        process = psutil.Process(pid)
+        if process.status() == psutil.STATUS_ZOMBIE:
+            return None
+        return repr(process.create_time())
+    except psutil.Error:
         return None
-    return text.rsplit(")", 1)[1].split()
 
 
 def owner_tags(pid: int | None = None) -> dict[str, str]:
     """The tags that name this process (or `pid`) as a run's owner."""
     pid = os.getpid() if pid is None else pid
     tags = {OWNER_PID: str(pid), OWNER_HOST: socket.gethostname()}
-    if (fields := _stat(pid)) is not None:
-        tags[OWNER_START] = fields[19]  # starttime: clock ticks after boot, field 22 of stat(5)
+    if (started := _started(pid)) is not None:
+        tags[OWNER_START] = started
     return tags
 
 
@@ -55,10 +60,8 @@ def owner_gone(tags: dict[str, str]) -> bool:
     """True when the run's owner ran on this host and has exited (or its pid now belongs to another process)."""
     if tags.get(OWNER_HOST) != socket.gethostname() or not tags.get(OWNER_PID, "").isdigit():
         return False  # another machine's, or a run from before owners were tagged: not ours to judge
-    fields = _stat(int(tags[OWNER_PID]))
-    if fields is None or fields[0] in ("Z", "X"):  # gone, or dead and not yet reaped by its parent
-        return True
-    return OWNER_START in tags and fields[19] != tags[OWNER_START]
+    started = _started(int(tags[OWNER_PID]))
+    return started is None or (OWNER_START in tags and started != tags[OWNER_START])
 
 
 def orphan_reason(tags: dict[str, str]) -> str:
