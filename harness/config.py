@@ -15,6 +15,7 @@ from typing import Any
 from omegaconf import MISSING
 
 import strategies
+from harness.config_planning import AdviseConfig, PlanConfig, ProbeConfig
 from strategies.cache.configs import CacheConfig, DiskCacheConfig
 from strategies.checks import check_choice, check_positive
 from strategies.compression.configs import CompressionConfig, NoCompressionConfig
@@ -176,19 +177,6 @@ class BenchConfig:
 
 
 @dataclass
-class ProbeConfig:
-    # Measure the links (disk, host copy, H2D, dequant) once per machine and device, then reuse;
-    # with the per-layer compute time they give `floor_s`, the physical limit per token.
-    enabled: bool = True
-    refresh: bool = False
-    # Bytes moved per link measurement: large enough to leave the caches behind.
-    size_mib: int = 256
-
-    def __post_init__(self) -> None:
-        check_positive("probe.size_mib", self.size_mib)
-
-
-@dataclass
 class SplitConfig:
     # Re-hash every layer file when reusing a split (catches corruption; costs one read of the split).
     verify: bool = True
@@ -295,14 +283,6 @@ class PathsConfig:
 
 
 @dataclass
-class PlanConfig:
-    # Print the streamed run's plan (resident and streamed units under vram.cap_gib, bytes per pass, the per-token
-    # time this machine's probe predicts, whether it fits) from the geometry and the codec alone, then exit:
-    # no checkpoint weights, no split, no run, no MLflow run.
-    only: bool = False
-
-
-@dataclass
 class Config:
     model: ModelConfig = MISSING
     cache: CacheConfig = MISSING
@@ -322,6 +302,7 @@ class Config:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
     plan: PlanConfig = field(default_factory=PlanConfig)
+    advise: AdviseConfig = field(default_factory=AdviseConfig)
     # auto: cuda when torch sees a GPU, else cpu.
     device: str = "auto"
 

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 _PREFILLED_POSITIONS = 8
 
 
-def _random_weights(
+def random_weights(
     names_and_shapes: dict[str, torch.Size], config: LlamaConfig, dtype: torch.dtype, device: torch.device
 ) -> dict[str, torch.Tensor]:
     # Filled explicitly because uninitialized memory may hold NaNs or denormals, which can make CPU
@@ -67,7 +67,7 @@ def measure_layer_compute_s(
         decoder = LlamaDecoderLayer(config, 0)
     decoder.eval()
     shapes = {name: tensor.shape for name, tensor in decoder.state_dict().items()}
-    weights = _random_weights(shapes, config, dtype, device)
+    weights = random_weights(shapes, config, dtype, device)
     rotary = LlamaRotaryEmbedding(config).to(device)
 
     generator = torch.Generator(device=device).manual_seed(0)
@@ -120,9 +120,9 @@ def measure_head_compute_s(
     with init_empty_weights():
         norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-    norm_w = _random_weights({"weight": torch.Size([config.hidden_size])}, config, dtype, device)
+    norm_w = random_weights({"weight": torch.Size([config.hidden_size])}, config, dtype, device)
     norm_w["weight"].fill_(1.0)
-    head_w = _random_weights({"weight": torch.Size([config.vocab_size, config.hidden_size])}, config, dtype, device)
+    head_w = random_weights({"weight": torch.Size([config.vocab_size, config.hidden_size])}, config, dtype, device)
     hidden = torch.randn(batch, 1, config.hidden_size, dtype=dtype, device=device)
     with torch.inference_mode():
         return best_seconds(

@@ -9,10 +9,12 @@ lock and read what it wrote, instead of measuring links and compute while compet
 from __future__ import annotations
 
 import glob
+import hashlib
 import json
 import logging
 import math
 import socket
+import time
 from collections.abc import Callable
 from dataclasses import asdict, fields
 from pathlib import Path
@@ -23,6 +25,7 @@ import torch
 from harness.files import exclusive_lock, write_atomic
 from harness.probe.compute import measure_head_compute_s, measure_layer_compute_s
 from harness.probe.links import LinkRates, describe_device, device_tag, measure_link_rates
+from harness.probe.stream import StreamTimes, measure_stream
 
 if TYPE_CHECKING:
     from transformers import LlamaConfig
@@ -108,14 +111,14 @@ def _stale_mark(path: Path) -> Path:
 
 def mark_stale(device: torch.device, cache_dir: Path, reason: str) -> list[Path]:
     """Mark every cached measurement of this host and `device` in `cache_dir` (link rates, layer and head
-    compute) stale: the next `load_or_measure*` of each re-measures it, then clears its mark. Returns the
-    files marked.
+    compute, the streamed layer) stale: the next `load_or_measure*` of each re-measures it, then clears its mark.
+    Returns the files marked.
 
     For a run that beat its floor: which cached figure is wrong is not known, so all of them are measured
     again, each once, when next used. The mark is a file beside the cache file, holding `reason`."""
     prefix = glob.escape(_host_device(device))
     cached = [cache_path(device, cache_dir), *Path(cache_dir).glob(f"{prefix}-layer-*.json"),
-              *Path(cache_dir).glob(f"{prefix}-head-*.json")]
+              *Path(cache_dir).glob(f"{prefix}-head-*.json"), *Path(cache_dir).glob(f"{prefix}-stream-*.json")]
     marked = [path for path in cached if path.is_file()]
     for path in marked:
         write_atomic(_stale_mark(path), (reason.strip() + "\n").encode("utf-8"))
@@ -131,6 +134,7 @@ def load_or_measure(
     *,
     size_bytes: int = 256 << 20,
     repeats: int = 3,
+    max_age_s: float | None = None,
 ) -> LinkRates:
     """The cached rates for this host and device, measuring (and caching) them when there are none,
     when the cached file cannot be read or is for another device, or when `refresh` is set."""
@@ -148,7 +152,7 @@ def load_or_measure(
         logger.info("link rates cached in %s", path)
         return rates
 
-    return _measured_once(path, refresh, parse, measure, asdict)
+    return _measured_once(path, refresh, parse, measure, asdict, max_age_s)
 
 
 def _measured_once(
@@ -157,9 +161,11 @@ def _measured_once(
     parse: Callable[[object], T | None],
     measure: Callable[[], T],
     to_json: Callable[[T], object],
+    max_age_s: float | None = None,
 ) -> T:
     """What `path` holds (`parse`: None or ValueError when unusable), else measured and written there.
-    A file marked stale (`mark_stale`) is measured again, and its mark cleared once the new value is written.
+    A file marked stale (`mark_stale`), or written more than `max_age_s` ago, is measured again; a stale mark is
+    cleared once the new value is written.
 
     Measured under a lock beside the file, and looked for again once it is held: jobs that miss the same
     file at once measure it once, instead of each measuring while competing with the others."""
@@ -171,6 +177,10 @@ def _measured_once(
         if stale.exists():
             if not quiet:
                 logger.warning("re-measuring: cached %s is marked stale (%s)", path, _read_reason(stale))
+            return None
+        if max_age_s is not None and (age := _age_s(path)) > max_age_s:
+            if not quiet:
+                logger.info("re-measuring: cached %s is %.1f days old (probe.max_age_days)", path, age / 86400)
             return None
         try:
             return parse(json.loads(path.read_text(encoding="utf-8")))
@@ -192,6 +202,14 @@ def _measured_once(
     return value
 
 
+def _age_s(path: Path) -> float:
+    """Seconds since `path` was written (0 when it is gone: a missing file is measured anyway)."""
+    try:
+        return max(0.0, time.time() - path.stat().st_mtime)
+    except OSError:
+        return 0.0
+
+
 def _read_reason(mark: Path) -> str:
     try:
         return mark.read_text(encoding="utf-8").strip() or "no reason given"
@@ -199,13 +217,17 @@ def _read_reason(mark: Path) -> str:
         return f"reason unreadable: {exc}"
 
 
-def _cached_seconds(path: Path, key: dict[str, object], refresh: bool, measure: Callable[[], float]) -> float:
+def _cached_seconds(
+    path: Path, key: dict[str, object], refresh: bool, measure: Callable[[], float], max_age_s: float | None
+) -> float:
     """A compute time cached in `path` under `key`, measured (and cached) when absent, stale or damaged."""
 
     def parse(data: object) -> float | None:
         return float(data["layer_compute_s"]) if _valid_layer_compute(data, key) else None
 
-    return _measured_once(path, refresh, parse, measure, lambda seconds: {"key": key, "layer_compute_s": seconds})
+    return _measured_once(
+        path, refresh, parse, measure, lambda seconds: {"key": key, "layer_compute_s": seconds}, max_age_s
+    )
 
 
 def _compute_path(device: torch.device, cache_dir: Path, kind: str, key: dict[str, object]) -> Path:
@@ -220,7 +242,7 @@ def _with_batch(key: dict[str, object], batch: int) -> dict[str, object]:
 
 def load_or_measure_layer_compute_s(
     config: LlamaConfig, device: torch.device, dtype: torch.dtype, cache_dir: Path, seq_len: int = 1,
-    refresh: bool = False, batch: int = 1,
+    refresh: bool = False, batch: int = 1, max_age_s: float | None = None,
 ) -> float:
     """`measure_layer_compute_s`, cached beside the link rates per host, device, geometry, dtype, seq_len and
     batch.
@@ -235,17 +257,57 @@ def load_or_measure_layer_compute_s(
     key = _with_batch({**geometry, "dtype": str(dtype).removeprefix("torch."), "seq_len": seq_len}, batch)
     path = _compute_path(device, cache_dir, "layer", key)
     return _cached_seconds(
-        path, key, refresh, lambda: measure_layer_compute_s(config, device, dtype, seq_len=seq_len, batch=batch)
+        path, key, refresh, lambda: measure_layer_compute_s(config, device, dtype, seq_len=seq_len, batch=batch),
+        max_age_s,
     )
 
 
 def load_or_measure_head_compute_s(
     config: LlamaConfig, device: torch.device, dtype: torch.dtype, cache_dir: Path, refresh: bool = False,
-    batch: int = 1,
+    batch: int = 1, max_age_s: float | None = None,
 ) -> float:
     """`measure_head_compute_s` (final norm + lm_head, the last position of each of `batch` sequences), cached
     like the layer's."""
     dtype_name = str(dtype).removeprefix("torch.")
     key = _with_batch({"hidden_size": config.hidden_size, "vocab_size": config.vocab_size, "dtype": dtype_name}, batch)
     path = _compute_path(device, cache_dir, "head", key)
-    return _cached_seconds(path, key, refresh, lambda: measure_head_compute_s(config, device, dtype, batch=batch))
+    return _cached_seconds(
+        path, key, refresh, lambda: measure_head_compute_s(config, device, dtype, batch=batch), max_age_s
+    )
+
+
+def load_or_measure_stream(
+    config: LlamaConfig, device: torch.device, dtype: torch.dtype, cache_dir: Path, refresh: bool = False, *,
+    options: dict[str, object], batch: int = 1, context: int = 8, resident: bool = False,
+    max_age_s: float | None = None,
+) -> StreamTimes:
+    """`measure_stream` for these options (cache, compression, prefetch, kv_cache: their configs), cached beside the
+    link rates per host, device, geometry, dtype, options, batch, context and residency."""
+    geometry = {
+        key: getattr(config, key)
+        for key in ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim")
+    }
+    key = {
+        **geometry, "dtype": str(dtype).removeprefix("torch."), "batch": batch, "context": context,
+        "resident": resident, **{group: asdict(option) for group, option in sorted(options.items())},  # type: ignore[call-overload]
+    }
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    path = Path(cache_dir) / f"{_host_device(device)}-stream-{digest}.json"
+    key = json.loads(json.dumps(key, default=str))  # as it reads back from the file
+
+    def parse(data: object) -> StreamTimes | None:
+        if not isinstance(data, dict) or data.get("key") != key:
+            return None
+        values = [data.get(name) for name in ("layer_s", "pass_s")]
+        if not all(isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in values):
+            return None
+        layer_s, pass_s = (float(v) for v in values)  # type: ignore[arg-type]
+        return StreamTimes(layer_s, pass_s) if layer_s > 0 and pass_s >= 0 else None
+
+    def measure() -> StreamTimes:
+        return measure_stream(
+            config, device, dtype, scratch_dir=Path(cache_dir), batch=batch, context=context, resident=resident,
+            **options,  # type: ignore[arg-type]
+        )
+
+    return _measured_once(path, refresh, parse, measure, lambda t: {"key": key, **asdict(t)}, max_age_s)

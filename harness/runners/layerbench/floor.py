@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
-from harness.config import ProbeConfig
+from harness.config_planning import ProbeConfig
 from harness.measurement.run_report import RunReport
 from harness.measurement.units import format_metric
 from harness.probe.floor import Floor, token_floor
@@ -38,16 +38,20 @@ def link_floor(
     """The floor of one token moving these bytes per pass, from the probe's link rates (measured once per
     machine, cached in `probe_dir`) and the compute of every layer for `batch` sequences of `seq_len` positions
     each, plus the head; also the rates and compute times."""
+    max_age_s = probe.max_age_days * 86400
     rates = load_or_measure(
         setup.device, probe_dir, probe_dir, refresh=probe.refresh, size_bytes=probe.size_mib << 20,
+        max_age_s=max_age_s,
     )
     config = setup.config
     layer_s = load_or_measure_layer_compute_s(
-        config, setup.device, config.dtype, probe_dir, seq_len, probe.refresh, batch=batch
+        config, setup.device, config.dtype, probe_dir, seq_len, probe.refresh, batch=batch, max_age_s=max_age_s
     )
     # Each sequence's last position through the final norm and lm_head: a decoder layer's worth of bytes at a
     # 128k vocab, and the runner computes it for every sequence of the batch.
-    head_s = load_or_measure_head_compute_s(config, setup.device, config.dtype, probe_dir, probe.refresh, batch=batch)
+    head_s = load_or_measure_head_compute_s(
+        config, setup.device, config.dtype, probe_dir, probe.refresh, batch=batch, max_age_s=max_age_s
+    )
     disk_rates = rates
     if plain_read_bytes_per_s is not None:
         # A cold run read its own split files plainly (read_metrics): that rate, not the probe's scratch file's,

@@ -13,7 +13,7 @@ import torch
 from fake_probes import cpu_rates
 from transformers import LlamaConfig
 
-from harness.config import ProbeConfig
+from harness.config_planning import ProbeConfig
 from harness.measurement.run_report import RunReport
 from harness.measurement.units import format_metric
 from harness.probe import store

@@ -1,0 +1,183 @@
+"""What one streamed decoder layer costs on this machine, through the very code a run streams it with.
+
+The link rates and one layer's compute, each timed alone, miss what a pass adds around them: the pipeline's
+per-unit work in Python (the fetch, the copy into a packed buffer, the decode's many small ops, the timeline),
+and, with prefetch on, the worker competing with the compute for the cores and the GIL (on a 2-core machine a
+prefetch worker can make a pass slower than no prefetch at all). This probe measures them together: a
+StreamingModel of the run's geometry, cut to a few decoder layers and a tiny vocabulary, whose layers are all one
+synthetic layer file written with the run's codec and read by the run's cache, prefetcher and KV cache policy.
+Passes of two such models (1 and 3 layers) are timed; their difference is what a decoder layer adds to a pass,
+and the rest is what a pass costs beside its layers.
+"""
+
+from __future__ import annotations
+
+import copy
+import statistics
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from time import perf_counter
+from typing import TYPE_CHECKING
+
+import torch
+
+from harness.device import indexed_device
+from harness.probe.compute import random_weights
+from strategies.checks import check_positive
+
+if TYPE_CHECKING:
+    from transformers import LlamaConfig
+
+    from strategies.cache.configs import CacheConfig
+    from strategies.compression.configs import CompressionConfig
+    from strategies.kv_cache.configs import KVCacheConfig
+    from strategies.prefetch.configs import PrefetchConfig
+
+# The truncated models' decoder layers: their difference in time, over their difference in count, is one layer's.
+LAYER_COUNTS = (1, 3)
+# The truncated models' vocabulary: small enough that the embedding and lm_head cost nothing beside a layer (the
+# run's own head is priced apart, by the head compute probe and the link rates).
+_VOCAB = 256
+# Passes are timed until this many seconds have gone by (at least `repeats` each, at most MAX_REPEATS).
+MIN_SECONDS = 0.5
+MAX_REPEATS = 200
+
+
+@dataclass(frozen=True)
+class StreamTimes:
+    """Seconds per decode pass, measured through the real pipeline."""
+
+    layer_s: float  # what one streamed decoder layer adds to a pass: its fetch, decode and compute, as they overlap
+    pass_s: float  # what a pass costs beside its decoder layers and its head: embedding, rope and mask, bookkeeping
+
+
+class _OneLayerFiles:
+    """The LayerFiles of a truncated split: every decoder layer is the same file."""
+
+    def __init__(self, files: dict[str, Path]) -> None:
+        self._files = files
+
+    def file(self, unit: str) -> Path:
+        return self._files["layers" if unit.startswith("layers.") else unit]
+
+    def file_bytes(self, unit: str) -> int:
+        return self.file(unit).stat().st_size
+
+    def readers(self, unit: str) -> int:
+        return 1
+
+
+def _write_units(config: LlamaConfig, dtype: torch.dtype, codec: object, folder: Path) -> dict[str, Path]:
+    """One decoder layer, the embedding, the final norm and lm_head of `config` (its vocabulary already cut),
+    random, stored by `codec` in packed safetensors files as the split writes them."""
+    from accelerate import init_empty_weights
+    from safetensors.torch import save_file
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    with init_empty_weights():
+        decoder = LlamaDecoderLayer(config, 0)
+    shapes = {
+        "layers": {name: t.shape for name, t in decoder.state_dict().items()},
+        "embed": {"weight": torch.Size([config.vocab_size, config.hidden_size])},
+        "norm": {"weight": torch.Size([config.hidden_size])},
+        "lm_head": {"weight": torch.Size([config.vocab_size, config.hidden_size])},
+    }
+    paths = {}
+    for unit, unit_shapes in shapes.items():
+        weights = random_weights(unit_shapes, config, dtype, torch.device("cpu"))
+        stored = codec.encode("layers.0" if unit == "layers" else unit, weights)  # type: ignore[attr-defined]
+        paths[unit] = folder / f"{unit}.safetensors"
+        save_file({k: t.contiguous() for k, t in stored.items()}, str(paths[unit]), metadata={"format": "pt"})
+    return paths
+
+
+class _Truncated:
+    """A StreamingModel of `config` cut to `layers` decoder layers, every one of them `files`' one layer file, with
+    the options' cache, codec, prefetcher and KV cache policy; its KV cache holds `context` positions (without a
+    KV cache, each pass computes them all). `resident`: the decoder layers are kept on the device as residency
+    keeps them, decoded each pass but never fetched."""
+
+    def __init__(
+        self, config: LlamaConfig, layers: int, files: _OneLayerFiles, device: torch.device,
+        options: dict[str, object], batch: int, context: int, resident: bool,
+    ) -> None:
+        import strategies
+        from harness.measurement.metrics import device_clock
+        from harness.measurement.timeline import StageClock
+        from harness.streaming.model import StreamingModel
+        from harness.streaming.pipeline import LayerPipeline
+
+        cut = copy.deepcopy(config)
+        cut.num_hidden_layers = layers
+        units = ["embed", *(f"layers.{i}" for i in range(layers)), "norm", "lm_head"]
+        stages = StageClock(device)
+        pipeline = LayerPipeline(
+            cache=strategies.build(options["cache"], files=files, device=device),
+            codec=strategies.build(options["compression"]),
+            prefetcher=strategies.build(options["prefetch"], device=device),
+            device=device,
+            clock=stages,
+        )
+        if resident:
+            pipeline.keep_resident(files, units[1:-2])
+        kv_policy = strategies.build(options["kv_cache"])
+        self.clock = device_clock(device)
+        self.model = StreamingModel(cut, units, pipeline, kv_policy, device, self.clock, stages)
+        self.ids = torch.randint(0, cut.vocab_size, (batch, context), device=device)
+        self.cache = kv_policy.new_cache(cut, device)
+        with torch.inference_mode():
+            if self.cache is not None:  # the prefill: the KV cache holds the context, as in generation
+                self.model.forward(self.ids, self.cache)
+
+    def pass_seconds(self) -> float:
+        """One decode pass, timed until its output exists."""
+        step = self.ids[:, -1:] if self.cache is not None else self.ids
+        start = self.clock()
+        with torch.inference_mode():
+            self.model.forward(step, self.cache)
+        elapsed = self.clock() - start
+        self.model.timeline.events.clear()  # the bookkeeping a run keeps, without letting it grow
+        if (grown := self.cache.get_seq_length() - self.ids.shape[1] if self.cache is not None else 0) > 0:
+            self.cache.crop(-grown)  # every pass attends to the same context (a negative count removes that many)
+        return elapsed
+
+
+def measure_stream(
+    config: LlamaConfig, device: torch.device, dtype: torch.dtype, *, cache: CacheConfig,
+    compression: CompressionConfig, prefetch: PrefetchConfig, kv_cache: KVCacheConfig, scratch_dir: Path,
+    batch: int = 1, context: int = 8, resident: bool = False, repeats: int = 3,
+) -> StreamTimes:
+    """A decoder layer's and a pass's own cost (`StreamTimes`) for these options, on `device`: the median pass of
+    truncated models of `config` with LAYER_COUNTS decoder layers, `batch` sequences decoding one token each
+    after `context` positions (`_Truncated`)."""
+    import strategies
+
+    check_positive("batch", batch)
+    check_positive("repeats", repeats)
+    check_positive("context", context)
+    device = indexed_device(device)
+    config = copy.deepcopy(config)
+    config.vocab_size = _VOCAB
+    config._attn_implementation = "sdpa"
+    options = {"cache": cache, "compression": compression, "prefetch": prefetch, "kv_cache": kv_cache}
+    scratch_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="stream-", dir=scratch_dir) as folder:
+        files = _OneLayerFiles(_write_units(config, dtype, strategies.build(compression), Path(folder)))
+        models = [_Truncated(config, n, files, device, options, batch, context, resident) for n in LAYER_COUNTS]
+        for model in models:  # untimed: lazy initialization, the allocator's growth, the page cache
+            model.pass_seconds()
+        # The two models' passes in turn, so that a change in the machine's load lands on both alike; repeated
+        # until MIN_SECONDS have passed, so that a pass of a millisecond is not judged on three samples.
+        times: list[list[float]] = [[] for _ in models]
+        start = perf_counter()
+        while len(times[0]) < repeats or (perf_counter() - start < MIN_SECONDS and len(times[0]) < MAX_REPEATS):
+            for model, seconds in zip(models, times, strict=True):
+                seconds.append(model.pass_seconds())
+        few, many = (statistics.median(seconds) for seconds in times)
+    layer_s = (many - few) / (LAYER_COUNTS[1] - LAYER_COUNTS[0])
+    if layer_s <= 0:
+        # The passes' noise outweighed two layers: the larger model's pass, all of it, per layer is the safe bound.
+        return StreamTimes(layer_s=many / LAYER_COUNTS[1], pass_s=0.0)
+    return StreamTimes(layer_s=layer_s, pass_s=max(0.0, few - layer_s * LAYER_COUNTS[0]))
+

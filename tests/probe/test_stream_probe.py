@@ -1,0 +1,136 @@
+"""harness.probe.stream: a streamed layer's cost is measured through the real pipeline and pass (the run's cache,
+codec, prefetcher, KV cache and residency), as the difference between truncated models; and it is cached per
+options, re-measured when stale or old."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from fake_probes import small_layer_config
+
+from harness.probe import store
+from harness.probe.stream import LAYER_COUNTS, StreamTimes, measure_stream
+from strategies.cache.configs import DiskCacheConfig, RamCacheConfig
+from strategies.compression.base import Codec
+from strategies.compression.configs import Blockwise4bitConfig, NoCompressionConfig
+from strategies.kv_cache.configs import DeviceKVCacheConfig, NoKVCacheConfig
+from strategies.prefetch.configs import PrefetchOffConfig, PrefetchOnConfig
+
+CPU = torch.device("cpu")
+
+
+def options(**chosen: object) -> dict[str, object]:
+    return {
+        "cache": RamCacheConfig(), "compression": NoCompressionConfig(), "prefetch": PrefetchOffConfig(),
+        "kv_cache": DeviceKVCacheConfig(), **chosen,
+    }
+
+
+@pytest.mark.parametrize("chosen", [
+    {},
+    {"cache": DiskCacheConfig(), "compression": Blockwise4bitConfig(), "prefetch": PrefetchOnConfig()},
+    {"cache": DiskCacheConfig(page_cache="cold"), "kv_cache": NoKVCacheConfig()},
+], ids=["ram-none-off", "disk-4bit-on", "disk-cold-no-kv"])
+def test_every_option_streams_through_the_probe(tmp_path: Path, chosen: dict[str, object]) -> None:
+    times = measure_stream(
+        small_layer_config(), CPU, torch.float32, scratch_dir=tmp_path, context=4, repeats=2, **options(**chosen)
+    )
+    assert times.layer_s > 0 and times.pass_s >= 0
+    assert list(tmp_path.iterdir()) == [], "the probe's layer files are removed once timed"
+
+
+def test_resident_layers_are_never_fetched(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from strategies.cache.ram import RamCache
+
+    fetched: list[str] = []
+    original = RamCache.get
+
+    def spy(self: RamCache, name: str) -> dict[str, torch.Tensor]:
+        fetched.append(name)
+        return original(self, name)
+
+    monkeypatch.setattr(RamCache, "get", spy)
+    measure_stream(small_layer_config(), CPU, torch.float32, scratch_dir=tmp_path, resident=True, repeats=2,
+                   **options())
+    assert fetched and not any(name.startswith("layers.") for name in fetched)
+
+
+def test_a_layer_costs_what_the_pipeline_adds_per_layer(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A codec whose decode takes 20 ms a unit: the layers' difference carries it, the pass's own cost does not."""
+    from strategies.compression.none import NoCompression
+
+    delay = 0.02
+
+    def slow_decode(self: Codec, layer: str, stored: dict[str, torch.Tensor], device: torch.device) -> Any:
+        if layer.startswith("layers."):
+            time.sleep(delay)
+        return stored
+
+    monkeypatch.setattr(NoCompression, "decode", slow_decode)
+    times = measure_stream(small_layer_config(), CPU, torch.float32, scratch_dir=tmp_path, repeats=3, **options())
+    assert times.layer_s >= delay
+    # Both truncated models decode their layers the same way: the pass's own part holds no layer's decode.
+    assert times.pass_s < delay * LAYER_COUNTS[0]
+
+
+class _Count:
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __call__(self, *args: object, **kwargs: object) -> StreamTimes:
+        self.calls += 1
+        return StreamTimes(layer_s=0.001 * self.calls, pass_s=0.0)
+
+
+def test_the_stream_probe_is_cached_per_options(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    count = _Count()
+    monkeypatch.setattr(store, "measure_stream", count)
+    config = small_layer_config()
+
+    def load(**kwargs: Any) -> StreamTimes:
+        return store.load_or_measure_stream(config, CPU, torch.float32, tmp_path, **{"options": options(), **kwargs})
+
+    first = load()
+    assert load() == first and count.calls == 1, "a cached measurement is read back, not measured again"
+    assert load(batch=2).layer_s != first.layer_s and count.calls == 2, "another batch is another measurement"
+    assert load(options=options(prefetch=PrefetchOnConfig())) and count.calls == 3, "so are other options"
+    assert load(resident=True) and count.calls == 4, "and resident layers"
+    assert load() == first and count.calls == 4
+
+
+def test_a_stale_or_old_stream_measurement_is_measured_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    count = _Count()
+    monkeypatch.setattr(store, "measure_stream", count)
+
+    def load(**kwargs: Any) -> StreamTimes:
+        return store.load_or_measure_stream(small_layer_config(), CPU, torch.float32, tmp_path, options=options(),
+                                            **kwargs)
+
+    load()
+    (cached,) = tmp_path.glob("*-stream-*.json")
+    assert store.mark_stale(CPU, tmp_path, "a run beat its floor") == [cached]
+    load()
+    assert count.calls == 2, "a stale measurement is measured again"
+    load()
+    assert count.calls == 2, "and then read back"
+    old = time.time() - 10 * 86400
+    os.utime(cached, (old, old))
+    load(max_age_s=7 * 86400)
+    assert count.calls == 3, "a measurement older than probe.max_age_days is measured again"
+    load(max_age_s=7 * 86400)
+    assert count.calls == 3
+
+
+def test_a_damaged_stream_cache_is_measured_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    count = _Count()
+    monkeypatch.setattr(store, "measure_stream", count)
+    store.load_or_measure_stream(small_layer_config(), CPU, torch.float32, tmp_path, options=options())
+    (cached,) = tmp_path.glob("*-stream-*.json")
+    cached.write_text('{"key": "something else", "layer_s": -1}')
+    store.load_or_measure_stream(small_layer_config(), CPU, torch.float32, tmp_path, options=options())
+    assert count.calls == 2
