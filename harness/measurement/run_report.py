@@ -100,9 +100,15 @@ class RunReport:
     streamed_layers: float | None = figure()
     resident_bytes: float | None = figure("resident bytes")
     resident_load_s: float | None = figure()
-    # The plan's per-token time from the probe's link rates, before the run, and the measured one over it.
+    # The plan's per-token time from the cost model, before the run, and the measured one over it; and the
+    # prediction by term (harness/runners/layerbench/cost.py): the pass beside its layers, the streamed and the
+    # resident decoder layers, the head.
     plan_predicted_s: float | None = figure("predicted per token (plan)")
     plan_ratio: float | None = figure("per-token time / predicted")
+    plan_pass_s: float | None = figure()
+    plan_streamed_s: float | None = figure()
+    plan_resident_s: float | None = figure()
+    plan_head_s: float | None = figure()
 
     # --- decoding=speculative: draft tokens accepted, per verifying pass of the target, and what it costs
     spec_accepted_share: float | None = figure("draft tokens accepted")

@@ -32,11 +32,11 @@ def caveats(model: ModelConfig, report: RunReport) -> tuple[set[str], list[str]]
     elif model.weights_note:
         notes.append(f"model={model.name}: {model.weights_note}.")
     if report.floor_s is not None and report.floor_s < OVERHEAD_FLOOR_S:
-        hidden |= {"floor_ratio", "plan_ratio"}
+        hidden.add("floor_ratio")
         notes.append(
             f"the floor is {format_metric('floor_s', report.floor_s)} a token: at this size fixed per-layer costs, "
-            "which neither the floor nor the plan counts, set the time, so per-token time / floor and / predicted "
-            "are left out (still logged). For a real geometry: model=llama3.2-1b-synthetic."
+            "which the floor does not count (the plan does), set the time, so per-token time / floor is left out "
+            "(still logged). For a real geometry: model=llama3.2-1b-synthetic."
         )
     return hidden, notes
 

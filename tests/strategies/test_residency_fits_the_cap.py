@@ -120,7 +120,7 @@ def test_the_plan_predicts_the_bytes_a_pass_reads_and_a_time(cache: str, make_cf
     for extra in ((), ("residency=auto", "residency.layers=3")):
         cfg = make_cfg(f"cache={cache}", "workload.max_new_tokens=3", *extra)
         setup = build_setup(cfg, Path(cfg.paths.outputs), CPU)
-        plan = make_plan(setup, cfg.probe, cfg.cache, cfg.workload, Path(cfg.paths.outputs) / "probe")
+        plan = make_plan(setup, cfg, Path(cfg.paths.outputs) / "probe")
         gen = generate(setup, cfg)
         rows = gen.timeline.rows(setup.model.stages)
         decode_pass_read = sum(row["read_bytes"] for row in rows if row["pass_index"] == 1)

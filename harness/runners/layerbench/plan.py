@@ -1,8 +1,6 @@
 """The plan of a streamed run, before it runs: what stays resident, what streams, the bytes a pass moves,
-and the per-token time the probe's link rates predict for them; after the run, the measured time beside it.
-
-The same link arithmetic as the floor (`floor.link_floor`), on predicted bytes instead of measured
-ones, and summed rather than overlapped when nothing loads ahead (prefetch=off runs its stages in turn).
+the per-token time the cost model predicts (cost.py), and each link's share by the floor's arithmetic
+(`floor.link_floor` on predicted bytes); after the run, the measured time beside it.
 """
 
 from __future__ import annotations
@@ -10,12 +8,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from harness.config import ProbeConfig, WorkloadConfig
+from harness.config import Config
 from harness.measurement.units import format_metric
 from harness.measurement.vram import decoded_bytes
+from harness.runners.layerbench.cost import TokenCost, token_cost
 from harness.runners.layerbench.floor import link_floor, pass_seq_len
 from harness.runners.layerbench.setup import Setup
-from strategies.cache.configs import CacheConfig
 
 
 @dataclass
@@ -29,8 +27,10 @@ class Plan:
     # The stored size of the units a pass streams (all but the resident ones, a shared file once), whatever the
     # cache: what a pass would read were every unit read from storage.
     stream_bytes_per_pass: float = 0.0
-    # Each link's predicted seconds per token (floor.LINKS), whose slowest (or sum) is `predicted_s`.
+    # Each link's seconds per token at its probed rate (floor.LINKS): the floor's arithmetic on the plan's bytes.
     per_link_s: dict[str, float] = field(default_factory=dict)
+    # `predicted_s` by the cost model's terms.
+    cost: TokenCost | None = None
 
     def describe(self, bytes_held: int) -> str:
         layers = sum(u.startswith("layers.") for u in self.resident)
@@ -44,11 +44,9 @@ class Plan:
         )
 
 
-def make_plan(
-    setup: Setup, probe: ProbeConfig, cache: CacheConfig, workload: WorkloadConfig, probe_dir: Path,
-    kept_mapping_bytes_per_s: float | None = None,
-) -> Plan:
-    """What stays, what streams, and the per-token time the probe's rates (cached in `probe_dir`) predict."""
+def make_plan(setup: Setup, cfg: Config, probe_dir: Path, kept_mapping_bytes_per_s: float | None = None) -> Plan:
+    """What stays, what streams, and the per-token time the cost model predicts from the probes cached in
+    `probe_dir` (measured there first when missing)."""
     layout, pipeline = setup.layout, setup.pipeline
     resident = setup.residency.units
     streamed = [u for u in layout.units if u not in resident]
@@ -59,14 +57,14 @@ def make_plan(
     # Every unit decodes on every pass, the resident ones too (they stay in their stored form).
     decoded = float(decoded_bytes(setup.config, layout.units))
     n_prompt = max(len(p) for p in setup.prompts)
-    floor, *_ = link_floor(
-        setup, probe, cache, probe_dir, disk_bytes=read, h2d_bytes=h2d, dequant_bytes=decoded,
+    workload = cfg.workload
+    floor, rates, *_ = link_floor(
+        setup, cfg.probe, cfg.cache, probe_dir, disk_bytes=read, h2d_bytes=h2d, dequant_bytes=decoded,
         seq_len=pass_seq_len(setup, n_prompt, workload.max_new_tokens), batch=workload.batch_size,
         kept_mapping_bytes_per_s=kept_mapping_bytes_per_s,
     )
-    overlapped = pipeline.prefetcher.layers_ahead > 0
-    predicted = floor.floor_s if overlapped else sum(floor.per_link_s.values())
-    limiting = floor.limiting if overlapped else "the sum of the links"
+    cost = token_cost(setup, cfg, rates, probe_dir, kept_mapping_bytes_per_s)
     return Plan(
-        resident, streamed, read, h2d, predicted, limiting, float(layout.files_bytes(streamed)), dict(floor.per_link_s)
+        resident, streamed, read, h2d, cost.total_s, floor.limiting, float(layout.files_bytes(streamed)),
+        dict(floor.per_link_s), cost,
     )

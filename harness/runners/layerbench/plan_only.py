@@ -208,5 +208,5 @@ def print_plan(cfg: Config) -> None:
     setup, figures = predict(cfg, outputs_dir)
     plan = None
     if cfg.probe.enabled:
-        plan = make_plan(setup, cfg.probe, cfg.cache, cfg.workload, outputs_dir / "probe")
+        plan = make_plan(setup, cfg, outputs_dir / "probe")
     print("\n".join(plan_text(cfg, setup, plan, figures)), flush=True)

@@ -59,10 +59,7 @@ class LayerbenchRunner(Runner):
         self.plan: Plan | None = None
         if cfg.probe.enabled:
             self.own_links = kept_mapping_metrics(self.setup, cfg.cache)
-            self.plan = make_plan(
-                self.setup, cfg.probe, cfg.cache, cfg.workload, self.probe_dir,
-                self.own_links.get("kept_mapping_bytes_per_s"),
-            )
+            self.plan = make_plan(self.setup, cfg, self.probe_dir, self.own_links.get("kept_mapping_bytes_per_s"))
             console.print(Text(f"plan: {self.plan.describe(self.setup.residency.bytes)}"))
 
     def generate(self, on_token: Callable[[int], None] | None = None) -> Generation:
@@ -106,6 +103,8 @@ class LayerbenchRunner(Runner):
         tags: dict[str, str] = {}
         if plan is not None:
             report.plan_predicted_s = plan.predicted_s
+            if plan.cost is not None:
+                report.add({f"plan_{term}": seconds for term, seconds in vars(plan.cost).items()})
             if report.tpot_s is not None and plan.predicted_s > 0:
                 report.plan_ratio = report.tpot_s / plan.predicted_s
             tags["plan"] = plan.describe(setup.residency.bytes)

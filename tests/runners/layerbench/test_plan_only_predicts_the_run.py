@@ -9,11 +9,13 @@ from pathlib import Path
 
 import pytest
 
+import harness.runners.layerbench.cost as cost_mod
 import harness.runners.layerbench.floor as floor_mod
 import harness.runners.layerbench.plan_only as plan_only_mod
 from harness.config import Config
 from harness.measurement.vram import GIB
 from harness.probe.links import LinkRates
+from harness.probe.stream import StreamTimes
 from harness.runners.layerbench.plan import make_plan
 from harness.runners.layerbench.plan_only import PlanRefused, plan_text, predict
 from harness.runners.layerbench.setup import build_setup
@@ -31,6 +33,8 @@ def stub_probe(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(floor_mod, "load_or_measure", lambda *a, **k: CPU_RATES)
     monkeypatch.setattr(floor_mod, "load_or_measure_layer_compute_s", lambda *a, **k: 0.17)
     monkeypatch.setattr(floor_mod, "load_or_measure_head_compute_s", lambda *a, **k: 0.19)
+    monkeypatch.setattr(cost_mod, "load_or_measure_head_compute_s", lambda *a, **k: 0.19)
+    monkeypatch.setattr(cost_mod, "load_or_measure_stream", lambda *a, **k: StreamTimes(layer_s=0.9, pass_s=0.01))
 
 
 def built(outputs: Path) -> list[str]:
@@ -61,8 +65,8 @@ def test_the_predicted_plan_is_the_runs_plan(
         u: real.layout.file_bytes(u) for u in real.layout.units
     }
     probe_dir = Path(cfg.paths.outputs) / "probe"
-    ours = make_plan(predicted, cfg.probe, cfg.cache, cfg.workload, probe_dir)
-    theirs = make_plan(real, cfg.probe, cfg.cache, cfg.workload, probe_dir)
+    ours = make_plan(predicted, cfg, probe_dir)
+    theirs = make_plan(real, cfg, probe_dir)
     assert ours == theirs
     assert ours.stream_bytes_per_pass == real.layout.files_bytes(ours.streamed)
 
@@ -83,7 +87,7 @@ def test_the_70b_plan_under_4_gib(
     monkeypatch.setattr(plan_only_mod, "_free_bytes", lambda folder: 30 * 10**9)  # a disk with 30 GB free
     cfg = make_cfg("model=llama3-70b-synthetic", "compression=4bit", "residency=auto", f"paths.outputs={tmp_path}")
     setup, figures = predict(cfg, tmp_path)
-    plan = make_plan(setup, cfg.probe, cfg.cache, cfg.workload, tmp_path / "probe")
+    plan = make_plan(setup, cfg, tmp_path / "probe")
     text = plan_text(cfg, setup, plan, figures)
     assert setup.residency.units == ["layers.00", "layers.40", "layers.79"]
     layer = setup.layout.file_bytes("layers.00")
@@ -92,7 +96,11 @@ def test_the_70b_plan_under_4_gib(
     assert plan.stream_bytes_per_pass == pytest.approx(77 * layer + 2 * embed, abs=100_000)
     assert f"bytes per pass: {plan.stream_bytes_per_pass / 1e9:.4g} GB" in text
     assert "bytes per pass: 41.27 GB" in text
-    assert plan.predicted_s == pytest.approx(80 * 0.17 + 0.19 + plan.per_link_s["dequant"])
+    # The cost model's terms: 77 streamed layers and 3 resident ones at the stream probe's 0.9 s, the pass's own
+    # 0.01 s, and the head's compute (from RAM on a CPU it is neither fetched nor, stored plain, decoded).
+    assert plan.cost is not None
+    assert (plan.cost.streamed_s, plan.cost.resident_s) == pytest.approx((77 * 0.9, 3 * 0.9))
+    assert plan.predicted_s == pytest.approx(0.01 + 80 * 0.9 + 0.19)
     assert any(line.startswith("note: a run of this configuration is refused") for line in text)
     assert "note: the split takes 42.7 GB, but 30.0 GB are free where it goes" in "\n".join(text)
     assert built(tmp_path) == []

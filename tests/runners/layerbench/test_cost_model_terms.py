@@ -1,0 +1,91 @@
+"""harness.runners.layerbench.cost: a pass's predicted time is the stream probe's per-layer cost for each streamed
+and each resident decoder layer, the pass's own cost, and the head, whose fetch is priced as the cache reads it and
+overlaps its compute only when prefetch loads ahead; each term on stubbed probes."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fake_probes import cpu_rates
+
+import harness.runners.layerbench.cost as cost_mod
+from harness.config import Config
+from harness.probe.stream import StreamTimes
+from harness.runners.layerbench.plan_only import predict
+
+HEAD_S = 0.002
+STREAMED = StreamTimes(layer_s=0.010, pass_s=0.001)
+RESIDENT = StreamTimes(layer_s=0.004, pass_s=0.0015)
+
+
+@pytest.fixture()
+def probes(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
+    """The stream probe and the head's compute stubbed; the stream probe's calls, by keyword."""
+    calls: list[dict[str, Any]] = []
+
+    def stream(*args: object, **kwargs: Any) -> StreamTimes:
+        calls.append(kwargs)
+        return RESIDENT if kwargs["resident"] else STREAMED
+
+    monkeypatch.setattr(cost_mod, "load_or_measure_stream", stream)
+    monkeypatch.setattr(cost_mod, "load_or_measure_head_compute_s", lambda *a, **k: HEAD_S)
+    return calls
+
+
+def cost(make_cfg: Callable[..., Config], tmp_path: Path, *overrides: str) -> tuple[cost_mod.TokenCost, Any]:
+    cfg = make_cfg(f"paths.outputs={tmp_path}", "workload.prompt_tokens=8", "workload.max_new_tokens=8", *overrides)
+    setup, _ = predict(cfg, tmp_path)
+    return cost_mod.token_cost(setup, cfg, cpu_rates(), tmp_path / "probe"), setup
+
+
+def test_streamed_layers_the_pass_and_the_head_add_up(
+    make_cfg: Callable[..., Config], tmp_path: Path, probes: list[dict[str, Any]]
+) -> None:
+    terms, setup = cost(make_cfg, tmp_path, "cache=ram", "compression=none", "prefetch=off")
+    layers = setup.config.num_hidden_layers
+    assert terms.streamed_s == pytest.approx(layers * STREAMED.layer_s)
+    assert (terms.resident_s, terms.pass_s) == (0.0, STREAMED.pass_s)
+    assert terms.head_s == pytest.approx(HEAD_S), "held in RAM on a CPU, the head is computed in place"
+    assert terms.total_s == pytest.approx(STREAMED.pass_s + layers * STREAMED.layer_s + HEAD_S)
+    # The probe is asked for the run's own options, batch and context: the mean position of the generation.
+    (call,) = probes
+    assert call["options"]["compression"].name == "none" and call["options"]["cache"].name == "ram"
+    assert (call["batch"], call["context"], call["resident"]) == (1, 12, False)
+
+
+def test_a_cold_head_is_read_at_the_cold_rate_after_its_compute_without_prefetch(
+    make_cfg: Callable[..., Config], tmp_path: Path, probes: list[dict[str, Any]]
+) -> None:
+    terms, setup = cost(make_cfg, tmp_path, "cache=disk", "cache.page_cache=cold", "prefetch=off")
+    head_bytes = setup.layout.files_bytes(["norm", "lm_head"])
+    assert terms.head_s == pytest.approx(HEAD_S + head_bytes / cpu_rates().disk_read_cold_bytes_per_s)
+
+
+def test_prefetch_overlaps_the_heads_fetch_with_its_compute(
+    make_cfg: Callable[..., Config], tmp_path: Path, probes: list[dict[str, Any]]
+) -> None:
+    terms, setup = cost(make_cfg, tmp_path, "cache=disk", "cache.page_cache=cold", "prefetch=on")
+    fetch = setup.layout.files_bytes(["norm", "lm_head"]) / cpu_rates().disk_read_cold_bytes_per_s
+    assert terms.head_s == pytest.approx(max(HEAD_S, fetch))
+
+
+def test_resident_layers_are_priced_by_the_resident_probe(
+    make_cfg: Callable[..., Config], tmp_path: Path, probes: list[dict[str, Any]]
+) -> None:
+    terms, setup = cost(make_cfg, tmp_path, "residency=auto")
+    layers = setup.config.num_hidden_layers
+    assert sum(u.startswith("layers.") for u in setup.residency.units) == layers, "the tiny model fits whole"
+    assert (terms.streamed_s, terms.resident_s) == (0.0, pytest.approx(layers * RESIDENT.layer_s))
+    assert terms.pass_s == RESIDENT.pass_s
+    assert [call["resident"] for call in probes] == [True], "nothing streams: only the resident layers are probed"
+
+
+def test_a_batch_and_a_model_without_kv_cache_are_probed_as_they_run(
+    make_cfg: Callable[..., Config], tmp_path: Path, probes: list[dict[str, Any]]
+) -> None:
+    cost(make_cfg, tmp_path, "workload.batch_size=3", "kv_cache=none")
+    (call,) = probes
+    assert call["batch"] == 3 and call["options"]["kv_cache"].name == "none"
