@@ -1,0 +1,110 @@
+"""`advise.verify=N`: N ranked configurations run as one Hydra multirun (one MLflow sweep), and their measured
+per-token times set beside the advisor's predictions, with the rank correlation between them.
+
+Each picked configuration becomes an `+experiment=` preset, written into the advisor's job folder and put on Hydra's
+search path, so the sweep is an ordinary `python -m harness -m` run: its parent run, its launcher, its jobs' runs.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from harness.advise.space import FREE_GROUPS, Priced
+
+# The group the presets are written under, inside the search path's experiment/ folder.
+PRESETS = "advise"
+PARENT_RUN_ID_FILE = "mlflow_parent_run_id"
+
+
+@dataclass(frozen=True)
+class Verified:
+    rank: int  # 1-based
+    priced: Priced
+    measured_s: float | None  # the child run's tpot_s (None: the job failed or logged none)
+    run_id: str | None
+
+
+def preset_text(choices: dict[str, str], rank: int) -> str:
+    lines = [
+        "# @package _global_",
+        f"# Written by python -m harness.advise: the configuration it ranked {rank}.",
+        "defaults:",
+        *(f"  - override /{group}: {name!r}" for group, name in choices.items()),
+        "  - _self_",
+    ]
+    return "\n".join(lines).replace("'", '"') + "\n"
+
+
+def write_presets(folder: Path, ranking: Sequence[Priced], picks: Sequence[int]) -> list[str]:
+    """One preset per pick under `folder`/experiment/advise/; returns the `+experiment=` values."""
+    target = folder / "experiment" / PRESETS
+    target.mkdir(parents=True, exist_ok=True)
+    names = []
+    for index in picks:
+        name = f"rank{index + 1:03d}"
+        (target / f"{name}.yaml").write_text(preset_text(ranking[index].choices, index + 1), encoding="utf-8")
+        names.append(f"{PRESETS}/{name}")
+    return names
+
+
+def sweep_command(overrides: Sequence[str], names: Sequence[str], presets: Path, sweep_dir: Path) -> list[str]:
+    """The multirun: the advisor's own overrides (less the groups the presets choose and the advisor's section),
+    each preset a job."""
+    kept = [
+        o for o in overrides
+        if o.lstrip("+~").split("=", 1)[0] not in FREE_GROUPS and not o.lstrip("+~").startswith("advise.")
+    ]
+    return [
+        sys.executable, "-m", "harness", "-m", *kept, f"+experiment={','.join(names)}",
+        f"hydra.searchpath=[file://{presets.resolve()}]", f"hydra.sweep.dir={sweep_dir.resolve()}",
+    ]
+
+
+def run_sweep(command: Sequence[str]) -> int:
+    """The sweep's exit status; its output goes to this terminal as it runs."""
+    return subprocess.run(list(command), check=False).returncode
+
+
+def collect(
+    uri: str, sweep_dir: Path, ranking: Sequence[Priced], picks: Sequence[int], artifacts: Sequence[Path],
+) -> tuple[str | None, list[Verified]]:
+    """The sweep's parent run id and each pick's measured tpot_s; the ranking's files logged to the parent, and
+    `advise_predicted_s` and `advise_rank` to each child."""
+    from mlflow.tracking import MlflowClient
+
+    id_file = sweep_dir / PARENT_RUN_ID_FILE
+    parent = id_file.read_text(encoding="utf-8").strip() if id_file.is_file() else None
+    if parent is None:
+        return None, [Verified(i + 1, ranking[i], None, None) for i in picks]
+    client = MlflowClient(uri)
+    for path in artifacts:
+        client.log_artifact(parent, str(path))
+    experiment = client.get_run(parent).info.experiment_id
+    children = client.search_runs([experiment], filter_string=f"tags.mlflow.parentRunId = '{parent}'")
+    by_choices = {tuple(run.data.params.get(g) for g in FREE_GROUPS): run for run in children}
+    verified = []
+    for index in picks:
+        priced = ranking[index]
+        run = by_choices.get(tuple(priced.choices.get(g) for g in FREE_GROUPS))
+        measured = run.data.metrics.get("tpot_s") if run is not None else None
+        if run is not None:
+            client.log_metric(run.info.run_id, "advise_predicted_s", priced.predicted_s)
+            client.log_metric(run.info.run_id, "advise_rank", float(index + 1))
+        verified.append(Verified(index + 1, priced, measured, run.info.run_id if run is not None else None))
+    return parent, verified
+
+
+def spearman(verified: Sequence[Verified]) -> tuple[float, float] | None:
+    """Spearman's rank correlation between predicted and measured (and its p-value), over the picks measured;
+    None with fewer than three."""
+    from scipy.stats import spearmanr
+
+    pairs = [(v.priced.predicted_s, v.measured_s) for v in verified if v.measured_s is not None]
+    if len(pairs) < 3:
+        return None
+    result = spearmanr([p for p, _ in pairs], [m for _, m in pairs])
+    return float(result.statistic), float(result.pvalue)
