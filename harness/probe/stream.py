@@ -4,8 +4,8 @@ The link rates and one layer's compute, each timed alone, miss what a pass adds 
 per-unit work in Python (the fetch, the copy into a packed buffer, the decode's many small ops, the timeline),
 and, with prefetch on, the worker competing with the compute for the cores and the GIL (on a 2-core machine a
 prefetch worker can make a pass slower than no prefetch at all). This probe measures them together: a
-StreamingModel of the run's geometry, cut to a few decoder layers and a tiny vocabulary, whose layers are all one
-synthetic layer file written with the run's codec and read by the run's cache, prefetcher and KV cache policy.
+StreamingModel of the run's geometry, cut to a few decoder layers and a tiny vocabulary, whose layers are copies of
+one synthetic layer file written with the run's codec, read by the run's cache, prefetcher and KV cache policy.
 Passes of two such models (1 and 3 layers) are timed; their difference is what a decoder layer adds to a pass,
 and the rest is what a pass costs beside its layers.
 """
@@ -13,6 +13,7 @@ and the rest is what a pass costs beside its layers.
 from __future__ import annotations
 
 import copy
+import shutil
 import statistics
 import tempfile
 from dataclasses import dataclass
@@ -52,14 +53,15 @@ class StreamTimes:
     pass_s: float  # what a pass costs beside its decoder layers and its head: embedding, rope and mask, bookkeeping
 
 
-class _OneLayerFiles:
-    """The LayerFiles of a truncated split: every decoder layer is the same file."""
+class _TruncatedFiles:
+    """The LayerFiles of a truncated split: decoder layer i is the i-th copy of one layer file, so that each layer
+    is read, held and cached as a file of its own, as in a real split."""
 
     def __init__(self, files: dict[str, Path]) -> None:
         self._files = files
 
     def file(self, unit: str) -> Path:
-        return self._files["layers" if unit.startswith("layers.") else unit]
+        return self._files[f"layers.{int(unit.split('.')[1])}" if unit.startswith("layers.") else unit]
 
     def file_bytes(self, unit: str) -> int:
         return self.file(unit).stat().st_size
@@ -68,9 +70,11 @@ class _OneLayerFiles:
         return 1
 
 
-def _write_units(config: LlamaConfig, dtype: torch.dtype, codec: object, folder: Path) -> dict[str, Path]:
-    """One decoder layer, the embedding, the final norm and lm_head of `config` (its vocabulary already cut),
-    random, stored by `codec` in packed safetensors files as the split writes them."""
+def _write_units(
+    config: LlamaConfig, dtype: torch.dtype, codec: object, folder: Path, layers: int
+) -> dict[str, Path]:
+    """One decoder layer (and `layers` - 1 copies of its file), the embedding, the final norm and lm_head of `config`
+    (its vocabulary already cut), random, stored by `codec` in packed safetensors files as the split writes them."""
     from accelerate import init_empty_weights
     from safetensors.torch import save_file
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer
@@ -89,17 +93,22 @@ def _write_units(config: LlamaConfig, dtype: torch.dtype, codec: object, folder:
         stored = codec.encode("layers.0" if unit == "layers" else unit, weights)  # type: ignore[attr-defined]
         paths[unit] = folder / f"{unit}.safetensors"
         save_file({k: t.contiguous() for k, t in stored.items()}, str(paths[unit]), metadata={"format": "pt"})
+    layer = paths.pop("layers")
+    for index in range(layers):
+        paths[f"layers.{index}"] = folder / f"layers.{index}.safetensors"
+        shutil.copyfile(layer, paths[f"layers.{index}"])
+    layer.unlink()
     return paths
 
 
 class _Truncated:
-    """A StreamingModel of `config` cut to `layers` decoder layers, every one of them `files`' one layer file, with
+    """A StreamingModel of `config` cut to `layers` decoder layers, each read from its copy of the layer file, with
     the options' cache, codec, prefetcher and KV cache policy; its KV cache holds `context` positions (without a
     KV cache, each pass computes them all). `resident`: the decoder layers are kept on the device as residency
     keeps them, decoded each pass but never fetched."""
 
     def __init__(
-        self, config: LlamaConfig, layers: int, files: _OneLayerFiles, device: torch.device,
+        self, config: LlamaConfig, layers: int, files: _TruncatedFiles, device: torch.device,
         options: dict[str, object], batch: int, context: int, resident: bool,
     ) -> None:
         import strategies
@@ -163,7 +172,9 @@ def measure_stream(
     options = {"cache": cache, "compression": compression, "prefetch": prefetch, "kv_cache": kv_cache}
     scratch_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="stream-", dir=scratch_dir) as folder:
-        files = _OneLayerFiles(_write_units(config, dtype, strategies.build(compression), Path(folder)))
+        files = _TruncatedFiles(
+            _write_units(config, dtype, strategies.build(compression), Path(folder), max(LAYER_COUNTS))
+        )
         models = [_Truncated(config, n, files, device, options, batch, context, resident) for n in LAYER_COUNTS]
         for model in models:  # untimed: lazy initialization, the allocator's growth, the page cache
             model.pass_seconds()
