@@ -6,13 +6,15 @@ and, with prefetch on, the worker competing with the compute for the cores and t
 prefetch worker can make a pass slower than no prefetch at all). This probe measures them together: a
 StreamingModel of the run's geometry, cut to a few decoder layers and a tiny vocabulary, whose layers are copies of
 one synthetic layer file written with the run's codec, read by the run's cache, prefetcher and KV cache policy.
-Passes of two such models (1 and 3 layers) are timed; their difference is what a decoder layer adds to a pass,
-and the rest is what a pass costs beside its layers.
+Its decode passes are timed: the time between one layer's compute ending and the next one's is what a decoder
+layer adds to a pass (its fetch, decode and compute, as they overlap), and the rest is what a pass costs beside
+its layers.
 """
 
 from __future__ import annotations
 
 import copy
+import os
 import shutil
 import statistics
 import tempfile
@@ -35,13 +37,16 @@ if TYPE_CHECKING:
     from strategies.kv_cache.configs import KVCacheConfig
     from strategies.prefetch.configs import PrefetchConfig
 
-# The truncated models' decoder layers: their difference in time, over their difference in count, is one layer's.
-LAYER_COUNTS = (1, 3)
+# The truncated model's decoder layers: the first's compute ends where the steady state starts, and the intervals
+# after it are one layer's cost each.
+LAYERS = 3
 # The truncated models' vocabulary: small enough that the embedding and lm_head cost nothing beside a layer (the
 # run's own head is priced apart, by the head compute probe and the link rates).
 _VOCAB = 256
-# Passes are timed until this many seconds have gone by (at least `repeats` each, at most MAX_REPEATS).
+# Passes are timed until this many seconds have gone by (at least `repeats`, at most MAX_REPEATS); passes of a big
+# layer on a slow device stop at two once MAX_SECONDS have gone by.
 MIN_SECONDS = 0.5
+MAX_SECONDS = 10.0
 MAX_REPEATS = 200
 
 
@@ -101,6 +106,42 @@ def _write_units(
     return paths
 
 
+# Layer files written this process, by geometry, dtype and codec, newest last: a plan that probes streamed and resident
+# layers, or the advisor probing every prefetch and cache option, draws and encodes a (70B: 1.7 GB) layer once.
+_WRITTEN: dict[tuple[object, ...], tuple[tempfile.TemporaryDirectory[str], _TruncatedFiles]] = {}
+# Codecs' files kept at once (each LAYERS layers on disk, in the probe's folder).
+_KEPT = 3
+
+
+def _written_files(config: LlamaConfig, dtype: torch.dtype, codec: object, scratch_dir: Path) -> _TruncatedFiles:
+    """The truncated split of `config` stored by `codec`: written once per process into a temporary folder of
+    `scratch_dir` (removed when the process ends, or once _KEPT newer ones are written); the folders of processes
+    that died before removing theirs are removed first."""
+    key = (config.to_json_string(), str(dtype), codec.split_key)  # type: ignore[attr-defined]
+    if key in _WRITTEN:
+        _WRITTEN[key] = _WRITTEN.pop(key)  # the newest now
+        return _WRITTEN[key][1]
+    scratch_dir.mkdir(parents=True, exist_ok=True)
+    _remove_orphans(scratch_dir)
+    while len(_WRITTEN) >= _KEPT:
+        folder, _ = _WRITTEN.pop(next(iter(_WRITTEN)))
+        folder.cleanup()
+    folder = tempfile.TemporaryDirectory(prefix=f"stream-{os.getpid()}-", dir=scratch_dir)
+    files = _TruncatedFiles(_write_units(config, dtype, codec, Path(folder.name), LAYERS))
+    _WRITTEN[key] = (folder, files)
+    return files
+
+
+def _remove_orphans(scratch_dir: Path) -> None:
+    """Remove the layer files of processes no longer running (killed before they could)."""
+    import psutil
+
+    for folder in scratch_dir.glob("stream-*-*"):
+        pid = folder.name.split("-")[1]
+        if folder.is_dir() and pid.isdigit() and not psutil.pid_exists(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
 class _Truncated:
     """A StreamingModel of `config` cut to `layers` decoder layers, each read from its copy of the layer file, with
     the options' cache, codec, prefetcher and KV cache policy; its KV cache holds `context` positions (without a
@@ -132,6 +173,7 @@ class _Truncated:
             pipeline.keep_resident(files, units[1:-2])
         kv_policy = strategies.build(options["kv_cache"])
         self.clock = device_clock(device)
+        self.stages = stages
         self.model = StreamingModel(cut, units, pipeline, kv_policy, device, self.clock, stages)
         self.ids = torch.randint(0, cut.vocab_size, (batch, context), device=device)
         self.cache = kv_policy.new_cache(cut, device)
@@ -139,17 +181,22 @@ class _Truncated:
             if self.cache is not None:  # the prefill: the KV cache holds the context, as in generation
                 self.model.forward(self.ids, self.cache)
 
-    def pass_seconds(self) -> float:
-        """One decode pass, timed until its output exists."""
+    def pass_seconds(self) -> tuple[float, float]:
+        """One decode pass, timed until its output exists: its seconds, and its decoder layers' mean seconds from
+        one layer's compute ending to the next one's."""
         step = self.ids[:, -1:] if self.cache is not None else self.ids
         start = self.clock()
         with torch.inference_mode():
             self.model.forward(step, self.cache)
         elapsed = self.clock() - start
+        ends = [
+            self.stages.seconds(event.stamps["compute"][1])
+            for event in self.model.timeline.events if event.unit.startswith("layers.")
+        ]
         self.model.timeline.events.clear()  # the bookkeeping a run keeps, without letting it grow
         if (grown := self.cache.get_seq_length() - self.ids.shape[1] if self.cache is not None else 0) > 0:
             self.cache.crop(-grown)  # every pass attends to the same context (a negative count removes that many)
-        return elapsed
+        return elapsed, (ends[-1] - ends[0]) / (len(ends) - 1)
 
 
 def measure_stream(
@@ -157,9 +204,9 @@ def measure_stream(
     compression: CompressionConfig, prefetch: PrefetchConfig, kv_cache: KVCacheConfig, scratch_dir: Path,
     batch: int = 1, context: int = 8, resident: bool = False, repeats: int = 3,
 ) -> StreamTimes:
-    """A decoder layer's and a pass's own cost (`StreamTimes`) for these options, on `device`: the median pass of
-    truncated models of `config` with LAYER_COUNTS decoder layers, `batch` sequences decoding one token each
-    after `context` positions (`_Truncated`)."""
+    """A decoder layer's and a pass's own cost (`StreamTimes`) for these options, on `device`: medians over decode
+    passes of `config` cut to LAYERS decoder layers, `batch` sequences decoding one token each after `context`
+    positions (`_Truncated`)."""
     import strategies
 
     check_positive("batch", batch)
@@ -170,25 +217,20 @@ def measure_stream(
     config.vocab_size = _VOCAB
     config._attn_implementation = "sdpa"
     options = {"cache": cache, "compression": compression, "prefetch": prefetch, "kv_cache": kv_cache}
-    scratch_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="stream-", dir=scratch_dir) as folder:
-        files = _TruncatedFiles(
-            _write_units(config, dtype, strategies.build(compression), Path(folder), max(LAYER_COUNTS))
-        )
-        models = [_Truncated(config, n, files, device, options, batch, context, resident) for n in LAYER_COUNTS]
-        for model in models:  # untimed: lazy initialization, the allocator's growth, the page cache
-            model.pass_seconds()
-        # The two models' passes in turn, so that a change in the machine's load lands on both alike; repeated
-        # until MIN_SECONDS have passed, so that a pass of a millisecond is not judged on three samples.
-        times: list[list[float]] = [[] for _ in models]
-        start = perf_counter()
-        while len(times[0]) < repeats or (perf_counter() - start < MIN_SECONDS and len(times[0]) < MAX_REPEATS):
-            for model, seconds in zip(models, times, strict=True):
-                seconds.append(model.pass_seconds())
-        few, many = (statistics.median(seconds) for seconds in times)
-    layer_s = (many - few) / (LAYER_COUNTS[1] - LAYER_COUNTS[0])
-    if layer_s <= 0:
-        # The passes' noise outweighed two layers: the larger model's pass, all of it, per layer is the safe bound.
-        return StreamTimes(layer_s=many / LAYER_COUNTS[1], pass_s=0.0)
-    return StreamTimes(layer_s=layer_s, pass_s=max(0.0, few - layer_s * LAYER_COUNTS[0]))
+    files = _written_files(config, dtype, strategies.build(compression), scratch_dir)
+    model = _Truncated(config, LAYERS, files, device, options, batch, context, resident)
+    model.pass_seconds()  # untimed: lazy initialization, the allocator's growth, the page cache
+    # Repeated until MIN_SECONDS have passed, so that a pass of a millisecond is not judged on three samples.
+    walls, layers = [], []
+    start = perf_counter()
+    while len(walls) < MAX_REPEATS:
+        elapsed = perf_counter() - start
+        if len(walls) >= repeats and elapsed >= MIN_SECONDS or len(walls) >= 2 and elapsed >= MAX_SECONDS:
+            break
+        wall, layer = model.pass_seconds()
+        walls.append(wall)
+        layers.append(layer)
+    layer_s = statistics.median(layers)
+    return StreamTimes(layer_s=layer_s, pass_s=max(0.0, statistics.median(walls) - LAYERS * layer_s))
+
 
