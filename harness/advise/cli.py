@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import hydra
@@ -19,8 +19,6 @@ from rich.progress import Progress
 from harness.advise import quality, space, table, verify
 from harness.compose import conf_dir, validated
 from harness.config import Config
-
-log = logging.getLogger(__name__)
 
 
 def refusal(cfg: Config, mode: RunMode) -> str | None:
@@ -39,12 +37,12 @@ def refusal(cfg: Config, mode: RunMode) -> str | None:
     return None
 
 
-def composer(overrides: Sequence[str], outputs: str):  # type: ignore[no-untyped-def]
+def composer(overrides: Sequence[str], outputs: str) -> Callable[[dict[str, str]], Config]:
     """Compose the job's config with a configuration's choices in place of the command line's own for those
     groups, as `python -m harness` would."""
     from hydra import compose
 
-    kept = [o for o in overrides if o.lstrip("+~").split("=", 1)[0] not in space.FREE_GROUPS]
+    kept = space.job_overrides(overrides)
 
     def composed(choices: dict[str, str]) -> Config:
         dcfg = compose("config", overrides=[*kept, *space.overrides_for(choices)])

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import strategies
-from harness.advise.space import FREE_GROUPS, Refused
+from harness.advise.space import Refused, job_overrides
 from harness.config import Config
 
 log = logging.getLogger(__name__)
@@ -37,13 +37,10 @@ def logged_top1(uri: str, model: str, compression: str) -> float | None:
 
 def measure_top1(overrides: Sequence[str], compression: str) -> None:
     """One short compressed run with its quality measured and logged (its exit status is not the advisor's)."""
-    kept = [
-        o for o in overrides
-        if o.lstrip("+~").split("=", 1)[0] not in FREE_GROUPS and not o.lstrip("+~").startswith("advise.")
-    ]
     command = [
-        sys.executable, "-m", "harness", *kept, f"compression={compression}", "quality.enabled=true",
-        "reference.enabled=false", "workload.max_new_tokens=2", "bench.warmup=0", "bench.repeats=1",
+        sys.executable, "-m", "harness", *job_overrides(overrides), f"compression={compression}",
+        "quality.enabled=true", "reference.enabled=false", "workload.max_new_tokens=2", "bench.warmup=0",
+        "bench.repeats=1",
     ]
     log.info("measuring compression=%s's top-1 agreement once: %s", compression, " ".join(command[2:]))
     subprocess.run(command, check=False)

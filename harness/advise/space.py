@@ -5,7 +5,6 @@ plan a run of it would print (plan_only.predict and the cost model), or refused 
 from __future__ import annotations
 
 import itertools
-import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,11 +12,8 @@ from pathlib import Path
 import strategies
 from harness.config import Config, explicit_groups
 
-logger = logging.getLogger(__name__)
-
-# The groups the advisor varies: how the weights reach the device, and what stays there. Decoding is kept as the
-# command line gives it (greedy by default): speculative decoding's gain depends on the draft's acceptance, which
-# no probe measures before a run.
+# The groups the advisor varies: how the weights reach the device, and what stays there. Decoding stays greedy:
+# speculative decoding's gain depends on the draft's acceptance, which no probe measures before a run.
 FREE_GROUPS = ("cache", "compression", "prefetch", "kv_cache", "residency")
 # Today's default configuration (conf/config.yaml) and the seed's (the write-up's AirLLM run: 4-bit, layers in RAM,
 # prefetch on, nothing resident), shown beside the ranking whatever their rank.
@@ -59,6 +55,15 @@ def label(choices: dict[str, str]) -> str:
 
 def overrides_for(choices: dict[str, str]) -> list[str]:
     return [f"{group}={name}" for group, name in choices.items()]
+
+
+def job_overrides(overrides: Sequence[str]) -> list[str]:
+    """The command line's overrides a job of a configuration keeps: all but the free groups' (the configuration
+    chooses those) and the advisor's own section."""
+    def key(override: str) -> str:
+        return override.lstrip("+~").split("=", 1)[0]
+
+    return [o for o in overrides if key(o) not in FREE_GROUPS and not key(o).startswith("advise.")]
 
 
 def space(cfg: Config, task_overrides: Sequence[str]) -> list[dict[str, str]]:

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from harness.advise.space import FREE_GROUPS, Priced
+from harness.advise.space import FREE_GROUPS, Priced, job_overrides
 
 # The group the presets are written under, inside the search path's experiment/ folder.
 PRESETS = "advise"
@@ -54,12 +54,8 @@ def write_presets(folder: Path, ranking: Sequence[Priced], picks: Sequence[int])
 def sweep_command(overrides: Sequence[str], names: Sequence[str], presets: Path, sweep_dir: Path) -> list[str]:
     """The multirun: the advisor's own overrides (less the groups the presets choose and the advisor's section),
     each preset a job."""
-    kept = [
-        o for o in overrides
-        if o.lstrip("+~").split("=", 1)[0] not in FREE_GROUPS and not o.lstrip("+~").startswith("advise.")
-    ]
     return [
-        sys.executable, "-m", "harness", "-m", *kept, f"+experiment={','.join(names)}",
+        sys.executable, "-m", "harness", "-m", *job_overrides(overrides), f"+experiment={','.join(names)}",
         f"hydra.searchpath=[file://{presets.resolve()}]", f"hydra.sweep.dir={sweep_dir.resolve()}",
     ]
 
