@@ -6,9 +6,10 @@ and, with prefetch on, the worker competing with the compute for the cores and t
 prefetch worker can make a pass slower than no prefetch at all). This probe measures them together: a
 StreamingModel of the run's geometry, cut to a few decoder layers and a tiny vocabulary, whose layers are copies of
 one synthetic layer file written with the run's codec, read by the run's cache, prefetcher and KV cache policy.
-Its decode passes are timed: the time between one layer's compute ending and the next one's is what a decoder
-layer adds to a pass (its fetch, decode and compute, as they overlap), and the rest is what a pass costs beside
-its layers.
+Passes of two such models (1 and 3 layers) are timed in turn; their difference is what a decoder layer adds to a
+pass (its fetch, decode and compute, as they overlap), and the rest is what a pass costs beside its layers. The
+steady-state interval between two layers' compute would be cheaper to take from one model, but on a 2-core machine
+it comes out 10-20% under a layer's real cost with prefetch on: the worker's overlap is not steady.
 """
 
 from __future__ import annotations
@@ -37,14 +38,14 @@ if TYPE_CHECKING:
     from strategies.kv_cache.configs import KVCacheConfig
     from strategies.prefetch.configs import PrefetchConfig
 
-# The truncated model's decoder layers: the first's compute ends where the steady state starts, and the intervals
-# after it are one layer's cost each.
-LAYERS = 3
+# The truncated models' decoder layers: their difference in time, over their difference in count, is one layer's.
+LAYER_COUNTS = (1, 3)
+LAYERS = max(LAYER_COUNTS)
 # The truncated models' vocabulary: small enough that the embedding and lm_head cost nothing beside a layer (the
 # run's own head is priced apart, by the head compute probe and the link rates).
 _VOCAB = 256
-# Passes are timed until this many seconds have gone by (at least `repeats`, at most MAX_REPEATS); passes of a big
-# layer on a slow device stop at two once MAX_SECONDS have gone by.
+# Rounds (a pass of each model) are timed until this many seconds have gone by (at least `repeats`, at most
+# MAX_REPEATS); rounds of a big layer on a slow device stop at two once MAX_SECONDS have gone by.
 MIN_SECONDS = 0.5
 MAX_SECONDS = 10.0
 MAX_REPEATS = 200
@@ -173,7 +174,6 @@ class _Truncated:
             pipeline.keep_resident(files, units[1:-2])
         kv_policy = strategies.build(options["kv_cache"])
         self.clock = device_clock(device)
-        self.stages = stages
         self.model = StreamingModel(cut, units, pipeline, kv_policy, device, self.clock, stages)
         self.ids = torch.randint(0, cut.vocab_size, (batch, context), device=device)
         self.cache = kv_policy.new_cache(cut, device)
@@ -181,22 +181,17 @@ class _Truncated:
             if self.cache is not None:  # the prefill: the KV cache holds the context, as in generation
                 self.model.forward(self.ids, self.cache)
 
-    def pass_seconds(self) -> tuple[float, float]:
-        """One decode pass, timed until its output exists: its seconds, and its decoder layers' mean seconds from
-        one layer's compute ending to the next one's."""
+    def pass_seconds(self) -> float:
+        """One decode pass, timed until its output exists."""
         step = self.ids[:, -1:] if self.cache is not None else self.ids
         start = self.clock()
         with torch.inference_mode():
             self.model.forward(step, self.cache)
         elapsed = self.clock() - start
-        ends = [
-            self.stages.seconds(event.stamps["compute"][1])
-            for event in self.model.timeline.events if event.unit.startswith("layers.")
-        ]
         self.model.timeline.events.clear()  # the bookkeeping a run keeps, without letting it grow
         if (grown := self.cache.get_seq_length() - self.ids.shape[1] if self.cache is not None else 0) > 0:
             self.cache.crop(-grown)  # every pass attends to the same context (a negative count removes that many)
-        return elapsed, (ends[-1] - ends[0]) / (len(ends) - 1)
+        return elapsed
 
 
 def measure_stream(
@@ -204,9 +199,9 @@ def measure_stream(
     compression: CompressionConfig, prefetch: PrefetchConfig, kv_cache: KVCacheConfig, scratch_dir: Path,
     batch: int = 1, context: int = 8, resident: bool = False, repeats: int = 3,
 ) -> StreamTimes:
-    """A decoder layer's and a pass's own cost (`StreamTimes`) for these options, on `device`: medians over decode
-    passes of `config` cut to LAYERS decoder layers, `batch` sequences decoding one token each after `context`
-    positions (`_Truncated`)."""
+    """A decoder layer's and a pass's own cost (`StreamTimes`) for these options, on `device`: the median passes of
+    `config` cut to LAYER_COUNTS decoder layers, `batch` sequences decoding one token each after `context`
+    positions (`_Truncated`), differenced."""
     import strategies
 
     check_positive("batch", batch)
@@ -218,19 +213,24 @@ def measure_stream(
     config._attn_implementation = "sdpa"
     options = {"cache": cache, "compression": compression, "prefetch": prefetch, "kv_cache": kv_cache}
     files = _written_files(config, dtype, strategies.build(compression), scratch_dir)
-    model = _Truncated(config, LAYERS, files, device, options, batch, context, resident)
-    model.pass_seconds()  # untimed: lazy initialization, the allocator's growth, the page cache
-    # Repeated until MIN_SECONDS have passed, so that a pass of a millisecond is not judged on three samples.
-    walls, layers = [], []
+    models = [_Truncated(config, n, files, device, options, batch, context, resident) for n in LAYER_COUNTS]
+    for model in models:  # untimed: lazy initialization, the allocator's growth, the page cache
+        model.pass_seconds()
+    # The two models' passes in turn, so that a change in the machine's load lands on both alike; repeated until
+    # MIN_SECONDS have passed, so that a pass of a millisecond is not judged on three samples.
+    times: list[list[float]] = [[] for _ in models]
     start = perf_counter()
-    while len(walls) < MAX_REPEATS:
-        elapsed = perf_counter() - start
-        if len(walls) >= repeats and elapsed >= MIN_SECONDS or len(walls) >= 2 and elapsed >= MAX_SECONDS:
+    while len(times[0]) < MAX_REPEATS:
+        elapsed, done = perf_counter() - start, len(times[0])
+        if done >= repeats and elapsed >= MIN_SECONDS or done >= 2 and elapsed >= MAX_SECONDS:
             break
-        wall, layer = model.pass_seconds()
-        walls.append(wall)
-        layers.append(layer)
-    layer_s = statistics.median(layers)
-    return StreamTimes(layer_s=layer_s, pass_s=max(0.0, statistics.median(walls) - LAYERS * layer_s))
+        for model, seconds in zip(models, times, strict=True):
+            seconds.append(model.pass_seconds())
+    few, many = (statistics.median(seconds) for seconds in times)
+    layer_s = (many - few) / (LAYER_COUNTS[1] - LAYER_COUNTS[0])
+    if layer_s <= 0:
+        # The passes' noise outweighed two layers: the larger model's pass, all of it, per layer is the safe bound.
+        return StreamTimes(layer_s=many / LAYER_COUNTS[1], pass_s=0.0)
+    return StreamTimes(layer_s=layer_s, pass_s=max(0.0, few - layer_s * LAYER_COUNTS[0]))
 
 

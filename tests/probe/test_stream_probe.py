@@ -1,5 +1,5 @@
 """harness.probe.stream: a streamed layer's cost is measured through the real pipeline and pass (the run's cache,
-codec, prefetcher, KV cache and residency) on a truncated model, from one layer's compute end to the next; its
+codec, prefetcher, KV cache and residency) as the difference between truncated models; its
 layer files are written once per codec; and it is cached per options, re-measured when stale or old."""
 
 from __future__ import annotations
@@ -94,7 +94,7 @@ def test_a_layer_costs_what_the_pipeline_adds_per_layer(tmp_path: Path, monkeypa
     monkeypatch.setattr(NoCompression, "decode", slow_decode)
     times = measure_stream(small_layer_config(), CPU, torch.float32, scratch_dir=tmp_path, repeats=3, **options())
     assert times.layer_s >= delay
-    # The pass's own part holds no layer's decode.
+    # Both truncated models decode their layers the same way: the pass's own part holds no layer's decode.
     assert times.pass_s < delay
 
 
