@@ -11,7 +11,6 @@ included), `--only '=LABEL'` one run, `--repeat N` N rounds of them, round-robin
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import logging
 import re
@@ -24,14 +23,21 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # the source tree's harness/ and strategies/, without `pip install .`
-    sys.path.insert(0, str(ROOT))
+if str(Path(__file__).resolve().parent) not in sys.path:  # gpucheck_jobs beside this file, however it is imported
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpucheck_jobs import (  # noqa: E402  (the shared part of the GPU scripts; it puts the checkout on sys.path)
+    PRESETS,
+    ROOT,
+    RefusedOverrides,
+    choices,
+    composed,
+    install_missing,
+    preset,
+    run_one,
+)
 
-# What the GPU image lacks, as (import name, distribution to install from the wheels).
-NEEDED = (("omegaconf", "omegaconf"), ("hydra", "hydra-core"), ("bitsandbytes", "bitsandbytes"))
-# The presets' folder under conf/experiment/.
-PRESETS = "gpucheck"
+__all__ = ["PRESETS", "ROOT", "RefusedOverrides", "choices", "composed", "install_missing", "preset", "run_one"]
+
 # (label, preset): the default runs, in the order they run, so that what matters most runs first when time is short.
 RUNS = (
     ("bf16, ram, prefetch", "bf16_ram_prefetch"),
@@ -91,21 +97,6 @@ COLUMNS = (
 log = logging.getLogger("gpucheck")
 
 
-class RefusedOverrides(ValueError):
-    pass
-
-
-def install_missing(wheels: Path) -> list[str]:
-    """pip-install, offline from `wheels`, what this environment lacks; returns what was installed."""
-    missing = [dist for module, dist in NEEDED if importlib.util.find_spec(module) is None]
-    if missing:
-        if not wheels.is_dir():
-            raise SystemExit(f"missing {', '.join(missing)} and no wheel folder {wheels}: bring their wheels")
-        cmd = [sys.executable, "-m", "pip", "install", "--no-index", "--find-links", str(wheels), *missing]
-        subprocess.run(cmd, check=True)
-    return missing
-
-
 def run_gpu_tests(timeout_s: int = 180) -> str:
     """The gpu-marked tests, wherever they are (a module that cannot import here, MLflow's say, stops none of the
     others'); returns pytest's closing line."""
@@ -120,48 +111,6 @@ def run_gpu_tests(timeout_s: int = 180) -> str:
     lines = [line for line in done.stdout.splitlines() if line.strip()]
     print(done.stdout[-4000:])
     return lines[-1] if lines else f"pytest exited {done.returncode} with no output: {done.stderr[-500:]}"
-
-
-def preset(name: str) -> str:
-    """The override that selects a run's preset."""
-    return f"+experiment={PRESETS}/{name}"
-
-
-def composed(overrides: list[str]) -> tuple[Any, Any]:
-    """One run's configuration, composed and validated as the job takes it (the DictConfig and the Config);
-    refused with the reason."""
-    from harness.compose import compose_config, validated
-
-    try:
-        dcfg = compose_config(overrides)
-        return dcfg, validated(dcfg)
-    except Exception as exc:  # Hydra's and the schema's errors alike: the message names what is wrong
-        raise RefusedOverrides(f"{type(exc).__name__}: {exc}") from exc
-
-
-def choices(cfg: Any) -> dict[str, str]:
-    """Each config group's option, as the job's summary and run name take them: read from the composed config."""
-    from harness.config import GROUPS
-
-    return {group: getattr(cfg, group).name for group in GROUPS}
-
-
-def run_one(overrides: list[str], configured: tuple[Any, Any] | None = None) -> dict[str, Any]:
-    """One job through the real config and job code; its report, or why it failed. `configured`:
-    `composed(overrides)`, when the caller already has it."""
-    from omegaconf import OmegaConf
-
-    from harness.job.run import run_job
-
-    dcfg, cfg = configured or composed(overrides)
-    try:
-        report = run_job(cfg, OmegaConf.to_container(dcfg, resolve=True), choices=choices(cfg), overrides=overrides)
-    except Exception as exc:  # one configuration failing (the cap, say) is a finding, not the end of the check
-        log.exception("run %s failed", overrides)
-        return {"status": "FAILED", "reason": f"{type(exc).__name__}: {exc}"}
-    if report is None:
-        return {"status": "SKIPPED", "reason": f"runner={cfg.runner.name} cannot run here (runner.skip_unavailable)"}
-    return {"status": "FINISHED", "metrics": report.metrics()}
 
 
 def picked_runs(only: tuple[str, ...], repeat: int = 1) -> list[tuple[str, str]]:

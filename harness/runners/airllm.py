@@ -8,6 +8,9 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
+from harness.config import Config, RunnerUnavailable
 from harness.runners.hf import HFRunner, LoadRequest
 
 
@@ -21,6 +24,19 @@ class AirLLMRunner(HFRunner):
     }
     requires = ("airllm",)
     extra = "airllm"
+
+    @classmethod
+    def check(cls, cfg: Config, explicit: set[str]) -> dict[str, Any]:
+        """As every runner's, and refused on a CPU when compressing: AirLLM quantizes each layer on the GPU
+        (bitsandbytes on `.cuda()` tensors), so a compressed split cannot even be written there."""
+        options = super().check(cfg, explicit)
+        on_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+        if options["compression"].bits is not None and not on_cuda:
+            raise RunnerUnavailable(
+                f"runner=airllm compresses on CUDA only: compression={options['compression'].name} needs a CUDA "
+                "device; on a CPU run it with compression=none"
+            )
+        return options
 
     def load_model(self, request: LoadRequest) -> Any:
         from airllm import AutoModel
