@@ -111,14 +111,15 @@ def _stale_mark(path: Path) -> Path:
 
 def mark_stale(device: torch.device, cache_dir: Path, reason: str) -> list[Path]:
     """Mark every cached measurement of this host and `device` in `cache_dir` (link rates, layer and head
-    compute, the streamed layer) stale: the next `load_or_measure*` of each re-measures it, then clears its mark.
+    compute: what priced the floor) stale: the next `load_or_measure*` of each re-measures it, then clears its mark.
     Returns the files marked.
 
     For a run that beat its floor: which cached figure is wrong is not known, so all of them are measured
     again, each once, when next used. The mark is a file beside the cache file, holding `reason`."""
     prefix = glob.escape(_host_device(device))
+    # Not the stream probe's files: they price the plan, not the floor, and cost a pipeline's passes to redo.
     cached = [cache_path(device, cache_dir), *Path(cache_dir).glob(f"{prefix}-layer-*.json"),
-              *Path(cache_dir).glob(f"{prefix}-head-*.json"), *Path(cache_dir).glob(f"{prefix}-stream-*.json")]
+              *Path(cache_dir).glob(f"{prefix}-head-*.json")]
     marked = [path for path in cached if path.is_file()]
     for path in marked:
         write_atomic(_stale_mark(path), (reason.strip() + "\n").encode("utf-8"))

@@ -133,9 +133,12 @@ def test_a_stale_or_old_stream_measurement_is_measured_again(tmp_path: Path, mon
 
     load()
     (cached,) = tmp_path.glob("*-stream-*.json")
-    assert store.mark_stale(CPU, tmp_path, "a run beat its floor") == [cached]
+    assert store.mark_stale(CPU, tmp_path, "a run beat its floor") == [], "the floor's probes only"
+    stale = cached.with_name(cached.name + store.STALE_SUFFIX)
+    stale.write_text("marked by hand")
     load()
     assert count.calls == 2, "a stale measurement is measured again"
+    assert not stale.exists()
     load()
     assert count.calls == 2, "and then read back"
     old = time.time() - 10 * 86400

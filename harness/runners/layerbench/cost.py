@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from harness.config import Config
+from harness.measurement.vram import decoded_bytes
 from harness.probe.links import LinkRates
 from harness.probe.store import load_or_measure_head_compute_s, load_or_measure_stream
 from harness.runners.layerbench.setup import Setup
@@ -57,8 +58,7 @@ def head_seconds(
     codec = pipeline.codec
     if codec.bits and "lm_head" in streamed and not codec.stores_plain("lm_head"):
         rate = rates.dequant_bytes_per_s(codec.bits)
-        config = setup.config
-        decode = 2.0 * config.vocab_size * config.hidden_size / rate if rate else 0.0  # bf16 output bytes
+        decode = decoded_bytes(setup.config, ["lm_head"]) / rate if rate else 0.0
     if pipeline.prefetcher.layers_ahead > 0:
         return max(head_compute_s, fetch + decode)
     return head_compute_s + fetch + decode

@@ -89,3 +89,15 @@ def test_a_batch_and_a_model_without_kv_cache_are_probed_as_they_run(
     cost(make_cfg, tmp_path, "workload.batch_size=3", "kv_cache=none")
     (call,) = probes
     assert call["batch"] == 3 and call["options"]["kv_cache"].name == "none"
+
+
+def test_a_compressed_head_is_decoded_at_its_codecs_rate(
+    make_cfg: Callable[..., Config], tmp_path: Path, probes: list[dict[str, Any]]
+) -> None:
+    from harness.measurement.vram import decoded_bytes
+
+    terms, setup = cost(make_cfg, tmp_path, "compression=4bit", "compression.compress_embeddings=true")
+    decode = decoded_bytes(setup.config, ["lm_head"]) / cpu_rates().dequant_4bit_bytes_per_s
+    assert terms.head_s == pytest.approx(HEAD_S + decode)
+    plain, _ = cost(make_cfg, tmp_path, "compression=4bit")
+    assert plain.head_s == pytest.approx(HEAD_S), "stored plain (the default), lm_head is not decoded"
