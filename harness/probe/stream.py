@@ -8,8 +8,8 @@ StreamingModel of the run's geometry, cut to a few decoder layers and a tiny voc
 one synthetic layer file written with the run's codec, read by the run's cache, prefetcher and KV cache policy.
 Passes of two such models (1 and 3 layers) are timed in turn; their difference is what a decoder layer adds to a
 pass (its fetch, decode and compute, as they overlap), and the rest is what a pass costs beside its layers. The
-steady-state interval between two layers' compute would be cheaper to take from one model, but on a 2-core machine
-it comes out 10-20% under a layer's real cost with prefetch on: the worker's overlap is not steady.
+interval between two layers' compute in one model would be cheaper to take, but it assumes the prefetch worker's
+overlap is steady, and on few cores it is not (docs/cost-model.md).
 """
 
 from __future__ import annotations
