@@ -2,9 +2,9 @@
 folders it reads that a run writes first (checkpoints, splits, a peer's own split), the disk they take and the
 seconds they are estimated to cost, so that the runs that cannot fit are skipped with the reason.
 
-The estimates are for the real geometries on a one-GPU lease machine (a PCIe gen5 link, a local NVMe disk); a run on
-a smaller model scales its own with its weights' bytes, and what it builds is costed from the bytes it writes. Each
-run's estimate is in the results beside its elapsed time, so a lease shows how far off they were.
+The estimates are guesses for the real geometries on one GPU with a fast host link and a local disk; a run on a
+smaller model scales its own with its weights' bytes, and what it builds is costed from the bytes it writes. Each
+run's estimate is in the results beside its elapsed time, so the results show how far off they were.
 """
 
 from __future__ import annotations

@@ -2,8 +2,8 @@
 
 The link rates and one layer's compute, each timed alone, miss what a pass adds around them: the pipeline's
 per-unit work in Python (the fetch, the copy into a packed buffer, the decode's many small ops, the timeline),
-and, with prefetch on, the worker competing with the compute for the cores and the GIL (on a 2-core machine a
-prefetch worker can make a pass slower than no prefetch at all). This probe measures them together: a
+and, with prefetch on, the worker competing with the compute for the cores and the GIL (with few cores it can
+make a pass slower than no prefetch at all). This probe measures them together: a
 StreamingModel of the run's geometry, cut to a few decoder layers and a tiny vocabulary, whose layers are copies of
 one synthetic layer file written with the run's codec, read by the run's cache, prefetcher and KV cache policy.
 Passes of two such models (1 and 3 layers) are timed in turn; their difference is what a decoder layer adds to a

@@ -282,7 +282,7 @@ def test_without_cuda_only_the_smoke_run_is_accepted(tmp_path: Path, capsys: pyt
     assert "no CUDA device" in err and "--smoke runs it on the CPU" in err
 
 
-# The CUDA context the H100 runs measured (docs/findings.md): a GPU has that much less of the cap than a CPU plan.
+# A CUDA context's device memory, in GiB: a GPU has that much less of the cap than a plan on a CPU.
 CUDA_CONTEXT_GIB = 0.8
 
 
