@@ -3,7 +3,6 @@ vram.cap_gib, workload.*, tracking.*, hydra.*), plus the `advise.*` section (har
 
 from __future__ import annotations
 
-import logging
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -58,8 +57,6 @@ def advise(cfg: Config, overrides: Sequence[str], job_dir: Path, console: Consol
     if cfg.advise.min_top1 is not None:
         combos, refused = quality.keep_above(cfg, combos, cfg.advise.min_top1, overrides)
     compose = composer(overrides, cfg.paths.outputs)
-    # Each configuration reads the same cached probe files: their "read from" lines would repeat by the hundred.
-    logging.getLogger("harness.probe.store").setLevel(logging.WARNING)
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task("pricing", total=len(combos))
 

@@ -37,9 +37,6 @@ class Priced:
     def tokens_per_s(self) -> float:
         return self.batch / self.predicted_s
 
-    def label(self) -> str:
-        return label(self.choices)
-
 
 @dataclass(frozen=True)
 class Refused:

@@ -14,10 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from harness.advise.space import FREE_GROUPS, Priced, job_overrides
+from harness.sweep import PARENT_RUN_ID_FILE
 
 # The group the presets are written under, inside the search path's experiment/ folder.
 PRESETS = "advise"
-PARENT_RUN_ID_FILE = "mlflow_parent_run_id"
 
 
 @dataclass(frozen=True)
@@ -25,7 +25,6 @@ class Verified:
     rank: int  # 1-based
     priced: Priced
     measured_s: float | None  # the child run's tpot_s (None: the job failed or logged none)
-    run_id: str | None
 
 
 def preset_text(choices: dict[str, str], rank: int) -> str:
@@ -75,7 +74,7 @@ def collect(
     id_file = sweep_dir / PARENT_RUN_ID_FILE
     parent = id_file.read_text(encoding="utf-8").strip() if id_file.is_file() else None
     if parent is None:
-        return None, [Verified(i + 1, ranking[i], None, None) for i in picks]
+        return None, [Verified(i + 1, ranking[i], None) for i in picks]
     client = MlflowClient(uri)
     for path in artifacts:
         client.log_artifact(parent, str(path))
@@ -90,7 +89,7 @@ def collect(
         if run is not None:
             client.log_metric(run.info.run_id, "advise_predicted_s", priced.predicted_s)
             client.log_metric(run.info.run_id, "advise_rank", float(index + 1))
-        verified.append(Verified(index + 1, priced, measured, run.info.run_id if run is not None else None))
+        verified.append(Verified(index + 1, priced, measured))
     return parent, verified
 
 

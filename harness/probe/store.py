@@ -145,7 +145,7 @@ def load_or_measure(
         rates = _rates_from_json(data)
         if rates.device != describe_device(device):
             raise ValueError(f"measured on {rates.device}, not {describe_device(device)}")
-        logger.info("link rates from %s (measured %s)", path, rates.measured_at)
+        logger.debug("link rates from %s (measured %s)", path, rates.measured_at)
         return rates
 
     def measure() -> LinkRates:

@@ -21,8 +21,7 @@ def stub_probe(monkeypatch: pytest.MonkeyPatch) -> None:
     """Fixed rates and times: pricing without measuring a 70B layer on this CPU."""
     monkeypatch.setattr(floor_mod, "load_or_measure", lambda *a, **k: cpu_rates())
     monkeypatch.setattr(floor_mod, "load_or_measure_layer_compute_s", lambda *a, **k: 0.17)
-    for module in (floor_mod, cost_mod):
-        monkeypatch.setattr(module, "load_or_measure_head_compute_s", lambda *a, **k: 0.19)
+    monkeypatch.setattr(floor_mod, "load_or_measure_head_compute_s", lambda *a, **k: 0.19)
 
     def stream(*args: object, **kwargs: object) -> StreamTimes:
         prefetch = kwargs["options"]["prefetch"]  # type: ignore[index]

@@ -4,8 +4,8 @@ A decode pass is its decoder layers, each streamed or resident, plus its head (f
 the pass costs beside them. A decoder layer's cost is measured by the stream probe (harness/probe/stream.py)
 through the run's own cache, codec, prefetcher and KV cache on truncated models of the run's geometry: fixed
 per-unit costs, reads as the cache reads a layer file of that size, decode, compute, and how prefetch overlaps
-them on this machine's cores are all in it. The head is priced from the link rates and the head compute probe,
-because the truncated models' vocabulary is cut.
+them on this machine's cores are all in it. The head is priced from the link rates and the head compute probe (as
+the floor loaded them), because the truncated models' vocabulary is cut.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 from harness.config import Config
 from harness.measurement.vram import decoded_bytes
 from harness.probe.links import LinkRates
-from harness.probe.store import load_or_measure_head_compute_s, load_or_measure_stream
+from harness.probe.store import load_or_measure_stream
 from harness.runners.layerbench.setup import Setup
 
 
@@ -65,10 +65,12 @@ def head_seconds(
 
 
 def token_cost(
-    setup: Setup, cfg: Config, rates: LinkRates, probe_dir: Path, kept_mapping_bytes_per_s: float | None = None
+    setup: Setup, cfg: Config, rates: LinkRates, head_compute_s: float, probe_dir: Path,
+    kept_mapping_bytes_per_s: float | None = None,
 ) -> TokenCost:
-    """The predicted seconds of one decode pass of `setup` as `cfg` configures it, from the probes cached in
-    `probe_dir` (each measured there first when missing)."""
+    """The predicted seconds of one decode pass of `setup` as `cfg` configures it: the stream probes cached in
+    `probe_dir` (each measured there first when missing), the link rates and the head's compute the floor's
+    probes gave."""
     config, device, workload = setup.config, setup.device, cfg.workload
     options = {"cache": cfg.cache, "compression": cfg.compression, "prefetch": cfg.prefetch, "kv_cache": cfg.kv_cache}
     context = context_positions(max(len(p) for p in setup.prompts), workload.max_new_tokens)
@@ -89,12 +91,9 @@ def token_cost(
     if resident:
         resident_layer_s, resident_pass_s = stream(resident=True)
         pass_s = pass_s if resident < layers else resident_pass_s
-    head_compute = load_or_measure_head_compute_s(
-        config, device, config.dtype, probe_dir, refresh, batch=batch, max_age_s=max_age_s
-    )
     return TokenCost(
         pass_s=pass_s,
         streamed_s=(layers - resident) * layer_s,
         resident_s=resident * resident_layer_s,
-        head_s=head_seconds(setup, cfg, rates, head_compute, kept_mapping_bytes_per_s),
+        head_s=head_seconds(setup, cfg, rates, head_compute_s, kept_mapping_bytes_per_s),
     )

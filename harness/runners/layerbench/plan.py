@@ -22,15 +22,18 @@ class Plan:
     streamed: list[str]
     read_bytes_per_pass: float
     h2d_bytes_per_pass: float
-    predicted_s: float
+    # The predicted pass, by the cost model's terms.
+    cost: TokenCost
     limiting: str
     # The stored size of the units a pass streams (all but the resident ones, a shared file once), whatever the
     # cache: what a pass would read were every unit read from storage.
     stream_bytes_per_pass: float = 0.0
     # Each link's seconds per token at its probed rate (floor.LINKS): the floor's arithmetic on the plan's bytes.
     per_link_s: dict[str, float] = field(default_factory=dict)
-    # `predicted_s` by the cost model's terms.
-    cost: TokenCost | None = None
+
+    @property
+    def predicted_s(self) -> float:
+        return self.cost.total_s
 
     def describe(self, bytes_held: int) -> str:
         layers = sum(u.startswith("layers.") for u in self.resident)
@@ -58,13 +61,12 @@ def make_plan(setup: Setup, cfg: Config, probe_dir: Path, kept_mapping_bytes_per
     decoded = float(decoded_bytes(setup.config, layout.units))
     n_prompt = max(len(p) for p in setup.prompts)
     workload = cfg.workload
-    floor, rates, *_ = link_floor(
+    floor, rates, _, head_s = link_floor(
         setup, cfg.probe, cfg.cache, probe_dir, disk_bytes=read, h2d_bytes=h2d, dequant_bytes=decoded,
         seq_len=pass_seq_len(setup, n_prompt, workload.max_new_tokens), batch=workload.batch_size,
         kept_mapping_bytes_per_s=kept_mapping_bytes_per_s,
     )
-    cost = token_cost(setup, cfg, rates, probe_dir, kept_mapping_bytes_per_s)
+    cost = token_cost(setup, cfg, rates, head_s, probe_dir, kept_mapping_bytes_per_s)
     return Plan(
-        resident, streamed, read, h2d, cost.total_s, floor.limiting, float(layout.files_bytes(streamed)),
-        dict(floor.per_link_s), cost,
+        resident, streamed, read, h2d, cost, floor.limiting, float(layout.files_bytes(streamed)), dict(floor.per_link_s)
     )

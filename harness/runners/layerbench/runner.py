@@ -103,8 +103,7 @@ class LayerbenchRunner(Runner):
         tags: dict[str, str] = {}
         if plan is not None:
             report.plan_predicted_s = plan.predicted_s
-            if plan.cost is not None:
-                report.add({f"plan_{term}": seconds for term, seconds in vars(plan.cost).items()})
+            report.add({f"plan_{term}": seconds for term, seconds in vars(plan.cost).items()})
             if report.tpot_s is not None and plan.predicted_s > 0:
                 report.plan_ratio = report.tpot_s / plan.predicted_s
             tags["plan"] = plan.describe(setup.residency.bytes)

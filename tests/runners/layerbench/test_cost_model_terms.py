@@ -23,7 +23,7 @@ RESIDENT = StreamTimes(layer_s=0.004, pass_s=0.0015)
 
 @pytest.fixture()
 def probes(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
-    """The stream probe and the head's compute stubbed; the stream probe's calls, by keyword."""
+    """The stream probe stubbed; its calls, by keyword."""
     calls: list[dict[str, Any]] = []
 
     def stream(*args: object, **kwargs: Any) -> StreamTimes:
@@ -31,14 +31,13 @@ def probes(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
         return RESIDENT if kwargs["resident"] else STREAMED
 
     monkeypatch.setattr(cost_mod, "load_or_measure_stream", stream)
-    monkeypatch.setattr(cost_mod, "load_or_measure_head_compute_s", lambda *a, **k: HEAD_S)
     return calls
 
 
 def cost(make_cfg: Callable[..., Config], tmp_path: Path, *overrides: str) -> tuple[cost_mod.TokenCost, Any]:
     cfg = make_cfg(f"paths.outputs={tmp_path}", "workload.prompt_tokens=8", "workload.max_new_tokens=8", *overrides)
     setup, _ = predict(cfg, tmp_path)
-    return cost_mod.token_cost(setup, cfg, cpu_rates(), tmp_path / "probe"), setup
+    return cost_mod.token_cost(setup, cfg, cpu_rates(), HEAD_S, tmp_path / "probe"), setup
 
 
 def test_streamed_layers_the_pass_and_the_head_add_up(
