@@ -20,11 +20,10 @@ from rich.console import Console
 
 import harness.job.run as run_module
 from harness.config import Config
-from harness.files import exclusive_lock
 from harness.report.importing import import_record
 from harness.tracking.client import RunTracker
 from harness.tracking.process import TrackerProcess
-from harness.tracking.record import RunRecord, TrackingFailed
+from harness.tracking.record import RECORD_FILE, RunRecord, TrackingFailed
 
 ROOT = Path(__file__).resolve().parents[2]
 JOB = ("probe.enabled=false", "reference.enabled=false", "quality.enabled=false", "workload.max_new_tokens=4")
@@ -146,15 +145,13 @@ def test_the_cli_says_what_was_lost_in_one_message_when_its_tracking_process_die
             if int(fields[1]) == job.pid and b"harness.tracking.process" in cmdline:
                 tracker_pid = int(stat.parent.name)
     assert tracker_pid is not None, "the job's tracking process never started"
-    db, running = tmp_path / "mlflow.db", []
-    while not running and time.monotonic() < deadline and job.poll() is None:
+    # The job saves the run's id in its record once the tracking process has created the run and logged its
+    # params and tags: killing the process before that would fail the start, not the logging after measuring.
+    started = False
+    while not started and time.monotonic() < deadline and job.poll() is None:
         time.sleep(0.5)
-        if db.exists():
-            with exclusive_lock(db.with_name(db.name + ".lock")):  # never while the job creates the store
-                client = MlflowClient(f"sqlite:///{db}")
-                experiment = client.get_experiment_by_name("layerbench")
-                running = client.search_runs([experiment.experiment_id]) if experiment is not None else []
-    assert running, "the job never started its run"
+        started = any(RunRecord.load(path.parent).data["run_id"] for path in tmp_path.rglob(RECORD_FILE))
+    assert started, "the job never started its run"
     os.kill(tracker_pid, signal.SIGKILL)  # mid-generation: the run exists, nothing is logged yet
     stdout, stderr = job.communicate(timeout=300)
     assert job.returncode == 1, stderr[-3000:]
