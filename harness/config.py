@@ -250,11 +250,19 @@ class DecodingConfig:
     # shapes greedy computes), so the tokens are greedy's bit for bit in any dtype; batched: all in one call
     # (less compute, but other matmul shapes round differently in bf16, so near-ties may flip).
     verify: str = "exact"
+    # speculative: the drafts the target accepts per verifying pass (0-k), for the plan's per-token prediction
+    # before the run; null: the run's measured acceptance (spec_accepted_per_pass) prices it after.
+    accepted_per_pass: float | None = None
 
     def __post_init__(self) -> None:
         check_choice("decoding.name", self.name, DECODINGS)
         check_positive("decoding.k", self.k)
         check_choice("decoding.verify", self.verify, VERIFIES)
+        if self.accepted_per_pass is not None and not 0 <= self.accepted_per_pass <= self.k:
+            raise ValueError(
+                f"decoding.accepted_per_pass={self.accepted_per_pass} is not a count of the k={self.k} drafts: "
+                "give a value in 0-k (a speculative run logs its own as spec_accepted_per_pass), or null"
+            )
 
     @property
     def drafts(self) -> bool:

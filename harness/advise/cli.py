@@ -27,8 +27,8 @@ def refusal(cfg: Config, mode: RunMode) -> str | None:
     if cfg.runner.name != "layerbench":
         return f"the advisor ranks layerbench's configurations: runner={cfg.runner.name} has none; leave runner out"
     if cfg.decoding.drafts:
-        return "the advisor prices greedy decoding: speculative decoding's gain depends on its acceptance, unknown " \
-            "before a run; leave decoding out"
+        return "the advisor prices greedy decoding: a speculative run prices its round once its draft is built " \
+            "(plan_predicted_s); leave decoding out"
     if not cfg.probe.enabled:
         return "the advisor prices configurations from this machine's probe: drop probe.enabled=false"
     if cfg.advise.verify and not cfg.tracking.enabled:

@@ -13,7 +13,7 @@ import strategies
 from harness.config import Config, explicit_groups
 
 # The groups the advisor varies: how the weights reach the device, and what stays there. Decoding stays greedy:
-# speculative decoding's gain depends on the draft's acceptance, which no probe measures before a run.
+# a speculative run's price needs its draft built and its acceptance, which no probe measures.
 FREE_GROUPS = ("cache", "compression", "prefetch", "kv_cache", "residency")
 # Today's default configuration (conf/config.yaml) and the seed's (the write-up's AirLLM run: 4-bit, layers in RAM,
 # prefetch on, nothing resident), shown beside the ranking whatever their rank.

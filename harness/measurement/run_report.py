@@ -109,6 +109,7 @@ class RunReport:
     plan_streamed_s: float | None = figure()
     plan_resident_s: float | None = figure()
     plan_head_s: float | None = figure()
+    plan_draft_step_s: float | None = figure()  # decoding=speculative: one step of the resident draft
 
     # --- decoding=speculative: draft tokens accepted, per verifying pass of the target, and what it costs
     spec_accepted_share: float | None = figure("draft tokens accepted")
@@ -118,8 +119,6 @@ class RunReport:
     spec_draft_share: float | None = figure()
     spec_draft_bytes: float | None = figure()
     spec_draft_step_s: float | None = figure()
-    # The plan's pass time and the measured acceptance: (pass + k draft steps) / (accepted per pass + 1).
-    spec_predicted_s: float | None = figure("predicted per token (speculative)")
 
     # --- a peer runner (runner=transformers|accelerate|airllm): loading the model, its own split included
     load_s: float | None = figure("model load")

@@ -279,11 +279,11 @@ def load_or_measure_head_compute_s(
 
 def load_or_measure_stream(
     config: LlamaConfig, device: torch.device, dtype: torch.dtype, cache_dir: Path, refresh: bool = False, *,
-    options: dict[str, object], batch: int = 1, context: int = 8, resident: bool = False,
-    max_age_s: float | None = None,
+    options: dict[str, object], batch: int = 1, context: int = 8, resident: bool = False, steps: int = 1,
+    verify: str = "exact", max_age_s: float | None = None,
 ) -> StreamTimes:
     """`measure_stream` for these options (cache, compression, prefetch, kv_cache: their configs), cached beside the
-    link rates per host, device, geometry, dtype, options, batch, context and residency."""
+    link rates per host, device, geometry, dtype, options, batch, context, residency and verifying steps."""
     geometry = {
         key: getattr(config, key)
         for key in ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim")
@@ -291,6 +291,7 @@ def load_or_measure_stream(
     key = {
         **geometry, "dtype": str(dtype).removeprefix("torch."), "batch": batch, "context": context,
         "resident": resident, **{group: asdict(option) for group, option in sorted(options.items())},  # type: ignore[call-overload]
+        **({"steps": steps, "verify": verify} if steps > 1 else {}),
     }
     digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
     path = Path(cache_dir) / f"{_host_device(device)}-stream-{digest}.json"
@@ -308,7 +309,7 @@ def load_or_measure_stream(
     def measure() -> StreamTimes:
         return measure_stream(
             config, device, dtype, scratch_dir=Path(cache_dir), batch=batch, context=context, resident=resident,
-            **options,  # type: ignore[arg-type]
+            steps=steps, verify=verify, **options,  # type: ignore[arg-type]
         )
 
     return _measured_once(path, refresh, parse, measure, lambda t: {"key": key, **asdict(t)}, max_age_s)

@@ -151,7 +151,7 @@ class _Truncated:
 
     def __init__(
         self, config: LlamaConfig, layers: int, files: _TruncatedFiles, device: torch.device,
-        options: dict[str, object], batch: int, context: int, resident: bool,
+        options: dict[str, object], batch: int, context: int, resident: bool, steps: int = 1, verify: str = "exact",
     ) -> None:
         import strategies
         from harness.measurement.metrics import device_clock
@@ -176,44 +176,67 @@ class _Truncated:
         self.clock = device_clock(device)
         self.model = StreamingModel(cut, units, pipeline, kv_policy, device, self.clock, stages)
         self.ids = torch.randint(0, cut.vocab_size, (batch, context), device=device)
-        self.cache = kv_policy.new_cache(cut, device)
+        self.steps, self.verify = steps, verify
+        # A verifying pass (steps > 1) scores each sequence's k + 1 positions with a cache of its own, as
+        # speculative decoding does; a greedy pass, the batch's one new token each with one cache.
+        rows = [self.ids[i : i + 1] for i in range(batch)] if steps > 1 else [self.ids]
+        self.rows = [(row, kv_policy.new_cache(cut, device)) for row in rows]
         with torch.inference_mode():
-            if self.cache is not None:  # the prefill: the KV cache holds the context, as in generation
-                self.model.forward(self.ids, self.cache)
+            for row, cache in self.rows:
+                if cache is not None:  # the prefill: the KV cache holds the context, as in generation
+                    self.model.forward(row, cache)
 
     def pass_seconds(self) -> float:
-        """One decode pass, timed until its output exists."""
-        step = self.ids[:, -1:] if self.cache is not None else self.ids
+        """One decode pass (a verifying pass of `steps` positions a sequence), timed until its output exists."""
         start = self.clock()
         with torch.inference_mode():
-            self.model.forward(step, self.cache)
+            if self.steps == 1:
+                ((row, cache),) = self.rows
+                self.model.forward(row[:, -1:] if cache is not None else row, cache)
+            elif self.verify == "exact":  # each position a one-token step (without a cache, a whole sequence)
+                inputs = [(row[:, -1:] if cache is not None else row, cache) for row, cache in self.rows]
+                self.model.forward_steps(
+                    [step for step, _ in inputs for _ in range(self.steps)],
+                    caches=[cache for _, cache in inputs for _ in range(self.steps)],
+                )
+            else:  # batched: one call over the positions of one sequence
+                ((row, cache),) = self.rows
+                self.model.forward(row[:, -self.steps :] if cache is not None else row, cache, all_positions=True)
         elapsed = self.clock() - start
         self.model.timeline.events.clear()  # the bookkeeping a run keeps, without letting it grow
-        if (grown := self.cache.get_seq_length() - self.ids.shape[1] if self.cache is not None else 0) > 0:
-            self.cache.crop(-grown)  # every pass attends to the same context (a negative count removes that many)
+        for row, cache in self.rows:
+            if (grown := cache.get_seq_length() - row.shape[1] if cache is not None else 0) > 0:
+                cache.crop(-grown)  # every pass attends to the same context (a negative count removes that many)
         return elapsed
 
 
 def measure_stream(
     config: LlamaConfig, device: torch.device, dtype: torch.dtype, *, cache: CacheConfig,
     compression: CompressionConfig, prefetch: PrefetchConfig, kv_cache: KVCacheConfig, scratch_dir: Path,
-    batch: int = 1, context: int = 8, resident: bool = False, repeats: int = 3,
+    batch: int = 1, context: int = 8, resident: bool = False, repeats: int = 3, steps: int = 1,
+    verify: str = "exact",
 ) -> StreamTimes:
     """A decoder layer's and a pass's own cost (`StreamTimes`) for these options, on `device`: the median passes of
     `config` cut to LAYER_COUNTS decoder layers, `batch` sequences decoding one token each after `context`
-    positions (`_Truncated`), differenced."""
+    positions (`_Truncated`), differenced. `steps` > 1: the pass speculative decoding verifies with, scoring that
+    many positions a sequence, each as its own one-token step (`verify="exact"`) or in one call ("batched")."""
     import strategies
 
     check_positive("batch", batch)
     check_positive("repeats", repeats)
     check_positive("context", context)
+    check_positive("steps", steps)
+    if verify == "batched" and batch > 1:
+        raise ValueError("a batched verifying pass scores one sequence: give batch=1, or verify='exact'")
     device = indexed_device(device)
     config = copy.deepcopy(config)
     config.vocab_size = _VOCAB
     config._attn_implementation = "sdpa"
     options = {"cache": cache, "compression": compression, "prefetch": prefetch, "kv_cache": kv_cache}
     files = _written_files(config, dtype, strategies.build(compression), scratch_dir)
-    models = [_Truncated(config, n, files, device, options, batch, context, resident) for n in LAYER_COUNTS]
+    models = [
+        _Truncated(config, n, files, device, options, batch, context, resident, steps, verify) for n in LAYER_COUNTS
+    ]
     for model in models:  # untimed: lazy initialization, the allocator's growth, the page cache
         model.pass_seconds()
     # The two models' passes in turn, so that a change in the machine's load lands on both alike; repeated until

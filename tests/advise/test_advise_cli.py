@@ -64,7 +64,7 @@ def test_the_ranking_of_the_tiny_model_and_its_verify_sweep(tmp_path: Path) -> N
 def test_what_the_advisor_cannot_do_is_refused_before_measuring(tmp_path: Path) -> None:
     for args, said in (
         (("runner=accelerate",), "runner=accelerate has none"),
-        (("decoding=speculative",), "speculative decoding"),
+        (("decoding=speculative",), "the advisor prices greedy decoding"),
         (("advise.verify=2", "tracking.enabled=false"), "advise.verify runs its picks as an MLflow sweep"),
         (("advise.objective=fastest",), "advise.objective"),
     ):

@@ -13,6 +13,7 @@ import pytest
 import torch
 from fake_probes import small_layer_config
 
+import strategies
 from harness.probe import store
 from harness.probe import stream as stream_mod
 from harness.probe.stream import StreamTimes, measure_stream
@@ -96,6 +97,44 @@ def test_a_layer_costs_what_the_pipeline_adds_per_layer(tmp_path: Path, monkeypa
     assert times.layer_s >= delay
     # Both truncated models decode their layers the same way: the pass's own part holds no layer's decode.
     assert times.pass_s < delay
+
+
+@pytest.mark.parametrize(("batch", "verify", "kv_cache"), [
+    (2, "exact", DeviceKVCacheConfig()), (1, "batched", DeviceKVCacheConfig()), (2, "exact", NoKVCacheConfig()),
+])
+def test_a_verifying_pass_scores_k_plus_1_positions_a_sequence(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, batch: int, verify: str, kv_cache: object
+) -> None:
+    """Speculative decoding's verifying pass: each layer runs each sequence's 4 positions (one-token steps, or one
+    call of 4 when batched), and every pass starts from the same context."""
+    import harness.streaming.model as model_mod
+
+    shapes: list[tuple[int, ...]] = []
+    original = model_mod.forward_decoder
+
+    def spy(decoder: object, weights: object, hidden: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        shapes.append(tuple(hidden.shape[:2]))
+        return original(decoder, weights, hidden, **kwargs)
+
+    monkeypatch.setattr(stream_mod, "_WRITTEN", {})  # written in tmp_path: never left for a later test
+    config = small_layer_config()
+    config.vocab_size = stream_mod._VOCAB
+    files = stream_mod._written_files(config, torch.float32, strategies.build(NoCompressionConfig()), tmp_path)
+    model = stream_mod._Truncated(config, 2, files, CPU, options(kv_cache=kv_cache), batch, 6, False, 4, verify)
+    monkeypatch.setattr(model_mod, "forward_decoder", spy)
+    for _ in range(2):
+        model.pass_seconds()
+        if isinstance(kv_cache, NoKVCacheConfig):  # each step the whole sequence
+            assert shapes == [(1, 6)] * (2 * batch * 4)
+        elif verify == "exact":
+            assert shapes == [(1, 1)] * (2 * batch * 4)
+        else:
+            assert shapes == [(1, 4)] * 2
+        assert all(cache is None or cache.get_seq_length() == 6 for _, cache in model.rows)
+        shapes.clear()
+    with pytest.raises(ValueError, match="a batched verifying pass scores one sequence"):
+        measure_stream(config, CPU, torch.float32, scratch_dir=tmp_path, batch=2, steps=4, verify="batched",
+                       **options())
 
 
 class _Count:

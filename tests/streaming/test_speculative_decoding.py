@@ -107,6 +107,12 @@ def test_a_speculative_run_logs_its_acceptance_and_agrees_with_transformers(make
     assert report.agreement_vs_transformers == 1.0
     assert 0 <= report.spec_accepted_share <= 1 and report.spec_passes_per_token <= 1
     assert report.spec_draft_bytes > 0 and 0 < report.spec_draft_share < 1
+    # The plan prices a round (the verifying pass and k draft steps) over the tokens it yields at this acceptance.
+    round_s = sum(getattr(report, f"plan_{term}_s") for term in ("pass", "streamed", "resident", "head"))
+    round_s += 4 * report.plan_draft_step_s
+    assert report.plan_draft_step_s > 0
+    assert report.plan_predicted_s == pytest.approx(round_s / (report.spec_accepted_per_pass + 1))
+    assert report.plan_ratio == pytest.approx(report.tpot_s / report.plan_predicted_s)
 
 
 def test_the_speculative_preset_sweeps_decoding_and_k_from_the_cli(tmp_path: Path) -> None:
@@ -130,6 +136,9 @@ def test_the_speculative_preset_sweeps_decoding_and_k_from_the_cli(tmp_path: Pat
     for run in children:
         assert run.info.status == "FINISHED" and run.data.metrics["agreement_vs_transformers"] == 1.0
         assert ("spec_accepted_share" in run.data.metrics) == (run.data.params["decoding"] == "speculative")
+        speculative = run.data.params["decoding"] == "speculative"
+        assert ("plan_draft_step_s" in run.data.metrics) == speculative and "plan_predicted_s" in run.data.metrics
+        assert (run.data.tags.get("plan.acceptance") == "measured") == speculative
 
 
 @pytest.mark.parametrize("kv_cache", ["device", "none"])

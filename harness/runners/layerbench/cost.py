@@ -16,7 +16,7 @@ from pathlib import Path
 from harness.config import Config
 from harness.measurement.vram import decoded_bytes
 from harness.probe.links import LinkRates
-from harness.probe.store import load_or_measure_stream
+from harness.probe.store import load_or_measure_head_compute_s, load_or_measure_stream
 from harness.runners.layerbench.setup import Setup
 
 
@@ -66,11 +66,12 @@ def head_seconds(
 
 def token_cost(
     setup: Setup, cfg: Config, rates: LinkRates, head_compute_s: float, probe_dir: Path,
-    kept_mapping_bytes_per_s: float | None = None,
+    kept_mapping_bytes_per_s: float | None = None, steps: int = 1,
 ) -> TokenCost:
     """The predicted seconds of one decode pass of `setup` as `cfg` configures it: the stream probes cached in
     `probe_dir` (each measured there first when missing), the link rates and the head's compute the floor's
-    probes gave."""
+    probes gave (for that many rows). `steps` > 1: speculative decoding's verifying pass, which scores that many
+    positions a sequence as `decoding.verify` says."""
     config, device, workload = setup.config, setup.device, cfg.workload
     options = {"cache": cfg.cache, "compression": cfg.compression, "prefetch": cfg.prefetch, "kv_cache": cfg.kv_cache}
     context = context_positions(max(len(p) for p in setup.prompts), workload.max_new_tokens)
@@ -80,7 +81,7 @@ def token_cost(
     def stream(resident: bool) -> tuple[float, float]:
         times = load_or_measure_stream(
             config, device, config.dtype, probe_dir, refresh, options=options, batch=batch, context=context,
-            resident=resident, max_age_s=max_age_s,
+            resident=resident, steps=steps, verify=cfg.decoding.verify, max_age_s=max_age_s,
         )
         return times.layer_s, times.pass_s
 
@@ -97,3 +98,54 @@ def token_cost(
         resident_s=resident * resident_layer_s,
         head_s=head_seconds(setup, cfg, rates, head_compute_s, kept_mapping_bytes_per_s),
     )
+
+
+@dataclass(frozen=True)
+class SpeculativeCost:
+    """A speculative round: each sequence's draft proposes `k` tokens, one step at a time, then one streamed pass of
+    the target verifies them all; a round yields the accepted drafts and one token of the target's own."""
+
+    verify: TokenCost  # the target's verifying pass, k + 1 positions a sequence
+    draft_step_s: float  # one step of the resident draft, one sequence
+    k: int
+    sequences: int  # each sequence drafts on its own
+
+    @property
+    def round_s(self) -> float:
+        return self.verify.total_s + self.sequences * self.k * self.draft_step_s
+
+    def per_token_s(self, accepted_per_pass: float) -> float:
+        """Seconds a token, when the target accepts `accepted_per_pass` of a sequence's k drafts a round."""
+        return self.round_s / (accepted_per_pass + 1)
+
+
+def speculative_cost(
+    setup: Setup, cfg: Config, rates: LinkRates, probe_dir: Path, kept_mapping_bytes_per_s: float | None = None,
+) -> SpeculativeCost:
+    """A speculative round of `setup` (whose draft is built), priced by the same probes as a greedy pass: the
+    verifying pass by the stream probe at k + 1 positions, a draft step by the stream probe on the draft's geometry
+    with every layer resident in the form the draft holds, plus its head's compute."""
+    draft, k, batch = setup.draft, cfg.decoding.k, len(setup.prompts)
+    if draft is None:
+        raise ValueError("speculative_cost prices a run with a draft: decoding=speculative builds one")
+    refresh, max_age_s = cfg.probe.refresh, cfg.probe.max_age_days * 86400
+    config, device = setup.config, setup.device
+    head_rows = batch * (k + 1)
+    verify_head_s = load_or_measure_head_compute_s(
+        config, device, config.dtype, probe_dir, refresh, batch=head_rows, max_age_s=max_age_s
+    )
+    verify = token_cost(setup, cfg, rates, verify_head_s, probe_dir, kept_mapping_bytes_per_s, steps=k + 1)
+    small = draft.model.config
+    context = context_positions(max(len(p) for p in setup.prompts), cfg.workload.max_new_tokens)
+    times = load_or_measure_stream(
+        small, device, small.dtype, probe_dir, refresh, options=draft.options, context=context, resident=True,
+        max_age_s=max_age_s,
+    )
+    draft_head_s = load_or_measure_head_compute_s(small, device, small.dtype, probe_dir, refresh, max_age_s=max_age_s)
+    codec = draft.model.pipeline.codec
+    decode_s = 0.0
+    if codec.bits and not codec.stores_plain("lm_head"):  # held stored: its head decodes each step too
+        rate = rates.dequant_bytes_per_s(codec.bits)
+        decode_s = decoded_bytes(small, ["lm_head"]) / rate if rate else 0.0
+    step_s = times.pass_s + small.num_hidden_layers * times.layer_s + draft_head_s + decode_s
+    return SpeculativeCost(verify=verify, draft_step_s=step_s, k=k, sequences=batch)

@@ -27,7 +27,7 @@ from harness.split.writer import ensure_split
 from harness.streaming.model import StreamingModel
 from harness.streaming.pipeline import LayerPipeline
 from strategies.cache.configs import DiskCacheConfig
-from strategies.compression.configs import Blockwise4bitConfig, NoCompressionConfig
+from strategies.compression.configs import Blockwise4bitConfig, CompressionConfig, NoCompressionConfig
 from strategies.kv_cache.configs import DeviceKVCacheConfig
 from strategies.prefetch.configs import PrefetchOffConfig
 
@@ -40,6 +40,21 @@ class Draft:
     name: str  # the model option, or "<target> 4bit"
     bytes: int  # what it holds on the device
     decoded_once: bool
+    held_as: CompressionConfig  # the form its layers are held in, decoded at each step (none: dequantized once)
+
+    @property
+    def options(self) -> dict[str, object]:
+        """The strategy options its pipeline runs with (the stream probe prices a draft step with them)."""
+        return held_options(self.held_as)
+
+
+def held_options(held_as: CompressionConfig) -> dict[str, object]:
+    """A resident draft's strategy options: every unit is resident, so the cache is never asked and nothing loads
+    ahead; its layers decode from `held_as`."""
+    return {
+        "cache": DiskCacheConfig(), "compression": held_as, "prefetch": PrefetchOffConfig(),
+        "kv_cache": DeviceKVCacheConfig(),
+    }
 
 
 def model_option(name: str) -> ModelConfig:
@@ -83,16 +98,17 @@ def build_draft(
             "raise the cap, or choose a smaller decoding.draft"
         )
     stages = StageClock(device)
+    held_as = NoCompressionConfig() if decoded_once else codec_cfg
+    options = held_options(held_as)
     pipeline = LayerPipeline(
-        # Every unit is resident: the cache is never asked, and nothing loads ahead.
-        cache=strategies.build(DiskCacheConfig(), files=layout, device=device),
-        codec=strategies.build(NoCompressionConfig()) if decoded_once else codec,
-        prefetcher=strategies.build(PrefetchOffConfig(), device=device),
+        cache=strategies.build(options["cache"], files=layout, device=device),
+        codec=strategies.build(held_as),
+        prefetcher=strategies.build(options["prefetch"], device=device),
         device=device,
         clock=stages,
     )
     held = pipeline.keep_resident(layout, units, decode_with=codec if decoded_once else None)
-    kv = strategies.build(DeviceKVCacheConfig())
+    kv = strategies.build(options["kv_cache"])
     model = StreamingModel(config, units, pipeline, kv, device, device_clock(device), stages)
     log.info("draft %s resident, %s (%.3g GB)", name, "dequantized once" if decoded_once else "stored", held / 1e9)
-    return Draft(model, name, held, decoded_once)
+    return Draft(model, name, held, decoded_once, held_as)

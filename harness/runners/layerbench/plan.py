@@ -11,7 +11,7 @@ from pathlib import Path
 from harness.config import Config
 from harness.measurement.units import format_metric
 from harness.measurement.vram import decoded_bytes
-from harness.runners.layerbench.cost import TokenCost, token_cost
+from harness.runners.layerbench.cost import SpeculativeCost, TokenCost, speculative_cost, token_cost
 from harness.runners.layerbench.floor import link_floor, pass_seq_len
 from harness.runners.layerbench.setup import Setup
 
@@ -30,10 +30,25 @@ class Plan:
     stream_bytes_per_pass: float = 0.0
     # Each link's seconds per token at its probed rate (floor.LINKS): the floor's arithmetic on the plan's bytes.
     per_link_s: dict[str, float] = field(default_factory=dict)
+    # decoding=speculative: a round's cost (then `cost` is its verifying pass), and the drafts accepted per pass
+    # it is priced at (given, or once the run has measured it).
+    speculative: SpeculativeCost | None = None
+    accepted_per_pass: float | None = None
 
     @property
     def predicted_s(self) -> float:
-        return self.cost.total_s
+        """Seconds a token: a greedy pass; a speculative round over the tokens it yields, none accepted while the
+        acceptance is unknown (the bound)."""
+        if self.speculative is None:
+            return self.cost.total_s
+        return self.speculative.per_token_s(self.accepted_per_pass or 0.0)
+
+    def terms(self) -> dict[str, float]:
+        """The prediction's terms, as logged (plan_<term>)."""
+        terms = {f"plan_{term}": seconds for term, seconds in vars(self.cost).items()}
+        if self.speculative is not None:
+            terms["plan_draft_step_s"] = self.speculative.draft_step_s
+        return terms
 
     def describe(self, bytes_held: int) -> str:
         layers = sum(u.startswith("layers.") for u in self.resident)
@@ -43,7 +58,19 @@ class Plan:
             f"{layers} of {total} decoder layers resident{' + ' + ', '.join(others) if others else ''} "
             f"({format_metric('resident_bytes', bytes_held)}); {len(self.streamed)} units stream, "
             f"{format_metric('read_bytes_per_pass', self.read_bytes_per_pass)} read per pass; predicted "
-            f"{format_metric('plan_predicted_s', self.predicted_s)} per token (limited by {self.limiting})"
+            f"{format_metric('plan_predicted_s', self.predicted_s)} per token{self._assuming()} "
+            f"(limited by {self.limiting})"
+        )
+
+    def _assuming(self) -> str:
+        spec = self.speculative
+        if spec is None:
+            return ""
+        accepted = "none" if self.accepted_per_pass is None else f"{self.accepted_per_pass:.2f}"
+        return (
+            f" with {accepted} of {spec.k} drafts accepted a pass (a round: verifying pass "
+            f"{format_metric('plan_predicted_s', spec.verify.total_s)} + {spec.sequences * spec.k} draft steps of "
+            f"{format_metric('plan_predicted_s', spec.draft_step_s)})"
         )
 
 
@@ -66,7 +93,13 @@ def make_plan(setup: Setup, cfg: Config, probe_dir: Path, kept_mapping_bytes_per
         seq_len=pass_seq_len(setup, n_prompt, workload.max_new_tokens), batch=workload.batch_size,
         kept_mapping_bytes_per_s=kept_mapping_bytes_per_s,
     )
-    cost = token_cost(setup, cfg, rates, head_s, probe_dir, kept_mapping_bytes_per_s)
+    spec = None
+    if setup.draft is not None:
+        spec = speculative_cost(setup, cfg, rates, probe_dir, kept_mapping_bytes_per_s)
+        cost = spec.verify
+    else:
+        cost = token_cost(setup, cfg, rates, head_s, probe_dir, kept_mapping_bytes_per_s)
     return Plan(
-        resident, streamed, read, h2d, cost, floor.limiting, float(layout.files_bytes(streamed)), dict(floor.per_link_s)
+        resident, streamed, read, h2d, cost, floor.limiting, float(layout.files_bytes(streamed)),
+        dict(floor.per_link_s), spec, cfg.decoding.accepted_per_pass,
     )

@@ -102,8 +102,11 @@ class LayerbenchRunner(Runner):
         report.cache_bytes_held = float(setup.pipeline.cache.bytes_held)
         tags: dict[str, str] = {}
         if plan is not None:
+            if plan.speculative is not None and plan.accepted_per_pass is None:  # none given: this run's
+                plan.accepted_per_pass = report.spec_accepted_per_pass
+                tags["plan.acceptance"] = "measured"
             report.plan_predicted_s = plan.predicted_s
-            report.add({f"plan_{term}": seconds for term, seconds in vars(plan.cost).items()})
+            report.add(plan.terms())
             if report.tpot_s is not None and plan.predicted_s > 0:
                 report.plan_ratio = report.tpot_s / plan.predicted_s
             tags["plan"] = plan.describe(setup.residency.bytes)
@@ -119,9 +122,6 @@ class LayerbenchRunner(Runner):
                 log.warning(beaten)
         if (draft := setup.draft) is not None:
             report.spec_draft_bytes = float(draft.bytes)
-            if plan is not None and report.spec_accepted_per_pass is not None:
-                step = plan.predicted_s + cfg.decoding.k * report.spec_draft_step_s
-                report.spec_predicted_s = step / (report.spec_accepted_per_pass + 1)
             tags["decoding.draft"] = draft.name
             tags["decoding.draft_form"] = "dequantized once" if draft.decoded_once else "stored, decoded per step"
         tags.update({
