@@ -75,10 +75,12 @@ def plan_only(cfg: Config, single: bool) -> None:
     """plan.only=true: print the streamed run's plan and stop. A plan that cannot run (over the cap, a split that
     cannot exist) exits non-zero with the reason; in a sweep it fails that job."""
     global single_job_done
+    from harness.allocator import host_malloc
     from harness.runners.layerbench.plan_only import PlanRefused, print_plan
 
     try:
-        print_plan(cfg)
+        with host_malloc(cfg.bench.host_malloc):  # its probes measure as the run would
+            print_plan(cfg)
     except PlanRefused as exc:
         if not single:
             raise

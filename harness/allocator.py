@@ -1,29 +1,30 @@
-"""How this process's host memory is allocated: freed memory is reused, never mapped afresh.
+"""How host memory is allocated while a job runs (`bench.host_malloc`): reuse, or glibc's defaults.
 
 glibc's malloc serves every allocation over 32 MiB (a 1B layer's MLP weight in bfloat16 is exactly that) with a
 fresh mmap and unmaps it on free, so each decoded layer, each pass, pays a page fault for every 4 KiB it writes.
-On CPU that is most of a compressed layer's cost, and its price follows the kernel's load, not the code. With
-mmap off and the heap never trimmed, freed blocks are reused in place; with one arena, the prefetch worker and
-the compute share one heap, so that what one frees the other reuses (two heaps each keep their own, and the peak
-grows). Set on importing `harness`, so that jobs, probes, sweep workers and tests all allocate alike; a process
-whose environment sets glibc's own malloc settings (USER_SETTINGS) keeps them.
+On CPU that is most of a compressed layer's cost, and its price follows the kernel's load, not the code. `reuse`
+turns mmap and heap trimming off and keeps one arena, so freed blocks are reused in place, and the prefetch worker
+and the compute share one heap (two heaps each keep their own, and the peak grows). The heap keeps what it grows
+to (its free pages are handed back, its address space is not), so the policy holds for a job and is undone after.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
-import os
+from collections.abc import Iterator
 
 # mallopt's parameters (malloc.h).
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
 _M_ARENA_MAX = -8
-# glibc's own settings: a user sets one (MALLOC_MMAP_MAX_=65536 is its default) to measure without reuse.
-USER_SETTINGS = ("MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_ARENA_MAX", "GLIBC_TUNABLES")
-# The policy in force, as tagged on runs (`host.malloc`): reuse, environment (the environment sets malloc) or
-# unavailable (not glibc).
-policy = "unavailable"
+# bench.host_malloc's options.
+POLICIES = ("reuse", "glibc")
+# No mmap for big blocks; the heap's top never given back (up to the most mallopt takes); one arena.
+_REUSE = ((_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 2**31 - 1), (_M_ARENA_MAX, 1))
+# glibc's defaults (mallopt(3)); arena count 0: glibc's own, by core count.
+_GLIBC = ((_M_MMAP_MAX, 65536), (_M_TRIM_THRESHOLD, 128 * 1024), (_M_ARENA_MAX, 0))
 
 
 def _glibc() -> ctypes.CDLL | None:
@@ -35,21 +36,30 @@ def _glibc() -> ctypes.CDLL | None:
 
 
 _LIBC = _glibc()
-# No mmap for big blocks; the heap's top is never given back (up to the most mallopt takes); one arena.
-_REUSE = ((_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 2**31 - 1), (_M_ARENA_MAX, 1))
+# The policy in force: what the probes measured under goes into their cache's key.
+current = "glibc"
 
 
-def reuse_freed_memory() -> str:
-    """Set glibc's malloc to reuse what it frees (_REUSE), unless the environment sets malloc itself; returns the
-    policy now in force."""
-    global policy
-    if _LIBC is None:
-        policy = "unavailable"
-    elif any(name in os.environ for name in USER_SETTINGS):
-        policy = "environment"
-    elif all(_LIBC.mallopt(param, value) for param, value in _REUSE):
-        policy = "reuse"
-    return policy
+@contextlib.contextmanager
+def host_malloc(policy: str) -> Iterator[None]:
+    """Allocate by `policy` inside the block; after it, free pages go back to the kernel and glibc's defaults
+    return. Without glibc (another libc), nothing changes."""
+    global current
+    if policy not in POLICIES:
+        raise ValueError(f"bench.host_malloc={policy!r} is not one of {', '.join(POLICIES)}")
+    if policy == "glibc" or _LIBC is None or current == policy:
+        yield
+        return
+    for param, value in _REUSE:
+        _LIBC.mallopt(param, value)
+    current = policy
+    try:
+        yield
+    finally:
+        release_free_memory()
+        for param, value in _GLIBC:
+            _LIBC.mallopt(param, value)
+        current = "glibc"
 
 
 def release_free_memory() -> None:

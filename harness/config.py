@@ -15,6 +15,7 @@ from typing import Any
 from omegaconf import MISSING
 
 import strategies
+from harness.allocator import POLICIES
 from harness.config_planning import AdviseConfig, PlanConfig, ProbeConfig
 from strategies.cache.configs import CacheConfig, DiskCacheConfig
 from strategies.checks import check_choice, check_positive
@@ -158,8 +159,12 @@ class BenchConfig:
     # One generation more, after the measured ones, recorded by torch.profiler (in no metric): a trace for
     # Perfetto and the top ops, in the job's folder and as the run's profile/ artifacts.
     profile: bool = False
+    # How the job allocates host memory (harness/allocator.py). reuse: freed blocks are reused, never mapped and
+    # faulted in afresh each pass (on CPU several times faster for compressed layers); glibc: glibc's defaults.
+    host_malloc: str = "reuse"
 
     def __post_init__(self) -> None:
+        check_choice("bench.host_malloc", self.host_malloc, POLICIES)
         if self.warmup != "auto" and (isinstance(self.warmup, bool) or not isinstance(self.warmup, int)):
             raise ValueError(
                 f"bench.warmup={self.warmup!r} is not valid: give a count of generations (0, 1, ...) or auto"

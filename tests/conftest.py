@@ -51,10 +51,14 @@ def outputs_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def make_cfg(outputs_dir: Path) -> Callable[..., Config]:
-    """Compose the real conf/ with overrides, as the CLI would, and validate it."""
+    """Compose the real conf/ with overrides, as the CLI would, and validate it. Jobs run in this process allocate
+    with glibc's defaults: the test process runs hundreds of jobs, and a heap each reuse job grows (its address
+    space, harness/allocator.py) would add up; jobs run through the CLI allocate as users' do."""
 
     def make(*overrides: str) -> Config:
-        common = [f"paths.outputs={outputs_dir}", "tracking.enabled=false", "probe.size_mib=16"]
+        common = [
+            f"paths.outputs={outputs_dir}", "tracking.enabled=false", "probe.size_mib=16", "bench.host_malloc=glibc"
+        ]
         return validated(compose_config([*common, *overrides]))
 
     return make

@@ -1,57 +1,67 @@
-"""harness.allocator: importing harness makes glibc's malloc reuse freed blocks, so that a layer's worth of memory
-allocated, written and freed each pass faults its pages in once, not every pass; a process whose environment sets
-malloc itself keeps its own settings, and runs are tagged with the policy. Counted in page faults, not seconds."""
+"""harness.allocator: with bench.host_malloc=reuse, a layer's worth of memory allocated, written and freed each pass
+faults its pages in once, not every pass as under glibc's defaults; glibc's defaults return after the job; and
+the probes cache what they measured under each policy apart. Counted in page faults, not seconds."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch
 
 from harness import allocator
+from harness.config import Config
+from harness.probe import store
 
 ROOT = Path(__file__).resolve().parents[1]
 # A pass as a decode makes one: stored bytes widened, then decoded (blocks over glibc's 32 MiB mmap threshold), all
-# freed at the end; the faults of ten passes after three.
+# freed at the end. Prints the faults of ten passes after three: under reuse, then after it (glibc's defaults back).
 PASSES = """
 import resource
-from harness.allocator import policy
+from harness.allocator import host_malloc
 import torch
 def one_pass():
     stored = torch.ones(24 << 20, dtype=torch.uint8)
     wide = stored.to(torch.int16) * 3
     decoded = wide.to(torch.bfloat16) + 1
     return float(decoded[-1])
-for _ in range(3):
-    one_pass()
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(10):
-    one_pass()
-print(policy, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+def faults():
+    for _ in range(3):
+        one_pass()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(10):
+        one_pass()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+with host_malloc("reuse"):
+    reused = faults()
+print(reused, faults())
 """
 
 
-def faults_of_ten_passes(**env: str) -> tuple[str, int]:
-    clean = {k: v for k, v in os.environ.items() if k not in allocator.USER_SETTINGS}
-    out = subprocess.run([sys.executable, "-c", PASSES], env={**clean, "PYTHONPATH": str(ROOT), **env},
+@pytest.mark.skipif(allocator._LIBC is None, reason="glibc's malloc only")
+def test_a_pass_reuses_what_the_last_freed_and_glibcs_defaults_return_after() -> None:
+    out = subprocess.run([sys.executable, "-c", PASSES], env={"PYTHONPATH": str(ROOT), "PATH": ""},
                          capture_output=True, text=True, timeout=120, check=True).stdout.split()
-    return out[0], int(out[1])
-
-
-@pytest.mark.skipif(allocator.policy == "unavailable", reason="glibc's malloc only")
-def test_a_pass_reuses_what_the_last_freed_where_glibcs_defaults_fault_it_in_again() -> None:
-    policy, faults = faults_of_ten_passes()
-    default_policy, default_faults = faults_of_ten_passes(MALLOC_MMAP_MAX_="65536")  # glibc's own default
-    assert (policy, default_policy) == ("reuse", "environment"), "settings in the environment are kept"
+    reused, after = int(out[0]), int(out[1])
     # A pass writes about 200 MiB: under glibc's defaults each pass faults most of its pages in again.
-    assert default_faults > 100_000
-    assert faults < default_faults / 20
+    assert after > 100_000, "glibc's defaults map a big block afresh each time"
+    assert reused < after / 20
 
 
-def test_runs_are_tagged_with_the_policy() -> None:
-    from harness.measurement.environment import environment_tags
+def test_the_policy_holds_for_the_block_and_names_the_probes_cache(tmp_path: Path) -> None:
+    cpu = torch.device("cpu")
+    plain = store.cache_path(cpu, tmp_path).name
+    with allocator.host_malloc("reuse"):
+        assert allocator.current == ("reuse" if allocator._LIBC is not None else "glibc")
+        reused = store.cache_path(cpu, tmp_path).name
+    assert allocator.current == "glibc"
+    if allocator._LIBC is not None:
+        assert reused != plain and "malloc_reuse" in reused, "measured under another policy, cached apart"
 
-    assert environment_tags()["host.malloc"] == allocator.policy
+
+def test_an_unknown_policy_is_refused(make_cfg: Callable[..., Config]) -> None:
+    with pytest.raises(ValueError, match=r"bench.host_malloc='arena' is not valid: choose one of reuse, glibc"):
+        make_cfg("bench.host_malloc=arena")

@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.progress import Progress
 
 from harness.advise import quality, space, table, verify
+from harness.allocator import host_malloc
 from harness.compose import conf_dir, validated
 from harness.config import Config
 
@@ -132,7 +133,8 @@ def _app(dcfg: DictConfig) -> None:
     if (problem := refusal(cfg, hydra_cfg.mode)) is not None:
         sys.exit(f"error: {problem}")
     console = Console()
-    status = advise(cfg, list(hydra_cfg.overrides.task), Path(hydra_cfg.runtime.output_dir), console)
+    with host_malloc(cfg.bench.host_malloc):  # its probes measure as the jobs will run
+        status = advise(cfg, list(hydra_cfg.overrides.task), Path(hydra_cfg.runtime.output_dir), console)
     if status:
         sys.exit(status)
 

@@ -14,6 +14,7 @@ from typing import Any
 from rich.console import Console
 from rich.text import Text
 
+from harness.allocator import host_malloc
 from harness.config import GROUPS, OPTION_GROUPS, Config, RunnerUnavailable, explicit_groups
 from harness.device import resolve_device
 from harness.job.measure import Outcome, measure
@@ -81,7 +82,27 @@ def run_job(
     None: a runner that cannot run here was skipped (`runner.skip_unavailable`), and no run was logged.
     `tracker`: the store, opened by the caller (the CLI opens it in a process of its own, early); by default
     this job opens it here when `tracking.enabled`. `tags`: the caller's own, on the run beside the job's.
+    Host memory is allocated as `bench.host_malloc` says for the job's span.
     """
+    with host_malloc(cfg.bench.host_malloc):
+        return _run_job(
+            cfg, resolved, choices=choices, overrides=overrides, parent_run_id=parent_run_id, console=console,
+            run_name=run_name, tracker=tracker, tags=tags,
+        )
+
+
+def _run_job(
+    cfg: Config,
+    resolved: Mapping[str, Any],
+    *,
+    choices: Mapping[str, str],
+    overrides: list[str],
+    parent_run_id: str | None,
+    console: Console | None,
+    run_name: str | None,
+    tracker: Tracker | None,
+    tags: Mapping[str, str] | None,
+) -> RunReport | None:
     console = console or Console()
     outputs_dir = Path(cfg.paths.outputs).resolve()
     runner_cls = runner_class(cfg)

@@ -94,11 +94,8 @@ def _cpu_tags() -> dict[str, str]:
 
 
 def _ram_tags() -> dict[str, str]:
-    from harness import allocator
-
     total = psutil.virtual_memory().total
-    # How the host allocates (allocator.py): a page fault per big allocation, or none, moves CPU timings severalfold.
-    return {"host.malloc": allocator.policy, **({"hw.ram_bytes": str(total)} if total > 0 else {})}
+    return {"hw.ram_bytes": str(total)} if total > 0 else {}
 
 
 def _visible_gpu() -> str | None:

@@ -12,6 +12,7 @@ import logging
 import socket
 from pathlib import Path
 
+from harness.allocator import POLICIES, host_malloc
 from harness.device import resolve_device
 from harness.probe.links import CODEC_4BIT, CODEC_8BIT, LinkRates
 from harness.probe.store import cache_path, implausible, load_or_measure
@@ -53,6 +54,8 @@ def main(argv: list[str] | None = None) -> None:
         "--scratch-dir", type=Path, default=None, help="where the disk test file goes (default: the cache dir)"
     )
     parser.add_argument("--size-mib", type=int, default=256, help="bytes moved per disk/copy measurement")
+    parser.add_argument("--host-malloc", choices=POLICIES, default="reuse",
+                        help="how host memory is allocated, as the jobs' bench.host_malloc (cached apart)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
@@ -62,11 +65,14 @@ def main(argv: list[str] | None = None) -> None:
         device = resolve_device(args.device)
     except ValueError as exc:
         raise SystemExit(str(exc)) from exc
-    rates = load_or_measure(
-        device, args.cache_dir, args.scratch_dir or args.cache_dir, refresh=args.refresh, size_bytes=args.size_mib << 20
-    )
+    with host_malloc(args.host_malloc):
+        rates = load_or_measure(
+            device, args.cache_dir, args.scratch_dir or args.cache_dir, refresh=args.refresh,
+            size_bytes=args.size_mib << 20,
+        )
+        cached = cache_path(device, args.cache_dir)
     title = f"link rates: {rates.device}, {socket.gethostname()}, measured {rates.measured_at}"
     Console().print(_rates_table(rates, title))
-    print(f"cached in {cache_path(device, args.cache_dir)}")
+    print(f"cached in {cached}")
     for problem in implausible(rates):  # measured so just now: the machine stalled, or a link is broken
         print(f"warning: implausible rate, {problem}: measure again with --refresh on a quiet machine")

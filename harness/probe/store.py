@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, TypeVar
 
 import torch
 
+from harness import allocator
 from harness.files import exclusive_lock, write_atomic
 from harness.probe.compute import measure_head_compute_s, measure_layer_compute_s
 from harness.probe.links import LinkRates, describe_device, device_tag, measure_link_rates
@@ -96,8 +97,10 @@ def _write_json(path: Path, data: object) -> None:
 
 
 def _host_device(device: torch.device) -> str:
-    """The name every cache file of this host and `device` starts with."""
-    return f"{socket.gethostname()}-{device_tag(device)}"
+    """The name every cache file of this host and `device` starts with; measured with freed memory reused
+    (bench.host_malloc=reuse), a name of its own."""
+    policy = "-malloc_reuse" if allocator.current == "reuse" else ""
+    return f"{socket.gethostname()}-{device_tag(device)}{policy}"
 
 
 def cache_path(device: torch.device, cache_dir: Path) -> Path:

@@ -250,7 +250,7 @@ def test_cli_prints_cached_rates(
         json.dumps(asdict(_rates(device="cpu", h2d_pinned_bytes_per_s=None, h2d_pageable_bytes_per_s=None)))
     )
     monkeypatch.setattr(store, "measure_link_rates", _refuse)
-    cli.main(["--device", "cpu", "--cache-dir", str(tmp_path)])
+    cli.main(["--device", "cpu", "--cache-dir", str(tmp_path), "--host-malloc", "glibc"])
     out = capsys.readouterr().out
     assert "disk read, cold" in out and "1.00" in out and "n/a" in out
 
