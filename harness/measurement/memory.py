@@ -38,8 +38,8 @@ def reset_peak_rss() -> bool:
     A sweep runs its jobs one after another in one process: without this, every job would report the
     peak of the hungriest job before it (a resident transformers model before a streamed run, say).
     Linux resets the mark (VmHWM, and with it ru_maxrss) on writing 5 to /proc/self/clear_refs. The heap's free
-    pages go back to the kernel first: the process keeps what it frees (allocator.py), and what the jobs before
-    freed is no part of this one's peak.
+    pages go back to the kernel first: under bench.host_malloc=reuse the process keeps what it frees
+    (allocator.py), and what the jobs before freed is no part of this one's peak.
     """
     release_free_memory()
     try:
