@@ -42,24 +42,27 @@ current = "glibc"
 
 @contextlib.contextmanager
 def host_malloc(policy: str) -> Iterator[None]:
-    """Allocate by `policy` inside the block; after it, free pages go back to the kernel and glibc's defaults
-    return. Without glibc (another libc), nothing changes."""
-    global current
+    """Allocate by `policy` inside the block; after it, free pages go back to the kernel and the policy before
+    returns. Without glibc (another libc), nothing changes."""
     if policy not in POLICIES:
         raise ValueError(f"bench.host_malloc={policy!r} is not one of {', '.join(POLICIES)}")
-    if policy == "glibc" or _LIBC is None or current == policy:
+    before = current
+    if _LIBC is None or before == policy:
         yield
         return
-    for param, value in _REUSE:
-        _LIBC.mallopt(param, value)
-    current = policy
+    _set(policy)
     try:
         yield
     finally:
         release_free_memory()
-        for param, value in _GLIBC:
-            _LIBC.mallopt(param, value)
-        current = "glibc"
+        _set(before)
+
+
+def _set(policy: str) -> None:
+    global current
+    for param, value in _REUSE if policy == "reuse" else _GLIBC:
+        _LIBC.mallopt(param, value)  # type: ignore[union-attr]
+    current = policy
 
 
 def release_free_memory() -> None:

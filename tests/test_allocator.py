@@ -48,15 +48,18 @@ def test_a_pass_reuses_what_the_last_freed_and_glibcs_defaults_return_after() ->
     reused, after = int(out[0]), int(out[1])
     # A pass writes about 200 MiB: under glibc's defaults each pass faults most of its pages in again.
     assert after > 100_000, "glibc's defaults map a big block afresh each time"
-    assert reused < after / 20
+    assert reused < after / 5, "a pass faulted its blocks in again"
 
 
-def test_the_policy_holds_for_the_block_and_names_the_probes_cache(tmp_path: Path) -> None:
+def test_a_policy_holds_for_its_block_and_names_the_probes_cache(tmp_path: Path) -> None:
     cpu = torch.device("cpu")
     plain = store.cache_path(cpu, tmp_path).name
     with allocator.host_malloc("reuse"):
         assert allocator.current == ("reuse" if allocator._LIBC is not None else "glibc")
         reused = store.cache_path(cpu, tmp_path).name
+        with allocator.host_malloc("glibc"):  # untimed work inside a job: glibc's defaults, then reuse again
+            assert allocator.current == "glibc"
+        assert allocator.current == ("reuse" if allocator._LIBC is not None else "glibc")
     assert allocator.current == "glibc"
     if allocator._LIBC is not None:
         assert reused != plain and "malloc_reuse" in reused, "measured under another policy, cached apart"
