@@ -1,8 +1,8 @@
 """How host memory is allocated while a job runs (`bench.host_malloc`): reuse, or glibc's defaults.
 
 glibc's malloc serves every allocation over 32 MiB (a 1B layer's MLP weight in bfloat16 is exactly that) with a
-fresh mmap and unmaps it on free, so each decoded layer, each pass, pays a page fault for every 4 KiB it writes.
-On CPU that is most of a compressed layer's cost, and its price follows the kernel's load, not the code. `reuse`
+fresh mmap and unmaps it on free, so each decoded layer, each pass, pays a page fault for every 4 KiB it writes,
+at whatever the kernel charges for one at the time. `reuse`
 turns mmap and heap trimming off and keeps one arena, so freed blocks are reused in place, and the prefetch worker
 and the compute share one heap (two heaps each keep their own, and the peak grows). The heap keeps what it grows
 to (its free pages are handed back, its address space is not), so the policy holds for a job and is undone after.

@@ -160,7 +160,7 @@ class BenchConfig:
     # Perfetto and the top ops, in the job's folder and as the run's profile/ artifacts.
     profile: bool = False
     # How the job allocates host memory (harness/allocator.py). reuse: freed blocks are reused, never mapped and
-    # faulted in afresh each pass (on CPU several times faster for compressed layers); glibc: glibc's defaults.
+    # faulted in afresh each pass; glibc: glibc's defaults.
     host_malloc: str = "reuse"
 
     def __post_init__(self) -> None:

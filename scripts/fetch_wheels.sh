@@ -7,7 +7,7 @@
 #   scripts/fetch_wheels.sh [DEST]     # run here, where PyPI is reachable; DEST defaults to wheels/
 #
 # The image's Python is 3.12 on x86-64 Linux (PYTHON_VERSION overrides it); these wheels are pure Python or
-# manylinux, about 44 MB in all.
+# manylinux.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 dest=${1:-wheels}

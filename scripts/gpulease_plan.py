@@ -228,7 +228,7 @@ def plan_run(
     overrides = [f"device={device}", f"paths.outputs={outputs}", preset(run.preset), *preset_choices(run.preset),
                  f"model={model}", f"workload.max_new_tokens={new_tokens}"]
     if device == "cuda" and model != SMOKE_MODEL:
-        overrides.append("model.generator_device=cuda")  # the GPU draws the geometries in seconds
+        overrides.append("model.generator_device=cuda")  # drawn and encoded on the GPU
     overrides += extra
     _, cfg = composed(overrides)
     resources, direct = resources_of(cfg, outputs, patched=smoke and run.size == "70B")

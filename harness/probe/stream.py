@@ -2,14 +2,14 @@
 
 The link rates and one layer's compute, each timed alone, miss what a pass adds around them: the pipeline's
 per-unit work in Python (the fetch, the copy into a packed buffer, the decode's many small ops, the timeline),
-and, with prefetch on, the worker competing with the compute for the cores and the GIL (with few cores it can
-make a pass slower than no prefetch at all). This probe measures them together: a
+and, with prefetch on, the worker competing with the compute for the cores and the GIL, which can make a pass
+slower than no prefetch at all. This probe measures them together: a
 StreamingModel of the run's geometry, cut to a few decoder layers and a tiny vocabulary, whose layers are copies of
 one synthetic layer file written with the run's codec, read by the run's cache, prefetcher and KV cache policy.
 Passes of two such models (1 and 3 layers) are timed in turn; their difference is what a decoder layer adds to a
 pass (its fetch, decode and compute, as they overlap), and the rest is what a pass costs beside its layers. The
 interval between two layers' compute in one model would be cheaper to take, but it assumes the prefetch worker's
-overlap is steady, and on few cores it is not (docs/cost-model.md).
+overlap is steady from layer to layer, which the difference does not need.
 """
 
 from __future__ import annotations
