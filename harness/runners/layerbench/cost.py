@@ -12,12 +12,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from harness.config import Config
 from harness.measurement.vram import decoded_bytes
 from harness.probe.links import LinkRates
 from harness.probe.store import load_or_measure_head_compute_s, load_or_measure_stream
 from harness.runners.layerbench.setup import Setup
+
+if TYPE_CHECKING:
+    from transformers import LlamaConfig
+
+    from strategies.compression.base import Codec
 
 
 @dataclass(frozen=True)
@@ -39,6 +45,24 @@ def context_positions(workload_prompt: int, new_tokens: int) -> int:
     return max(1, int(workload_prompt + new_tokens / 2))
 
 
+def head_decode_s(config: LlamaConfig, codec: Codec, rates: LinkRates) -> float:
+    """Decoding lm_head once, at the codec's probed dequant rate: nothing where the codec stores it plain."""
+    if not codec.bits or codec.stores_plain("lm_head"):
+        return 0.0
+    rate = rates.dequant_bytes_per_s(codec.bits)
+    return decoded_bytes(config, ["lm_head"]) / rate if rate else 0.0
+
+
+def _context(setup: Setup, cfg: Config) -> int:
+    """The positions the run's decode passes attend to, on average."""
+    return context_positions(max(len(p) for p in setup.prompts), cfg.workload.max_new_tokens)
+
+
+def _freshness(cfg: Config) -> tuple[bool, float]:
+    """The probe cache's `refresh` and `max_age_s`, as `cfg.probe` sets them."""
+    return cfg.probe.refresh, cfg.probe.max_age_days * 86400
+
+
 def head_seconds(
     setup: Setup, cfg: Config, rates: LinkRates, head_compute_s: float, kept_mapping_bytes_per_s: float | None
 ) -> float:
@@ -54,11 +78,7 @@ def head_seconds(
     if setup.device.type != "cpu" and nbytes:
         h2d = rates.h2d_pinned_bytes_per_s or rates.h2d_pageable_bytes_per_s
         fetch += nbytes / h2d if h2d else 0.0
-    decode = 0.0
-    codec = pipeline.codec
-    if codec.bits and "lm_head" in streamed and not codec.stores_plain("lm_head"):
-        rate = rates.dequant_bytes_per_s(codec.bits)
-        decode = decoded_bytes(setup.config, ["lm_head"]) / rate if rate else 0.0
+    decode = head_decode_s(setup.config, pipeline.codec, rates) if "lm_head" in streamed else 0.0
     if pipeline.prefetcher.layers_ahead > 0:
         return max(head_compute_s, fetch + decode)
     return head_compute_s + fetch + decode
@@ -72,11 +92,11 @@ def token_cost(
     `probe_dir` (each measured there first when missing), the link rates and the head's compute the floor's
     probes gave (for that many rows). `steps` > 1: speculative decoding's verifying pass, which scores that many
     positions a sequence as `decoding.verify` says."""
-    config, device, workload = setup.config, setup.device, cfg.workload
+    config, device = setup.config, setup.device
     options = {"cache": cfg.cache, "compression": cfg.compression, "prefetch": cfg.prefetch, "kv_cache": cfg.kv_cache}
-    context = context_positions(max(len(p) for p in setup.prompts), workload.max_new_tokens)
+    context = _context(setup, cfg)
     batch = len(setup.prompts)
-    refresh, max_age_s = cfg.probe.refresh, cfg.probe.max_age_days * 86400
+    refresh, max_age_s = _freshness(cfg)
 
     def stream(resident: bool) -> tuple[float, float]:
         times = load_or_measure_stream(
@@ -128,7 +148,7 @@ def speculative_cost(
     draft, k, batch = setup.draft, cfg.decoding.k, len(setup.prompts)
     if draft is None:
         raise ValueError("speculative_cost prices a run with a draft: decoding=speculative builds one")
-    refresh, max_age_s = cfg.probe.refresh, cfg.probe.max_age_days * 86400
+    refresh, max_age_s = _freshness(cfg)
     config, device = setup.config, setup.device
     head_rows = batch * (k + 1)
     verify_head_s = load_or_measure_head_compute_s(
@@ -136,16 +156,12 @@ def speculative_cost(
     )
     verify = token_cost(setup, cfg, rates, verify_head_s, probe_dir, kept_mapping_bytes_per_s, steps=k + 1)
     small = draft.model.config
-    context = context_positions(max(len(p) for p in setup.prompts), cfg.workload.max_new_tokens)
+    context = _context(setup, cfg)
     times = load_or_measure_stream(
         small, device, small.dtype, probe_dir, refresh, options=draft.options, context=context, resident=True,
         max_age_s=max_age_s,
     )
     draft_head_s = load_or_measure_head_compute_s(small, device, small.dtype, probe_dir, refresh, max_age_s=max_age_s)
-    codec = draft.model.pipeline.codec
-    decode_s = 0.0
-    if codec.bits and not codec.stores_plain("lm_head"):  # held stored: its head decodes each step too
-        rate = rates.dequant_bytes_per_s(codec.bits)
-        decode_s = decoded_bytes(small, ["lm_head"]) / rate if rate else 0.0
+    decode_s = head_decode_s(small, draft.model.pipeline.codec, rates)  # held stored: decoded at each step too
     step_s = times.pass_s + small.num_hidden_layers * times.layer_s + draft_head_s + decode_s
     return SpeculativeCost(verify=verify, draft_step_s=step_s, k=k, sequences=batch)
