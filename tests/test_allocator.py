@@ -68,3 +68,18 @@ def test_a_policy_holds_for_its_block_and_names_the_probes_cache(tmp_path: Path)
 def test_an_unknown_policy_is_refused(make_cfg: Callable[..., Config]) -> None:
     with pytest.raises(ValueError, match=r"bench.host_malloc='arena' is not valid: choose one of reuse, glibc"):
         make_cfg("bench.host_malloc=arena")
+
+
+def test_writing_a_checkpoint_inside_a_reuse_job_uses_glibcs_defaults(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Untimed writing (a generated checkpoint, a split) hands its blocks back: the job's reuse pauses for it."""
+    from harness.checkpoints import generated
+    from harness.config import ModelConfig
+
+    seen: list[str] = []
+    monkeypatch.setattr(generated, "_build", lambda model, out_dir: seen.append(allocator.current))
+    with allocator.host_malloc("reuse"):
+        generated.ensure_checkpoint(ModelConfig(name="tiny", geometry="tiny"), tmp_path)
+        assert allocator.current == ("reuse" if allocator._LIBC is not None else "glibc")
+    assert seen == ["glibc"]

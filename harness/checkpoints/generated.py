@@ -29,6 +29,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeR
 from safetensors.torch import save_file
 from transformers import GenerationConfig, LlamaConfig, PreTrainedTokenizerFast
 
+from harness.allocator import host_malloc
 from harness.checkpoints.gguf import ensure_gguf_checkpoint
 from harness.checkpoints.local import validate_local
 from harness.checkpoints.tokenizer import BOS, CORPUS_PATH, EOT, SPECIAL_IDS, STOP_TOKENS, VOCAB_SIZE, build_tokenizer
@@ -342,6 +343,7 @@ def generated_dir(model: ModelConfig, outputs_dir: Path) -> Path:
     return Path(outputs_dir) / "models" / f"{model.name}-{_generated_key(model)}"
 
 
+@host_malloc("glibc")  # untimed, and blocks of many sizes: glibc's defaults hand them back after
 def ensure_checkpoint(model: ModelConfig, outputs_dir: Path) -> Path:
     if model.source == "local":
         return validate_local(Path(model.path).expanduser())

@@ -129,7 +129,7 @@ def _written_files(config: LlamaConfig, dtype: torch.dtype, codec: object, scrat
         folder, _ = _WRITTEN.pop(next(iter(_WRITTEN)))
         folder.cleanup()
     folder = tempfile.TemporaryDirectory(prefix=f"stream-{os.getpid()}-", dir=scratch_dir)
-    # Untimed, and for a big geometry gigabytes of blocks of many sizes: glibc's defaults hand them back after.
+    # Untimed, and blocks of many sizes: glibc's defaults hand them back after (as a split's writing is).
     with host_malloc("glibc"):
         files = _TruncatedFiles(_write_units(config, dtype, codec, Path(folder.name), LAYERS))
     _WRITTEN[key] = (folder, files)

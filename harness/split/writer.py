@@ -30,6 +30,7 @@ from safetensors.torch import save
 from transformers import LlamaConfig
 
 from harness import __version__
+from harness.allocator import host_malloc
 from harness.checkpoints.generated import GENERATOR_FILE
 from harness.files import exclusive_lock, write_atomic
 from harness.measurement.environment import usable_cores
@@ -120,6 +121,7 @@ def _valid_files(split_dir: Path, records: dict[str, dict[str, Any]], verify: bo
     return valid
 
 
+@host_malloc("glibc")  # untimed, and blocks of many sizes: glibc's defaults hand them back after
 def ensure_split(
     ckpt_dir: Path,
     config: LlamaConfig,
