@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 
@@ -21,3 +23,18 @@ def indexed_device(device: torch.device) -> torch.device:
     if device.type == "cuda" and device.index is None:
         return torch.device("cuda", torch.cuda.current_device())
     return device
+
+
+def last_level_cache_bytes(device: torch.device, sysfs: Path = Path("/sys/devices/system/cpu/cpu0/cache")) -> int:
+    """The device's last-level cache: a GPU's L2, or the highest-level cache of the CPU's first core as sysfs lists
+    it. Where sysfs says nothing, 64 MiB (more than most CPUs' last level, so that evicting it evicts it all)."""
+    if device.type == "cuda":
+        return int(torch.cuda.get_device_properties(indexed_device(device)).L2_cache_size)
+    levels = {}
+    for index in sysfs.glob("index*"):
+        try:
+            level, size = (index / "level").read_text().strip(), (index / "size").read_text().strip()
+            levels[int(level)] = int(size.rstrip("KMG")) << {"K": 10, "M": 20, "G": 30}.get(size[-1:], 0)
+        except (OSError, ValueError):
+            continue
+    return levels[max(levels)] if levels else 64 << 20

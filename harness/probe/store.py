@@ -244,6 +244,12 @@ def _with_batch(key: dict[str, object], batch: int) -> dict[str, object]:
     return key if batch == 1 else {**key, "batch": batch}
 
 
+def _layer_geometry(config: LlamaConfig, *extra: str) -> dict[str, object]:
+    """What a decoder layer's cost depends on in `config`, and the `extra` fields named."""
+    fields = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim", *extra)
+    return {key: getattr(config, key) for key in fields}
+
+
 def load_or_measure_layer_compute_s(
     config: LlamaConfig, device: torch.device, dtype: torch.dtype, cache_dir: Path, seq_len: int = 1,
     refresh: bool = False, batch: int = 1, max_age_s: float | None = None,
@@ -254,10 +260,7 @@ def load_or_measure_layer_compute_s(
     Measured once, the floor stays put between runs; re-measured in every run, a shared host's noise would go
     straight into every floor ratio.
     """
-    geometry = {
-        key: getattr(config, key)
-        for key in ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim")
-    }
+    geometry = _layer_geometry(config)
     key = _with_batch({**geometry, "dtype": str(dtype).removeprefix("torch."), "seq_len": seq_len}, batch)
     path = _compute_path(device, cache_dir, "layer", key)
     return _cached_seconds(
@@ -286,11 +289,10 @@ def load_or_measure_stream(
     verify: str = "exact", max_age_s: float | None = None,
 ) -> StreamTimes:
     """`measure_stream` for these options (cache, compression, prefetch, kv_cache: their configs), cached beside the
-    link rates per host, device, geometry, dtype, options, batch, context, residency and verifying steps."""
-    geometry = {
-        key: getattr(config, key)
-        for key in ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim")
-    }
+    link rates per host, device, geometry (layer count included), dtype, options, batch, context, residency and
+    verifying steps."""
+    # The layer count too: whether the probe evicts the device's caches depends on it (cache_evictor).
+    geometry = _layer_geometry(config, "num_hidden_layers")
     key = {
         **geometry, "dtype": str(dtype).removeprefix("torch."), "batch": batch, "context": context,
         "resident": resident, **{group: asdict(option) for group, option in sorted(options.items())},  # type: ignore[call-overload]

@@ -19,6 +19,7 @@ import os
 import shutil
 import statistics
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from time import perf_counter
@@ -27,7 +28,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from harness.allocator import host_malloc
-from harness.device import indexed_device
+from harness.device import indexed_device, last_level_cache_bytes
+from harness.measurement.vram import decoded_bytes
 from harness.probe.compute import random_weights
 from strategies.checks import check_positive
 
@@ -213,6 +215,22 @@ class _Truncated:
         return elapsed
 
 
+def cache_evictor(config: LlamaConfig, device: torch.device) -> Callable[[], None] | None:
+    """What runs before each of the probe's passes. A run whose decoder layers together outgrow the device's
+    last-level cache finds each layer's weights uncached when its turn comes, while the truncated models' few layers,
+    computed pass after pass, would stay cached: writing a buffer twice that cache's size evicts them first. A model
+    that fits whole is left cached, as its own passes find it (None: nothing to run)."""
+    cache_bytes = last_level_cache_bytes(device)
+    if config.num_hidden_layers * decoded_bytes(config, ["layers.0"]) <= cache_bytes:
+        return None
+    buffer = torch.empty(2 * cache_bytes, dtype=torch.uint8, device=device)
+
+    def evict() -> None:
+        buffer.fill_(0)
+
+    return evict
+
+
 def measure_stream(
     config: LlamaConfig, device: torch.device, dtype: torch.dtype, *, cache: CacheConfig,
     compression: CompressionConfig, prefetch: PrefetchConfig, kv_cache: KVCacheConfig, scratch_dir: Path,
@@ -221,8 +239,9 @@ def measure_stream(
 ) -> StreamTimes:
     """A decoder layer's and a pass's own cost (`StreamTimes`) for these options, on `device`: the median passes of
     `config` cut to LAYER_COUNTS decoder layers, `batch` sequences decoding one token each after `context`
-    positions (`_Truncated`), differenced. `steps` > 1: the pass speculative decoding verifies with, scoring that
-    many positions a sequence, each as its own one-token step (`verify="exact"`) or in one call ("batched")."""
+    positions (`_Truncated`), differenced; each pass follows `cache_evictor`'s. `steps` > 1: the pass speculative
+    decoding verifies with, scoring that many positions a sequence, each as its own one-token step
+    (`verify="exact"`) or in one call ("batched")."""
     import strategies
 
     check_positive("batch", batch)
@@ -240,7 +259,9 @@ def measure_stream(
     models = [
         _Truncated(config, n, files, device, options, batch, context, resident, steps, verify) for n in LAYER_COUNTS
     ]
+    evict = cache_evictor(config, device) or (lambda: None)  # untimed, before each pass
     for model in models:  # untimed: lazy initialization, the allocator's growth, the page cache
+        evict()
         model.pass_seconds()
     # The two models' passes in turn, so that a change in the machine's load lands on both alike; repeated until
     # MIN_SECONDS have passed, so that a pass of a millisecond is not judged on three samples.
@@ -251,6 +272,7 @@ def measure_stream(
         if done >= repeats and elapsed >= MIN_SECONDS or done >= 2 and elapsed >= MAX_SECONDS:
             break
         for model, seconds in zip(models, times, strict=True):
+            evict()
             seconds.append(model.pass_seconds())
     few, many = (statistics.median(seconds) for seconds in times)
     layer_s = (many - few) / (LAYER_COUNTS[1] - LAYER_COUNTS[0])

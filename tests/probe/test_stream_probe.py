@@ -1,6 +1,7 @@
 """harness.probe.stream: a streamed layer's cost is measured through the real pipeline and pass (the run's cache,
-codec, prefetcher, KV cache and residency) as the difference between truncated models; its
-layer files are written once per codec; and it is cached per options, re-measured when stale or old."""
+codec, prefetcher, KV cache and residency) as the difference between truncated models, with the device's cache
+evicted before each pass where a run's layers outgrow it; its layer files are written once per codec; and it is
+cached per options, re-measured when stale or old."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import torch
 from fake_probes import small_layer_config
 
 import strategies
+from harness.measurement.vram import decoded_bytes
 from harness.probe import store
 from harness.probe import stream as stream_mod
 from harness.probe.stream import StreamTimes, measure_stream
@@ -196,3 +198,28 @@ def test_a_damaged_stream_cache_is_measured_again(tmp_path: Path, monkeypatch: p
     cached.write_text('{"key": "something else", "layer_s": -1}')
     store.load_or_measure_stream(small_layer_config(), CPU, torch.float32, tmp_path, options=options())
     assert count.calls == 2
+
+
+@pytest.mark.parametrize(("layers", "evicts"), [(4, False), (64, True)], ids=["fits", "outgrows"])
+def test_the_probe_evicts_the_device_cache_only_where_a_run_outgrows_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, layers: int, evicts: bool
+) -> None:
+    """A run whose decoder layers together outgrow the last-level cache computes each layer uncached, so the probe
+    writes a buffer twice that cache's size before each pass; a model that fits whole is left cached."""
+    config = small_layer_config()
+    config.num_hidden_layers = layers
+    cache_bytes = 8 * decoded_bytes(config, ["layers.0"])
+    monkeypatch.setattr(stream_mod, "last_level_cache_bytes", lambda device: cache_bytes)
+    events: list[str] = []
+    fill, passes = torch.Tensor.fill_, stream_mod._Truncated.pass_seconds
+
+    def spy_fill(tensor: torch.Tensor, value: Any) -> torch.Tensor:
+        if tensor.dtype == torch.uint8 and tensor.numel() == 2 * cache_bytes:
+            events.append("evict")
+        return fill(tensor, value)
+
+    monkeypatch.setattr(torch.Tensor, "fill_", spy_fill)
+    monkeypatch.setattr(stream_mod._Truncated, "pass_seconds", lambda self: events.append("pass") or passes(self))
+    measure_stream(config, CPU, torch.float32, scratch_dir=tmp_path, repeats=2, **options())
+    assert events.count("pass") >= 2 * len(stream_mod.LAYER_COUNTS)
+    assert events == (["evict", "pass"] * events.count("pass") if evicts else ["pass"] * len(events))
