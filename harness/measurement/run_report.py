@@ -110,6 +110,7 @@ class RunReport:
     plan_resident_s: float | None = figure()
     plan_head_s: float | None = figure()
     plan_draft_step_s: float | None = figure()  # decoding=speculative: one step of the resident draft
+    plan_draft_prefill_s: float | None = figure()  # and its first call, over the prompt
 
     # --- decoding=speculative: draft tokens accepted, per verifying pass of the target, and what it costs
     spec_accepted_share: float | None = figure("draft tokens accepted")

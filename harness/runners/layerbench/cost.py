@@ -123,20 +123,25 @@ def token_cost(
 @dataclass(frozen=True)
 class SpeculativeCost:
     """A speculative round: each sequence's draft proposes `k` tokens, one step at a time, then one streamed pass of
-    the target verifies them all; a round yields the accepted drafts and one token of the target's own."""
+    the target verifies them all; a round yields the accepted drafts and one token of the target's own. Before its
+    first round, each sequence's draft reads the prompt and the target's first token in one call."""
 
     verify: TokenCost  # the target's verifying pass, k + 1 positions a sequence
     draft_step_s: float  # one step of the resident draft, one sequence
     k: int
     sequences: int  # each sequence drafts on its own
+    draft_prefill_s: float = 0.0  # the draft's first call, over the prompt and the first token, one sequence
+    new_tokens: int = 2  # a sequence's generated tokens: the prefill is spread over the gaps between them
 
     @property
     def round_s(self) -> float:
         return self.verify.total_s + self.sequences * self.k * self.draft_step_s
 
     def per_token_s(self, accepted_per_pass: float) -> float:
-        """Seconds a token, when the target accepts `accepted_per_pass` of a sequence's k drafts a round."""
-        return self.round_s / (accepted_per_pass + 1)
+        """Seconds a token, when the target accepts `accepted_per_pass` of a sequence's k drafts a round. The
+        draft's prefill falls after the first token, so it is shared by the gaps from token 1 to the last."""
+        prefill = self.sequences * self.draft_prefill_s / max(1, self.new_tokens - 1)
+        return self.round_s / (accepted_per_pass + 1) + prefill
 
 
 def speculative_cost(
@@ -144,7 +149,8 @@ def speculative_cost(
 ) -> SpeculativeCost:
     """A speculative round of `setup` (whose draft is built), priced by the same probes as a greedy pass: the
     verifying pass by the stream probe at k + 1 positions, a draft step by the stream probe on the draft's geometry
-    with every layer resident in the form the draft holds, plus its head's compute."""
+    with every layer resident in the form the draft holds, plus its head's compute; the draft's prefill as that
+    probe's pass over the prompt and one token in one call."""
     draft, k, batch = setup.draft, cfg.decoding.k, len(setup.prompts)
     if draft is None:
         raise ValueError("speculative_cost prices a run with a draft: decoding=speculative builds one")
@@ -156,12 +162,21 @@ def speculative_cost(
     )
     verify = token_cost(setup, cfg, rates, verify_head_s, probe_dir, kept_mapping_bytes_per_s, steps=k + 1)
     small = draft.model.config
-    context = _context(setup, cfg)
-    times = load_or_measure_stream(
-        small, device, small.dtype, probe_dir, refresh, options=draft.options, context=context, resident=True,
-        max_age_s=max_age_s,
-    )
     draft_head_s = load_or_measure_head_compute_s(small, device, small.dtype, probe_dir, refresh, max_age_s=max_age_s)
     decode_s = head_decode_s(small, draft.model.pipeline.codec, rates)  # held stored: decoded at each step too
-    step_s = times.pass_s + small.num_hidden_layers * times.layer_s + draft_head_s + decode_s
-    return SpeculativeCost(verify=verify, draft_step_s=step_s, k=k, sequences=batch)
+
+    def draft_call_s(positions: int, context: int) -> float:
+        """One call of the draft over `positions` new positions after `context` cached ones, its head included."""
+        times = load_or_measure_stream(
+            small, device, small.dtype, probe_dir, refresh, options=draft.options, context=context, resident=True,
+            max_age_s=max_age_s, **({"steps": positions, "verify": "batched"} if positions > 1 else {}),
+        )
+        return times.pass_s + small.num_hidden_layers * times.layer_s + draft_head_s + decode_s
+
+    # The probe times its call after a cache of `context` positions, so the prefill is priced attending to twice the
+    # prompt: an over-estimate by the attention over one prompt, small beside reading every layer's weights.
+    prompt = max(len(p) for p in setup.prompts) + 1
+    return SpeculativeCost(
+        verify=verify, draft_step_s=draft_call_s(1, _context(setup, cfg)), k=k, sequences=batch,
+        draft_prefill_s=draft_call_s(prompt, prompt), new_tokens=cfg.workload.max_new_tokens,
+    )

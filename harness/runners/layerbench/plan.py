@@ -48,6 +48,7 @@ class Plan:
         terms = {f"plan_{term}": seconds for term, seconds in vars(self.cost).items()}
         if self.speculative is not None:
             terms["plan_draft_step_s"] = self.speculative.draft_step_s
+            terms["plan_draft_prefill_s"] = self.speculative.draft_prefill_s
         return terms
 
     def describe(self, bytes_held: int) -> str:
@@ -70,7 +71,8 @@ class Plan:
         return (
             f" with {accepted} of {spec.k} drafts accepted a pass (a round: verifying pass "
             f"{format_metric('plan_predicted_s', spec.verify.total_s)} + {spec.sequences * spec.k} draft steps of "
-            f"{format_metric('plan_predicted_s', spec.draft_step_s)})"
+            f"{format_metric('plan_predicted_s', spec.draft_step_s)}; the draft's prefill "
+            f"{format_metric('plan_predicted_s', spec.draft_prefill_s)} a sequence)"
         )
 
 
