@@ -15,6 +15,7 @@ overlap is steady from layer to layer, which the difference does not need.
 from __future__ import annotations
 
 import copy
+import math
 import os
 import shutil
 import statistics
@@ -47,11 +48,13 @@ LAYERS = max(LAYER_COUNTS)
 # The truncated models' vocabulary: small enough that the embedding and lm_head cost nothing beside a layer (the
 # run's own head is priced apart, by the head compute probe and the link rates).
 _VOCAB = 256
-# Rounds (a pass of each model) are timed until this many seconds have gone by (at least `repeats`, at most
-# MAX_REPEATS); rounds of a big layer on a slow device stop at two once MAX_SECONDS have gone by.
+# Rounds (a pass of each model) are timed for at least MIN_SECONDS and `repeats` rounds, and then until a layer's
+# figure is known to PRECISION (its standard error over itself), at most MAX_REPEATS rounds; they stop at two once
+# MAX_SECONDS have gone by (a big layer on a slow device, or passes too noisy to settle).
 MIN_SECONDS = 0.5
 MAX_SECONDS = 10.0
-MAX_REPEATS = 200
+MAX_REPEATS = 500
+PRECISION = 0.05
 
 
 @dataclass(frozen=True)
@@ -231,6 +234,21 @@ def cache_evictor(config: LlamaConfig, device: torch.device) -> Callable[[], Non
     return evict
 
 
+def settled(few: list[float], many: list[float]) -> bool:
+    """Whether the layer's figure from these passes (the difference of their medians) is known to PRECISION: its
+    standard error, from each model's scatter (1.4826 median absolute deviations, robust to a stray pass) as a
+    median's of that many samples (1.2533 sigma / sqrt(n)), at most PRECISION of the figure."""
+
+    def error(seconds: list[float]) -> float:
+        middle = statistics.median(seconds)
+        sigma = 1.4826 * statistics.median(abs(s - middle) for s in seconds)
+        return 1.2533 * sigma / math.sqrt(len(seconds))
+
+    layer_s = (statistics.median(many) - statistics.median(few)) / (LAYER_COUNTS[1] - LAYER_COUNTS[0])
+    layer_error = math.hypot(error(few), error(many)) / (LAYER_COUNTS[1] - LAYER_COUNTS[0])
+    return layer_s > 0 and layer_error <= PRECISION * layer_s
+
+
 def measure_stream(
     config: LlamaConfig, device: torch.device, dtype: torch.dtype, *, cache: CacheConfig,
     compression: CompressionConfig, prefetch: PrefetchConfig, kv_cache: KVCacheConfig, scratch_dir: Path,
@@ -263,13 +281,13 @@ def measure_stream(
     for model in models:  # untimed: lazy initialization, the allocator's growth, the page cache
         evict()
         model.pass_seconds()
-    # The two models' passes in turn, so that a change in the machine's load lands on both alike; repeated until
-    # MIN_SECONDS have passed, so that a pass of a millisecond is not judged on three samples.
+    # The two models' passes in turn, so that a change in the machine's load lands on both alike; repeated for
+    # MIN_SECONDS, so that a pass of a millisecond is not judged on three samples, and on while they scatter.
     times: list[list[float]] = [[] for _ in models]
     start = perf_counter()
     while len(times[0]) < MAX_REPEATS:
         elapsed, done = perf_counter() - start, len(times[0])
-        if done >= repeats and elapsed >= MIN_SECONDS or done >= 2 and elapsed >= MAX_SECONDS:
+        if done >= repeats and elapsed >= MIN_SECONDS and settled(*times) or done >= 2 and elapsed >= MAX_SECONDS:
             break
         for model, seconds in zip(models, times, strict=True):
             evict()

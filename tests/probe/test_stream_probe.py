@@ -6,6 +6,7 @@ cached per options, re-measured when stale or old."""
 from __future__ import annotations
 
 import os
+import random
 import time
 from pathlib import Path
 from typing import Any
@@ -223,3 +224,31 @@ def test_the_probe_evicts_the_device_cache_only_where_a_run_outgrows_it(
     measure_stream(config, CPU, torch.float32, scratch_dir=tmp_path, repeats=2, **options())
     assert events.count("pass") >= 2 * len(stream_mod.LAYER_COUNTS)
     assert events == (["evict", "pass"] * events.count("pass") if evicts else ["pass"] * len(events))
+
+
+def test_passes_are_timed_on_while_a_layers_figure_scatters(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Quiet passes settle after the minimum rounds; passes that scatter are timed until the layer's figure is known
+    to PRECISION, however short the minimum time."""
+    monkeypatch.setattr(stream_mod, "MIN_SECONDS", 0.0)
+    real_settled = stream_mod.settled
+
+    def rounds_taken(scatter: float) -> int:
+        """Rounds timed when one layer costs 1 s and each pass is off by up to `scatter` of a layer, either way."""
+        draw = random.Random(0)
+        checked: list[int] = []
+
+        def spy(few: list[float], many: list[float]) -> bool:
+            checked.append(len(few))
+            return real_settled(few, many)
+
+        monkeypatch.setattr(stream_mod._Truncated, "pass_seconds",
+                            lambda self: float(len(self.model.units) - 3) + draw.uniform(-scatter, scatter))
+        monkeypatch.setattr(stream_mod, "settled", spy)
+        times = measure_stream(small_layer_config(), CPU, torch.float32, scratch_dir=tmp_path, repeats=3, **options())
+        assert times.layer_s == pytest.approx(1.0, rel=3 * stream_mod.PRECISION)
+        return checked[-1]
+
+    assert rounds_taken(0.0) == 3
+    assert 3 < rounds_taken(0.5) < stream_mod.MAX_REPEATS
+    assert not real_settled([1.0, 1.5, 0.5], [3.0, 3.5, 2.5]), "three scattered rounds are not enough"
+    assert real_settled([1.0] * 3, [3.0] * 3)
