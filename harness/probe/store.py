@@ -291,7 +291,7 @@ def load_or_measure_stream(
     """`measure_stream` for these options (cache, compression, prefetch, kv_cache: their configs), cached beside the
     link rates per host, device, geometry (layer count included), dtype, options, batch, context, residency and
     verifying steps."""
-    # The layer count too: whether the probe evicts the device's caches depends on it (cache_evictor).
+    # The layer count too: how many bytes the probe writes to evict the device's caches depends on it (cache_evictor).
     geometry = _layer_geometry(config, "num_hidden_layers")
     key = {
         **geometry, "dtype": str(dtype).removeprefix("torch."), "batch": batch, "context": context,

@@ -219,14 +219,15 @@ class _Truncated:
 
 
 def cache_evictor(config: LlamaConfig, device: torch.device) -> Callable[[], None] | None:
-    """What runs before each of the probe's passes. A run whose decoder layers together outgrow the device's
-    last-level cache finds each layer's weights uncached when its turn comes, while the truncated models' few layers,
-    computed pass after pass, would stay cached: writing a buffer twice that cache's size evicts them first. A model
-    that fits whole is left cached, as its own passes find it (None: nothing to run)."""
-    cache_bytes = last_level_cache_bytes(device)
-    if config.num_hidden_layers * decoded_bytes(config, ["layers.0"]) <= cache_bytes:
+    """What runs before each of the probe's passes. Between two uses of one decoder layer's weights a run computes
+    every other layer, while the truncated models' few layers, computed pass after pass, would find theirs still in
+    the device's caches. Writing as many bytes as the run's other layers decode to puts the probe's layers where the
+    run's are, whatever the caches' size and whoever else shares them (at most twice the last-level cache, which
+    evicts it all). None where the run has no other layer."""
+    other_bytes = (config.num_hidden_layers - 1) * decoded_bytes(config, ["layers.0"])
+    if other_bytes <= 0:
         return None
-    buffer = torch.empty(2 * cache_bytes, dtype=torch.uint8, device=device)
+    buffer = torch.empty(min(other_bytes, 2 * last_level_cache_bytes(device)), dtype=torch.uint8, device=device)
 
     def evict() -> None:
         buffer.fill_(0)

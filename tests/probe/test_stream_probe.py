@@ -201,29 +201,33 @@ def test_a_damaged_stream_cache_is_measured_again(tmp_path: Path, monkeypatch: p
     assert count.calls == 2
 
 
-@pytest.mark.parametrize(("layers", "evicts"), [(4, False), (64, True)], ids=["fits", "outgrows"])
-def test_the_probe_evicts_the_device_cache_only_where_a_run_outgrows_it(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, layers: int, evicts: bool
+@pytest.mark.parametrize(
+    ("layers", "cache_layers", "evicted_layers"), [(1, 8, 0), (4, 8, 3), (64, 8, 16)],
+    ids=["no-other-layer", "the-run's-other-layers", "twice-the-cache"],
+)
+def test_each_pass_follows_a_write_as_large_as_the_runs_other_layers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, layers: int, cache_layers: int, evicted_layers: int
 ) -> None:
-    """A run whose decoder layers together outgrow the last-level cache computes each layer uncached, so the probe
-    writes a buffer twice that cache's size before each pass; a model that fits whole is left cached."""
+    """A run computes every other decoder layer between two turns of one, so before each pass the probe writes as
+    many bytes as those layers decode to, at most twice the last-level cache; a one-layer model writes nothing."""
     config = small_layer_config()
     config.num_hidden_layers = layers
-    cache_bytes = 8 * decoded_bytes(config, ["layers.0"])
-    monkeypatch.setattr(stream_mod, "last_level_cache_bytes", lambda device: cache_bytes)
+    layer_bytes = decoded_bytes(config, ["layers.0"])
+    monkeypatch.setattr(stream_mod, "last_level_cache_bytes", lambda device: cache_layers * layer_bytes)
     events: list[str] = []
     fill, passes = torch.Tensor.fill_, stream_mod._Truncated.pass_seconds
 
     def spy_fill(tensor: torch.Tensor, value: Any) -> torch.Tensor:
-        if tensor.dtype == torch.uint8 and tensor.numel() == 2 * cache_bytes:
-            events.append("evict")
+        if tensor.dtype == torch.uint8:
+            events.append(f"evict {tensor.numel() / layer_bytes:g}")
         return fill(tensor, value)
 
     monkeypatch.setattr(torch.Tensor, "fill_", spy_fill)
     monkeypatch.setattr(stream_mod._Truncated, "pass_seconds", lambda self: events.append("pass") or passes(self))
     measure_stream(config, CPU, torch.float32, scratch_dir=tmp_path, repeats=2, **options())
     assert events.count("pass") >= 2 * len(stream_mod.LAYER_COUNTS)
-    assert events == (["evict", "pass"] * events.count("pass") if evicts else ["pass"] * len(events))
+    before_each = [f"evict {evicted_layers}"] if evicted_layers else []
+    assert events == [*before_each, "pass"] * events.count("pass")
 
 
 def test_passes_are_timed_on_while_a_layers_figure_scatters(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
