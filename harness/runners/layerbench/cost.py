@@ -130,8 +130,8 @@ class SpeculativeCost:
     draft_step_s: float  # one step of the resident draft, one sequence
     k: int
     sequences: int  # each sequence drafts on its own
-    draft_prefill_s: float = 0.0  # the draft's first call, over the prompt and the first token, one sequence
-    new_tokens: int = 2  # a sequence's generated tokens: the prefill is spread over the gaps between them
+    draft_prefill_s: float  # the draft's first call, over the prompt and the first token, one sequence
+    new_tokens: int  # a sequence's generated tokens: the prefill is spread over the gaps between them
 
     @property
     def round_s(self) -> float:
