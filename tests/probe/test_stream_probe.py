@@ -1,7 +1,7 @@
 """harness.probe.stream: a streamed layer's cost is measured through the real pipeline and pass (the run's cache,
-codec, prefetcher, KV cache and residency) as the difference between truncated models, with the device's cache
-evicted before each pass where a run's layers outgrow it; its layer files are written once per codec; and it is
-cached per options, re-measured when stale or old."""
+codec, prefetcher, KV cache and residency) as the difference between truncated models, each pass after a write as
+large as a run's other layers, timed until the figure settles; its layer files are written once per codec; and it
+is cached per options, re-measured when stale or old."""
 
 from __future__ import annotations
 
@@ -203,7 +203,7 @@ def test_a_damaged_stream_cache_is_measured_again(tmp_path: Path, monkeypatch: p
 
 @pytest.mark.parametrize(
     ("layers", "cache_layers", "evicted_layers"), [(1, 8, 0), (4, 8, 3), (64, 8, 16)],
-    ids=["no-other-layer", "the-run's-other-layers", "twice-the-cache"],
+    ids=["no-other-layer", "other-layers", "twice-the-cache"],
 )
 def test_each_pass_follows_a_write_as_large_as_the_runs_other_layers(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, layers: int, cache_layers: int, evicted_layers: int
