@@ -123,11 +123,34 @@ def mark_stale(device: torch.device, cache_dir: Path, reason: str) -> list[Path]
     # Not the stream probe's files: they price the plan, not the floor, and cost a pipeline's passes to redo.
     cached = [cache_path(device, cache_dir), *Path(cache_dir).glob(f"{prefix}-layer-*.json"),
               *Path(cache_dir).glob(f"{prefix}-head-*.json")]
-    marked = [path for path in cached if path.is_file()]
-    for path in marked:
+    return _mark([path for path in cached if path.is_file()], reason)
+
+
+def mark_stream_stale(
+    device: torch.device, cache_dir: Path, reason: str, config: LlamaConfig, options: dict[str, object]
+) -> list[Path]:
+    """Mark stale the stream probe's files of this host and `device` for `config`'s geometry and these options
+    (cache, compression, prefetch, kv_cache: their configs), in every batch, context, residency and verifying form:
+    what priced a plan that a run then contradicted. Returns the files marked."""
+    chosen = {group: asdict(option) for group, option in options.items()}  # type: ignore[call-overload]
+    wanted = json.loads(json.dumps({**_layer_geometry(config, "num_hidden_layers"), **chosen}, default=str))
+    matching = []
+    for path in Path(cache_dir).glob(f"{glob.escape(_host_device(device))}-stream-*.json"):
+        try:
+            key = json.loads(path.read_text(encoding="utf-8")).get("key")
+        except (OSError, ValueError, AttributeError):
+            continue  # unreadable: the next load re-measures it anyway
+        if isinstance(key, dict) and all(key.get(name) == value for name, value in wanted.items()):
+            matching.append(path)
+    return _mark(matching, reason)
+
+
+def _mark(paths: list[Path], reason: str) -> list[Path]:
+    """Write each path's stale mark, holding `reason`."""
+    for path in paths:
         write_atomic(_stale_mark(path), (reason.strip() + "\n").encode("utf-8"))
         logger.info("marked %s stale: the next run measures it again", path.name)
-    return marked
+    return paths
 
 
 def load_or_measure(

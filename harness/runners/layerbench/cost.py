@@ -58,6 +58,11 @@ def _context(setup: Setup, cfg: Config) -> int:
     return context_positions(max(len(p) for p in setup.prompts), cfg.workload.max_new_tokens)
 
 
+def stream_options(cfg: Config) -> dict[str, object]:
+    """The options the stream probe measures a run's layers under, by group."""
+    return {"cache": cfg.cache, "compression": cfg.compression, "prefetch": cfg.prefetch, "kv_cache": cfg.kv_cache}
+
+
 def _freshness(cfg: Config) -> tuple[bool, float]:
     """The probe cache's `refresh` and `max_age_s`, as `cfg.probe` sets them."""
     return cfg.probe.refresh, cfg.probe.max_age_days * 86400
@@ -93,7 +98,7 @@ def token_cost(
     probes gave (for that many rows). `steps` > 1: speculative decoding's verifying pass, which scores that many
     positions a sequence as `decoding.verify` says."""
     config, device = setup.config, setup.device
-    options = {"cache": cfg.cache, "compression": cfg.compression, "prefetch": cfg.prefetch, "kv_cache": cfg.kv_cache}
+    options = stream_options(cfg)
     context = _context(setup, cfg)
     batch = len(setup.prompts)
     refresh, max_age_s = _freshness(cfg)

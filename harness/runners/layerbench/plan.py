@@ -15,6 +15,21 @@ from harness.runners.layerbench.cost import SpeculativeCost, TokenCost, speculat
 from harness.runners.layerbench.floor import link_floor, pass_seq_len
 from harness.runners.layerbench.setup import Setup
 
+# A run off its plan's prediction by more than this share, either way, contradicts the stream probes that priced
+# it: the cost model's aim (docs/cost-model.md).
+PLAN_TOLERANCE = 0.15
+
+
+def missed_plan(tpot_s: float | None, predicted_s: float) -> str | None:
+    """What is wrong when the per-token time is off the plan's prediction by more than PLAN_TOLERANCE; else None."""
+    if tpot_s is None or predicted_s <= 0 or abs(tpot_s / predicted_s - 1) <= PLAN_TOLERANCE:
+        return None
+    return (
+        f"per token {format_metric('tpot_s', tpot_s)} is {tpot_s / predicted_s:.2f}x the plan's "
+        f"{format_metric('plan_predicted_s', predicted_s)} (more than {PLAN_TOLERANCE:.0%} off): the stream probes "
+        "that priced it will be re-measured on the next run"
+    )
+
 
 @dataclass
 class Plan:

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import torch
 from fake_probes import cpu_rates
-from transformers import LlamaConfig
+from fake_runner import fake_runner, fake_setup
 
 from harness.config_planning import ProbeConfig
 from harness.measurement.run_report import RunReport
@@ -24,24 +24,6 @@ from harness.runners.layerbench.floor import FLOOR_TOLERANCE, beaten_floor, floo
 from strategies.cache.configs import CacheConfig
 
 CPU = torch.device("cpu")
-
-
-def _setup(recomputes_sequence: bool = False, draft: object | None = None) -> SimpleNamespace:
-    """The parts of a Setup the floor and `annotate` read, without a checkpoint."""
-    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
-                         num_key_value_heads=1, head_dim=32, vocab_size=128, dtype="bfloat16")
-    return SimpleNamespace(
-        device=CPU,
-        config=config,
-        model=SimpleNamespace(kv_policy=SimpleNamespace(recomputes_sequence=recomputes_sequence), graphs=None),
-        pipeline=SimpleNamespace(codec=SimpleNamespace(bits=None), cache=SimpleNamespace(bytes_held=0)),
-        residency=SimpleNamespace(units=[], bytes=0, metrics=lambda layers: {}),
-        split_metrics=lambda: {},
-        layout=SimpleNamespace(dir=Path("split")),
-        split_stats=SimpleNamespace(fresh=False),
-        draft=draft,
-        planned_device_bytes=0,
-    )
 
 
 class _Spy:
@@ -68,7 +50,7 @@ def test_floor_metrics_prices_the_batch_as_its_sequences(
     monkeypatch.setattr(layerbench_floor, "load_or_measure_head_compute_s", head)
     report = RunReport(tpot_s=1.0, prompt_tokens=12, new_tokens=4, read_bytes_per_pass=0.0, h2d_bytes_per_pass=0.0,
                        decode_bytes_per_pass=0.0)
-    metrics, _ = floor_metrics(_setup(recomputes), ProbeConfig(), CacheConfig(), 10000, report, tmp_path)
+    metrics, _ = floor_metrics(fake_setup(recomputes), ProbeConfig(), CacheConfig(), 10000, report, tmp_path)
     (layer_call,) = layer.calls
     # Each sequence's own positions, and the batch beside them: not one sequence 10000 times longer.
     assert layer_call["args"][0] == seq_len and layer_call["batch"] == 10000
@@ -95,18 +77,6 @@ def test_a_time_within_the_tolerance_or_above_the_floor_is_no_warning(tpot_s: fl
     assert beaten_floor(0.001, None) is None
 
 
-def _runner(setup: SimpleNamespace, outputs_dir: Path) -> layerbench_runner.LayerbenchRunner:
-    """A LayerbenchRunner as `load` leaves it, on a fake setup: `annotate` is what is under test."""
-    runner = object.__new__(layerbench_runner.LayerbenchRunner)
-    runner.cfg = SimpleNamespace(probe=ProbeConfig(), cache=CacheConfig(), workload=SimpleNamespace(batch_size=1))
-    runner.outputs_dir = outputs_dir
-    runner.setup = setup
-    runner.own_links = {}
-    runner.plan = None
-    runner.vram = SimpleNamespace(enforced=False)
-    return runner
-
-
 def _annotate(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, tpot_s: float, draft: object | None = None
               ) -> tuple[dict[str, str], Path]:
     """`annotate` of a run with `tpot_s` against a 0.02 s floor, with this host's probe caches in place."""
@@ -116,7 +86,7 @@ def _annotate(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, tpot_s: float, dr
     probe_dir = tmp_path / "probe"
     probe_dir.mkdir()
     store.cache_path(CPU, probe_dir).write_text("{}")
-    runner = _runner(_setup(draft=draft), tmp_path)
+    runner = fake_runner(fake_setup(draft=draft), tmp_path)
     assert runner.probe_dir == probe_dir
     return runner.annotate(RunReport(tpot_s=tpot_s), SimpleNamespace()), store.cache_path(CPU, probe_dir)
 

@@ -1,0 +1,94 @@
+"""runner=layerbench's plan check: a run off its plan's prediction by more than PLAN_TOLERANCE, either way, is
+tagged `warning.plan` (both numbers), logged, and leaves the stream probes that priced its options marked stale,
+so the next run measures them again; a run within the tolerance leaves them as they are."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from fake_runner import CPU, fake_runner, fake_setup
+
+from harness.measurement.run_report import RunReport
+from harness.measurement.units import format_metric
+from harness.probe import store
+from harness.probe.stream import StreamTimes
+from harness.runners.layerbench import runner as layerbench_runner
+from harness.runners.layerbench.cost import TokenCost, stream_options
+from harness.runners.layerbench.plan import PLAN_TOLERANCE, Plan, missed_plan
+from strategies.compression.configs import Blockwise4bitConfig
+
+PREDICTED_S = 0.02
+
+
+def _stream_file(probe_dir: Path, config: object, options: dict[str, object], **form: object) -> Path:
+    """A stream probe cache file for `options` (and `form`: resident, batch, ...), written as a run's plan would."""
+    before = set(probe_dir.glob("*-stream-*.json"))
+    store.load_or_measure_stream(config, CPU, config.dtype, probe_dir, options=options, **form)  # type: ignore[attr-defined]
+    (written,) = set(probe_dir.glob("*-stream-*.json")) - before
+    return written
+
+
+def _stale(path: Path) -> bool:
+    return path.with_name(path.name + store.STALE_SUFFIX).exists()
+
+
+@pytest.fixture
+def probed(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> SimpleNamespace:
+    """A runner planned at PREDICTED_S, and stream files of its options (streamed and resident) and of another
+    codec's, in its probe folder."""
+    monkeypatch.setattr(store, "measure_stream", lambda *args, **kwargs: StreamTimes(layer_s=0.01, pass_s=0.0))
+    monkeypatch.setattr(layerbench_runner, "floor_metrics", lambda *args: ({}, {}))
+    monkeypatch.setattr(layerbench_runner, "read_metrics", lambda *args: {})
+    monkeypatch.setattr(layerbench_runner, "check_floor", lambda *args: None)
+    plan = Plan([], ["layers.0", "layers.1"], 0.0, 0.0, TokenCost(0.0, PREDICTED_S, 0.0, 0.0), "compute")
+    setup = fake_setup()
+    runner = fake_runner(setup, tmp_path, plan)
+    runner.probe_dir.mkdir(parents=True)
+    options = stream_options(runner.cfg)
+    return SimpleNamespace(
+        runner=runner,
+        own=[_stream_file(runner.probe_dir, setup.config, options, resident=r) for r in (False, True)],
+        other=_stream_file(runner.probe_dir, setup.config, {**options, "compression": Blockwise4bitConfig()}),
+    )
+
+
+@pytest.mark.parametrize("ratio", [1 + 1.5 * PLAN_TOLERANCE, 1 - 1.5 * PLAN_TOLERANCE], ids=["slower", "faster"])
+def test_a_run_off_its_plan_is_tagged_logged_and_its_options_reprobed(
+    probed: SimpleNamespace, caplog: pytest.LogCaptureFixture, ratio: float
+) -> None:
+    with caplog.at_level(logging.WARNING, logger=layerbench_runner.__name__):
+        tags = probed.runner.annotate(RunReport(tpot_s=PREDICTED_S * ratio), SimpleNamespace())
+    warning = tags["warning.plan"]
+    assert format_metric("tpot_s", PREDICTED_S * ratio) in warning
+    assert format_metric("plan_predicted_s", PREDICTED_S) in warning and f"{ratio:.2f}x" in warning
+    assert warning in caplog.text
+    assert all(_stale(path) for path in probed.own)
+    assert not _stale(probed.other), "another codec's probe priced no part of this plan"
+
+
+def test_a_run_within_the_tolerance_of_its_plan_keeps_its_probes(probed: SimpleNamespace) -> None:
+    tags = probed.runner.annotate(RunReport(tpot_s=PREDICTED_S * (1 + 0.9 * PLAN_TOLERANCE)), SimpleNamespace())
+    assert "warning.plan" not in tags
+    assert not any(_stale(path) for path in [*probed.own, probed.other])
+
+
+def test_a_reprobed_stream_file_is_measured_again_once(
+    probed: SimpleNamespace, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    probed.runner.annotate(RunReport(tpot_s=2 * PREDICTED_S), SimpleNamespace())
+    calls: list[object] = []
+    monkeypatch.setattr(store, "measure_stream", lambda *a, **k: calls.append(k) or StreamTimes(0.03, 0.0))
+    setup, options = probed.runner.setup, stream_options(probed.runner.cfg)
+    for _ in range(2):
+        times = store.load_or_measure_stream(setup.config, CPU, setup.config.dtype, probed.runner.probe_dir,
+                                             options=options)
+    assert len(calls) == 1 and times.layer_s == 0.03
+    assert not _stale(probed.own[0])
+
+
+def test_no_time_or_no_prediction_is_no_plan_warning() -> None:
+    assert missed_plan(None, PREDICTED_S) is None
+    assert missed_plan(PREDICTED_S, 0.0) is None
