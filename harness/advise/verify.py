@@ -93,13 +93,27 @@ def collect(
     return parent, verified
 
 
+# Up to this many picks, Spearman's p-value is counted over every pairing of the measured times with the predicted
+# (8! = 40320): the t-distribution scipy's spearmanr otherwise uses is an approximation for large samples, and a
+# perfect ranking of five picks gets p ~ 1e-24 from it where the pairings give 2/120.
+EXACT_UP_TO = 8
+
+
 def spearman(verified: Sequence[Verified]) -> tuple[float, float] | None:
-    """Spearman's rank correlation between predicted and measured (and its p-value), over the picks measured;
-    None with fewer than three."""
-    from scipy.stats import spearmanr
+    """Spearman's rank correlation between predicted and measured, and its two-sided p-value (exact over every
+    pairing up to EXACT_UP_TO picks, scipy's large-sample approximation beyond), over the picks measured; None with
+    fewer than three."""
+    from scipy.stats import permutation_test, spearmanr
 
     pairs = [(v.priced.predicted_s, v.measured_s) for v in verified if v.measured_s is not None]
     if len(pairs) < 3:
         return None
-    result = spearmanr([p for p, _ in pairs], [m for _, m in pairs])
-    return float(result.statistic), float(result.pvalue)
+    predicted, measured = [p for p, _ in pairs], [m for _, m in pairs]
+    result = spearmanr(predicted, measured)
+    if len(pairs) > EXACT_UP_TO:
+        return float(result.statistic), float(result.pvalue)
+    exact = permutation_test(
+        (predicted, measured), lambda x, y: spearmanr(x, y).statistic, permutation_type="pairings",
+        n_resamples=float("inf"), alternative="two-sided",
+    )
+    return float(result.statistic), float(exact.pvalue)
