@@ -132,8 +132,7 @@ def mark_stream_stale(
     """Mark stale the stream probe's files of this host and `device` for `config`'s geometry and these options
     (cache, compression, prefetch, kv_cache: their configs), in every batch, context, residency and verifying form:
     what priced a plan that a run then contradicted. Returns the files marked."""
-    chosen = {group: asdict(option) for group, option in options.items()}  # type: ignore[call-overload]
-    wanted = json.loads(json.dumps({**_layer_geometry(config, "num_hidden_layers"), **chosen}, default=str))
+    wanted = json.loads(json.dumps(_stream_options_key(config, options), default=str))  # as files hold it
     matching = []
     for path in Path(cache_dir).glob(f"{glob.escape(_host_device(device))}-stream-*.json"):
         try:
@@ -306,6 +305,14 @@ def load_or_measure_head_compute_s(
     )
 
 
+def _stream_options_key(config: LlamaConfig, options: dict[str, object]) -> dict[str, object]:
+    """The part of a stream probe's key that a run's geometry and options decide, whatever its batch, context and
+    residency. The layer count too: how many bytes the probe writes to evict the device's caches depends on it
+    (cache_evictor)."""
+    chosen = {group: asdict(option) for group, option in sorted(options.items())}  # type: ignore[call-overload]
+    return {**_layer_geometry(config, "num_hidden_layers"), **chosen}
+
+
 def load_or_measure_stream(
     config: LlamaConfig, device: torch.device, dtype: torch.dtype, cache_dir: Path, refresh: bool = False, *,
     options: dict[str, object], batch: int = 1, context: int = 8, resident: bool = False, steps: int = 1,
@@ -314,12 +321,9 @@ def load_or_measure_stream(
     """`measure_stream` for these options (cache, compression, prefetch, kv_cache: their configs), cached beside the
     link rates per host, device, geometry (layer count included), dtype, options, batch, context, residency and
     verifying steps."""
-    # The layer count too: how many bytes the probe writes to evict the device's caches depends on it (cache_evictor).
-    geometry = _layer_geometry(config, "num_hidden_layers")
     key = {
-        **geometry, "dtype": str(dtype).removeprefix("torch."), "batch": batch, "context": context,
-        "resident": resident, **{group: asdict(option) for group, option in sorted(options.items())},  # type: ignore[call-overload]
-        **({"steps": steps, "verify": verify} if steps > 1 else {}),
+        **_stream_options_key(config, options), "dtype": str(dtype).removeprefix("torch."), "batch": batch,
+        "context": context, "resident": resident, **({"steps": steps, "verify": verify} if steps > 1 else {}),
     }
     digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
     path = Path(cache_dir) / f"{_host_device(device)}-stream-{digest}.json"
