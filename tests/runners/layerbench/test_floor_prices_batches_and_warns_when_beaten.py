@@ -9,9 +9,8 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-import torch
 from fake_probes import cpu_rates
-from fake_runner import fake_runner, fake_setup
+from fake_runner import CPU, fake_runner, fake_setup
 
 from harness.config_planning import ProbeConfig
 from harness.measurement.run_report import RunReport
@@ -22,8 +21,6 @@ from harness.runners.layerbench import floor as layerbench_floor
 from harness.runners.layerbench import runner as layerbench_runner
 from harness.runners.layerbench.floor import FLOOR_TOLERANCE, beaten_floor, floor_metrics
 from strategies.cache.configs import CacheConfig
-
-CPU = torch.device("cpu")
 
 
 class _Spy:
