@@ -115,6 +115,8 @@ class LayerbenchRunner(Runner):
                 tags["warning.plan"] = missed
                 log.warning(missed)
                 mark_stream_stale(setup.device, self.probe_dir, missed, setup.config, stream_options(cfg))
+                if (draft := setup.draft) is not None:  # the draft's steps are priced by probes of its own
+                    mark_stream_stale(setup.device, self.probe_dir, missed, draft.model.config, draft.options)
             tags["plan"] = plan.describe(setup.residency.bytes)
         if cfg.probe.enabled:
             report.add(read_metrics(setup, cfg.cache, report))  # first: a cold run's disk floor uses its plain read

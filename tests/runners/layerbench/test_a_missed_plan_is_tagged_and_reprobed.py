@@ -1,9 +1,10 @@
 """runner=layerbench's plan check: a run off its plan's prediction by more than PLAN_TOLERANCE, either way, is
-tagged `warning.plan` (both numbers), logged, and leaves the stream probes that priced its options marked stale,
-so the next run measures them again; a run within the tolerance leaves them as they are."""
+tagged `warning.plan` (both numbers), logged, and leaves the stream probes that priced its options (and its
+draft's) marked stale, so the next run measures them again; a run within the tolerance leaves them as they are."""
 
 from __future__ import annotations
 
+import copy
 import logging
 from pathlib import Path
 from types import SimpleNamespace
@@ -67,6 +68,21 @@ def test_a_run_off_its_plan_is_tagged_logged_and_its_options_reprobed(
     assert warning in caplog.text
     assert all(_stale(path) for path in probed.own)
     assert not _stale(probed.other), "another codec's probe priced no part of this plan"
+
+
+def test_a_speculative_run_off_its_plan_reprobes_its_drafts_options_too(probed: SimpleNamespace) -> None:
+    """A speculative plan prices the draft's steps with the draft's own stream probes: a miss re-measures them."""
+    draft_config = copy.deepcopy(probed.runner.setup.config)
+    draft_config.num_hidden_layers = 1
+    draft_options = {**stream_options(probed.runner.cfg), "compression": Blockwise4bitConfig()}
+    draft_file = _stream_file(probed.runner.probe_dir, draft_config, draft_options, resident=True)
+    probed.runner.setup.draft = SimpleNamespace(
+        model=SimpleNamespace(config=draft_config), options=draft_options, bytes=0, name="draft", decoded_once=True,
+    )
+    tags = probed.runner.annotate(RunReport(tpot_s=2 * PREDICTED_S), SimpleNamespace())
+    assert "warning.plan" in tags
+    assert _stale(draft_file) and all(_stale(path) for path in probed.own)
+    assert not _stale(probed.other), "the target's geometry with another codec priced nothing"
 
 
 def test_a_run_within_the_tolerance_of_its_plan_keeps_its_probes(probed: SimpleNamespace) -> None:
