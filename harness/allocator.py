@@ -3,9 +3,14 @@
 glibc's malloc serves every allocation over 32 MiB (a 1B layer's MLP weight in bfloat16 is exactly that) with a
 fresh mmap and unmaps it on free, so each decoded layer, each pass, pays a page fault for every 4 KiB it writes,
 at whatever the kernel charges for one at the time. `reuse`
-turns mmap and heap trimming off and keeps one arena, so freed blocks are reused in place, and the prefetch worker
-and the compute share one heap (two heaps each keep their own, and the peak grows). The heap keeps what it grows
-to (its free pages are handed back, its address space is not), so the policy holds for a job and is undone after.
+turns mmap and heap trimming off, so freed blocks are reused in place. The heap keeps what it grows to (its free
+pages are handed back, its address space is not), so the policy holds for a job and is undone after.
+
+Every thread allocates from one arena, whatever the policy (`one_arena`, at import), so the prefetch worker
+decodes into the heap the compute frees into, as it does in every process. glibc fixes its arena limit the first
+time a thread needs an arena: an arena made before (by a library's thread started at its import, as MLflow's
+pyarrow does in a sweep) is handed to a later thread in turn, and the stream probe's passes changed with it
+(docs/findings.md). So it is set before any other import.
 """
 
 from __future__ import annotations
@@ -21,10 +26,10 @@ _M_MMAP_MAX = -4
 _M_ARENA_MAX = -8
 # bench.host_malloc's options.
 POLICIES = ("reuse", "glibc")
-# No mmap for big blocks; the heap's top never given back (up to the most mallopt takes); one arena.
-_REUSE = ((_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 2**31 - 1), (_M_ARENA_MAX, 1))
-# glibc's defaults (mallopt(3)); arena count 0: glibc's own, by core count.
-_GLIBC = ((_M_MMAP_MAX, 65536), (_M_TRIM_THRESHOLD, 128 * 1024), (_M_ARENA_MAX, 0))
+# No mmap for big blocks; the heap's top never given back (up to the most mallopt takes).
+_REUSE = ((_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 2**31 - 1))
+# glibc's defaults (mallopt(3)), but for the arenas (one_arena).
+_GLIBC = ((_M_MMAP_MAX, 65536), (_M_TRIM_THRESHOLD, 128 * 1024))
 
 
 def _glibc() -> ctypes.CDLL | None:
@@ -36,6 +41,15 @@ def _glibc() -> ctypes.CDLL | None:
 
 
 _LIBC = _glibc()
+
+
+def one_arena() -> None:
+    """Every thread of this process allocates from the main arena: glibc fixes its arena limit the first time a
+    thread needs one, so this holds for the process once set before any thread has allocated."""
+    if _LIBC is not None:
+        _LIBC.mallopt(_M_ARENA_MAX, 1)
+
+
 # The policy in force: what the probes measured under goes into their cache's key.
 current = "glibc"
 

@@ -99,6 +99,8 @@ def _start_ray(config: DictConfig, env: dict[str, str]) -> None:
     - `env` (the parent's id) must reach every job, on this machine or a cluster's others, where a file in
       the sweep folder reaches only a shared filesystem: Ray's runtime_env carries it (the user's own
       runtime_env variables are kept);
+    - Ray's workers import Ray (and its threads) before harness, too late for `one_arena`: the environment sets
+      glibc's arena limit as each worker starts (MALLOC_ARENA_MAX; a user's own value is kept);
     - Ray's driver replaces the SIGTERM handler with one that aborts the process, which would leave the
       parent RUNNING: the handlers in place before are put back.
 
@@ -113,7 +115,7 @@ def _start_ray(config: DictConfig, env: dict[str, str]) -> None:
         ray.shutdown()  # an earlier sweep's in this process: its runtime_env names the other parent
     init = OmegaConf.to_container(config.hydra.launcher.ray.init, resolve=True)
     runtime_env = dict(init.pop("runtime_env", None) or {})
-    runtime_env["env_vars"] = {**env, **(runtime_env.get("env_vars") or {})}
+    runtime_env["env_vars"] = {"MALLOC_ARENA_MAX": "1", **env, **(runtime_env.get("env_vars") or {})}
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
     ray.init(runtime_env=runtime_env, **init)
     for sig, handler in handlers.items():

@@ -1,6 +1,7 @@
 """harness.allocator: with bench.host_malloc=reuse, a layer's worth of memory allocated, written and freed each pass
-faults its pages in once, not every pass as under glibc's defaults; glibc's defaults return after the job; and
-the probes cache what they measured under each policy apart. Counted in page faults, not seconds."""
+faults its pages in once, not every pass as under glibc's defaults; glibc's defaults return after the job; the
+probes cache what they measured under each policy apart; and every thread shares one arena from the moment
+harness is imported. Counted in page faults and arenas, not seconds."""
 
 from __future__ import annotations
 
@@ -49,6 +50,35 @@ def test_a_pass_reuses_what_the_last_freed_and_glibcs_defaults_return_after() ->
     # A pass writes about 200 MiB: under glibc's defaults each pass faults most of its pages in again.
     assert after > 100_000, "glibc's defaults map a big block afresh each time"
     assert reused < after / 5, "a pass faulted its blocks in again"
+
+
+# Threads that allocate (as a library's threads do at its import, and the prefetch worker later), under each
+# policy; malloc_stats then prints one "Arena N:" block per arena to stderr.
+THREADS = """
+import ctypes
+import threading
+import harness
+from harness.allocator import host_malloc
+def allocate():
+    blocks = [bytearray(1 << 20) for _ in range(4)]
+def in_threads():
+    for thread in [threading.Thread(target=allocate) for _ in range(3)]:
+        thread.start()
+        thread.join()
+in_threads()
+for policy in ("reuse", "glibc"):
+    with host_malloc(policy):
+        in_threads()
+ctypes.CDLL(None).malloc_stats()
+"""
+
+
+@pytest.mark.skipif(allocator._LIBC is None, reason="glibc's malloc only")
+def test_every_thread_allocates_from_one_arena_once_harness_is_imported() -> None:
+    err = subprocess.run([sys.executable, "-c", THREADS], env={"PYTHONPATH": str(ROOT), "PATH": ""},
+                         capture_output=True, text=True, timeout=120, check=True).stderr
+    arenas = [line for line in err.splitlines() if line.startswith("Arena ")]
+    assert arenas == ["Arena 0:"], "a thread was given an arena of its own"
 
 
 def test_a_policy_holds_for_its_block_and_names_the_probes_cache(tmp_path: Path) -> None:

@@ -1,5 +1,5 @@
-"""hydra/launcher=ray: Ray jobs get the parent run through their runtime env and SIGTERM stays the harness's;
-a missing Ray launcher is named with what to install."""
+"""hydra/launcher=ray: Ray jobs get the parent run and one malloc arena through their runtime env, and SIGTERM
+stays the harness's; a missing Ray launcher is named with what to install."""
 
 from __future__ import annotations
 
@@ -41,7 +41,9 @@ def test_ray_jobs_get_the_parent_through_runtime_env_and_sigterm_stays_ours(monk
     finally:
         signal.signal(signal.SIGTERM, previous)
     (kwargs,) = calls
-    assert kwargs["runtime_env"] == {"env_vars": {"LAYERBENCH_PARENT_RUN_ID": "abc", "HF_HOME": "/data", "X": "mine"}}
+    assert kwargs["runtime_env"] == {"env_vars": {
+        "MALLOC_ARENA_MAX": "1", "LAYERBENCH_PARENT_RUN_ID": "abc", "HF_HOME": "/data", "X": "mine"
+    }}
     # The plugin's own object-store size is not passed: ray.init refuses any when it joins a running cluster.
     assert {k: v for k, v in kwargs.items() if k != "runtime_env"} == {"address": "ray://head:10001", "num_cpus": 2}
 
