@@ -2,9 +2,9 @@
 
 glibc's malloc serves every allocation over 32 MiB (a 1B layer's MLP weight in bfloat16 is exactly that) with a
 fresh mmap and unmaps it on free, so each decoded layer, each pass, pays a page fault for every 4 KiB it writes,
-at whatever the kernel charges for one at the time. `reuse`
-turns mmap and heap trimming off, so freed blocks are reused in place. The heap keeps what it grows to (its free
-pages are handed back, its address space is not), so the policy holds for a job and is undone after.
+at whatever the kernel charges for one at the time. `reuse` turns mmap and heap trimming off, so freed blocks are
+reused in place. The heap keeps what it grows to (its free pages are handed back, its address space is not), so
+the policy holds for a job and is undone after.
 
 Every thread allocates from one arena, whatever the policy (`one_arena`, at import), so the prefetch worker
 decodes into the heap the compute frees into, as it does in every process. glibc fixes its arena limit the first

@@ -60,7 +60,7 @@ import threading
 import harness
 from harness.allocator import host_malloc
 def allocate():
-    blocks = [bytearray(1 << 20) for _ in range(4)]
+    [bytearray(1 << 20) for _ in range(4)]
 def in_threads():
     for thread in [threading.Thread(target=allocate) for _ in range(3)]:
         thread.start()
