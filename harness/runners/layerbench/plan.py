@@ -11,7 +11,14 @@ from pathlib import Path
 from harness.config import Config
 from harness.measurement.units import format_metric
 from harness.measurement.vram import decoded_bytes
-from harness.runners.layerbench.cost import SpeculativeCost, TokenCost, speculative_cost, token_cost
+from harness.probe.store import mark_stream_stale
+from harness.runners.layerbench.cost import (
+    SpeculativeCost,
+    TokenCost,
+    speculative_cost,
+    stream_options,
+    token_cost,
+)
 from harness.runners.layerbench.floor import link_floor, pass_seq_len
 from harness.runners.layerbench.setup import Setup
 
@@ -29,6 +36,18 @@ def missed_plan(tpot_s: float | None, predicted_s: float) -> str | None:
         f"{format_metric('plan_predicted_s', predicted_s)} (more than {PLAN_TOLERANCE:.0%} off): the stream probes "
         "that priced it will be re-measured on the next run"
     )
+
+
+def check_plan(setup: Setup, cfg: Config, tpot_s: float | None, predicted_s: float, probe_dir: Path) -> str | None:
+    """`missed_plan` for this run; when missed, the stream probes that priced the plan (its options', and the
+    draft's, whose steps a speculative plan prices with probes of their own) are marked stale, so the next run
+    measures them again."""
+    problem = missed_plan(tpot_s, predicted_s)
+    if problem is not None:
+        mark_stream_stale(setup.device, probe_dir, problem, setup.config, stream_options(cfg))
+        if (draft := setup.draft) is not None:
+            mark_stream_stale(setup.device, probe_dir, problem, draft.model.config, draft.options)
+    return problem
 
 
 @dataclass

@@ -20,11 +20,9 @@ from rich.text import Text
 from harness.measurement.plots import plot_pass
 from harness.measurement.timeline import CROSSCHECK_TOLERANCE, per_pass, stage_metrics
 from harness.probe.floor import LINKS
-from harness.probe.store import mark_stream_stale
 from harness.runners.base import Runner
-from harness.runners.layerbench.cost import stream_options
 from harness.runners.layerbench.floor import check_floor, floor_metrics, kept_mapping_metrics, read_metrics
-from harness.runners.layerbench.plan import Plan, make_plan, missed_plan
+from harness.runners.layerbench.plan import Plan, check_plan, make_plan
 from harness.runners.layerbench.quality import compression_quality, kv_quality
 from harness.runners.layerbench.setup import Setup, build_setup, generate
 from harness.streaming.model import Generation
@@ -111,12 +109,9 @@ class LayerbenchRunner(Runner):
             report.add(plan.terms())
             if report.tpot_s is not None and plan.predicted_s > 0:
                 report.plan_ratio = report.tpot_s / plan.predicted_s
-            if (missed := missed_plan(report.tpot_s, plan.predicted_s)) is not None:
+            if (missed := check_plan(setup, cfg, report.tpot_s, plan.predicted_s, self.probe_dir)) is not None:
                 tags["warning.plan"] = missed
                 log.warning(missed)
-                mark_stream_stale(setup.device, self.probe_dir, missed, setup.config, stream_options(cfg))
-                if (draft := setup.draft) is not None:  # the draft's steps are priced by probes of its own
-                    mark_stream_stale(setup.device, self.probe_dir, missed, draft.model.config, draft.options)
             tags["plan"] = plan.describe(setup.residency.bytes)
         if cfg.probe.enabled:
             report.add(read_metrics(setup, cfg.cache, report))  # first: a cold run's disk floor uses its plain read
