@@ -26,7 +26,7 @@ from harness import allocator
 from harness.files import exclusive_lock, write_atomic
 from harness.probe.compute import measure_head_compute_s, measure_layer_compute_s
 from harness.probe.links import LinkRates, describe_device, device_tag, measure_link_rates
-from harness.probe.stream import StreamTimes, measure_stream
+from harness.probe.stream import LAYER_COUNTS, StreamTimes, measure_stream
 
 if TYPE_CHECKING:
     from transformers import LlamaConfig
@@ -320,10 +320,11 @@ def load_or_measure_stream(
 ) -> StreamTimes:
     """`measure_stream` for these options (cache, compression, prefetch, kv_cache: their configs), cached beside the
     link rates per host, device, geometry (layer count included), dtype, options, batch, context, residency and
-    verifying steps."""
+    verifying steps, and by the truncated models' layer counts (a figure taken from other counts is re-measured)."""
     key = {
         **_stream_options_key(config, options), "dtype": str(dtype).removeprefix("torch."), "batch": batch,
         "context": context, "resident": resident, **({"steps": steps, "verify": verify} if steps > 1 else {}),
+        "layer_counts": list(LAYER_COUNTS),
     }
     digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
     path = Path(cache_dir) / f"{_host_device(device)}-stream-{digest}.json"

@@ -6,10 +6,13 @@ and, with prefetch on, the worker competing with the compute for the cores and t
 slower than no prefetch at all. This probe measures them together: a
 StreamingModel of the run's geometry, cut to a few decoder layers and a tiny vocabulary, whose layers are copies of
 one synthetic layer file written with the run's codec, read by the run's cache, prefetcher and KV cache policy.
-Passes of two such models (1 and 3 layers) are timed in turn; their difference is what a decoder layer adds to a
+Passes of two such models (2 and 6 layers) are timed in turn; their difference is what a decoder layer adds to a
 pass (its fetch, decode and compute, as they overlap), and the rest is what a pass costs beside its layers. The
 interval between two layers' compute in one model would be cheaper to take, but it assumes the prefetch worker's
-overlap is steady from layer to layer, which the difference does not need.
+overlap is steady from layer to layer, which the difference does not need. Neither model has a single layer: a
+pass's first layers do not cost what its later ones do (with prefetch on, the second layer's fetch is the first to
+overlap a layer's compute; after the eviction, the pass's working set comes back into the caches), so the
+difference is taken past them, over four layers.
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ if TYPE_CHECKING:
     from strategies.prefetch.configs import PrefetchConfig
 
 # The truncated models' decoder layers: their difference in time, over their difference in count, is one layer's.
-LAYER_COUNTS = (1, 3)
+LAYER_COUNTS = (2, 6)
 LAYERS = max(LAYER_COUNTS)
 # The truncated models' vocabulary: small enough that the embedding and lm_head cost nothing beside a layer (the
 # run's own head is priced apart, by the head compute probe and the link rates).
