@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeGuard, TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import torch
 
@@ -62,11 +62,6 @@ def implausible(rates: LinkRates) -> list[str]:
     ]
 
 
-def _finite(value: object) -> TypeGuard[float]:
-    """Whether a value read back from JSON is a finite number (not a bool, which JSON's true would give)."""
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-
-
 def _rates_from_json(data: object) -> LinkRates:
     """A LinkRates from its JSON form; ValueError on anything else, so a damaged file is re-measured."""
     names = {f.name for f in fields(LinkRates)}
@@ -78,7 +73,7 @@ def _rates_from_json(data: object) -> LinkRates:
         elif value is None:
             ok = key in _OPTIONAL_RATES
         else:
-            ok = _finite(value) and value > 0
+            ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value > 0
         if not ok:
             raise ValueError(f"{key}={value!r} is not a valid value")
     rates = LinkRates(**{k: float(v) if isinstance(v, int) else v for k, v in data.items()})
@@ -92,7 +87,7 @@ def _valid_layer_compute(data: object, key: dict[str, object]) -> bool:
     if not isinstance(data, dict) or data.get("key") != key:
         return False
     seconds = data.get("layer_compute_s")
-    return _finite(seconds) and seconds > 0
+    return isinstance(seconds, int | float) and not isinstance(seconds, bool) and math.isfinite(seconds) and seconds > 0
 
 
 def _write_json(path: Path, data: object) -> None:
@@ -339,11 +334,10 @@ def load_or_measure_stream(
         if not isinstance(data, dict) or data.get("key") != key:
             return None
         values = [data.get(name) for name in ("layer_s", "pass_s")]
-        read = data.get("read_bytes_per_s")
-        if not all(_finite(v) for v in values) or not (read is None or _finite(read) and read > 0):
+        if not all(isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in values):
             return None
         layer_s, pass_s = (float(v) for v in values)  # type: ignore[arg-type]
-        return StreamTimes(layer_s, pass_s, read) if layer_s > 0 and pass_s >= 0 else None
+        return StreamTimes(layer_s, pass_s) if layer_s > 0 and pass_s >= 0 else None
 
     def measure() -> StreamTimes:
         return measure_stream(

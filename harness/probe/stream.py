@@ -66,9 +66,6 @@ class StreamTimes:
 
     layer_s: float  # what one streamed decoder layer adds to a pass: its fetch, decode and compute, as they overlap
     pass_s: float  # what a pass costs beside its decoder layers and its head: embedding, rope and mask, bookkeeping
-    # How fast the cache read the layers' files: their bytes over the read stage's seconds, in the timed passes. None
-    # where a pass reads nothing (the RAM cache, resident layers).
-    read_bytes_per_s: float | None = None
 
 
 class _TruncatedFiles:
@@ -191,7 +188,6 @@ class _Truncated:
         self.model = StreamingModel(cut, units, pipeline, kv_policy, device, self.clock, stages)
         self.ids = torch.randint(0, cut.vocab_size, (batch, context), device=device)
         self.steps, self.verify = steps, verify
-        self.read = (0, 0.0)  # the last pass's decoder layers: bytes read, and the seconds the reads took
         # A verifying pass (steps > 1) scores each sequence's k + 1 positions with a cache of its own, as
         # speculative decoding does; a greedy pass, the batch's one new token each with one cache.
         rows = [self.ids[i : i + 1] for i in range(batch)] if steps > 1 else [self.ids]
@@ -218,13 +214,7 @@ class _Truncated:
                 ((row, cache),) = self.rows
                 self.model.forward(row[:, -self.steps :] if cache is not None else row, cache, all_positions=True)
         elapsed = self.clock() - start
-        seconds, events = self.model.stages.seconds, self.model.timeline.events
-        reads = [e for e in events if e.unit.startswith("layers.") and e.bytes.get("read")]
-        self.read = (
-            sum(e.bytes["read"] for e in reads),
-            sum(seconds(e.stamps["read"][1]) - seconds(e.stamps["read"][0]) for e in reads),
-        )
-        events.clear()  # the bookkeeping a run keeps, without letting it grow
+        self.model.timeline.events.clear()  # the bookkeeping a run keeps, without letting it grow
         for row, cache in self.rows:
             if (grown := cache.get_seq_length() - row.shape[1] if cache is not None else 0) > 0:
                 cache.crop(-grown)  # every pass attends to the same context (a negative count removes that many)
@@ -298,7 +288,6 @@ def measure_stream(
     # The two models' passes in turn, so that a change in the machine's load lands on both alike; repeated for
     # MIN_SECONDS, so that a pass of a millisecond is not judged on three samples, and on while they scatter.
     times: list[list[float]] = [[] for _ in models]
-    read_bytes, read_s = 0, 0.0
     start = perf_counter()
     while len(times[0]) < MAX_REPEATS:
         elapsed, done = perf_counter() - start, len(times[0])
@@ -307,13 +296,11 @@ def measure_stream(
         for model, seconds in zip(models, times, strict=True):
             evict()
             seconds.append(model.pass_seconds())
-            read_bytes, read_s = read_bytes + model.read[0], read_s + model.read[1]
     few, many = (statistics.median(seconds) for seconds in times)
-    read_rate = read_bytes / read_s if read_bytes > 0 and read_s > 0 else None
     layer_s = (many - few) / (LAYER_COUNTS[1] - LAYER_COUNTS[0])
     if layer_s <= 0:
-        # The passes' noise outweighed the layers: the larger model's pass, all of it, per layer is the safe bound.
-        return StreamTimes(layer_s=many / LAYER_COUNTS[1], pass_s=0.0, read_bytes_per_s=read_rate)
-    return StreamTimes(layer_s=layer_s, pass_s=max(0.0, few - layer_s * LAYER_COUNTS[0]), read_bytes_per_s=read_rate)
+        # The passes' noise outweighed two layers: the larger model's pass, all of it, per layer is the safe bound.
+        return StreamTimes(layer_s=many / LAYER_COUNTS[1], pass_s=0.0)
+    return StreamTimes(layer_s=layer_s, pass_s=max(0.0, few - layer_s * LAYER_COUNTS[0]))
 
 

@@ -5,8 +5,7 @@ the pass costs beside them. A decoder layer's cost is measured by the stream pro
 through the run's own cache, codec, prefetcher and KV cache on truncated models of the run's geometry: fixed
 per-unit costs, reads as the cache reads a layer file of that size, decode, compute, and how prefetch overlaps
 them on this machine's cores are all in it. The head is priced from the link rates and the head compute probe (as
-the floor loaded them), because the truncated models' vocabulary is cut; a cold read of its file, at the rate the
-stream probe saw the cache read at.
+the floor loaded them), because the truncated models' vocabulary is cut.
 """
 
 from __future__ import annotations
@@ -19,7 +18,6 @@ from harness.config import Config
 from harness.measurement.vram import decoded_bytes
 from harness.probe.links import LinkRates
 from harness.probe.store import load_or_measure_head_compute_s, load_or_measure_stream
-from harness.probe.stream import StreamTimes
 from harness.runners.layerbench.setup import Setup
 
 if TYPE_CHECKING:
@@ -71,22 +69,17 @@ def _freshness(cfg: Config) -> tuple[bool, float]:
 
 
 def head_seconds(
-    setup: Setup, cfg: Config, rates: LinkRates, head_compute_s: float, kept_mapping_bytes_per_s: float | None,
-    cold_read_bytes_per_s: float | None = None,
+    setup: Setup, cfg: Config, rates: LinkRates, head_compute_s: float, kept_mapping_bytes_per_s: float | None
 ) -> float:
     """The head's seconds: its compute, and, where it streams, its file's fetch (read as the cache reads it, then
-    copied to the device) and decode, overlapped with the compute when prefetch loads ahead. A cold read goes at
-    `cold_read_bytes_per_s`, the rate the stream probe saw the cache read its layers' files at, where it read
-    them; else at the link probe's cold disk rate, the best of a plain read, which the floor wants and the cache's
-    own reads need not reach."""
+    copied to the device) and decode, overlapped with the compute when prefetch loads ahead."""
     layout, pipeline = setup.layout, setup.pipeline
     streamed = [u for u in ("norm", "lm_head") if u not in setup.residency.units]
     nbytes = float(layout.files_bytes(streamed)) if streamed else 0.0
     fetch = 0.0
     if pipeline.cache.rereads and nbytes:
         warm = kept_mapping_bytes_per_s or rates.page_cache_bytes_per_s
-        cold = cold_read_bytes_per_s or rates.disk_read_cold_bytes_per_s
-        fetch += nbytes / (cold if cfg.cache.cold else warm)
+        fetch += nbytes / (rates.disk_read_cold_bytes_per_s if cfg.cache.cold else warm)
     if setup.device.type != "cpu" and nbytes:
         h2d = rates.h2d_pinned_bytes_per_s or rates.h2d_pageable_bytes_per_s
         fetch += nbytes / h2d if h2d else 0.0
@@ -110,27 +103,25 @@ def token_cost(
     batch = len(setup.prompts)
     refresh, max_age_s = _freshness(cfg)
 
-    def stream(resident: bool) -> StreamTimes:
-        return load_or_measure_stream(
+    def stream(resident: bool) -> tuple[float, float]:
+        times = load_or_measure_stream(
             config, device, config.dtype, probe_dir, refresh, options=options, batch=batch, context=context,
             resident=resident, steps=steps, verify=cfg.decoding.verify, max_age_s=max_age_s,
         )
+        return times.layer_s, times.pass_s
 
     layers = config.num_hidden_layers
     resident = sum(u.startswith("layers.") for u in setup.residency.units)
-    streamed = stream(resident=False) if resident < layers else StreamTimes(layer_s=0.0, pass_s=0.0)
-    pass_s, resident_layer_s = streamed.pass_s, 0.0
+    layer_s, pass_s = stream(resident=False) if resident < layers else (0.0, 0.0)
+    resident_layer_s = 0.0
     if resident:
-        kept = stream(resident=True)
-        resident_layer_s = kept.layer_s
-        pass_s = pass_s if resident < layers else kept.pass_s
+        resident_layer_s, resident_pass_s = stream(resident=True)
+        pass_s = pass_s if resident < layers else resident_pass_s
     return TokenCost(
         pass_s=pass_s,
-        streamed_s=(layers - resident) * streamed.layer_s,
+        streamed_s=(layers - resident) * layer_s,
         resident_s=resident * resident_layer_s,
-        head_s=head_seconds(
-            setup, cfg, rates, head_compute_s, kept_mapping_bytes_per_s, streamed.read_bytes_per_s
-        ),
+        head_s=head_seconds(setup, cfg, rates, head_compute_s, kept_mapping_bytes_per_s),
     )
 
 

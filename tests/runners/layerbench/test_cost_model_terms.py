@@ -55,23 +55,12 @@ def test_streamed_layers_the_pass_and_the_head_add_up(
     assert (call["batch"], call["context"], call["resident"]) == (1, 12, False)
 
 
-def test_a_cold_head_is_read_after_its_compute_at_the_links_rate_where_the_probe_read_nothing(
+def test_a_cold_head_is_read_at_the_cold_rate_after_its_compute_without_prefetch(
     make_cfg: Callable[..., Config], tmp_path: Path, probes: list[dict[str, Any]]
 ) -> None:
     terms, setup = cost(make_cfg, tmp_path, "cache=disk", "cache.page_cache=cold", "prefetch=off")
     head_bytes = setup.layout.files_bytes(["norm", "lm_head"])
     assert terms.head_s == pytest.approx(HEAD_S + head_bytes / cpu_rates().disk_read_cold_bytes_per_s)
-
-
-def test_a_cold_head_is_read_at_the_rate_the_stream_probe_saw_the_cache_read(
-    make_cfg: Callable[..., Config], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    read = StreamTimes(layer_s=STREAMED.layer_s, pass_s=STREAMED.pass_s, read_bytes_per_s=2e8)
-    monkeypatch.setattr(cost_mod, "load_or_measure_stream", lambda *args, **kwargs: read)
-    terms, setup = cost(make_cfg, tmp_path, "cache=disk", "cache.page_cache=cold", "prefetch=off")
-    head_bytes = setup.layout.files_bytes(["norm", "lm_head"])
-    assert terms.head_s == pytest.approx(HEAD_S + head_bytes / 2e8)
-    assert terms.streamed_s == pytest.approx(setup.config.num_hidden_layers * STREAMED.layer_s)
 
 
 def test_prefetch_overlaps_the_heads_fetch_with_its_compute(
