@@ -9,10 +9,9 @@ one synthetic layer file written with the run's codec, read by the run's cache, 
 Passes of two such models (2 and 6 layers) are timed in turn; their difference is what a decoder layer adds to a
 pass (its fetch, decode and compute, as they overlap), and the rest is what a pass costs beside its layers. The
 interval between two layers' compute in one model would be cheaper to take, but it assumes the prefetch worker's
-overlap is steady from layer to layer, which the difference does not need. Neither model has a single layer: a
-pass's first layers do not cost what its later ones do (with prefetch on, the second layer's fetch is the first to
-overlap a layer's compute; after the eviction, the pass's working set comes back into the caches), so the
-difference is taken past them, over four layers.
+overlap is steady from layer to layer, which the difference does not need. Neither model has a single layer: after
+the eviction a pass's first layers cost more than its later ones (with prefetch on, the second layer's fetch is the
+first to overlap a layer's compute), so the difference is taken past them, over four layers.
 """
 
 from __future__ import annotations
