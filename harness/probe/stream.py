@@ -47,6 +47,7 @@ if TYPE_CHECKING:
 # The truncated models' decoder layers: their difference in time, over their difference in count, is one layer's.
 LAYER_COUNTS = (2, 6)
 LAYERS = max(LAYER_COUNTS)
+LAYER_SPAN = LAYER_COUNTS[1] - LAYER_COUNTS[0]  # the decoder layers the larger model has over the smaller
 # The truncated models' vocabulary: small enough that the embedding and lm_head cost nothing beside a layer (the
 # run's own head is priced apart, by the head compute probe and the link rates).
 _VOCAB = 256
@@ -247,8 +248,8 @@ def settled(few: list[float], many: list[float]) -> bool:
         sigma = 1.4826 * statistics.median(abs(s - middle) for s in seconds)
         return 1.2533 * sigma / math.sqrt(len(seconds))
 
-    layer_s = (statistics.median(many) - statistics.median(few)) / (LAYER_COUNTS[1] - LAYER_COUNTS[0])
-    layer_error = math.hypot(error(few), error(many)) / (LAYER_COUNTS[1] - LAYER_COUNTS[0])
+    layer_s = (statistics.median(many) - statistics.median(few)) / LAYER_SPAN
+    layer_error = math.hypot(error(few), error(many)) / LAYER_SPAN
     return layer_s > 0 and layer_error <= PRECISION * layer_s
 
 
@@ -296,9 +297,10 @@ def measure_stream(
             evict()
             seconds.append(model.pass_seconds())
     few, many = (statistics.median(seconds) for seconds in times)
-    layer_s = (many - few) / (LAYER_COUNTS[1] - LAYER_COUNTS[0])
+    layer_s = (many - few) / LAYER_SPAN
     if layer_s <= 0:
-        # The passes' noise outweighed two layers: the larger model's pass, all of it, per layer is the safe bound.
+        # The passes' noise outweighed the layers between the models: the larger model's pass, all of it, per layer
+        # is the safe bound.
         return StreamTimes(layer_s=many / LAYER_COUNTS[1], pass_s=0.0)
     return StreamTimes(layer_s=layer_s, pass_s=max(0.0, few - layer_s * LAYER_COUNTS[0]))
 
