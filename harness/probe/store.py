@@ -26,10 +26,13 @@ from harness import allocator
 from harness.files import exclusive_lock, write_atomic
 from harness.probe.compute import measure_head_compute_s, measure_layer_compute_s
 from harness.probe.links import LinkRates, describe_device, device_tag, measure_link_rates
+from harness.probe.reads import measure_cold_read_s
 from harness.probe.stream import LAYER_COUNTS, StreamTimes, measure_stream
 
 if TYPE_CHECKING:
     from transformers import LlamaConfig
+
+    from strategies.cache.configs import CacheConfig
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -82,11 +85,11 @@ def _rates_from_json(data: object) -> LinkRates:
     return rates
 
 
-def _valid_layer_compute(data: object, key: dict[str, object]) -> bool:
+def _valid_seconds(data: object, key: dict[str, object], field: str) -> bool:
     # Any other JSON (a list, a string, a bool) is re-measured like a damaged file, not a crash.
     if not isinstance(data, dict) or data.get("key") != key:
         return False
-    seconds = data.get("layer_compute_s")
+    seconds = data.get(field)
     return isinstance(seconds, int | float) and not isinstance(seconds, bool) and math.isfinite(seconds) and seconds > 0
 
 
@@ -130,18 +133,29 @@ def mark_stream_stale(
     device: torch.device, cache_dir: Path, reason: str, config: LlamaConfig, options: dict[str, object]
 ) -> list[Path]:
     """Mark stale the stream probe's files of this host and `device` for `config`'s geometry and these options
-    (cache, compression, prefetch, kv_cache: their configs), in every batch, context, residency and verifying form:
-    what priced a plan that a run then contradicted. Returns the files marked."""
-    wanted = json.loads(json.dumps(_stream_options_key(config, options), default=str))  # as files hold it
+    (cache, compression, prefetch, kv_cache: their configs), in every batch, context, residency and verifying form,
+    and the cold reads of the options' cache: what priced a plan that a run then contradicted. Returns the files
+    marked."""
+    cache = {"cache": asdict(options["cache"])}  # type: ignore[call-overload]
+    return _mark(
+        _matching(device, cache_dir, "stream", _stream_options_key(config, options))
+        + _matching(device, cache_dir, "read", cache),
+        reason,
+    )
+
+
+def _matching(device: torch.device, cache_dir: Path, kind: str, wanted: dict[str, object]) -> list[Path]:
+    """This host's and `device`'s `kind` files in `cache_dir` whose key holds every item of `wanted`."""
+    wanted = json.loads(json.dumps(wanted, default=str))  # as files hold it
     matching = []
-    for path in Path(cache_dir).glob(f"{glob.escape(_host_device(device))}-stream-*.json"):
+    for path in Path(cache_dir).glob(f"{glob.escape(_host_device(device))}-{kind}-*.json"):
         try:
             key = json.loads(path.read_text(encoding="utf-8")).get("key")
         except (OSError, ValueError, AttributeError):
             continue  # unreadable: the next load re-measures it anyway
         if isinstance(key, dict) and all(key.get(name) == value for name, value in wanted.items()):
             matching.append(path)
-    return _mark(matching, reason)
+    return matching
 
 
 def _mark(paths: list[Path], reason: str) -> list[Path]:
@@ -244,16 +258,15 @@ def _read_reason(mark: Path) -> str:
 
 
 def _cached_seconds(
-    path: Path, key: dict[str, object], refresh: bool, measure: Callable[[], float], max_age_s: float | None
+    path: Path, key: dict[str, object], refresh: bool, measure: Callable[[], float], max_age_s: float | None,
+    field: str = "layer_compute_s",
 ) -> float:
-    """A compute time cached in `path` under `key`, measured (and cached) when absent, stale or damaged."""
+    """Seconds cached in `path` under `key` as `field`, measured (and cached) when absent, stale or damaged."""
 
     def parse(data: object) -> float | None:
-        return float(data["layer_compute_s"]) if _valid_layer_compute(data, key) else None
+        return float(data[field]) if _valid_seconds(data, key, field) else None
 
-    return _measured_once(
-        path, refresh, parse, measure, lambda seconds: {"key": key, "layer_compute_s": seconds}, max_age_s
-    )
+    return _measured_once(path, refresh, parse, measure, lambda seconds: {"key": key, field: seconds}, max_age_s)
 
 
 def _compute_path(device: torch.device, cache_dir: Path, kind: str, key: dict[str, object]) -> Path:
@@ -313,6 +326,28 @@ def _stream_options_key(config: LlamaConfig, options: dict[str, object]) -> dict
     return {**_layer_geometry(config, "num_hidden_layers"), **chosen}
 
 
+def _keyed_path(
+    device: torch.device, cache_dir: Path, kind: str, key: dict[str, object]
+) -> tuple[Path, dict[str, object]]:
+    """Where a `kind` measurement under `key` is cached (named by the key's digest), and the key as the file holds
+    it (tuples as lists, other objects as strings)."""
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return Path(cache_dir) / f"{_host_device(device)}-{kind}-{digest}.json", json.loads(json.dumps(key, default=str))
+
+
+def load_or_measure_cold_read_s(
+    cache: CacheConfig, device: torch.device, size_bytes: int, cache_dir: Path, refresh: bool = False,
+    max_age_s: float | None = None,
+) -> float:
+    """`measure_cold_read_s` (the cache `cache` configures, reading a `size_bytes` file from a cold page cache),
+    cached beside the link rates per host, device, cache config and size."""
+    path, key = _keyed_path(device, cache_dir, "read", {"cache": asdict(cache), "size_bytes": size_bytes})
+    return _cached_seconds(
+        path, key, refresh, lambda: measure_cold_read_s(cache, device, size_bytes, Path(cache_dir)), max_age_s,
+        field="read_s",
+    )
+
+
 def load_or_measure_stream(
     config: LlamaConfig, device: torch.device, dtype: torch.dtype, cache_dir: Path, refresh: bool = False, *,
     options: dict[str, object], batch: int = 1, context: int = 8, resident: bool = False, steps: int = 1,
@@ -326,9 +361,7 @@ def load_or_measure_stream(
         "context": context, "resident": resident, **({"steps": steps, "verify": verify} if steps > 1 else {}),
         "layer_counts": list(LAYER_COUNTS),
     }
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
-    path = Path(cache_dir) / f"{_host_device(device)}-stream-{digest}.json"
-    key = json.loads(json.dumps(key, default=str))  # as it reads back from the file
+    path, key = _keyed_path(device, cache_dir, "stream", key)
 
     def parse(data: object) -> StreamTimes | None:
         if not isinstance(data, dict) or data.get("key") != key:

@@ -132,7 +132,7 @@ def _written_files(config: LlamaConfig, dtype: torch.dtype, codec: object, scrat
         _WRITTEN[key] = _WRITTEN.pop(key)  # the newest now
         return _WRITTEN[key][1]
     scratch_dir.mkdir(parents=True, exist_ok=True)
-    _remove_orphans(scratch_dir)
+    remove_orphans(scratch_dir, "stream")
     while len(_WRITTEN) >= _KEPT:
         folder, _ = _WRITTEN.pop(next(iter(_WRITTEN)))
         folder.cleanup()
@@ -144,11 +144,11 @@ def _written_files(config: LlamaConfig, dtype: torch.dtype, codec: object, scrat
     return files
 
 
-def _remove_orphans(scratch_dir: Path) -> None:
-    """Remove the layer files of processes no longer running (killed before they could)."""
+def remove_orphans(scratch_dir: Path, prefix: str) -> None:
+    """Remove the scratch folders (`<prefix>-<pid>-*`) of processes no longer running (killed before they could)."""
     import psutil
 
-    for folder in scratch_dir.glob("stream-*-*"):
+    for folder in scratch_dir.glob(f"{prefix}-*-*"):
         pid = folder.name.split("-")[1]
         if folder.is_dir() and pid.isdigit() and not psutil.pid_exists(int(pid)):
             shutil.rmtree(folder, ignore_errors=True)

@@ -4,8 +4,8 @@ A decode pass is its decoder layers, each streamed or resident, plus its head (f
 the pass costs beside them. A decoder layer's cost is measured by the stream probe (harness/probe/stream.py)
 through the run's own cache, codec, prefetcher and KV cache on truncated models of the run's geometry: fixed
 per-unit costs, reads as the cache reads a layer file of that size, decode, compute, and how prefetch overlaps
-them on this machine's cores are all in it. The head is priced from the link rates and the head compute probe (as
-the floor loaded them), because the truncated models' vocabulary is cut.
+them on this machine's cores are all in it. The head is priced apart, because the truncated models' vocabulary is
+cut: from the head compute probe, the link rates (as the floor loaded them) and, cold, the cold read probe.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from harness.config import Config
 from harness.measurement.vram import decoded_bytes
 from harness.probe.links import LinkRates
-from harness.probe.store import load_or_measure_head_compute_s, load_or_measure_stream
+from harness.probe.store import load_or_measure_cold_read_s, load_or_measure_head_compute_s, load_or_measure_stream
 from harness.runners.layerbench.setup import Setup
 
 if TYPE_CHECKING:
@@ -69,17 +69,25 @@ def _freshness(cfg: Config) -> tuple[bool, float]:
 
 
 def head_seconds(
-    setup: Setup, cfg: Config, rates: LinkRates, head_compute_s: float, kept_mapping_bytes_per_s: float | None
+    setup: Setup, cfg: Config, rates: LinkRates, head_compute_s: float, kept_mapping_bytes_per_s: float | None,
+    probe_dir: Path,
 ) -> float:
-    """The head's seconds: its compute, and, where it streams, its file's fetch (read as the cache reads it, then
-    copied to the device) and decode, overlapped with the compute when prefetch loads ahead."""
+    """The head's seconds: its compute, and, where it streams, its files' fetch (read as the cache reads them, then
+    copied to the device) and decode, overlapped with the compute when prefetch loads ahead. Cold, each file's read
+    is the cold read probe's at its size (in `probe_dir`); warm, the kept mappings' rate."""
     layout, pipeline = setup.layout, setup.pipeline
     streamed = [u for u in ("norm", "lm_head") if u not in setup.residency.units]
     nbytes = float(layout.files_bytes(streamed)) if streamed else 0.0
     fetch = 0.0
-    if pipeline.cache.rereads and nbytes:
-        warm = kept_mapping_bytes_per_s or rates.page_cache_bytes_per_s
-        fetch += nbytes / (rates.disk_read_cold_bytes_per_s if cfg.cache.cold else warm)
+    if pipeline.cache.rereads and nbytes and cfg.cache.cold:
+        refresh, max_age_s = _freshness(cfg)
+        sizes = {layout.file(u): layout.file_bytes(u) for u in streamed}  # a file two units share is read once
+        fetch += sum(
+            load_or_measure_cold_read_s(cfg.cache, setup.device, size, probe_dir, refresh, max_age_s)
+            for size in sizes.values()
+        )
+    elif pipeline.cache.rereads and nbytes:
+        fetch += nbytes / (kept_mapping_bytes_per_s or rates.page_cache_bytes_per_s)
     if setup.device.type != "cpu" and nbytes:
         h2d = rates.h2d_pinned_bytes_per_s or rates.h2d_pageable_bytes_per_s
         fetch += nbytes / h2d if h2d else 0.0
@@ -121,7 +129,7 @@ def token_cost(
         pass_s=pass_s,
         streamed_s=(layers - resident) * layer_s,
         resident_s=resident * resident_layer_s,
-        head_s=head_seconds(setup, cfg, rates, head_compute_s, kept_mapping_bytes_per_s),
+        head_s=head_seconds(setup, cfg, rates, head_compute_s, kept_mapping_bytes_per_s, probe_dir),
     )
 
 

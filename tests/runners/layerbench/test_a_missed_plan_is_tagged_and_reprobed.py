@@ -1,6 +1,7 @@
 """runner=layerbench's plan check: a run off its plan's prediction by more than PLAN_TOLERANCE, either way, is
 tagged `warning.plan` (both numbers), logged, and leaves the stream probes that priced its options (and its
-draft's) marked stale, so the next run measures them again; a run within the tolerance leaves them as they are."""
+draft's) and the cold reads of its cache marked stale, so the next run measures them again; a run within the
+tolerance leaves them as they are."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from harness.probe.stream import StreamTimes
 from harness.runners.layerbench import runner as layerbench_runner
 from harness.runners.layerbench.cost import TokenCost, stream_options
 from harness.runners.layerbench.plan import PLAN_TOLERANCE, Plan, missed_plan
+from strategies.cache.configs import DiskCacheConfig
 from strategies.compression.configs import Blockwise4bitConfig
 
 PREDICTED_S = 0.02
@@ -32,15 +34,24 @@ def _stream_file(probe_dir: Path, config: object, options: dict[str, object], **
     return written
 
 
+def _read_file(probe_dir: Path, cache: object) -> Path:
+    """A cold read probe cache file for `cache`, written as a cold run's plan would."""
+    before = set(probe_dir.glob("*-read-*.json"))
+    store.load_or_measure_cold_read_s(cache, CPU, 4096, probe_dir)  # type: ignore[arg-type]
+    (written,) = set(probe_dir.glob("*-read-*.json")) - before
+    return written
+
+
 def _stale(path: Path) -> bool:
     return path.with_name(path.name + store.STALE_SUFFIX).exists()
 
 
 @pytest.fixture
 def probed(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> SimpleNamespace:
-    """A runner planned at PREDICTED_S, and stream files of its options (streamed and resident) and of another
-    codec's, in its probe folder."""
+    """A runner planned at PREDICTED_S, and in its probe folder stream files of its options (streamed and resident)
+    and of another codec's, and cold read files of its cache and of another."""
     monkeypatch.setattr(store, "measure_stream", lambda *args, **kwargs: StreamTimes(layer_s=0.01, pass_s=0.0))
+    monkeypatch.setattr(store, "measure_cold_read_s", lambda *args, **kwargs: 0.001)
     monkeypatch.setattr(layerbench_runner, "floor_metrics", lambda *args: ({}, {}))
     monkeypatch.setattr(layerbench_runner, "read_metrics", lambda *args: {})
     monkeypatch.setattr(layerbench_runner, "check_floor", lambda *args: None)
@@ -51,8 +62,12 @@ def probed(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> SimpleNamespace:
     options = stream_options(runner.cfg)
     return SimpleNamespace(
         runner=runner,
-        own=[_stream_file(runner.probe_dir, setup.config, options, resident=r) for r in (False, True)],
+        own=[
+            *(_stream_file(runner.probe_dir, setup.config, options, resident=r) for r in (False, True)),
+            _read_file(runner.probe_dir, options["cache"]),
+        ],
         other=_stream_file(runner.probe_dir, setup.config, {**options, "compression": Blockwise4bitConfig()}),
+        other_read=_read_file(runner.probe_dir, DiskCacheConfig(page_cache="cold")),
     )
 
 
@@ -68,6 +83,7 @@ def test_a_run_off_its_plan_is_tagged_logged_and_its_options_reprobed(
     assert warning in caplog.text
     assert all(_stale(path) for path in probed.own)
     assert not _stale(probed.other), "another codec's probe priced no part of this plan"
+    assert not _stale(probed.other_read), "nor did another cache's cold read"
 
 
 def test_a_speculative_run_off_its_plan_reprobes_its_drafts_options_too(probed: SimpleNamespace) -> None:
@@ -88,7 +104,7 @@ def test_a_speculative_run_off_its_plan_reprobes_its_drafts_options_too(probed: 
 def test_a_run_within_the_tolerance_of_its_plan_keeps_its_probes(probed: SimpleNamespace) -> None:
     tags = probed.runner.annotate(RunReport(tpot_s=PREDICTED_S * (1 + 0.9 * PLAN_TOLERANCE)), SimpleNamespace())
     assert "warning.plan" not in tags
-    assert not any(_stale(path) for path in [*probed.own, probed.other])
+    assert not any(_stale(path) for path in [*probed.own, probed.other, probed.other_read])
 
 
 def test_a_reprobed_stream_file_is_measured_again_once(

@@ -1,6 +1,7 @@
 """harness.runners.layerbench.cost: a pass's predicted time is the stream probe's per-layer cost for each streamed
 and each resident decoder layer, the pass's own cost, and the head, whose fetch is priced as the cache reads it and
-overlaps its compute only when prefetch loads ahead; each term on stubbed probes."""
+overlaps its compute only when prefetch loads ahead (cold, each of its files as the cold read probe reads one of
+that size); each term on stubbed probes."""
 
 from __future__ import annotations
 
@@ -21,16 +22,27 @@ STREAMED = StreamTimes(layer_s=0.010, pass_s=0.001)
 RESIDENT = StreamTimes(layer_s=0.004, pass_s=0.0015)
 
 
+def cold_read_s(size_bytes: int) -> float:
+    """The stubbed cold read probe: 1 ms a file, and 1 GB/s."""
+    return 1e-3 + size_bytes / 1e9
+
+
 @pytest.fixture()
 def probes(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
-    """The stream probe stubbed; its calls, by keyword."""
+    """The stream probe and the cold read probe stubbed; the stream probe's calls, by keyword, and the cold read
+    probe's, as (cache, size) under "read"."""
     calls: list[dict[str, Any]] = []
 
     def stream(*args: object, **kwargs: Any) -> StreamTimes:
         calls.append(kwargs)
         return RESIDENT if kwargs["resident"] else STREAMED
 
+    def read(cache: object, device: object, size_bytes: int, *args: object) -> float:
+        calls.append({"read": (cache, size_bytes)})
+        return cold_read_s(size_bytes)
+
     monkeypatch.setattr(cost_mod, "load_or_measure_stream", stream)
+    monkeypatch.setattr(cost_mod, "load_or_measure_cold_read_s", read)
     return calls
 
 
@@ -55,20 +67,45 @@ def test_streamed_layers_the_pass_and_the_head_add_up(
     assert (call["batch"], call["context"], call["resident"]) == (1, 12, False)
 
 
-def test_a_cold_head_is_read_at_the_cold_rate_after_its_compute_without_prefetch(
+def test_a_cold_head_is_each_file_read_as_the_cache_reads_it_after_its_compute_without_prefetch(
     make_cfg: Callable[..., Config], tmp_path: Path, probes: list[dict[str, Any]]
 ) -> None:
     terms, setup = cost(make_cfg, tmp_path, "cache=disk", "cache.page_cache=cold", "prefetch=off")
-    head_bytes = setup.layout.files_bytes(["norm", "lm_head"])
-    assert terms.head_s == pytest.approx(HEAD_S + head_bytes / cpu_rates().disk_read_cold_bytes_per_s)
+    sizes = [setup.layout.file_bytes(unit) for unit in ("norm", "lm_head")]
+    assert terms.head_s == pytest.approx(HEAD_S + sum(map(cold_read_s, sizes)))
+    reads = [call["read"] for call in probes if "read" in call]
+    assert [size for _, size in reads] == sizes, "one read probe per file, at the file's own size"
+    assert all(cache.cold and cache.name == "disk" for cache, _ in reads), "with the run's own cache"
+
+
+def test_a_file_two_head_units_share_is_read_once(
+    make_cfg: Callable[..., Config], tmp_path: Path, probes: list[dict[str, Any]]
+) -> None:
+    cfg = make_cfg(f"paths.outputs={tmp_path}", "cache=disk", "cache.page_cache=cold", "prefetch=off")
+    setup, _ = predict(cfg, tmp_path)
+    manifest = setup.layout.manifest
+    del manifest["files"]["lm_head"]
+    manifest.setdefault("aliases", {})["lm_head"] = "norm"  # as a tied lm_head names embed's file
+    head_s = cost_mod.head_seconds(setup, cfg, cpu_rates(), HEAD_S, None, tmp_path / "probe")
+    assert head_s == pytest.approx(HEAD_S + cold_read_s(setup.layout.file_bytes("norm")))
+    assert len([call for call in probes if "read" in call]) == 1
 
 
 def test_prefetch_overlaps_the_heads_fetch_with_its_compute(
     make_cfg: Callable[..., Config], tmp_path: Path, probes: list[dict[str, Any]]
 ) -> None:
     terms, setup = cost(make_cfg, tmp_path, "cache=disk", "cache.page_cache=cold", "prefetch=on")
-    fetch = setup.layout.files_bytes(["norm", "lm_head"]) / cpu_rates().disk_read_cold_bytes_per_s
+    fetch = sum(cold_read_s(setup.layout.file_bytes(unit)) for unit in ("norm", "lm_head"))
     assert terms.head_s == pytest.approx(max(HEAD_S, fetch))
+
+
+def test_a_warm_head_is_read_at_the_kept_mappings_rate(
+    make_cfg: Callable[..., Config], tmp_path: Path, probes: list[dict[str, Any]]
+) -> None:
+    terms, setup = cost(make_cfg, tmp_path, "cache=disk", "prefetch=off")
+    head_bytes = setup.layout.files_bytes(["norm", "lm_head"])
+    assert terms.head_s == pytest.approx(HEAD_S + head_bytes / cpu_rates().page_cache_bytes_per_s)
+    assert not [call for call in probes if "read" in call], "no cold read is probed for a warm run"
 
 
 def test_resident_layers_are_priced_by_the_resident_probe(
