@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import copy
+import statistics
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
 
 from harness.device import indexed_device
-from harness.probe.links import best_seconds
+from harness.probe.links import best_seconds, timed_seconds
 from strategies.checks import check_positive
 
 if TYPE_CHECKING:
@@ -101,10 +102,13 @@ def measure_layer_compute_s(
 
 
 def measure_head_compute_s(
-    config: LlamaConfig, device: torch.device, dtype: torch.dtype, repeats: int = 5, batch: int = 1
+    config: LlamaConfig, device: torch.device, dtype: torch.dtype, repeats: int = 5, batch: int = 1,
+    evict: Callable[[], None] | None = None,
 ) -> float:
     """Seconds for the end of a decode step: the final norm and lm_head on the last position of each of
-    `batch` sequences, as the runner computes them (best of `repeats`).
+    `batch` sequences, as the runner computes them: the best of `repeats`, the least it costs (the floor's).
+    With `evict`, called untimed before each, the median: a run's decoder layers pass through the device's
+    caches between two heads, so a head that fits them (SmolLM2's 57 MB) finds its weights evicted (the plan's).
 
     The decoder layers are not all of a token's compute: with a 128k vocabulary, lm_head alone reads
     as many bytes as a decoder layer of the 1B geometry, so a floor without it is too low.
@@ -124,7 +128,12 @@ def measure_head_compute_s(
     norm_w["weight"].fill_(1.0)
     head_w = random_weights({"weight": torch.Size([config.vocab_size, config.hidden_size])}, config, dtype, device)
     hidden = torch.randn(batch, 1, config.hidden_size, dtype=dtype, device=device)
+    def prepare() -> Callable[[], object]:
+        if evict is not None:
+            evict()
+        return lambda: forward_unit(head, head_w, forward_unit(norm, norm_w, hidden))
+
     with torch.inference_mode():
-        return best_seconds(
-            lambda: lambda: forward_unit(head, head_w, forward_unit(norm, norm_w, hidden)), device, repeats
-        )
+        if evict is None:
+            return best_seconds(prepare, device, repeats)
+        return statistics.median(timed_seconds(prepare, device, repeats))

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import mmap
 import os
 import re
@@ -64,15 +63,20 @@ class LinkRates:
 
 
 def best_seconds(prepare: Callable[[], Callable[[], object]], device: torch.device, repeats: int) -> float:
-    """Best time of `prepare()()` over `repeats` runs, after one untimed warm-up run.
+    """Best time of `prepare()()` over `repeats` runs, after one untimed warm-up run (`timed_seconds`).
+    The best (not the mean) is kept: interference only ever adds time."""
+    return min(timed_seconds(prepare, device, repeats))
+
+
+def timed_seconds(prepare: Callable[[], Callable[[], object]], device: torch.device, repeats: int) -> list[float]:
+    """The times of `prepare()()` over `repeats` runs, after one untimed warm-up run.
 
     `prepare` does the untimed setup of one run and returns the work to time. On CUDA the work is
     bracketed by CUDA events on the device's current stream: host timers around asynchronous calls
     time the launch, not the work. Elsewhere the work is synchronous and perf_counter is exact.
-    The best (not the mean) is kept: interference only ever adds time.
     """
     check_positive("repeats", repeats)
-    best = math.inf
+    times = []
     for attempt in range(repeats + 1):
         run = prepare()
         if device.type == "cuda":
@@ -90,8 +94,8 @@ def best_seconds(prepare: Callable[[], Callable[[], object]], device: torch.devi
             run()
             elapsed = perf_counter() - t0
         if attempt > 0:  # the first run pays for lazy init, allocator growth and cold caches
-            best = min(best, elapsed)
-    return best
+            times.append(elapsed)
+    return times
 
 
 def _rate(nbytes: int, seconds: float) -> float:

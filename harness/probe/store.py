@@ -27,7 +27,7 @@ from harness.files import exclusive_lock, write_atomic
 from harness.probe.compute import measure_head_compute_s, measure_layer_compute_s
 from harness.probe.links import LinkRates, describe_device, device_tag, measure_link_rates
 from harness.probe.reads import measure_cold_read_s
-from harness.probe.stream import LAYER_COUNTS, StreamTimes, measure_stream
+from harness.probe.stream import LAYER_COUNTS, StreamTimes, cache_evictor, measure_stream
 
 if TYPE_CHECKING:
     from transformers import LlamaConfig
@@ -134,12 +134,13 @@ def mark_stream_stale(
 ) -> list[Path]:
     """Mark stale the stream probe's files of this host and `device` for `config`'s geometry and these options
     (cache, compression, prefetch, kv_cache: their configs), in every batch, context, residency and verifying form,
-    and the cold reads of the options' cache: what priced a plan that a run then contradicted. Returns the files
-    marked."""
+    the cold reads of the options' cache and the geometry's evicted head: what priced a plan that a run then
+    contradicted. Returns the files marked."""
     cache = {"cache": asdict(options["cache"])}  # type: ignore[call-overload]
     return _mark(
         _matching(device, cache_dir, "stream", _stream_options_key(config, options))
-        + _matching(device, cache_dir, "read", cache),
+        + _matching(device, cache_dir, "read", cache)
+        + _matching(device, cache_dir, "head", _evicted_head_key(config)),
         reason,
     )
 
@@ -306,16 +307,29 @@ def load_or_measure_layer_compute_s(
 
 def load_or_measure_head_compute_s(
     config: LlamaConfig, device: torch.device, dtype: torch.dtype, cache_dir: Path, refresh: bool = False,
-    batch: int = 1, max_age_s: float | None = None,
+    batch: int = 1, max_age_s: float | None = None, evicted: bool = False,
 ) -> float:
     """`measure_head_compute_s` (final norm + lm_head, the last position of each of `batch` sequences), cached
-    like the layer's."""
+    like the layer's: its best, the floor's. `evicted`: its median after `cache_evictor`'s write for `config`, as
+    a run computes it after its decoder layers (the plan's), cached per decoder geometry too."""
     dtype_name = str(dtype).removeprefix("torch.")
     key = _with_batch({"hidden_size": config.hidden_size, "vocab_size": config.vocab_size, "dtype": dtype_name}, batch)
-    path = _compute_path(device, cache_dir, "head", key)
+    if not evicted:
+        path = _compute_path(device, cache_dir, "head", key)
+        return _cached_seconds(
+            path, key, refresh, lambda: measure_head_compute_s(config, device, dtype, batch=batch), max_age_s
+        )
+    path, key = _keyed_path(device, cache_dir, "head", {**key, **_evicted_head_key(config)})
     return _cached_seconds(
-        path, key, refresh, lambda: measure_head_compute_s(config, device, dtype, batch=batch), max_age_s
+        path, key, refresh,
+        lambda: measure_head_compute_s(config, device, dtype, batch=batch, evict=cache_evictor(config, device)),
+        max_age_s,
     )
+
+
+def _evicted_head_key(config: LlamaConfig) -> dict[str, object]:
+    """What an evicted head's cost depends on beside its own shape: the bytes the run's decoder layers decode to."""
+    return {"evicted": True, **_layer_geometry(config, "num_hidden_layers", "vocab_size")}
 
 
 def _stream_options_key(config: LlamaConfig, options: dict[str, object]) -> dict[str, object]:

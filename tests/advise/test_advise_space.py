@@ -22,6 +22,7 @@ def stub_probe(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(floor_mod, "load_or_measure", lambda *a, **k: cpu_rates())
     monkeypatch.setattr(floor_mod, "load_or_measure_layer_compute_s", lambda *a, **k: 0.17)
     monkeypatch.setattr(floor_mod, "load_or_measure_head_compute_s", lambda *a, **k: 0.19)
+    monkeypatch.setattr(cost_mod, "load_or_measure_head_compute_s", lambda *a, **k: 0.19)
 
     def stream(*args: object, **kwargs: object) -> StreamTimes:
         prefetch = kwargs["options"]["prefetch"]  # type: ignore[index]

@@ -14,7 +14,7 @@ import torch
 from fake_probes import cpu_rates, small_layer_config
 
 import harness.streaming.model as streaming_model
-from harness.probe import store
+from harness.probe import compute, store
 from harness.probe.compute import measure_head_compute_s, measure_layer_compute_s
 from harness.probe.links import LinkRates
 
@@ -109,6 +109,33 @@ def test_head_cache_key_distinguishes_batch(tmp_path: Path, monkeypatch: pytest.
     assert store.load_or_measure_head_compute_s(config, CPU, torch.bfloat16, tmp_path, batch=8) == 0.25
     assert store.load_or_measure_head_compute_s(config, CPU, torch.bfloat16, tmp_path, batch=8) == 0.25
     assert [call.get("batch") for call in fake.calls] == [1, 8]
+
+
+def test_the_plans_head_is_timed_after_an_eviction_and_cached_apart_from_the_floors(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake = _Measure(0.125)
+    monkeypatch.setattr(store, "measure_head_compute_s", fake)
+    config = small_layer_config()
+    config.num_hidden_layers = 4  # three other layers: something to evict with
+    floor = store.load_or_measure_head_compute_s(config, CPU, torch.bfloat16, tmp_path)
+    plan = store.load_or_measure_head_compute_s(config, CPU, torch.bfloat16, tmp_path, evicted=True)
+    assert (floor, plan) == (0.125, 0.25), "two measurements"
+    assert "evict" not in fake.calls[0] and callable(fake.calls[1]["evict"])
+    assert store.load_or_measure_head_compute_s(config, CPU, torch.bfloat16, tmp_path, evicted=True) == plan
+    config.num_hidden_layers = 8
+    assert store.load_or_measure_head_compute_s(config, CPU, torch.bfloat16, tmp_path, evicted=True) == 0.375, (
+        "more layers evict more: another measurement"
+    )
+
+
+def test_an_evicted_head_is_timed_after_each_eviction_at_its_median(monkeypatch: pytest.MonkeyPatch) -> None:
+    evictions: list[int] = []
+    seconds = measure_head_compute_s(small_layer_config(), CPU, torch.float32, repeats=3,
+                                     evict=lambda: evictions.append(1))
+    assert seconds > 0 and len(evictions) == 4, "before the warm-up and each of the three timed calls"
+    monkeypatch.setattr(compute, "timed_seconds", lambda *args: [3.0, 1.0, 2.0])
+    assert measure_head_compute_s(small_layer_config(), CPU, torch.float32, evict=lambda: None) == 2.0
 
 
 def test_single_sequence_cache_written_before_batch_was_keyed_stays_valid(

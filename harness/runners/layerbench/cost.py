@@ -5,7 +5,8 @@ the pass costs beside them. A decoder layer's cost is measured by the stream pro
 through the run's own cache, codec, prefetcher and KV cache on truncated models of the run's geometry: fixed
 per-unit costs, reads as the cache reads a layer file of that size, decode, compute, and how prefetch overlaps
 them on this machine's cores are all in it. The head is priced apart, because the truncated models' vocabulary is
-cut: from the head compute probe, the link rates (as the floor loaded them) and, cold, the cold read probe.
+cut: from the head compute probe (after the stream probe's eviction), the link rates (as the floor loaded them)
+and, cold, the cold read probe.
 """
 
 from __future__ import annotations
@@ -98,18 +99,21 @@ def head_seconds(
 
 
 def token_cost(
-    setup: Setup, cfg: Config, rates: LinkRates, head_compute_s: float, probe_dir: Path,
-    kept_mapping_bytes_per_s: float | None = None, steps: int = 1,
+    setup: Setup, cfg: Config, rates: LinkRates, probe_dir: Path, kept_mapping_bytes_per_s: float | None = None,
+    steps: int = 1,
 ) -> TokenCost:
-    """The predicted seconds of one decode pass of `setup` as `cfg` configures it: the stream probes cached in
-    `probe_dir` (each measured there first when missing), the link rates and the head's compute the floor's
-    probes gave (for that many rows). `steps` > 1: speculative decoding's verifying pass, which scores that many
-    positions a sequence as `decoding.verify` says."""
+    """The predicted seconds of one decode pass of `setup` as `cfg` configures it: the stream probes and the
+    evicted head's compute cached in `probe_dir` (each measured there first when missing), and the link rates.
+    `steps` > 1: speculative decoding's verifying pass, which scores that many positions a sequence as
+    `decoding.verify` says (its head, batch x steps rows)."""
     config, device = setup.config, setup.device
     options = stream_options(cfg)
     context = _context(setup, cfg)
     batch = len(setup.prompts)
     refresh, max_age_s = _freshness(cfg)
+    head_compute_s = load_or_measure_head_compute_s(
+        config, device, config.dtype, probe_dir, refresh, batch=batch * steps, max_age_s=max_age_s, evicted=True
+    )
 
     def stream(resident: bool) -> tuple[float, float]:
         times = load_or_measure_stream(
@@ -168,14 +172,12 @@ def speculative_cost(
     if draft is None:
         raise ValueError("speculative_cost prices a run with a draft: decoding=speculative builds one")
     refresh, max_age_s = _freshness(cfg)
-    config, device = setup.config, setup.device
-    head_rows = batch * (k + 1)
-    verify_head_s = load_or_measure_head_compute_s(
-        config, device, config.dtype, probe_dir, refresh, batch=head_rows, max_age_s=max_age_s
-    )
-    verify = token_cost(setup, cfg, rates, verify_head_s, probe_dir, kept_mapping_bytes_per_s, steps=k + 1)
+    device = setup.device
+    verify = token_cost(setup, cfg, rates, probe_dir, kept_mapping_bytes_per_s, steps=k + 1)
     small = draft.model.config
-    draft_head_s = load_or_measure_head_compute_s(small, device, small.dtype, probe_dir, refresh, max_age_s=max_age_s)
+    draft_head_s = load_or_measure_head_compute_s(
+        small, device, small.dtype, probe_dir, refresh, max_age_s=max_age_s, evicted=True
+    )
     decode_s = head_decode_s(small, draft.model.pipeline.codec, rates)  # held stored: decoded at each step too
 
     def draft_call_s(positions: int, context: int) -> float:

@@ -124,7 +124,7 @@ def make_plan(setup: Setup, cfg: Config, probe_dir: Path, kept_mapping_bytes_per
     decoded = float(decoded_bytes(setup.config, layout.units))
     n_prompt = max(len(p) for p in setup.prompts)
     workload = cfg.workload
-    floor, rates, _, head_s = link_floor(
+    floor, rates, _, _ = link_floor(
         setup, cfg.probe, cfg.cache, probe_dir, disk_bytes=read, h2d_bytes=h2d, dequant_bytes=decoded,
         seq_len=pass_seq_len(setup, n_prompt, workload.max_new_tokens), batch=workload.batch_size,
         kept_mapping_bytes_per_s=kept_mapping_bytes_per_s,
@@ -134,7 +134,7 @@ def make_plan(setup: Setup, cfg: Config, probe_dir: Path, kept_mapping_bytes_per
         spec = speculative_cost(setup, cfg, rates, probe_dir, kept_mapping_bytes_per_s)
         cost = spec.verify
     else:
-        cost = token_cost(setup, cfg, rates, head_s, probe_dir, kept_mapping_bytes_per_s)
+        cost = token_cost(setup, cfg, rates, probe_dir, kept_mapping_bytes_per_s)
     return Plan(
         resident, streamed, read, h2d, cost, floor.limiting, float(layout.files_bytes(streamed)),
         dict(floor.per_link_s), spec, cfg.decoding.accepted_per_pass,

@@ -42,6 +42,14 @@ def _read_file(probe_dir: Path, cache: object) -> Path:
     return written
 
 
+def _head_file(probe_dir: Path, config: object, evicted: bool) -> Path:
+    """A head compute cache file of `config`, written as a plan (`evicted`) or a floor would."""
+    before = set(probe_dir.glob("*-head-*.json"))
+    store.load_or_measure_head_compute_s(config, CPU, config.dtype, probe_dir, evicted=evicted)  # type: ignore[attr-defined]
+    (written,) = set(probe_dir.glob("*-head-*.json")) - before
+    return written
+
+
 def _stale(path: Path) -> bool:
     return path.with_name(path.name + store.STALE_SUFFIX).exists()
 
@@ -49,9 +57,11 @@ def _stale(path: Path) -> bool:
 @pytest.fixture
 def probed(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> SimpleNamespace:
     """A runner planned at PREDICTED_S, and in its probe folder stream files of its options (streamed and resident)
-    and of another codec's, and cold read files of its cache and of another."""
+    and of another codec's, cold read files of its cache and of another, and its geometry's head, evicted as the
+    plan prices it and hot as the floor does."""
     monkeypatch.setattr(store, "measure_stream", lambda *args, **kwargs: StreamTimes(layer_s=0.01, pass_s=0.0))
     monkeypatch.setattr(store, "measure_cold_read_s", lambda *args, **kwargs: 0.001)
+    monkeypatch.setattr(store, "measure_head_compute_s", lambda *args, **kwargs: 0.001)
     monkeypatch.setattr(layerbench_runner, "floor_metrics", lambda *args: ({}, {}))
     monkeypatch.setattr(layerbench_runner, "read_metrics", lambda *args: {})
     monkeypatch.setattr(layerbench_runner, "check_floor", lambda *args: None)
@@ -65,9 +75,11 @@ def probed(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> SimpleNamespace:
         own=[
             *(_stream_file(runner.probe_dir, setup.config, options, resident=r) for r in (False, True)),
             _read_file(runner.probe_dir, options["cache"]),
+            _head_file(runner.probe_dir, setup.config, evicted=True),
         ],
         other=_stream_file(runner.probe_dir, setup.config, {**options, "compression": Blockwise4bitConfig()}),
         other_read=_read_file(runner.probe_dir, DiskCacheConfig(page_cache="cold")),
+        floor_head=_head_file(runner.probe_dir, setup.config, evicted=False),
     )
 
 
@@ -84,6 +96,7 @@ def test_a_run_off_its_plan_is_tagged_logged_and_its_options_reprobed(
     assert all(_stale(path) for path in probed.own)
     assert not _stale(probed.other), "another codec's probe priced no part of this plan"
     assert not _stale(probed.other_read), "nor did another cache's cold read"
+    assert not _stale(probed.floor_head), "nor the floor's head"
 
 
 def test_a_speculative_run_off_its_plan_reprobes_its_drafts_options_too(probed: SimpleNamespace) -> None:
@@ -104,7 +117,7 @@ def test_a_speculative_run_off_its_plan_reprobes_its_drafts_options_too(probed: 
 def test_a_run_within_the_tolerance_of_its_plan_keeps_its_probes(probed: SimpleNamespace) -> None:
     tags = probed.runner.annotate(RunReport(tpot_s=PREDICTED_S * (1 + 0.9 * PLAN_TOLERANCE)), SimpleNamespace())
     assert "warning.plan" not in tags
-    assert not any(_stale(path) for path in [*probed.own, probed.other, probed.other_read])
+    assert not any(_stale(path) for path in [*probed.own, probed.other, probed.other_read, probed.floor_head])
 
 
 def test_a_reprobed_stream_file_is_measured_again_once(

@@ -29,8 +29,8 @@ def cold_read_s(size_bytes: int) -> float:
 
 @pytest.fixture()
 def probes(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
-    """The stream probe and the cold read probe stubbed; the stream probe's calls, by keyword, and the cold read
-    probe's, as (cache, size) under "read"."""
+    """The stream, head compute and cold read probes stubbed; the stream probe's calls, by keyword, the head's,
+    by keyword under "head", and the cold read probe's, as (cache, size) under "read"."""
     calls: list[dict[str, Any]] = []
 
     def stream(*args: object, **kwargs: Any) -> StreamTimes:
@@ -41,7 +41,12 @@ def probes(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
         calls.append({"read": (cache, size_bytes)})
         return cold_read_s(size_bytes)
 
+    def head(*args: object, **kwargs: Any) -> float:
+        calls.append({"head": kwargs})
+        return HEAD_S
+
     monkeypatch.setattr(cost_mod, "load_or_measure_stream", stream)
+    monkeypatch.setattr(cost_mod, "load_or_measure_head_compute_s", head)
     monkeypatch.setattr(cost_mod, "load_or_measure_cold_read_s", read)
     return calls
 
@@ -49,7 +54,7 @@ def probes(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
 def cost(make_cfg: Callable[..., Config], tmp_path: Path, *overrides: str) -> tuple[cost_mod.TokenCost, Any]:
     cfg = make_cfg(f"paths.outputs={tmp_path}", "workload.prompt_tokens=8", "workload.max_new_tokens=8", *overrides)
     setup, _ = predict(cfg, tmp_path)
-    return cost_mod.token_cost(setup, cfg, cpu_rates(), HEAD_S, tmp_path / "probe"), setup
+    return cost_mod.token_cost(setup, cfg, cpu_rates(), tmp_path / "probe"), setup
 
 
 def test_streamed_layers_the_pass_and_the_head_add_up(
@@ -62,9 +67,10 @@ def test_streamed_layers_the_pass_and_the_head_add_up(
     assert terms.head_s == pytest.approx(HEAD_S), "held in RAM on a CPU, the head is computed in place"
     assert terms.total_s == pytest.approx(STREAMED.pass_s + layers * STREAMED.layer_s + HEAD_S)
     # The probe is asked for the run's own options, batch and context: the mean position of the generation.
-    (call,) = probes
+    (head, call) = probes
     assert call["options"]["compression"].name == "none" and call["options"]["cache"].name == "ram"
     assert (call["batch"], call["context"], call["resident"]) == (1, 12, False)
+    assert head["head"]["evicted"] and head["head"]["batch"] == 1, "the head as a run computes it, after its layers"
 
 
 def test_a_cold_head_is_each_file_read_as_the_cache_reads_it_after_its_compute_without_prefetch(
@@ -116,15 +122,17 @@ def test_resident_layers_are_priced_by_the_resident_probe(
     assert sum(u.startswith("layers.") for u in setup.residency.units) == layers, "the tiny model fits whole"
     assert (terms.streamed_s, terms.resident_s) == (0.0, pytest.approx(layers * RESIDENT.layer_s))
     assert terms.pass_s == RESIDENT.pass_s
-    assert [call["resident"] for call in probes] == [True], "nothing streams: only the resident layers are probed"
+    streamed = [call["resident"] for call in probes if "resident" in call]
+    assert streamed == [True], "nothing streams: only the resident layers are probed"
 
 
 def test_a_batch_and_a_model_without_kv_cache_are_probed_as_they_run(
     make_cfg: Callable[..., Config], tmp_path: Path, probes: list[dict[str, Any]]
 ) -> None:
     cost(make_cfg, tmp_path, "workload.batch_size=3", "kv_cache=none")
-    (call,) = probes
+    (head, call) = probes
     assert call["batch"] == 3 and call["options"]["kv_cache"].name == "none"
+    assert head["head"]["batch"] == 3, "the head computes each sequence's last position"
 
 
 def test_a_compressed_head_is_decoded_at_its_codecs_rate(

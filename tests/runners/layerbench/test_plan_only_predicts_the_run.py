@@ -33,6 +33,7 @@ def stub_probe(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(floor_mod, "load_or_measure", lambda *a, **k: CPU_RATES)
     monkeypatch.setattr(floor_mod, "load_or_measure_layer_compute_s", lambda *a, **k: 0.17)
     monkeypatch.setattr(floor_mod, "load_or_measure_head_compute_s", lambda *a, **k: 0.19)
+    monkeypatch.setattr(cost_mod, "load_or_measure_head_compute_s", lambda *a, **k: 0.19)
     monkeypatch.setattr(cost_mod, "load_or_measure_stream", lambda *a, **k: StreamTimes(layer_s=0.9, pass_s=0.01))
 
 

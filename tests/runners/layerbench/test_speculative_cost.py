@@ -41,7 +41,7 @@ def probes(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[dict[str, Any]]]:
         return DRAFT_PREFILL if kwargs.get("steps", 1) > 1 else DRAFT
 
     def head(*args: object, batch: int = 1, **kwargs: Any) -> float:
-        calls["head"].append({"batch": batch})
+        calls["head"].append({"batch": batch, **kwargs})
         return HEAD_S[batch]
 
     monkeypatch.setattr(cost_mod, "load_or_measure_stream", stream)
@@ -73,6 +73,7 @@ def test_a_round_is_the_verifying_pass_and_k_draft_steps(
     verify, draft, prefill = probes["stream"]
     assert (verify["steps"], verify["verify"], verify["resident"]) == (4, "exact", False)
     assert verify["options"]["cache"].name == "ram", "the target is probed with the run's own options"
+    assert all(call["evicted"] for call in probes["head"]), "each head as the run computes it, after its layers"
     assert (draft["resident"], draft.get("steps", 1)) == (True, 1)
     assert draft["options"]["compression"].name == "none" and draft["options"]["prefetch"].name == "off"
 
