@@ -24,7 +24,7 @@ from harness.measurement.memory import peak_rss_bytes
 from harness.measurement.metrics import aggregate, device_clock, inter_token_latencies, token_metrics
 from harness.measurement.profile import record
 from harness.measurement.run_report import RunReport
-from harness.measurement.stats import interval_metrics
+from harness.measurement.stats import interval_metrics, median_metrics
 from harness.measurement.vram import DeviceAllocs, VramMonitor
 from harness.runners.base import Runner
 from harness.streaming.model import Generation
@@ -105,6 +105,7 @@ def measure(
     gaps = inter_token_latencies(gen.token_times_s)
     report = RunReport().add(aggregate(measured))
     report.add(interval_metrics(measured, gaps))
+    report.add(median_metrics(measured))
     report.warmup_generations = float(warmups)
     report.add(vram.metrics())
     report.peak_rss_bytes = float(peak_rss_bytes())

@@ -16,11 +16,12 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 # Over repeats every figure is a mean; these suffixes carry its spread (bench.repeats > 1) and, for the figures
-# comparisons read, the bounds of its 95% interval (harness.measurement.stats).
+# comparisons read, the bounds of its 95% interval and its median over the generations (harness.measurement.stats).
 CI_SUFFIXES = ("_ci95_low", "_ci95_high")
+MEDIAN_SUFFIX = "_median"
 # The metric history of a compared figure, one value a measured generation (`tpot_s_by_generation`, steps 1..n).
 BY_GENERATION = "_by_generation"
-SPREAD_SUFFIXES = ("_std", "_cv", *CI_SUFFIXES)
+SPREAD_SUFFIXES = ("_std", "_cv", *CI_SUFFIXES, MEDIAN_SUFFIX)
 
 
 def figure(label: str = "") -> Any:
@@ -196,7 +197,8 @@ class RunReport:
     kv_quality_kl_mean: float | None = figure("KL vs plain KV cache (mean)")
     kv_quality_positions: float | None = figure()
 
-    # Spread over repeats: "<figure>_std" / "<figure>_cv" / "<figure>_ci95_low" / "<figure>_ci95_high" -> value.
+    # Spread over repeats: "<figure>_std" / "<figure>_cv" / "<figure>_ci95_low" / "<figure>_ci95_high" /
+    # "<figure>_median" -> value.
     spread: dict[str, float] = field(default_factory=dict)
 
     @classmethod
@@ -224,6 +226,12 @@ class RunReport:
             elif value is not None:
                 self.spread[name] = float(value)
         return self
+
+    def median(self, name: str) -> float | None:
+        """`name`'s median over the measured generations where it was logged (several generations, a compared
+        figure), else the figure itself: what a prediction of a typical pass is held against, so that one
+        disturbed generation of three does not move it."""
+        return self.spread.get(f"{name}{MEDIAN_SUFFIX}", getattr(self, name))
 
     @classmethod
     def from_metrics(cls, metrics: Mapping[str, float]) -> RunReport:

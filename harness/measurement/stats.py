@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import stats
 
-from harness.measurement.run_report import CI_SUFFIXES
+from harness.measurement.run_report import CI_SUFFIXES, MEDIAN_SUFFIX
 
 CONFIDENCE = 0.95
 # What a ratio B / A says of B, spelled so everywhere: an interval that covers 1 decides nothing.
@@ -123,6 +123,16 @@ def ratio(
 
 # A run's figures that comparisons read, with their intervals logged beside them.
 COMPARED = ("tpot_s", "ttft_s", "decode_tokens_per_s", "energy_per_token_j")
+
+
+def median_metrics(per_generation: Sequence[Mapping[str, float]]) -> dict[str, float]:
+    """`<figure>_median` of the compared figures over the measured generations, where there are two or more."""
+    out = {}
+    for name in COMPARED:
+        values = [m[name] for m in per_generation if name in m]
+        if len(values) > 1:
+            out[f"{name}{MEDIAN_SUFFIX}"] = statistics.median(values)
+    return out
 
 
 def interval_metrics(per_generation: Sequence[Mapping[str, float]], gaps: Sequence[float]) -> dict[str, float]:

@@ -1,12 +1,15 @@
 """Intervals and verdicts (harness.measurement.stats): an A/A comparison is within the noise, a known slowdown is
-found, a run of one generation falls back on its gaps, and a rate's verdict reads the other way."""
+found, a run of one generation falls back on its gaps, a rate's verdict reads the other way, and the median over
+generations is logged for a plan to be held against."""
 
 from __future__ import annotations
 
 import random
+import statistics
 
 import pytest
 
+from harness.measurement.run_report import RunReport
 from harness.measurement.stats import (
     FASTER,
     SLOWER,
@@ -15,6 +18,7 @@ from harness.measurement.stats import (
     figure_interval,
     interval_metrics,
     mean_interval,
+    median_metrics,
     ratio,
     verdict,
 )
@@ -66,6 +70,16 @@ def test_intervals_of_positive_figures_stay_positive() -> None:
     assert mean_interval([0.2, 0.2, 0.2]) == Interval(0.2, 0.2)
     signed = mean_interval([-1.0, 0.0, 1.0])
     assert signed.low < 0 < signed.high
+
+
+def test_the_median_over_generations_is_logged_from_two_of_them_and_read_back() -> None:
+    per_generation = [{"tpot_s": 0.10, "ttft_s": 0.5}, {"tpot_s": 0.23, "ttft_s": 0.6}, {"tpot_s": 0.11}]
+    out = median_metrics(per_generation)
+    assert out == {"tpot_s_median": 0.11, "ttft_s_median": 0.55}
+    assert median_metrics([{"tpot_s": 0.1}]) == {}, "one generation: the figure is its own median"
+    report = RunReport(tpot_s=statistics.fmean(m["tpot_s"] for m in per_generation)).add(out)
+    assert report.median("tpot_s") == 0.11 and report.tpot_s == pytest.approx(0.1467, abs=1e-4)
+    assert RunReport(tpot_s=0.2).median("tpot_s") == 0.2
 
 
 def test_interval_metrics_name_their_bounds_and_leave_out_what_has_none() -> None:

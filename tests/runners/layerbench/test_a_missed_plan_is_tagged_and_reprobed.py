@@ -114,6 +114,14 @@ def test_a_speculative_run_off_its_plan_reprobes_its_drafts_options_too(probed: 
     assert not _stale(probed.other), "the target's geometry with another codec priced nothing"
 
 
+def test_a_plan_is_held_against_the_median_generation_not_the_mean(probed: SimpleNamespace) -> None:
+    """One disturbed generation of three moves the mean past the tolerance, not the median."""
+    report = RunReport(tpot_s=1.4 * PREDICTED_S).add({"tpot_s_median": 1.02 * PREDICTED_S})
+    tags = probed.runner.annotate(report, SimpleNamespace())
+    assert "warning.plan" not in tags and report.plan_ratio == pytest.approx(1.02)
+    assert not any(_stale(path) for path in probed.own)
+
+
 def test_a_run_within_the_tolerance_of_its_plan_keeps_its_probes(probed: SimpleNamespace) -> None:
     tags = probed.runner.annotate(RunReport(tpot_s=PREDICTED_S * (1 + 0.9 * PLAN_TOLERANCE)), SimpleNamespace())
     assert "warning.plan" not in tags
