@@ -20,9 +20,9 @@ if TYPE_CHECKING:
 _PREFILLED_POSITIONS = 8
 
 
-# Elements of a weight drawn at random; a larger weight repeats them. Drawing Llama-3-70B's 1.05G-element lm_head
-# takes 5 s on two cores, copying a drawn tile over it a fraction of that, and a matmul's time does not depend on
-# which finite values it multiplies.
+# Elements of a weight drawn at random; a larger weight repeats them. Drawing every element of a large weight
+# (Llama-3-70B's lm_head has 1.05G) costs seconds on a few cores, copying a drawn tile over it a fraction of that,
+# and a matmul's time does not depend on which finite values it multiplies.
 _TILE_ELEMENTS = 1 << 24
 
 
@@ -138,6 +138,7 @@ def measure_head_compute_s(
     norm_w["weight"].fill_(1.0)
     head_w = random_weights({"weight": torch.Size([config.vocab_size, config.hidden_size])}, config, dtype, device)
     hidden = torch.randn(batch, 1, config.hidden_size, dtype=dtype, device=device)
+
     def prepare() -> Callable[[], object]:
         if evict is not None:
             evict()
