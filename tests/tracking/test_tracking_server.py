@@ -19,7 +19,12 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from harness.tracking.client import FAILURE_REASON_TAG, RunTracker, TrackingServerUnreachable
+from harness.tracking.client import (
+    FAILURE_REASON_TAG,
+    SERVER_CHECK_TIMEOUT_S,
+    RunTracker,
+    TrackingServerUnreachable,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 NEEDS_RAY = pytest.mark.extra(module="hydra_plugins.hydra_ray_launcher", install="pip install -e '.[ray]'")
@@ -83,12 +88,26 @@ def server(postgres: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
         proc.wait(timeout=30)
 
 
-def test_an_unreachable_server_fails_in_seconds_before_any_work() -> None:
+def test_an_unreachable_server_fails_after_one_bounded_health_check_before_any_work(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
-    start = time.monotonic()
+    asked: list[tuple[str, float]] = []
+    real_urlopen = urllib.request.urlopen
+
+    def urlopen(url: str, timeout: float) -> object:
+        asked.append((url, timeout))
+        return real_urlopen(url, timeout=timeout)
+
+    def no_client(*args: object, **kwargs: object) -> None:
+        raise AssertionError("MLflow's own client retries for minutes: it must not be reached")
+
+    monkeypatch.setattr(urllib.request, "urlopen", urlopen)
+    monkeypatch.setattr("mlflow.MlflowClient", no_client)
+    monkeypatch.setattr("mlflow.tracking.MlflowClient", no_client)
     with pytest.raises(TrackingServerUnreachable, match=r"does not answer .*Running on several machines"):
         RunTracker(uri, "layerbench")
-    assert time.monotonic() - start < 30, "MLflow's own client retries for minutes; the check must not"
+    assert asked == [(f"{uri}/health", SERVER_CHECK_TIMEOUT_S)], "one health check, bounded by its timeout"
 
 
 @pytest.fixture(scope="module")
