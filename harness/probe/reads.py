@@ -12,12 +12,12 @@ import os
 import statistics
 import tempfile
 from pathlib import Path
-from time import perf_counter
 from typing import TYPE_CHECKING
 
 import torch
 
-from harness.probe.stream import remove_orphans
+from harness.probe.links import timed_seconds
+from harness.probe.stream import ProbeFiles, remove_orphans
 from strategies.checks import check_positive
 
 if TYPE_CHECKING:
@@ -27,22 +27,6 @@ if TYPE_CHECKING:
 _BLOCK_BYTES = 16 << 20
 # The scratch folders' prefix: `remove_orphans` removes those of processes killed before removing theirs.
 SCRATCH_PREFIX = "read"
-
-
-class _OneFile:
-    """The LayerFiles of a single file, read as any unit."""
-
-    def __init__(self, path: Path) -> None:
-        self._path = path
-
-    def file(self, unit: str) -> Path:
-        return self._path
-
-    def file_bytes(self, unit: str) -> int:
-        return self._path.stat().st_size
-
-    def readers(self, unit: str) -> int:
-        return 1
 
 
 def _write_file(path: Path, size_bytes: int) -> None:
@@ -69,8 +53,6 @@ def measure_cold_read_s(
     """The median seconds of `repeats` reads of a `size_bytes` file by the cache `cache` configures, on `device`,
     each from a cold page cache, after one untimed read. The file is written in a folder of `scratch_dir` and
     removed afterwards."""
-    import strategies
-
     check_positive("size_bytes", size_bytes)
     check_positive("repeats", repeats)
     if not cache.cold:
@@ -82,13 +64,15 @@ def measure_cold_read_s(
     with tempfile.TemporaryDirectory(prefix=f"{SCRATCH_PREFIX}-{os.getpid()}-", dir=scratch_dir) as folder:
         path = Path(folder) / "file.safetensors"
         _write_file(path, size_bytes)
-        reader = strategies.build(cache, files=_OneFile(path), device=device)
-        reader.get("file")  # untimed: the first mapping, the pinned slot's allocation
-        seconds = []
-        for _ in range(repeats):
-            start = perf_counter()
-            tensors = reader.get("file")
-            seconds.append(perf_counter() - start)
-            del tensors
-        del reader  # its mappings and slots go before the folder does
+        seconds = _timed_reads(cache, path, device, repeats)  # its mappings and slots go before the folder does
     return statistics.median(seconds)
+
+
+def _timed_reads(cache: CacheConfig, path: Path, device: torch.device, repeats: int) -> list[float]:
+    """Seconds of `repeats` reads of `path` by the cache `cache` configures, after an untimed one (the first mapping,
+    the pinned slot's allocation). A read is host work whatever the device (on CUDA, into a pinned slot), so the
+    host's clock times it."""
+    import strategies
+
+    reader = strategies.build(cache, files=ProbeFiles({"head": path}), device=device)
+    return timed_seconds(lambda: lambda: reader.get("head"), torch.device("cpu"), repeats)

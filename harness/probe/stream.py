@@ -49,7 +49,7 @@ LAYER_COUNTS = (2, 6)
 LAYERS = max(LAYER_COUNTS)
 LAYER_SPAN = LAYER_COUNTS[1] - LAYER_COUNTS[0]  # the decoder layers the larger model has over the smaller
 # The truncated models' vocabulary: small enough that the embedding and lm_head cost nothing beside a layer (the
-# run's own head is priced apart, by the head compute probe and the link rates).
+# run's own head is priced apart, by the head compute probe, the link rates and the cold read probe).
 _VOCAB = 256
 # Rounds (a pass of each model) are timed for at least MIN_SECONDS and `repeats` rounds, and then until a layer's
 # figure is known to PRECISION (its standard error over itself), at most MAX_REPEATS rounds; they stop at two once
@@ -68,9 +68,10 @@ class StreamTimes:
     pass_s: float  # what a pass costs beside its decoder layers and its head: embedding, rope and mask, bookkeeping
 
 
-class _TruncatedFiles:
-    """The LayerFiles of a truncated split: decoder layer i is the i-th copy of one layer file, so that each layer
-    is read, held and cached as a file of its own, as in a real split."""
+class ProbeFiles:
+    """The LayerFiles of a probe's scratch files, one file a unit, each read by one unit. In a truncated split,
+    decoder layer i is the i-th copy of one layer file, so that each layer is read, held and cached as a file of its
+    own, as in a real split."""
 
     def __init__(self, files: dict[str, Path]) -> None:
         self._files = files
@@ -118,12 +119,12 @@ def _write_units(
 
 # Layer files written this process, by geometry, dtype and codec, newest last: a plan that probes streamed and resident
 # layers, or the advisor probing every prefetch and cache option, draws and encodes a (70B: 1.7 GB) layer once.
-_WRITTEN: dict[tuple[object, ...], tuple[tempfile.TemporaryDirectory[str], _TruncatedFiles]] = {}
+_WRITTEN: dict[tuple[object, ...], tuple[tempfile.TemporaryDirectory[str], ProbeFiles]] = {}
 # Codecs' files kept at once (each LAYERS layers on disk, in the probe's folder).
 _KEPT = 3
 
 
-def _written_files(config: LlamaConfig, dtype: torch.dtype, codec: object, scratch_dir: Path) -> _TruncatedFiles:
+def _written_files(config: LlamaConfig, dtype: torch.dtype, codec: object, scratch_dir: Path) -> ProbeFiles:
     """The truncated split of `config` stored by `codec`: written once per process into a temporary folder of
     `scratch_dir` (removed when the process ends, or once _KEPT newer ones are written); the folders of processes
     that died before removing theirs are removed first."""
@@ -139,7 +140,7 @@ def _written_files(config: LlamaConfig, dtype: torch.dtype, codec: object, scrat
     folder = tempfile.TemporaryDirectory(prefix=f"stream-{os.getpid()}-", dir=scratch_dir)
     # Untimed, and blocks of many sizes: glibc's defaults hand them back after (as a split's writing is).
     with host_malloc("glibc"):
-        files = _TruncatedFiles(_write_units(config, dtype, codec, Path(folder.name), LAYERS))
+        files = ProbeFiles(_write_units(config, dtype, codec, Path(folder.name), LAYERS))
     _WRITTEN[key] = (folder, files)
     return files
 
@@ -161,7 +162,7 @@ class _Truncated:
     keeps them, decoded each pass but never fetched."""
 
     def __init__(
-        self, config: LlamaConfig, layers: int, files: _TruncatedFiles, device: torch.device,
+        self, config: LlamaConfig, layers: int, files: ProbeFiles, device: torch.device,
         options: dict[str, object], batch: int, context: int, resident: bool, steps: int = 1, verify: str = "exact",
     ) -> None:
         import strategies
