@@ -27,7 +27,7 @@ from harness.files import exclusive_lock, write_atomic
 from harness.probe.compute import measure_head_compute_s, measure_layer_compute_s
 from harness.probe.links import LinkRates, describe_device, device_tag, measure_link_rates
 from harness.probe.reads import measure_cold_read_s
-from harness.probe.stream import LAYER_COUNTS, StreamTimes, cache_evictor, measure_stream
+from harness.probe.stream import StreamTimes, cache_evictor, layer_counts, measure_stream
 
 if TYPE_CHECKING:
     from transformers import LlamaConfig
@@ -373,7 +373,7 @@ def load_or_measure_stream(
     key = {
         **_stream_options_key(config, options), "dtype": str(dtype).removeprefix("torch."), "batch": batch,
         "context": context, "resident": resident, **({"steps": steps, "verify": verify} if steps > 1 else {}),
-        "layer_counts": list(LAYER_COUNTS),
+        "layer_counts": list(layer_counts(config)),
     }
     path, key = _keyed_path(device, cache_dir, "stream", key)
 

@@ -6,12 +6,13 @@ and, with prefetch on, the worker competing with the compute for the cores and t
 slower than no prefetch at all. This probe measures them together: a
 StreamingModel of the run's geometry, cut to a few decoder layers and a tiny vocabulary, whose layers are copies of
 one synthetic layer file written with the run's codec, read by the run's cache, prefetcher and KV cache policy.
-Passes of two such models (2 and 6 layers) are timed in turn; their difference is what a decoder layer adds to a
-pass (its fetch, decode and compute, as they overlap), and the rest is what a pass costs beside its layers. The
+Passes of two such models (2 layers, and 6 or the run's whole decoder: `layer_counts`) are timed in turn; their
+difference is what a decoder layer adds to a pass (its fetch, decode and compute, as they overlap), and the rest is
+what a pass costs beside its layers. The
 interval between two layers' compute in one model would be cheaper to take, but it assumes the prefetch worker's
 overlap is steady from layer to layer, which the difference does not need. Neither model has a single layer: after
 the eviction a pass's first layers cost more than its later ones (with prefetch on, the second layer's fetch is the
-first to overlap a layer's compute), so the difference is taken past them, over four layers.
+first to overlap a layer's compute), so the difference is taken past them.
 """
 
 from __future__ import annotations
@@ -44,10 +45,13 @@ if TYPE_CHECKING:
     from strategies.kv_cache.configs import KVCacheConfig
     from strategies.prefetch.configs import PrefetchConfig
 
-# The truncated models' decoder layers: their difference in time, over their difference in count, is one layer's.
-LAYER_COUNTS = (2, 6)
-LAYERS = max(LAYER_COUNTS)
-LAYER_SPAN = LAYER_COUNTS[1] - LAYER_COUNTS[0]  # the decoder layers the larger model has over the smaller
+# The truncated models' decoder layers (`layer_counts`): the difference of their passes' times, over the difference
+# of their counts, is one layer's.
+FEW_LAYERS = 2
+LAYERS = 6
+# A run's decoder that decodes to at most this many bytes is probed whole: its larger truncated model has every layer
+# the run has, and costs at most this much memory and disk.
+WHOLE_DECODER_BYTES = 256 * 2**20
 # The truncated models' vocabulary: small enough that the embedding and lm_head cost nothing beside a layer (the
 # run's own head is priced apart, by the head compute probe, the link rates and the cold read probe).
 _VOCAB = 256
@@ -66,6 +70,16 @@ class StreamTimes:
 
     layer_s: float  # what one streamed decoder layer adds to a pass: its fetch, decode and compute, as they overlap
     pass_s: float  # what a pass costs beside its decoder layers and its head: embedding, rope and mask, bookkeeping
+
+
+def layer_counts(config: LlamaConfig) -> tuple[int, int]:
+    """The truncated models' decoder layer counts for a run of `config`: FEW_LAYERS, and LAYERS or, where the
+    run's decoder is small (WHOLE_DECODER_BYTES decoded), all of its layers. With prefetch on, the layers past the
+    sixth of a pass of small layers can cost less than the third to sixth did, so a figure differenced from six
+    layers would not hold for the run's pass; a whole small decoder needs no extrapolation."""
+    layers = config.num_hidden_layers
+    whole = layers > LAYERS and layers * decoded_bytes(config, ["layers.0"]) <= WHOLE_DECODER_BYTES
+    return FEW_LAYERS, layers if whole else LAYERS
 
 
 class ProbeFiles:
@@ -120,7 +134,7 @@ def _write_units(
 # Layer files written this process, by geometry, dtype and codec, newest last: a plan that probes streamed and resident
 # layers, or the advisor probing every prefetch and cache option, draws and encodes a (70B: 1.7 GB) layer once.
 _WRITTEN: dict[tuple[object, ...], tuple[tempfile.TemporaryDirectory[str], ProbeFiles]] = {}
-# Codecs' files kept at once (each LAYERS layers on disk, in the probe's folder).
+# Codecs' files kept at once (each the larger truncated model's layers, on disk in the probe's folder).
 _KEPT = 3
 
 
@@ -140,7 +154,7 @@ def _written_files(config: LlamaConfig, dtype: torch.dtype, codec: object, scrat
     folder = tempfile.TemporaryDirectory(prefix=f"stream-{os.getpid()}-", dir=scratch_dir)
     # Untimed, and blocks of many sizes: glibc's defaults hand them back after (as a split's writing is).
     with host_malloc("glibc"):
-        files = ProbeFiles(_write_units(config, dtype, codec, Path(folder.name), LAYERS))
+        files = ProbeFiles(_write_units(config, dtype, codec, Path(folder.name), layer_counts(config)[1]))
     _WRITTEN[key] = (folder, files)
     return files
 
@@ -239,8 +253,9 @@ def cache_evictor(config: LlamaConfig, device: torch.device) -> Callable[[], Non
     return evict
 
 
-def settled(few: list[float], many: list[float]) -> bool:
-    """Whether the layer's figure from these passes (the difference of their medians) is known to PRECISION: its
+def settled(few: list[float], many: list[float], span: int) -> bool:
+    """Whether the layer's figure from these passes (the difference of their medians over `span`, the layers the
+    larger model has over the smaller) is known to PRECISION: its
     standard error, from each model's scatter (1.4826 median absolute deviations, robust to a stray pass) as a
     median's of that many samples (1.2533 sigma / sqrt(n)), at most PRECISION of the figure."""
 
@@ -249,8 +264,8 @@ def settled(few: list[float], many: list[float]) -> bool:
         sigma = 1.4826 * statistics.median(abs(s - middle) for s in seconds)
         return 1.2533 * sigma / math.sqrt(len(seconds))
 
-    layer_s = (statistics.median(many) - statistics.median(few)) / LAYER_SPAN
-    layer_error = math.hypot(error(few), error(many)) / LAYER_SPAN
+    layer_s = (statistics.median(many) - statistics.median(few)) / span
+    layer_error = math.hypot(error(few), error(many)) / span
     return layer_s > 0 and layer_error <= PRECISION * layer_s
 
 
@@ -261,7 +276,7 @@ def measure_stream(
     verify: str = "exact",
 ) -> StreamTimes:
     """A decoder layer's and a pass's own cost (`StreamTimes`) for these options, on `device`: the median passes of
-    `config` cut to LAYER_COUNTS decoder layers, `batch` sequences decoding one token each after `context`
+    `config` cut to `layer_counts` decoder layers, `batch` sequences decoding one token each after `context`
     positions (`_Truncated`), differenced; each pass follows `cache_evictor`'s. `steps` > 1: the pass speculative
     decoding verifies with, scoring that many positions a sequence, each as its own one-token step
     (`verify="exact"`) or in one call ("batched")."""
@@ -279,9 +294,9 @@ def measure_stream(
     config._attn_implementation = "sdpa"
     options = {"cache": cache, "compression": compression, "prefetch": prefetch, "kv_cache": kv_cache}
     files = _written_files(config, dtype, strategies.build(compression), scratch_dir)
-    models = [
-        _Truncated(config, n, files, device, options, batch, context, resident, steps, verify) for n in LAYER_COUNTS
-    ]
+    counts = layer_counts(config)
+    span = counts[1] - counts[0]
+    models = [_Truncated(config, n, files, device, options, batch, context, resident, steps, verify) for n in counts]
     evict = cache_evictor(config, device) or (lambda: None)  # untimed, before each pass
     for model in models:  # untimed: lazy initialization, the allocator's growth, the page cache
         evict()
@@ -292,17 +307,17 @@ def measure_stream(
     start = perf_counter()
     while len(times[0]) < MAX_REPEATS:
         elapsed, done = perf_counter() - start, len(times[0])
-        if done >= repeats and elapsed >= MIN_SECONDS and settled(*times) or done >= 2 and elapsed >= MAX_SECONDS:
+        if done >= repeats and elapsed >= MIN_SECONDS and settled(*times, span) or done >= 2 and elapsed >= MAX_SECONDS:
             break
         for model, seconds in zip(models, times, strict=True):
             evict()
             seconds.append(model.pass_seconds())
     few, many = (statistics.median(seconds) for seconds in times)
-    layer_s = (many - few) / LAYER_SPAN
+    layer_s = (many - few) / span
     if layer_s <= 0:
         # The passes' noise outweighed the layers between the models: the larger model's pass, all of it, per layer
         # is the safe bound.
-        return StreamTimes(layer_s=many / LAYER_COUNTS[1], pass_s=0.0)
-    return StreamTimes(layer_s=layer_s, pass_s=max(0.0, few - layer_s * LAYER_COUNTS[0]))
+        return StreamTimes(layer_s=many / counts[1], pass_s=0.0)
+    return StreamTimes(layer_s=layer_s, pass_s=max(0.0, few - layer_s * counts[0]))
 
 

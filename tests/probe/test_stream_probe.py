@@ -68,6 +68,40 @@ def test_layer_files_are_written_once_per_codec_and_orphans_removed(
         kept.cleanup()
 
 
+def test_a_small_decoder_is_probed_whole_and_a_large_one_from_six_layers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where the run's decoder decodes to at most WHOLE_DECODER_BYTES, the larger truncated model has all its layers
+    (and the probe writes a file for each); otherwise LAYERS, and never fewer, however few the run has."""
+    config = small_layer_config()
+    config.num_hidden_layers = 9
+    whole = 9 * decoded_bytes(config, ["layers.0"])
+    monkeypatch.setattr(stream_mod, "WHOLE_DECODER_BYTES", whole)
+    assert stream_mod.layer_counts(config) == (2, 9)
+    monkeypatch.setattr(stream_mod, "WHOLE_DECODER_BYTES", whole - 1)
+    assert stream_mod.layer_counts(config) == (2, stream_mod.LAYERS)
+    config.num_hidden_layers = 4
+    assert stream_mod.layer_counts(config) == (2, stream_mod.LAYERS)
+
+    config.num_hidden_layers = 9
+    monkeypatch.setattr(stream_mod, "WHOLE_DECODER_BYTES", whole)
+    monkeypatch.setattr(stream_mod, "_WRITTEN", {})
+    built: list[int] = []
+    truncated = stream_mod._Truncated.__init__
+
+    def spy(self: Any, config: Any, layers: int, *args: Any) -> None:
+        built.append(layers)
+        truncated(self, config, layers, *args)
+
+    monkeypatch.setattr(stream_mod._Truncated, "__init__", spy)
+    measure_stream(config, CPU, torch.float32, scratch_dir=tmp_path, repeats=2, **options())
+    assert built == [2, 9]
+    (folder,) = tmp_path.iterdir()
+    assert len(list(folder.glob("layers.*"))) == 9
+    for _, (kept, _) in stream_mod._WRITTEN.items():
+        kept.cleanup()
+
+
 def test_resident_layers_are_never_fetched(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from strategies.cache.ram import RamCache
 
@@ -199,9 +233,9 @@ def test_a_figure_from_other_layer_counts_is_measured_again(tmp_path: Path, monk
     def load() -> StreamTimes:
         return store.load_or_measure_stream(small_layer_config(), CPU, torch.float32, tmp_path, options=options())
 
-    monkeypatch.setattr(store, "LAYER_COUNTS", (1, 3))
+    monkeypatch.setattr(store, "layer_counts", lambda config: (1, 3))
     load()
-    monkeypatch.setattr(store, "LAYER_COUNTS", stream_mod.LAYER_COUNTS)
+    monkeypatch.setattr(store, "layer_counts", stream_mod.layer_counts)
     load()
     assert count.calls == 2
     load()
@@ -242,7 +276,7 @@ def test_each_pass_follows_a_write_as_large_as_the_runs_other_layers(
     monkeypatch.setattr(torch.Tensor, "fill_", spy_fill)
     monkeypatch.setattr(stream_mod._Truncated, "pass_seconds", lambda self: events.append("pass") or passes(self))
     measure_stream(config, CPU, torch.float32, scratch_dir=tmp_path, repeats=2, **options())
-    assert events.count("pass") >= 2 * len(stream_mod.LAYER_COUNTS)
+    assert events.count("pass") >= 2 * 2  # an untimed pass of each model, and a timed one
     before_each = [f"evict {evicted_layers}"] if evicted_layers else []
     assert events == [*before_each, "pass"] * events.count("pass")
 
@@ -258,9 +292,9 @@ def test_passes_are_timed_on_while_a_layers_figure_scatters(tmp_path: Path, monk
         draw = random.Random(0)
         checked: list[int] = []
 
-        def spy(few: list[float], many: list[float]) -> bool:
+        def spy(few: list[float], many: list[float], span: int) -> bool:
             checked.append(len(few))
-            return real_settled(few, many)
+            return real_settled(few, many, span)
 
         monkeypatch.setattr(stream_mod._Truncated, "pass_seconds",
                             lambda self: float(len(self.model.units) - 3) + draw.uniform(-scatter, scatter))
@@ -271,6 +305,7 @@ def test_passes_are_timed_on_while_a_layers_figure_scatters(tmp_path: Path, monk
 
     assert rounds_taken(0.0) == 3
     # Each pass off by up to a quarter of the two models' difference in layers.
-    assert 3 < rounds_taken(0.25 * stream_mod.LAYER_SPAN) < stream_mod.MAX_REPEATS
-    assert not real_settled([1.0, 1.5, 0.5], [3.0, 3.5, 2.5]), "three scattered rounds are not enough"
-    assert real_settled([1.0] * 3, [3.0] * 3)
+    few, many = stream_mod.layer_counts(small_layer_config())
+    assert 3 < rounds_taken(0.25 * (many - few)) < stream_mod.MAX_REPEATS
+    assert not real_settled([1.0, 1.5, 0.5], [3.0, 3.5, 2.5], 2), "three scattered rounds are not enough"
+    assert real_settled([1.0] * 3, [3.0] * 3, 2)
