@@ -8,11 +8,11 @@ StreamingModel of the run's geometry, cut to a few decoder layers and a tiny voc
 one synthetic layer file written with the run's codec, read by the run's cache, prefetcher and KV cache policy.
 Passes of two such models (2 layers, and 6 or the run's whole decoder: `layer_counts`) are timed in turn; their
 difference is what a decoder layer adds to a pass (its fetch, decode and compute, as they overlap), and the rest is
-what a pass costs beside its layers. The
-interval between two layers' compute in one model would be cheaper to take, but it assumes the prefetch worker's
-overlap is steady from layer to layer, which the difference does not need. Neither model has a single layer: after
-the eviction a pass's first layers cost more than its later ones (with prefetch on, the second layer's fetch is the
-first to overlap a layer's compute), so the difference is taken past them.
+what a pass costs beside its layers. The interval between two layers' compute in one model would be cheaper to take,
+but it assumes the prefetch worker's overlap is steady from layer to layer, which the difference does not need.
+Neither model has a single layer: after the eviction a pass's first layers cost more than its later ones (with
+prefetch on, the second layer's fetch is the first to overlap a layer's compute), so the difference is taken past
+them.
 """
 
 from __future__ import annotations
@@ -255,9 +255,9 @@ def cache_evictor(config: LlamaConfig, device: torch.device) -> Callable[[], Non
 
 def settled(few: list[float], many: list[float], span: int) -> bool:
     """Whether the layer's figure from these passes (the difference of their medians over `span`, the layers the
-    larger model has over the smaller) is known to PRECISION: its
-    standard error, from each model's scatter (1.4826 median absolute deviations, robust to a stray pass) as a
-    median's of that many samples (1.2533 sigma / sqrt(n)), at most PRECISION of the figure."""
+    larger model has over the smaller) is known to PRECISION: its standard error, from each model's scatter (1.4826
+    median absolute deviations, robust to a stray pass) as a median's of that many samples (1.2533 sigma /
+    sqrt(n)), at most PRECISION of the figure."""
 
     def error(seconds: list[float]) -> float:
         middle = statistics.median(seconds)
