@@ -119,17 +119,21 @@ def test_resident_layers_are_never_fetched(tmp_path: Path, monkeypatch: pytest.M
 
 
 def test_a_layer_costs_what_the_pipeline_adds_per_layer(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A codec whose decode takes 20 ms a unit: the layers' difference carries it, the pass's own cost does not."""
+    """A codec whose decode takes a quarter second a unit on the passes' clock (a fake one, which nothing else moves,
+    in steps a float sums exactly): the layers' difference carries it, the pass's own cost does not."""
+    import harness.measurement.metrics as metrics
     from strategies.compression.none import NoCompression
 
-    delay = 0.02
+    delay = 0.25
+    now = [0.0]
 
     def slow_decode(self: Codec, layer: str, stored: dict[str, torch.Tensor], device: torch.device) -> Any:
         if layer.startswith("layers."):
-            time.sleep(delay)
+            now[0] += delay
         return stored
 
     monkeypatch.setattr(NoCompression, "decode", slow_decode)
+    monkeypatch.setattr(metrics, "device_clock", lambda device: lambda: now[0])
     times = measure_stream(small_layer_config(), CPU, torch.float32, scratch_dir=tmp_path, repeats=3, **options())
     assert times.layer_s >= delay
     # Both truncated models decode their layers the same way: the pass's own part holds no layer's decode.
